@@ -1,0 +1,1 @@
+"""The worker (imported as `qaas.worker`): Celery app and tasks, and the quantization engine."""

@@ -1,0 +1,57 @@
+"""How the engine tells its caller where it is, and how the caller stops it.
+
+The engine never knows who listens: the worker's child process forwards these calls as JSON lines
+to its parent (which writes the job row and event table), `qaas quantize` draws progress bars, and a
+library user may pass nothing at all.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol
+
+
+class JobCancelled(Exception):
+    """Raised by `Reporter.check_cancelled` when the caller asked the engine to stop."""
+
+
+class Reporter(Protocol):
+    def stage(self, name: str, *, total: int | None = None, message: str = "") -> None:
+        """A new stage begins (resolve, load, calibrate, quantize, evaluate, export)."""
+
+    def progress(
+        self, done: int, total: int, *, message: str = "", metrics: dict[str, Any] | None = None
+    ) -> None:
+        """`done` of `total` units of the current stage are finished (e.g. block 17 of 32).
+
+        `metrics` carries per-unit figures such as per-layer quantization error.
+        """
+
+    def log(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        """A note worth keeping in the job's timeline (a retried Cholesky, a skipped layer)."""
+
+    def check_cancelled(self) -> None:
+        """Raise JobCancelled if the caller asked to stop. Called between blocks and stages."""
+
+
+class NullReporter:
+    """A reporter that records nothing; cancellation through `cancel()` (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def stage(self, name: str, *, total: int | None = None, message: str = "") -> None:
+        pass
+
+    def progress(self, done: int, total: int, *, message: str = "", metrics: dict[str, Any] | None = None) -> None:
+        pass
+
+    def log(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        pass
+
+    def check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise JobCancelled("cancelled")
