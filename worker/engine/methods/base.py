@@ -1,0 +1,132 @@
+"""The interface every quantization method implements, and the context the pipeline hands it.
+
+The pipeline owns everything around the method: resolving the source, the checkpoint reader, the staged
+output directory and its sharded writer, config.json, tokenizer files, evaluation and the result dict.
+A method owns one thing: turning the source tensors into quantized tensors, written through
+`ctx.writer`, one decoder block at a time, and saying what config it produced.
+
+Adding a method: create `methods/<name>.py` with a class implementing `QuantizationMethod`, and add it to
+`METHODS` below (imported lazily, so a method whose module or dependencies are missing only fails the jobs
+that ask for it, with InvalidConfig).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from ..errors import InvalidConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..architecture import ModelLayout
+    from ..checkpoint import CheckpointReader, ShardedWriter
+    from ..options import EngineOptions
+    from ..progress import Reporter
+    from ..source import ResolvedSource
+
+#: quant_method -> "module:Class", imported on first use.
+METHODS: dict[str, str] = {
+    "bitsandbytes": "qaas.worker.engine.methods.bitsandbytes:BitsAndBytesMethod",
+    "gptq": "qaas.worker.engine.methods.gptq:GPTQMethod",
+}
+
+
+@dataclass
+class EngineContext:
+    """Everything a method needs for one job. Built by the pipeline after the `load` stage."""
+
+    #: Where the source came from (Hub id + commit sha, or local path).
+    source: "ResolvedSource"
+    #: Local directory of the source checkpoint (config.json, weights, tokenizer).
+    source_dir: Path
+    #: The source's config.json as a dict (the method must not mutate it).
+    config: dict[str, Any]
+    #: The validated, normalized quantization_config returned by `method.validate`.
+    quantization_config: dict[str, Any]
+    #: Streaming reader of the source weights: `reader.load_prefix(block.prefix)` loads one block.
+    reader: "CheckpointReader"
+    #: Sharded writer into the staging output directory: `writer.add(name, tensor)`.
+    writer: "ShardedWriter"
+    #: Blocks, Linear layers, pre/post tensors, default skips, meta model.
+    layout: "ModelLayout"
+    #: Torch device for the heavy work ("cpu" or "cuda:N"); tensors given to the writer may live anywhere.
+    device: "torch.device"
+    reporter: "Reporter"
+    options: "EngineOptions"
+    #: The staging output directory (renamed into place only when the job succeeds). Methods may write
+    #: extra files here (e.g. quantize_config.json); the pipeline writes config.json and tokenizer files.
+    work_dir: Path
+    #: Free-form per-job state a method wants to keep between `quantize` and `load_for_evaluation`.
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodResult:
+    """What a method reports back to the pipeline after `quantize`."""
+
+    #: The dict written as config.json["quantization_config"] (and returned in the job result).
+    quantization_config: dict[str, Any]
+    #: Module names of Linear layers that were left in floating point (head, incompatible shapes, ...).
+    skipped_modules: list[str] = field(default_factory=list)
+    #: Module names of Linear layers that were quantized.
+    quantized_modules: list[str] = field(default_factory=list)
+    #: Per-layer relative Frobenius error ||W - Q(W)||_F / ||W||_F, keyed by module name.
+    layer_errors: dict[str, float] = field(default_factory=dict)
+    #: Top-level config.json keys to set besides quantization_config (e.g. {"torch_dtype": "float16"}).
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    #: Extra JSON files to write into the output, e.g. {"quantize_config.json": {...}} for GPTQ.
+    extra_json_files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Human-readable notes (why a layer was skipped, ...), also logged through the reporter.
+    notes: list[str] = field(default_factory=list)
+
+
+@runtime_checkable
+class QuantizationMethod(Protocol):
+    """One quantization method. Instances are created per job with no arguments."""
+
+    #: The `quant_method` value it handles ("bitsandbytes", "gptq").
+    name: ClassVar[str]
+
+    def validate(self, quantization_config: dict[str, Any]) -> dict[str, Any]:
+        """Check every field up front; return the normalized config (defaults filled in).
+
+        Raise InvalidConfig(message, field=<field name>) for anything wrong. Called before any download.
+        """
+
+    def stages(self, quantization_config: dict[str, Any]) -> list[str]:
+        """The method's own stages, reported between `load` and `evaluate`: ["quantize"] or
+        ["calibrate", "quantize"]. The pipeline reports `stage(name)` for the first; a method with several
+        calls `ctx.reporter.stage(...)` itself for the later ones."""
+
+    def quantize(self, ctx: EngineContext) -> MethodResult:
+        """Read `ctx.reader` block by block, write every output tensor (quantized or copied) through
+        `ctx.writer`, report `ctx.reporter.progress(i, n, metrics={...})` per block and call
+        `ctx.reporter.check_cancelled()` between blocks. Must not close the writer."""
+
+    def load_for_evaluation(self, ctx: EngineContext, out_dir: Path) -> tuple["torch.nn.Module", str]:
+        """Load the quantized model written in `out_dir` (complete: weights + config.json) for perplexity.
+
+        Returns (model in eval mode on a device, how it was loaded: e.g. "transformers+bitsandbytes" or
+        "dequantized weights in the original architecture")."""
+
+
+def get_method(quant_method: Any) -> QuantizationMethod:
+    """The method for `quantization_config["quant_method"]`, or InvalidConfig."""
+    if not isinstance(quant_method, str) or quant_method not in METHODS:
+        raise InvalidConfig(
+            f"quant_method must be one of {', '.join(sorted(METHODS))}, not {quant_method!r}", field="quant_method"
+        )
+    module_name, _, cls_name = METHODS[quant_method].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        cls = getattr(module, cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidConfig(
+            f"quant_method {quant_method!r} is not available in this engine ({type(exc).__name__}: {exc})",
+            field="quant_method",
+        ) from None
+    return cls()
