@@ -1,0 +1,1 @@
+"""Test support code (fake Hub server and its fixtures). Import as `support.*` with `tests/` on sys.path."""
