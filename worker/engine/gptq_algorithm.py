@@ -1,0 +1,238 @@
+"""GPTQ on one linear layer: the paper's algorithm, fast.
+
+Same arithmetic as `qaas.kernels.gptq_reference.fasterquant_reference` (the published loop), organised
+for a GPU: per lazy block of 128 columns, one launch computes the scales/zeros of the groups that start
+in the block, one launch runs the whole column loop (`qaas.kernels.gptq.gptq_block`), one matmul applies the
+lazy update to the remaining columns. The result carries everything the v1/v2 export needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from qaas.kernels import gptq as K
+
+
+@dataclass
+class GPTQResult:
+    #: dequantized weight `[out, in]`, float32, original column order: exactly scale[g]*(code - zero[g])
+    Q: torch.Tensor
+    #: integer codes `[out, in]` (int32), original column order
+    codes: torch.Tensor
+    #: `[G, out]` float32 (values representable in float16)
+    scales: torch.Tensor
+    #: `[G, out]` float32 true zero points (integers in [0, 2^bits - 1])
+    zeros: torch.Tensor
+    #: `[in]` int32: group of each input channel
+    g_idx: torch.Tensor
+    bits: int
+    group_size: int
+    #: GPTQ's own loss: sum of squared scaled errors (= tr(dW H_damped dW^T) on the calibration inputs)
+    loss: float
+    damp_percent: float
+    dead_columns: int
+    perm: torch.Tensor | None = None
+    retries: list[str] = field(default_factory=list)
+
+
+def gar_permutation(diag_h: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Group-aware reordering (GPTQModel's `act_group_aware`): whole groups ordered by their largest Hessian
+    diagonal, columns inside each group by decreasing diagonal. Groups stay intact, so `g_idx` stays
+    `i // group_size` and inference needs no reordering. A partial last group stays last."""
+    C = diag_h.numel()
+    n_full = C // group_size
+    parts = []
+    if n_full:
+        hv = diag_h[: n_full * group_size].view(n_full, group_size)
+        vals, local = torch.sort(hv, dim=1, descending=True, stable=True)
+        order = torch.argsort(vals[:, 0], descending=True, stable=True)
+        base = (torch.arange(n_full, device=diag_h.device) * group_size).view(-1, 1)
+        parts.append((local + base)[order].reshape(-1))
+    if C % group_size:
+        tail = diag_h[n_full * group_size :]
+        parts.append(torch.argsort(tail, descending=True, stable=True) + n_full * group_size)
+    return torch.cat(parts)
+
+
+def inverse_hessian_factor(
+    H: torch.Tensor, damp_percent: float, log: Callable[[str], None] | None = None, max_tries: int = 8
+) -> tuple[torch.Tensor, float, list[str]]:
+    """Upper Cholesky factor of (H + damp I)^-1, raising damping until H is numerically positive definite."""
+    notes: list[str] = []
+    mean_diag = torch.mean(torch.diag(H)).item()
+    if not math.isfinite(mean_diag) or mean_diag <= 0:
+        mean_diag = 1.0
+    percent = damp_percent
+    idx = torch.arange(H.shape[0], device=H.device)
+    for _ in range(max_tries):
+        Hd = H.clone()
+        Hd[idx, idx] += percent * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info2) == 0 and torch.isfinite(U).all():
+                return U, percent, notes
+        msg = f"Hessian not positive definite with damp_percent={percent:g}; retrying with {percent * 10:g}"
+        notes.append(msg)
+        if log:
+            log(msg)
+        percent *= 10
+    raise RuntimeError("Hessian could not be made positive definite")
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    damp_percent: float = 0.01,
+    desc_act: bool = False,
+    act_group_aware: bool = False,
+    static_groups: bool = False,
+    blocksize: int = 128,
+    backend: str = "auto",
+    log: Callable[[str], None] | None = None,
+) -> GPTQResult:
+    """Quantize `W` (`[out, in]`) given the Hessian `H` (`[in, in]`, = 2/n X X^T). Inputs are not modified."""
+    if bits not in K.SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {K.SUPPORTED_BITS}")
+    maxq = 2**bits - 1
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    R, C = W.shape
+    dev = W.device
+    gs = group_size if group_size != -1 else C
+    grouped = group_size != -1
+    if desc_act:
+        act_group_aware = False
+
+    if not grouped:
+        s_all, z_all = K.find_params_reference(W, bits, sym)  # before dead columns, as the paper's code
+
+    dead = torch.diag(H) == 0
+    n_dead = int(dead.sum())
+    if n_dead:
+        H[dead, dead] = 1
+        W[:, dead] = 0
+
+    def params_over(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales/zeros `[R, ngroups]` of consecutive groups of x's columns (last one may be partial)."""
+        ncol = x.shape[1]
+        nfull = ncol // gs
+        ss, zz = [], []
+        if nfull:
+            s, z = K.group_params(x[:, : nfull * gs], bits, sym, gs, backend=backend)
+            ss.append(s)
+            zz.append(z)
+        if ncol % gs:
+            s, z = K.find_params_reference(x[:, nfull * gs :], bits, sym)
+            ss.append(s[:, None])
+            zz.append(z[:, None])
+        return torch.cat(ss, 1), torch.cat(zz, 1)
+
+    n_groups = math.ceil(C / gs)
+    if grouped and static_groups:
+        s_static, z_static = params_over(W)
+
+    perm = None
+    if desc_act:
+        perm = torch.argsort(torch.diag(H), descending=True)
+    elif act_group_aware and grouped:
+        perm = gar_permutation(torch.diag(H), gs)
+    if perm is not None:
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    Hinv, used_damp, notes = inverse_hessian_factor(H, damp_percent, log)
+    del H
+
+    # Parameter slots and which slot each (permuted) column uses.
+    pos = torch.arange(C, device=dev)
+    orig_col = perm if perm is not None else pos
+    if not grouped:
+        S, Z = s_all[:, None].contiguous(), z_all[:, None].contiguous()
+        slot = torch.zeros(C, dtype=torch.int32, device=dev)
+    elif static_groups:
+        S, Z = s_static.contiguous(), z_static.contiguous()
+        slot = (orig_col // gs).to(torch.int32)
+    else:
+        S = torch.empty((R, n_groups), dtype=torch.float32, device=dev)
+        Z = torch.empty_like(S)
+        slot = (pos // gs).to(torch.int32)
+
+    Q = torch.empty_like(W)
+    codes = torch.empty((R, C), dtype=torch.int32, device=dev)
+    loss = torch.zeros((), dtype=torch.float64, device=dev)
+    for i1 in range(0, C, blocksize):
+        i2 = min(i1 + blocksize, C)
+        if grouped and not static_groups:
+            g0 = -(-i1 // gs)  # first group starting at or after i1
+            g1 = -(-i2 // gs)  # groups starting before i2
+            if g1 > g0:
+                # A group's range is read from W at the start of this block, as the paper's loop does.
+                sub = W[:, g0 * gs : min(g1 * gs, C)] if (g1 - g0) > 1 else W[:, g0 * gs : min(g0 * gs + gs, C)]
+                s, z = params_over(sub)
+                S[:, g0:g1] = s[:, : g1 - g0]
+                Z[:, g0:g1] = z[:, : g1 - g0]
+        w1 = W[:, i1:i2].clone()
+        q1, e1, c1 = K.gptq_block(w1, Hinv[i1:i2, i1:i2], S, Z, slot[i1:i2], maxq, backend=backend)
+        Q[:, i1:i2] = q1
+        codes[:, i1:i2] = c1
+        loss += (e1.double() ** 2).sum()
+        if i2 < C:
+            W[:, i2:] -= e1 @ Hinv[i1:i2, i2:]
+
+    # Back to the original column order and per-group tensors.
+    col_s = S[:, slot.long()]
+    col_z = Z[:, slot.long()]
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+        codes = codes[:, inv]
+        col_s = col_s[:, inv]
+        col_z = col_z[:, inv]
+    if desc_act and grouped and not static_groups:
+        g_idx = (torch.argsort(perm) // gs).to(torch.int32)
+    elif grouped:
+        g_idx = (pos // gs).to(torch.int32)
+    else:
+        g_idx = torch.zeros(C, dtype=torch.int32, device=dev)
+    scales = torch.zeros((n_groups, R), dtype=torch.float32, device=dev)
+    zeros = torch.zeros_like(scales)
+    scales[g_idx.long()] = col_s.t()
+    zeros[g_idx.long()] = col_z.t()
+    return GPTQResult(
+        Q=Q,
+        codes=codes,
+        scales=scales,
+        zeros=zeros,
+        g_idx=g_idx,
+        bits=bits,
+        group_size=group_size,
+        loss=float(loss),
+        damp_percent=used_damp,
+        dead_columns=n_dead,
+        perm=perm,
+        retries=notes,
+    )
+
+
+def rtn_quantize(W: torch.Tensor, *, bits: int, group_size: int, sym: bool = True) -> torch.Tensor:
+    """Round-to-nearest with the same grid as GPTQ (the baseline GPTQ must beat). Returns `[out, in]` float32."""
+    W = W.float()
+    R, C = W.shape
+    gs = group_size if group_size != -1 else C
+    out = torch.empty_like(W)
+    for g0 in range(0, C, gs):
+        x = W[:, g0 : g0 + gs]
+        s, z = K.find_params_reference(x, bits, sym)
+        _, q = K.quantize_reference(x, s[:, None], z[:, None], 2**bits - 1)
+        out[:, g0 : g0 + gs] = q
+    return out
