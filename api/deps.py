@@ -1,0 +1,70 @@
+"""FastAPI dependencies: settings, a database session per request, the authenticated caller."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from qaas.api.problems import Problem
+from qaas.db.models import ApiKey
+from qaas.db.session import get_sessionmaker
+from qaas.security import hash_api_key
+from qaas.settings import Settings
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    session = get_sessionmaker(settings.resolved_database_url)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    owner: str
+    key_id: str
+
+
+def _unauthorized(detail: str) -> Problem:
+    return Problem(401, "Unauthorized", detail, slug="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+def authenticate_key(session: Session, settings: Settings, key: str) -> Caller | None:
+    digest = hash_api_key(key, settings.secret_key.get_secret_value())
+    row = session.execute(
+        select(ApiKey.id, ApiKey.owner, ApiKey.revoked_at).where(ApiKey.key_hash == digest)
+    ).first()
+    if row is None or row.revoked_at is not None:
+        return None
+    return Caller(owner=row.owner, key_id=str(row.id))
+
+
+def get_caller(request: Request, session: SessionDep, settings: SettingsDep) -> Caller:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise _unauthorized("send 'Authorization: Bearer <api key>'")
+    caller = authenticate_key(session, settings, key.strip())
+    if caller is None:
+        raise _unauthorized("the API key is not valid or was revoked")
+    request.state.caller = caller
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]

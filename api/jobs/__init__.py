@@ -1,0 +1,1 @@
+"""The jobs domain: submit, read, list, cancel, follow."""

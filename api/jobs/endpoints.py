@@ -1,0 +1,185 @@
+"""HTTP routes of the jobs domain. Thin: parse, authorize, call the service, shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, StreamingResponse
+
+from qaas.api.deps import CallerDep, SessionDep, SettingsDep
+from qaas.api.jobs import service
+from qaas.api.jobs.schemas import EventOut, EventPage, JobOut, JobPage
+from qaas.api.problems import PROBLEM_JSON, Problem, ProblemDetails
+from qaas import job_store
+from qaas.db.models import TERMINAL_STATUSES, JobStatus
+from qaas.db.session import session_scope
+from qaas.schemas.job_request import JobRequest
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_ERRORS = {
+    401: {"model": ProblemDetails, "content": {PROBLEM_JSON: {}}, "description": "missing or bad API key"},
+    404: {"model": ProblemDetails, "content": {PROBLEM_JSON: {}}, "description": "no such job (or not yours)"},
+    422: {"model": ProblemDetails, "content": {PROBLEM_JSON: {}}, "description": "invalid request"},
+}
+
+
+def _not_found() -> Problem:
+    return Problem(404, "Not found", "no such job", slug="not-found")
+
+
+def _parse_id(job_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(job_id)
+    except ValueError:
+        raise _not_found()
+
+
+@router.post("", status_code=202, response_model=JobOut, operation_id="create_job", responses=_ERRORS)
+def create_job(
+    body: JobRequest,
+    response: Response,
+    caller: CallerDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JobOut:
+    """Accept a quantization job. The job is stored first, then queued; follow it at `Location`."""
+    submission = service.submit(session, settings, caller.owner, body, idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{submission.job.id}"
+    if submission.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return JobOut.from_job(submission.job)
+
+
+@router.get("", response_model=JobPage, operation_id="list_jobs", responses=_ERRORS)
+def list_jobs(
+    caller: CallerDep,
+    session: SessionDep,
+    status: Annotated[JobStatus | None, Query(description="only jobs in this state")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> JobPage:
+    """Your jobs, newest first, a page at a time."""
+    try:
+        page = job_store.list_jobs(session, caller.owner, status=status.value if status else None, limit=limit, cursor=cursor)
+    except (ValueError, UnicodeDecodeError):
+        raise Problem(422, "Invalid request", "cursor: not a cursor from this API", slug="validation-error",
+                      errors=[{"field": "cursor", "message": "not a cursor from this API"}])
+    return JobPage(items=[JobOut.from_job(j) for j in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut, operation_id="get_job", responses=_ERRORS)
+def get_job(job_id: str, caller: CallerDep, session: SessionDep) -> JobOut:
+    job = job_store.get_job(session, _parse_id(job_id), caller.owner)
+    if job is None:
+        raise _not_found()
+    return JobOut.from_job(job)
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, operation_id="cancel_job", responses=_ERRORS)
+def cancel_job(job_id: str, caller: CallerDep, session: SessionDep) -> JobOut:
+    """Cancel: a queued job at once, a running one as soon as its worker stops it."""
+    job = job_store.get_job(session, _parse_id(job_id), caller.owner)
+    if job is None:
+        raise _not_found()
+    if job.status in TERMINAL_STATUSES:
+        raise Problem(409, "Conflict", f"the job already finished ({job.status})", slug="job-finished")
+    job = job_store.request_cancel(session, job)
+    session.commit()
+    return JobOut.from_job(job)
+
+
+@router.get(
+    "/{job_id}/files/{name}",
+    operation_id="download_job_file",
+    responses={**_ERRORS, 200: {"content": {"application/octet-stream": {}}, "description": "the file"}},
+)
+def download_file(job_id: str, name: str, caller: CallerDep, session: SessionDep, settings: SettingsDep):
+    """Download one output file of a succeeded job (streamed)."""
+    job = job_store.get_job(session, _parse_id(job_id), caller.owner)
+    if job is None or job.status != JobStatus.succeeded.value or not job.result:
+        raise _not_found()
+    # Only names the result lists are served: no path from the URL ever reaches the filesystem.
+    names = {f["name"] for f in job.result.get("files", [])}
+    if name not in names:
+        raise Problem(404, "Not found", "no such file in this job's output", slug="not-found")
+    root = (settings.artifacts_dir / str(job.id)).resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise Problem(404, "Not found", "the file is no longer available", slug="not-found")
+    return FileResponse(path, filename=Path(name).name, media_type="application/octet-stream")
+
+
+def _wants_sse(request: Request, stream: bool) -> bool:
+    return stream or "text/event-stream" in request.headers.get("accept", "")
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=EventPage,
+    operation_id="list_job_events",
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON page, or an SSE stream"}},
+)
+def job_events(
+    job_id: str,
+    request: Request,
+    caller: CallerDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    after: Annotated[int, Query(ge=0, description="only events with a larger id")] = 0,
+    stream: Annotated[bool, Query(description="Server-Sent Events (or send Accept: text/event-stream)")] = False,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+):
+    """The job's timeline. As Server-Sent Events it follows the job live until it ends; resume with Last-Event-ID."""
+    jid = _parse_id(job_id)
+    job = job_store.get_job(session, jid, caller.owner)
+    if job is None:
+        raise _not_found()
+    if not _wants_sse(request, stream):
+        events = job_store.list_events(session, jid, after_id=after)
+        return EventPage(items=[EventOut.from_event(e) for e in events], job_status=job.status)
+    start = after
+    if last_event_id and last_event_id.isdigit():
+        start = max(start, int(last_event_id))
+    session.close()  # the stream opens short sessions of its own; do not hold a connection for hours
+    return StreamingResponse(
+        _sse(settings.resolved_database_url, jid, start, request),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _poll(db_url: str, job_id: uuid.UUID, after: int) -> tuple[list[EventOut], str | None]:
+    with session_scope(db_url) as s:
+        events = [EventOut.from_event(e) for e in job_store.list_events(s, job_id, after_id=after, limit=500)]
+        job = job_store.get_job(s, job_id)
+        return events, job.status if job else None
+
+
+async def _sse(db_url: str, job_id: uuid.UUID, after: int, request: Request, poll_s: float = 0.5, keepalive_s: float = 15.0):
+    yield "retry: 2000\n\n"
+    idle = 0.0
+    while True:
+        events, status = await run_in_threadpool(_poll, db_url, job_id, after)
+        for e in events:
+            after = e.id
+            yield f"id: {e.id}\nevent: {e.kind}\ndata: {json.dumps(e.model_dump(mode='json'))}\n\n"
+        if events:
+            idle = 0.0
+        if status is None or (status in TERMINAL_STATUSES and not events):
+            yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+            return
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(poll_s)
+        idle += poll_s
+        if idle >= keepalive_s:
+            idle = 0.0
+            yield ": keep-alive\n\n"

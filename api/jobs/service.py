@@ -1,0 +1,116 @@
+"""Submitting and cancelling jobs: the rules, with the session passed in (no logic in routers)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from qaas.api.problems import Problem
+from qaas import job_store
+from qaas.db.models import Job
+from qaas.queue import send_run_job
+from qaas.schemas.job_request import JobRequest, LocalModel
+from qaas.security import encrypt_secret
+from qaas.settings import Settings
+
+log = logging.getLogger("qaas.api.jobs")
+
+
+def _invalid(field: str, message: str) -> Problem:
+    return Problem(422, "Invalid request", f"{field}: {message}", slug="validation-error",
+                   errors=[{"field": field, "message": message}])
+
+
+def check_local_path(settings: Settings, raw: str) -> Path:
+    """A local model must resolve (symlinks followed) to a directory under an allowed root."""
+    roots = settings.model_roots
+    if not roots:
+        raise _invalid("model.path", "local paths are disabled on this server (no QAAS_LOCAL_MODEL_ROOTS)")
+    candidate = Path(raw)
+    if not candidate.is_absolute():
+        raise _invalid("model.path", "must be an absolute path")
+    try:
+        resolved = candidate.resolve(strict=True)
+    except (FileNotFoundError, RuntimeError, OSError):
+        raise _invalid("model.path", "no such directory")
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        raise _invalid("model.path", "is outside the allowed model roots")
+    if not resolved.is_dir():
+        raise _invalid("model.path", "is not a directory")
+    return resolved
+
+
+def fingerprint(req: JobRequest) -> str:
+    body = req.public_dict()
+    if req.hf_token is not None:
+        body["hf_token_sha256"] = hashlib.sha256(req.hf_token.get_secret_value().encode()).hexdigest()
+    if req.webhook is not None and req.webhook.secret is not None:
+        body["webhook_secret_sha256"] = hashlib.sha256(req.webhook.secret.get_secret_value().encode()).hexdigest()
+    return job_store.request_fingerprint(body)
+
+
+@dataclass
+class Submission:
+    job: Job
+    replayed: bool
+
+
+def submit(session: Session, settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> Submission:
+    if idempotency_key is not None and (not idempotency_key.strip() or len(idempotency_key) > 255):
+        raise _invalid("Idempotency-Key", "must be 1 to 255 characters")
+    if isinstance(req.model, LocalModel):
+        check_local_path(settings, req.model.path)
+
+    request_hash = fingerprint(req)
+    if idempotency_key:
+        existing = job_store.find_by_idempotency_key(session, owner, idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash)
+
+    token = req.hf_token.get_secret_value() if req.hf_token else None
+    job = job_store.create_job(
+        session,
+        owner=owner,
+        request=req.public_dict(),
+        request_hash=request_hash,
+        idempotency_key=idempotency_key,
+        method=req.method,
+        bits=req.bits,
+        source_model=req.source_label,
+        priority=req.options.priority,
+        max_attempts=settings.job_max_attempts,
+        hf_token_encrypted=encrypt_secret(token, settings.secret_key.get_secret_value()) if token else None,
+    )
+    try:
+        session.commit()
+    except IntegrityError:
+        # Two requests with the same Idempotency-Key raced; the other one won.
+        session.rollback()
+        existing = job_store.find_by_idempotency_key(session, owner, idempotency_key or "")
+        if existing is None:
+            raise
+        return _replay(existing, request_hash)
+
+    # Only after the commit: a worker that gets the message must find the row.
+    dispatch(session, settings, job)
+    return Submission(job, replayed=False)
+
+
+def _replay(existing: Job, request_hash: str) -> Submission:
+    if existing.request_hash != request_hash:
+        raise Problem(422, "Idempotency key reused", "this Idempotency-Key was used with a different request body",
+                      slug="idempotency-key-reused", errors=[{"field": "Idempotency-Key", "message": "reused with a different body"}])
+    return Submission(existing, replayed=True)
+
+
+def dispatch(session: Session, settings: Settings, job: Job) -> None:
+    if send_run_job(settings, job.id, priority=job.priority):
+        job_store.mark_dispatched(session, job.id)
+        session.commit()
+        session.refresh(job)

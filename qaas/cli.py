@@ -1,0 +1,257 @@
+"""The `qaas` command.
+
+  qaas up [--host H] [--port P]     API + worker together (embedded defaults unless configured)
+  qaas api [--host H] [--port P]    the API alone
+  qaas worker                       a GPU worker (one job at a time)
+  qaas migrate                      upgrade the database to the latest schema
+  qaas keys create NAME [--owner O] print a new API key (alone on stdout)
+  qaas keys revoke PREFIX           revoke keys whose shown prefix matches
+  qaas quantize SOURCE --config JSON|FILE --out DIR
+                                    the worker's pipeline in-process, no service
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _settings():
+    from qaas.settings import get_settings
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# --- service processes ----------------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from qaas.db.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.resolved_database_url)
+    print("database is at the latest schema", file=sys.stderr)
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from qaas.api.app import create_app
+
+    settings = _settings()
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", proxy_headers=True)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import socket
+
+    from qaas.worker.tasks import app, settings
+
+    queues = args.queues or f"{settings.gpu_queue},{settings.io_queue}"
+    argv = ["worker", "-Q", queues, "-c", "1", "-P", "solo", "--loglevel", args.loglevel,
+            "-n", f"qaas-{os.getpid()}@{socket.gethostname()}", "--without-gossip", "--without-mingle"]
+    app.worker_main(argv)
+    return 0
+
+
+def _ensure_first_key(settings) -> str | None:
+    from sqlalchemy import func, select
+
+    from qaas.db.models import ApiKey
+    from qaas.db.session import session_scope
+    from qaas.keys import create_key
+
+    with session_scope(settings.resolved_database_url) as s:
+        if s.scalar(select(func.count()).select_from(ApiKey)):
+            return None
+        return create_key(s, settings, name="first key", owner="default")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from qaas.api.app import create_app
+    from qaas.db.migrate import upgrade
+
+    _setup_logging()
+    settings = _settings()
+    upgrade(settings.resolved_database_url)
+    key = _ensure_first_key(settings)
+    worker = subprocess.Popen([sys.executable, "-P", "-c", "from qaas.cli import main; main()", "worker"])
+    url = f"http://{args.host}:{args.port}"
+    mode = "embedded (SQLite + filesystem broker)" if settings.embedded else "configured"
+    print(f"\nqaas is starting at {url}  [{mode}; data in {settings.data_dir.resolve()}]", file=sys.stderr)
+    print(f"  API docs: {url}/docs", file=sys.stderr)
+    if key:
+        print("  your first API key (shown once, keep it):", file=sys.stderr)
+        print(key, flush=True)
+    else:
+        print("  API keys exist already; make another with `qaas keys create NAME`", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return 0
+
+
+# --- keys -----------------------------------------------------------------------------------------
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from qaas.db.session import session_scope
+    from qaas.keys import create_key
+
+    settings = _settings()
+    with session_scope(settings.resolved_database_url) as s:
+        key = create_key(s, settings, name=args.name, owner=args.owner or args.name)
+    print(key)  # alone on stdout, so scripts can capture it
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from qaas.db.session import session_scope
+    from qaas.keys import revoke_keys
+
+    settings = _settings()
+    with session_scope(settings.resolved_database_url) as s:
+        n = revoke_keys(s, args.prefix)
+    print(f"revoked {n} key(s)", file=sys.stderr)
+    return 0 if n else 1
+
+
+# --- in-process quantization ----------------------------------------------------------------------
+
+
+def _load_config(raw: str) -> dict:
+    path = Path(raw)
+    text = path.read_text() if not raw.lstrip().startswith("{") and path.is_file() else raw
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise SystemExit(f"--config: not JSON and not a readable JSON file: {exc}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from pydantic import TypeAdapter, ValidationError
+
+    from qaas.schemas.job_request import QuantizationConfig
+
+    config = _load_config(args.config)
+    try:
+        validated = TypeAdapter(QuantizationConfig).validate_python(config)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"] if p not in ("gptq", "bitsandbytes"))
+            print(f"error: quantization_config.{loc}: {err['msg']}", file=sys.stderr)
+        return 2
+    qc = validated.model_dump(mode="json", exclude={"load_in_4bit_private", "load_in_8bit_private"})
+
+    from qaas.worker.engine.errors import EngineError
+    from qaas.worker.engine.pipeline import EngineOptions, quantize
+    from qaas.worker.terminal_progress import TerminalReporter
+
+    src = Path(args.source)
+    source = {"path": str(src.resolve())} if src.exists() else {"id": args.source, "revision": args.revision}
+    options = EngineOptions(
+        device=args.device,
+        hub_endpoint=os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
+        hub_token=os.environ.get("HF_TOKEN"),
+        allowed_roots=[str(src.resolve())] if src.exists() else [],
+        evaluate=not args.no_eval,
+        eval_text_path=args.eval_text or os.environ.get("QAAS_EVAL_TEXT") or None,
+    )
+    reporter = TerminalReporter(sys.stderr)
+    try:
+        result = quantize(source, qc, args.out, options=options, reporter=reporter)
+    except EngineError as exc:
+        reporter.close()
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 2
+    reporter.close()
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+# --- entry ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qaas", description="Quantization as a service.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run API + worker together")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.set_defaults(func=cmd_up)
+
+    api = sub.add_parser("api", help="run the API")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser("worker", help="run a worker (one job at a time)")
+    worker.add_argument("--queues", default=None, help="comma-separated queues (default: gpu,io)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=cmd_worker)
+
+    mig = sub.add_parser("migrate", help="upgrade the database schema")
+    mig.set_defaults(func=cmd_migrate)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="create a key and print it")
+    kc.add_argument("name")
+    kc.add_argument("--owner", help="tenant the key belongs to (default: NAME)")
+    kc.set_defaults(func=cmd_keys_create)
+    kr = ksub.add_parser("revoke", help="revoke keys by their shown prefix")
+    kr.add_argument("prefix")
+    kr.set_defaults(func=cmd_keys_revoke)
+
+    q = sub.add_parser("quantize", help="quantize a model in-process (no service)")
+    q.add_argument("source", help="a local model directory or a Hub model id")
+    q.add_argument("--config", required=True, help="quantization_config as JSON or a JSON file")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--revision", default=None)
+    q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    q.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    q.add_argument("--eval-text", default=None, help="text file for perplexity")
+    q.set_defaults(func=cmd_quantize)
+
+    try:
+        from qaas.client_cli import register as register_client
+    except ImportError:  # the terminal client is optional
+        register_client = None
+    if register_client:
+        register_client(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command not in ("quantize",):
+        _setup_logging()
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

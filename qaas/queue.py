@@ -1,0 +1,90 @@
+"""The broker side of the job queue: the Celery app and sending "look at job X" messages.
+
+A message carries only the job id; the database row is the truth. Sending is best effort: if the
+broker is down the job stays queued with `dispatched_at` NULL and the sweeper sends it later.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from functools import lru_cache
+
+from celery import Celery
+from kombu import Queue
+
+from qaas.settings import Settings
+
+log = logging.getLogger("qaas.queue")
+
+RUN_JOB_TASK = "qaas.run_job"
+
+
+@lru_cache(maxsize=4)
+def _celery_app_for(broker_url: str, broker_folder: str, gpu_queue: str, io_queue: str) -> Celery:
+    app = Celery("qaas", broker=broker_url, set_as_current=False)
+    transport_options: dict = {}
+    if broker_url.startswith("filesystem"):
+        # Embedded mode: kombu's filesystem transport needs no server; in and out share one folder.
+        transport_options = {
+            "data_folder_in": broker_folder,
+            "data_folder_out": broker_folder,
+            "processed_folder": broker_folder + "-processed",
+            "store_processed": False,
+        }
+    else:
+        # Fail fast when Redis is down: the job is already committed and the sweeper retries.
+        transport_options = {"socket_connect_timeout": 2, "socket_timeout": 5, "max_retries": 1}
+    app.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_timeout=2,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=gpu_queue,
+        task_queues=[Queue(gpu_queue), Queue(io_queue)],
+        task_routes={RUN_JOB_TASK: {"queue": gpu_queue}},
+        # One job per GPU: a worker takes one message at a time.
+        worker_prefetch_multiplier=1,
+        task_acks_late=False,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+def celery_app(settings: Settings) -> Celery:
+    if settings.resolved_broker_url.startswith("filesystem"):
+        settings.broker_folder.mkdir(parents=True, exist_ok=True)
+        (settings.broker_folder.parent / (settings.broker_folder.name + "-processed")).mkdir(parents=True, exist_ok=True)
+    return _celery_app_for(settings.resolved_broker_url, str(settings.broker_folder), settings.gpu_queue, settings.io_queue)
+
+
+def send_run_job(settings: Settings, job_id: uuid.UUID, *, priority: int = 0) -> bool:
+    """Publish the message; False (logged) if the broker cannot be reached right now."""
+    app = celery_app(settings)
+    try:
+        app.send_task(
+            RUN_JOB_TASK,
+            args=[str(job_id)],
+            queue=settings.gpu_queue,
+            retry=False,
+            priority=priority,
+        )
+        return True
+    except Exception as exc:  # broker down or unreachable: the sweeper will send it later
+        log.warning("could not enqueue job %s: %s", job_id, exc.__class__.__name__)
+        return False
+
+
+def broker_reachable(settings: Settings, timeout: float = 2.0) -> bool:
+    app = celery_app(settings)
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+        return True
+    except Exception:
+        return False

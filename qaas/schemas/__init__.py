@@ -1,0 +1,1 @@
+"""Request and response schemas shared by the API and the worker."""

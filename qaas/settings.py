@@ -1,0 +1,110 @@
+"""The one settings object of the service (environment variables prefixed `QAAS_`).
+
+With no configuration at all the service runs in embedded mode: SQLite and a filesystem broker
+under the data directory, so `qaas up` works on a bare machine. Outside development, settings that
+would be unsafe in production (the built-in secret key) are refused at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET_KEY = "qaas-development-secret-key-do-not-use-in-production"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QAAS_", env_file=None, extra="ignore")
+
+    env: Literal["development", "test", "production"] = "development"
+
+    #: Where SQLite (embedded mode), the filesystem broker, job work dirs and artefacts live.
+    data_dir: Path = Path("qaas-data")
+    #: SQLAlchemy URL; empty means SQLite under data_dir (embedded mode).
+    database_url: str = ""
+    #: Celery broker URL; empty means kombu's filesystem transport under data_dir (embedded mode).
+    broker_url: str = ""
+
+    #: Keys API keys are hashed with (HMAC-SHA256) and Hub tokens are encrypted with.
+    secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
+
+    #: Comma-separated directories under which `model.path` may point.
+    local_model_roots: str = ""
+    #: Hub server for downloads and uploads (huggingface_hub's own HF_ENDPOINT is the fallback).
+    hub_endpoint: str = Field(default_factory=lambda: os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    allow_pickle: bool = False
+    allow_remote_code: bool = False
+
+    #: Device the engine uses: auto (CUDA when present), cpu or cuda.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Text used for perplexity evaluation (a file); empty means the job must name one or skip it.
+    eval_text: str = ""
+    eval_max_windows: int = 16
+
+    # Reliability model (see README "Operations").
+    job_max_attempts: int = Field(default=3, ge=1, le=20)
+    job_time_limit_s: float = Field(default=6 * 3600, gt=0)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    lease_s: float = Field(default=60.0, gt=0)
+    sweep_interval_s: float = Field(default=10.0, gt=0)
+    #: A queued job whose message was sent this long ago without being claimed is sent again.
+    redispatch_after_s: float = Field(default=300.0, gt=0)
+    cancel_grace_s: float = Field(default=10.0, ge=0)
+
+    max_request_bytes: int = 8 * 1024 * 1024
+    gpu_queue: str = "gpu"
+    io_queue: str = "io"
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_defaults(self) -> "Settings":
+        if self.env == "production":
+            problems = []
+            if self.secret_key.get_secret_value() == DEV_SECRET_KEY or len(self.secret_key.get_secret_value()) < 32:
+                problems.append("QAAS_SECRET_KEY must be set to a random value of at least 32 characters")
+            if not self.database_url or self.database_url.startswith("sqlite"):
+                problems.append("QAAS_DATABASE_URL must point at PostgreSQL")
+            if not self.broker_url or self.broker_url.startswith("filesystem"):
+                problems.append("QAAS_BROKER_URL must point at Redis")
+            if problems:
+                raise ValueError("unsafe settings for production: " + "; ".join(problems))
+        return self
+
+    # Derived values -------------------------------------------------------------------------
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'qaas.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def embedded(self) -> bool:
+        return not self.database_url or not self.broker_url
+
+    @property
+    def model_roots(self) -> list[Path]:
+        return [Path(p).expanduser().resolve() for p in self.local_model_roots.split(",") if p.strip()]
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return (self.data_dir / "artifacts").resolve()
+
+    @property
+    def work_dir(self) -> Path:
+        return (self.data_dir / "work").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,248 @@
+"""Run one attempt of one job: claim it, supervise its GPU child, record what happens.
+
+Everything the child reports goes to the job row and the event table; the lease is renewed
+every heartbeat; cancellation, the time limit and a lost lease stop the child. The verdict is
+written with a fenced update, so a worker that lost the job cannot overwrite the next attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qaas import job_store
+from qaas.db.models import JobStatus
+from qaas.db.retry import with_db_retry
+from qaas.security import decrypt_secret, redact
+from qaas.settings import Settings
+from qaas.worker.child import ChildProcess, start_child
+
+log = logging.getLogger("qaas.worker")
+
+#: Progress rows are written at most this often (stage changes and metrics always are).
+PROGRESS_MIN_INTERVAL_S = 0.5
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class _State:
+    stage: str | None = None
+    stage_started: float = field(default_factory=time.monotonic)
+    timings: dict[str, float] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    last_progress_write: float = 0.0
+    ended: bool = False
+
+    def close_stage(self) -> None:
+        if self.stage is not None:
+            self.timings[self.stage] = round(self.timings.get(self.stage, 0.0) + time.monotonic() - self.stage_started, 3)
+
+
+def build_spec(settings: Settings, job_request: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    options = job_request.get("options") or {}
+    model = job_request["model"]
+    source = {"path": model["path"]} if "path" in model else {"id": model["id"], "revision": model.get("revision")}
+    return {
+        "source": source,
+        "quantization_config": job_request["quantization_config"],
+        "out_dir": str(out_dir),
+        "options": {
+            "device": settings.device,
+            "hub_endpoint": settings.hub_endpoint,
+            "cache_dir": str((settings.data_dir / "hub-cache").resolve()),
+            "allowed_roots": [str(p) for p in settings.model_roots],
+            "allow_pickle": settings.allow_pickle,
+            "allow_remote_code": settings.allow_remote_code,
+            "evaluate": bool(options.get("evaluate", True)),
+            "eval_text_path": settings.eval_text or None,
+            "eval_max_windows": options.get("eval_max_windows") or settings.eval_max_windows,
+            "calibration_samples": options.get("calibration_samples", 128),
+        },
+    }
+
+
+def run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
+    """Claim and run the job; returns what happened ("duplicate", "succeeded", ...)."""
+    db = settings.resolved_database_url
+    me = worker_name()
+    job = with_db_retry(db, lambda s: _claim_snapshot(s, job_id, me, settings.lease_s))
+    if job is None:
+        log.info("job %s: nothing to claim (duplicate delivery, cancelled or taken)", job_id)
+        return "duplicate"
+    attempt = job["attempt"]
+    token = decrypt_secret(job["hf_token_encrypted"], settings.secret_key.get_secret_value()) if job["hf_token_encrypted"] else None
+
+    work = settings.work_dir / str(job_id) / f"attempt-{attempt}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir = work / "out"
+    spec = build_spec(settings, job["request"], out_dir)
+    time_limit = float((job["request"].get("options") or {}).get("time_limit_s") or settings.job_time_limit_s)
+
+    env_extra = {"QAAS_CHILD_HF_TOKEN": token} if token else {}
+    if settings.hub_endpoint:
+        env_extra["HF_ENDPOINT"] = settings.hub_endpoint
+    try:
+        child = start_child(spec, cwd=work, log_path=work / "child.log", env_extra=env_extra)
+    except OSError as exc:
+        return _fail(settings, job_id, attempt, {"code": "internal_error", "message": f"could not start the engine: {exc}"}, {})
+    log.info("job %s attempt %d: child pid %d", job_id, attempt, child.pid)
+    with_db_retry(db, lambda s: job_store.add_event(s, job_id, "log", message="engine started",
+                                                     data={"pid": child.pid, "worker": me, "attempt": attempt}))
+    outcome = _supervise(settings, job_id, attempt, child, time_limit, token, out_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    if outcome in ("failed", "cancelled"):
+        shutil.rmtree(settings.artifacts_dir / str(job_id), ignore_errors=True)
+    return outcome
+
+
+def _claim_snapshot(session, job_id: uuid.UUID, me: str, lease_s: float) -> dict[str, Any] | None:
+    job = job_store.claim(session, job_id, worker=me, lease_s=lease_s)
+    if job is None:
+        return None
+    return {"attempt": job.attempt, "request": job.request, "hf_token_encrypted": job.hf_token_encrypted}
+
+
+def _supervise(
+    settings: Settings, job_id: uuid.UUID, attempt: int, child: ChildProcess, time_limit: float, token: str | None, out_dir: Path
+) -> str:
+    db = settings.resolved_database_url
+    state = _State()
+    started = time.monotonic()
+    next_beat = started + settings.heartbeat_interval_s
+    cancel_sent_at: float | None = None
+    stop_reason: str | None = None  # "cancel" | "time_limit" | "lost"
+
+    while True:
+        try:
+            event = child.events.get(timeout=min(settings.heartbeat_interval_s, 1.0))
+        except queue.Empty:
+            event = False
+        if event is None:
+            state.ended = True
+        elif event:
+            _handle_event(db, job_id, attempt, state, event, token)
+
+        now = time.monotonic()
+        if now >= next_beat or state.ended:
+            next_beat = now + settings.heartbeat_interval_s
+            ours, cancel = with_db_retry(db, lambda s: job_store.heartbeat(s, job_id, attempt, lease_s=settings.lease_s))
+            if not ours and not state.ended:
+                log.warning("job %s attempt %d: lease lost; stopping the engine", job_id, attempt)
+                stop_reason = "lost"
+                child.kill()
+            elif cancel and cancel_sent_at is None and not state.ended:
+                stop_reason = "cancel"
+                cancel_sent_at = now
+                child.terminate()
+        if stop_reason is None and now - started > time_limit:
+            stop_reason = "time_limit"
+            child.kill()
+        if cancel_sent_at is not None and child.poll() is None and now - cancel_sent_at > settings.cancel_grace_s:
+            child.kill()
+        if state.ended:
+            break
+
+    code = child.proc.wait()
+    state.close_stage()
+    if stop_reason == "lost":
+        return "lost"
+    if stop_reason == "cancel":
+        ok = with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.cancelled, timings=state.timings,
+                                                           error=None))
+        return "cancelled" if ok else "lost"
+    if stop_reason == "time_limit":
+        return _fail(settings, job_id, attempt, {"code": "time_limit", "stage": state.stage,
+                                                   "message": f"the job exceeded its time limit of {time_limit:.0f} s and was stopped"}, state.timings)
+    if state.result is not None and code == 0:
+        return _succeed(settings, job_id, attempt, state, out_dir)
+    if state.error is not None:
+        if state.error.get("code") == "cancelled":
+            with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.cancelled, timings=state.timings))
+            return "cancelled"
+        return _fail(settings, job_id, attempt, state.error, state.timings)
+    # The child died without a verdict: killed (-9), out of memory, a crash in native code.
+    reason = f"the engine process died (exit status {code}) during stage {state.stage or 'start-up'}"
+    requeued = with_db_retry(db, lambda s: job_store.requeue_for_retry(s, job_id, attempt, reason))
+    if requeued:
+        _redispatch(settings, job_id)
+        return "requeued"
+    return _fail(settings, job_id, attempt, {"code": "engine_crashed", "message": reason + "; no attempts left",
+                                              "stage": state.stage}, state.timings)
+
+
+def _handle_event(db: str, job_id: uuid.UUID, attempt: int, state: _State, event: dict[str, Any], token: str | None) -> None:
+    kind = event.get("type")
+    clean = lambda text: redact(str(text or ""), token)[:2000]  # noqa: E731 - never let a token reach the database
+    if kind == "stage":
+        state.close_stage()
+        state.stage, state.stage_started = str(event.get("stage"))[:32], time.monotonic()
+        timings = dict(state.timings)
+        with_db_retry(db, lambda s: job_store.record_stage(s, job_id, attempt, state.stage, message=clean(event.get("message")), timings=timings))
+        state.last_progress_write = 0.0
+    elif kind == "progress":
+        done, total = int(event.get("done") or 0), int(event.get("total") or 0)
+        metrics = event.get("metrics")
+        now = time.monotonic()
+        final = total and done >= total
+        if not metrics and not final and now - state.last_progress_write < PROGRESS_MIN_INTERVAL_S:
+            return
+        state.last_progress_write = now
+        data = {"done": done, "total": total, **({"metrics": metrics} if metrics else {})}
+        with_db_retry(db, lambda s: job_store.record_progress(
+            s, job_id, attempt, stage=state.stage, fraction=(done / total) if total else 0.0,
+            message=clean(event.get("message")) or f"{state.stage} {done}/{total}", data=data))
+    elif kind == "log":
+        with_db_retry(db, lambda s: job_store.add_event(s, job_id, "log", stage=state.stage, message=clean(event.get("message")),
+                                                         data={"level": event.get("level", "info"), **(event.get("data") or {})}))
+    elif kind == "result":
+        state.result = event.get("result") or {}
+    elif kind == "error":
+        state.error = {"code": str(event.get("code") or "internal_error")[:64], "message": clean(event.get("message")),
+                       "stage": event.get("stage") or state.stage, "field": event.get("field")}
+
+
+def _succeed(settings: Settings, job_id: uuid.UUID, attempt: int, state: _State, out_dir: Path) -> str:
+    db = settings.resolved_database_url
+    final_dir = settings.artifacts_dir / str(job_id)
+    result = dict(state.result or {})
+    source_dir = out_dir if out_dir and out_dir.is_dir() else None
+    if source_dir is None:
+        return _fail(settings, job_id, attempt, {"code": "internal_error", "message": "the engine reported success but wrote no output"}, state.timings)
+    shutil.rmtree(final_dir, ignore_errors=True)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(source_dir), str(final_dir))
+    result.pop("out_dir", None)  # an internal path; not part of the public result
+    result["timings"] = {**(result.get("timings") or {}), **state.timings}
+    revision = (result.get("source") or {}).get("revision")
+    ok = with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.succeeded, result=result,
+                                                       timings=state.timings, source_revision=revision))
+    if not ok:
+        shutil.rmtree(final_dir, ignore_errors=True)
+        return "lost"
+    return "succeeded"
+
+
+def _fail(settings: Settings, job_id: uuid.UUID, attempt: int, error: dict[str, Any], timings: dict[str, float]) -> str:
+    ok = with_db_retry(settings.resolved_database_url,
+                       lambda s: job_store.finish(s, job_id, attempt, JobStatus.failed, error=error, timings=timings))
+    return "failed" if ok else "lost"
+
+
+def _redispatch(settings: Settings, job_id: uuid.UUID) -> None:
+    from qaas.queue import send_run_job
+
+    if send_run_job(settings, job_id):
+        with_db_retry(settings.resolved_database_url, lambda s: job_store.mark_dispatched(s, job_id))

@@ -1,0 +1,65 @@
+"""The sweeper: makes the database's view of the queue come true.
+
+- queued jobs never sent to the broker (it was down at submission) or sent long ago and never
+  claimed (the message was lost, e.g. Redis restarted) are sent again;
+- running jobs whose worker stopped heartbeating are queued again while attempts remain, else failed.
+
+Duplicate messages are harmless: the claim is atomic. Several sweepers may run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from qaas import job_store
+from qaas.db.models import JobStatus
+from qaas.db.session import session_scope
+from qaas.queue import send_run_job
+from qaas.settings import Settings
+
+log = logging.getLogger("qaas.sweeper")
+
+
+def sweep_once(settings: Settings) -> dict[str, int]:
+    db = settings.resolved_database_url
+    counts = {"dispatched": 0, "requeued": 0, "failed": 0}
+    with session_scope(db) as s:
+        expired = job_store.expired_leases(s)
+    for job_id, attempt in expired:
+        reason = "the worker stopped heartbeating (lease expired)"
+        with session_scope(db) as s:
+            if job_store.requeue_for_retry(s, job_id, attempt, reason):
+                counts["requeued"] += 1
+                continue
+            if job_store.finish(s, job_id, attempt, JobStatus.failed,
+                                error={"code": "worker_lost", "message": reason + "; no attempts left", "stage": None}):
+                counts["failed"] += 1
+    with session_scope(db) as s:
+        pending = job_store.jobs_to_dispatch(s, redispatch_after_s=settings.redispatch_after_s)
+    for job_id in pending:
+        if not send_run_job(settings, job_id):
+            break  # broker still down; try again next sweep
+        with session_scope(db) as s:
+            job_store.mark_dispatched(s, job_id)
+        counts["dispatched"] += 1
+    if any(counts.values()):
+        log.info("sweep: %s", counts)
+    return counts
+
+
+class Sweeper(threading.Thread):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="qaas-sweeper", daemon=True)
+        self.settings = settings
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.settings.sweep_interval_s):
+            try:
+                sweep_once(self.settings)
+            except Exception as exc:  # the database or broker is down: try again next time
+                log.warning("sweep failed: %s", exc.__class__.__name__)
+
+    def stop(self) -> None:
+        self.stop_event.set()
