@@ -80,7 +80,8 @@ class MethodResult:
     config_updates: dict[str, Any] = field(default_factory=dict)
     #: Extra JSON files to write into the output, e.g. {"quantize_config.json": {...}} for GPTQ.
     extra_json_files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: Human-readable notes (why a layer was skipped, ...), also logged through the reporter.
+    #: Human-readable notes for the job result (why a layer was skipped, ...); log them through
+    #: ctx.reporter as well, the pipeline does not.
     notes: list[str] = field(default_factory=list)
 
 
