@@ -201,11 +201,12 @@ def _evaluate(ctx: EngineContext, method: Any, staged_dir: Path, clock: _StageCl
     clock.stage("evaluate", total=2 * data.windows, message=f"{data.windows} windows of {seqlen} tokens")
     model = load_original_model(ctx.source_dir, device=ctx.device, allow_remote_code=options.allow_remote_code,
                                 use_safetensors=None if options.allow_pickle else True)
-    before = perplexity(model, data, device=ctx.device, reporter=clock, label="original")
+    before = perplexity(model, data, device=ctx.device, reporter=_Offset(clock, 0, 2 * data.windows), label="original")
     del model
     _free(ctx.device)
     model, how = method.load_for_evaluation(ctx, staged_dir)
-    after = perplexity(model, data, device=ctx.device, reporter=_Offset(clock, data.windows), label="quantized")
+    after = perplexity(model, data, device=ctx.device, reporter=_Offset(clock, data.windows, 2 * data.windows),
+                       label="quantized")
     del model
     _free(ctx.device)
     clock.log(f"perplexity {before:.4f} -> {after:.4f}", data={"before": before, "after": after})
@@ -213,13 +214,13 @@ def _evaluate(ctx: EngineContext, method: Any, staged_dir: Path, clock: _StageCl
 
 
 class _Offset:
-    """Shifts progress so that the second perplexity pass continues the evaluate stage's count."""
+    """Maps each perplexity pass's progress onto the evaluate stage's count (before, then after)."""
 
-    def __init__(self, inner: _StageClock, offset: int) -> None:
-        self.inner, self.offset = inner, offset
+    def __init__(self, inner: _StageClock, offset: int, total: int) -> None:
+        self.inner, self.offset, self.total = inner, offset, total
 
     def progress(self, done: int, total: int, *, message: str = "", metrics: dict[str, Any] | None = None) -> None:
-        self.inner.progress(done + self.offset, total + self.offset, message=message, metrics=metrics)
+        self.inner.progress(done + self.offset, self.total, message=message, metrics=metrics)
 
     def check_cancelled(self) -> None:
         self.inner.check_cancelled()
