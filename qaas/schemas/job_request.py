@@ -151,7 +151,7 @@ class GPTQQuantizationConfig(_Strict):
                 "a file path, or a list of texts"
             )
         if self.checkpoint_format is not None and self.checkpoint_format != self.format:
-            raise ValueError("checkpoint_format must equal format when both are given")
+            raise ValueError("checkpoint_format: must equal format when both are given")
         if self.lm_head:
             raise ValueError("lm_head: quantizing the output head is not supported; leave it false")
         return self
@@ -201,7 +201,7 @@ class BitsAndBytesQuantizationConfig(_Strict):
         four = self.load_in_4bit or bool(self.load_in_4bit_private)
         eight = self.load_in_8bit or bool(self.load_in_8bit_private)
         if four and eight:
-            raise ValueError("load_in_4bit and load_in_8bit are exclusive: set exactly one")
+            raise ValueError("load_in_4bit: load_in_4bit and load_in_8bit are exclusive; set exactly one")
         if not four and not eight:
             raise ValueError("load_in_4bit: set load_in_4bit or load_in_8bit to true")
         if self.llm_int8_has_fp16_weight:
