@@ -1,0 +1,212 @@
+"""The model card (`README.md`) of a published quantized model.
+
+`render_model_card(info)` takes one plain dict, assembled by the caller from the job request and result:
+
+    {
+      "repo_id": "alice/Llama-3.2-1B-GPTQ-4bit-g128",      # where it is published (load snippets)
+      "revision": None,                                    # branch, when not main
+      "source": {"id": "meta-llama/Llama-3.2-1B", "revision": "<commit sha>"},
+      "quantization_config": {...},                        # exactly what config.json carries
+      "calibration": {"dataset": "c4", "num_samples": 128, "seqlen": 2048, "tokens": 262144},  # GPTQ; optional
+      "evaluation": {"dataset": "wikitext2", "seqlen": 2048,
+                     "perplexity_before": 9.12, "perplexity_after": 9.47},                    # optional
+      "size": {"before_bytes": 2471645608, "after_bytes": 1009431552},                        # optional
+      "license": "apache-2.0", "job_id": "…", "qaas_version": "0.1.0", "endpoint": "https://huggingface.co",
+    }
+
+The YAML front matter carries `base_model`, `base_model_relation: quantized`, `library_name: transformers`,
+`tags` (method, bits, `qaas`) and `source_revision`; it parses with huggingface_hub's `ModelCard` and passes the
+Hub's metadata validation. The body states the recipe, the calibration data, the quality measured, the sizes
+and load snippets (transformers; vLLM for GPTQ).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def method_and_bits(qc: dict[str, Any]) -> tuple[str, int]:
+    """("gptq", 4) / ("bitsandbytes", 4) / ("bitsandbytes", 8) from a quantization_config."""
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "gptq":
+        return "gptq", int(qc.get("bits", 4))
+    if method == "bitsandbytes":
+        eight = qc.get("load_in_8bit") or qc.get("_load_in_8bit")
+        return "bitsandbytes", 8 if eight else 4
+    raise ValueError(f"unknown quant_method {qc.get('quant_method')!r}")
+
+
+def _human(n: int | float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def _code(text: Any) -> str:
+    return "`" + str(text).replace("`", "'") + "`"
+
+
+def _metadata(info: dict[str, Any], method: str, bits: int) -> dict[str, Any]:
+    source = info.get("source") or {}
+    meta: dict[str, Any] = {}
+    if info.get("license"):
+        meta["license"] = str(info["license"])
+    meta["base_model"] = str(source["id"])
+    meta["base_model_relation"] = "quantized"
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = [method, f"{bits}-bit", "qaas"]
+    if source.get("revision"):
+        meta["source_revision"] = str(source["revision"])
+    calib = _calibration(info, method)
+    if calib and calib.get("dataset") and "/" in str(calib["dataset"]):  # a Hub dataset id
+        meta["datasets"] = [str(calib["dataset"])]
+    return meta
+
+
+def _calibration(info: dict[str, Any], method: str) -> dict[str, Any] | None:
+    if method != "gptq":
+        return None
+    calib = dict(info.get("calibration") or {})
+    qc = info.get("quantization_config") or {}
+    if "dataset" not in calib and qc.get("dataset") is not None:
+        calib["dataset"] = qc["dataset"]
+    if "seqlen" not in calib and qc.get("model_seqlen"):
+        calib["seqlen"] = qc["model_seqlen"]
+    return calib or None
+
+
+def _recipe_rows(qc: dict[str, Any], method: str, bits: int) -> list[tuple[str, Any]]:
+    if method == "gptq":
+        keys = ["bits", "group_size", "sym", "desc_act", "act_group_aware", "damp_percent", "true_sequential",
+                "static_groups", "checkpoint_format", "lm_head"]
+        return [("method", "GPTQ")] + [(k, qc[k]) for k in keys if k in qc]
+    rows: list[tuple[str, Any]] = [("method", "bitsandbytes " + ("LLM.int8" if bits == 8 else "4-bit"))]
+    keys = (["llm_int8_threshold", "llm_int8_skip_modules"] if bits == 8 else
+            ["bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage",
+             "llm_int8_skip_modules"])
+    return rows + [(k, qc[k]) for k in keys if k in qc]
+
+
+def render_model_card(info: dict[str, Any]) -> str:
+    qc: dict[str, Any] = dict(info["quantization_config"])
+    method, bits = method_and_bits(qc)
+    source = info.get("source") or {}
+    source_id = str(source["id"])
+    repo_id = str(info["repo_id"])
+    revision = info.get("revision")
+    endpoint = str(info.get("endpoint") or DEFAULT_ENDPOINT).rstrip("/")
+    method_name = "GPTQ" if method == "gptq" else "bitsandbytes"
+    flavour = f"{bits}-bit {method_name}"
+    if method == "bitsandbytes" and bits == 4:
+        flavour = f"4-bit bitsandbytes ({str(qc.get('bnb_4bit_quant_type', 'nf4')).upper()})"
+
+    meta = _metadata(info, method, bits)
+    out: list[str] = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip("\n"), "---", ""]
+    out += [f"# {repo_id.split('/')[-1]}", ""]
+    src_rev = f" at revision {_code(source['revision'])}" if source.get("revision") else ""
+    out += [f"A {flavour} quantization of [{source_id}]({endpoint}/{source_id}){src_rev}, "
+            f"made with qaas (quantization as a service)"
+            + (f", job {_code(info['job_id'])}" if info.get("job_id") else "")
+            + (f", version {_code(info['qaas_version'])}" if info.get("qaas_version") else "") + ".", ""]
+
+    # Recipe
+    out += ["## Recipe", "", "| parameter | value |", "|---|---|"]
+    out += [f"| {k} | {_code(v if isinstance(v, str) else json.dumps(v))} |" for k, v in _recipe_rows(qc, method, bits)]
+    out += ["", "The exact `quantization_config` (also in `config.json`):", "", "```json",
+            json.dumps(qc, indent=2, sort_keys=True, default=str), "```", ""]
+
+    # Calibration
+    out += ["## Calibration data", ""]
+    calib = _calibration(info, method)
+    if method != "gptq":
+        out += ["None: bitsandbytes quantizes each weight block from the weights alone (data-free).", ""]
+    elif calib:
+        ds = calib.get("dataset")
+        if isinstance(ds, list):
+            ds_text = f"{len(ds)} user-supplied text samples"
+        else:
+            ds_text = _code(ds) if ds is not None else "unspecified"
+        parts = [f"dataset {ds_text}"]
+        if calib.get("num_samples") is not None:
+            parts.append(f"{calib['num_samples']} samples")
+        if calib.get("seqlen") is not None:
+            parts.append(f"sequence length {calib['seqlen']}")
+        if calib.get("tokens") is not None:
+            parts.append(f"{calib['tokens']:,} tokens in all")
+        out += ["GPTQ minimises each layer's output error on calibration activations: " + ", ".join(parts) + ".", ""]
+    else:
+        out += ["Not recorded.", ""]
+
+    # Quality
+    out += ["## Quality", ""]
+    ev = info.get("evaluation") or {}
+    before, after = ev.get("perplexity_before"), ev.get("perplexity_after")
+    if before is not None or after is not None:
+        where = []
+        if ev.get("dataset"):
+            where.append(f"on {_code(ev['dataset'])}")
+        if ev.get("seqlen"):
+            where.append(f"sequence length {ev['seqlen']}")
+        if ev.get("num_tokens"):
+            where.append(f"{ev['num_tokens']:,} tokens")
+        out += ["Perplexity (lower is better)" + (", " + ", ".join(where) if where else "") + ":", "",
+                "| model | perplexity |", "|---|---|"]
+        if before is not None:
+            out.append(f"| original ({source_id}) | {before:.4f} |")
+        if after is not None:
+            out.append(f"| quantized ({flavour}) | {after:.4f} |")
+        if before and after is not None:
+            out += ["", f"Change: {100 * (after - before) / before:+.2f}%."]
+        out.append("")
+    else:
+        out += ["Not evaluated for this model.", ""]
+
+    # Size
+    size = info.get("size") or {}
+    sb = size.get("before_bytes", info.get("size_before_bytes"))
+    sa = size.get("after_bytes", info.get("size_after_bytes"))
+    if sb or sa:
+        out += ["## Size", "", "| | size on disk |", "|---|---|"]
+        if sb:
+            out.append(f"| original | {_human(sb)} |")
+        if sa:
+            out.append(f"| quantized | {_human(sa)} |")
+        if sb and sa:
+            out += ["", f"{sb / sa:.2f}x smaller ({100 * (1 - sa / sb):.1f}% saved)."]
+        out.append("")
+
+    # Usage
+    rev_arg = f', revision="{revision}"' if revision and revision != "main" else ""
+    needs = "gptqmodel" if method == "gptq" else "bitsandbytes"
+    out += ["## How to use", "", f"With transformers (needs `{needs}` installed: `pip install transformers accelerate {needs}`):", "",
+            "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f'model_id = "{repo_id}"',
+            f"tokenizer = AutoTokenizer.from_pretrained(model_id{rev_arg})",
+            f'model = AutoModelForCausalLM.from_pretrained(model_id{rev_arg}, device_map="auto")', "",
+            'inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)',
+            "output = model.generate(**inputs, max_new_tokens=32)",
+            "print(tokenizer.decode(output[0], skip_special_tokens=True))", "```", ""]
+    if method == "gptq":
+        out += ["With vLLM (reads the GPTQ config; picks the Marlin kernel when the shapes allow it):", "",
+                "```python", "from vllm import LLM, SamplingParams", "",
+                f'llm = LLM(model="{repo_id}"{rev_arg})',
+                'print(llm.generate(["The capital of France is"], SamplingParams(max_tokens=32))[0].outputs[0].text)',
+                "```", "", "or as an OpenAI-compatible server:", "", "```bash",
+                f"vllm serve {repo_id}" + (f" --revision {revision}" if rev_arg else ""), "```", ""]
+    return "\n".join(out)
+
+
+def parse_front_matter(card: str) -> dict[str, Any]:
+    """The YAML metadata of a card (for tests and for reading back a published card)."""
+    if not card.startswith("---\n"):
+        return {}
+    end = card.index("\n---", 4)
+    return yaml.safe_load(card[4:end]) or {}
