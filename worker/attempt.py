@@ -68,7 +68,6 @@ def build_spec(settings: Settings, job_request: dict[str, Any], out_dir: Path) -
             "evaluate": bool(options.get("evaluate", True)),
             "eval_text_path": settings.eval_text or None,
             "eval_max_windows": options.get("eval_max_windows") or settings.eval_max_windows,
-            "calibration_samples": options.get("calibration_samples", 128),
         },
     }
 
