@@ -1,0 +1,240 @@
+"""Running a causal LM one decoder block at a time, for GPTQ.
+
+* `capture_block_inputs`: the model with its blocks replaced by a catcher runs the calibration batches up to
+  the first block (embeddings, position embeddings, masks exactly as the model computes them) and keeps the
+  block's positional and keyword inputs.
+* `materialize_block`: one block of the meta model gets real memory and its checkpoint tensors; rotary
+  modules (whose buffers are computed, not stored) are rebuilt on the device.
+* `discover_input_groups`: which Linear layers see the same input tensor (they share one Hessian), in the
+  order they run: for Llama [q,k,v], [o], [gate,up], [down] — the paper's true-sequential groups.
+* `BlockRunner.collect`/`forward`: forward passes over all batches with hooks that accumulate Hessians,
+  stopping a pass as soon as every hooked layer has seen its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .errors import UnsupportedModel
+from .gptq_hessian import HessianAccumulator
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Catcher(torch.nn.Module):
+    def __init__(self, sink: list, store: torch.device) -> None:
+        super().__init__()
+        self.sink = sink
+        self.store = store
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        self.sink.append((hidden.detach().to(self.store), rest, kwargs))
+        raise _StopForward
+
+
+def _parent(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def _rebuild_rotary(module: torch.nn.Module, device: torch.device) -> None:
+    """Recompute non-persistent rotary buffers (inv_freq) that `to_empty` leaves uninitialized."""
+    for name, sub in list(module.named_modules()):
+        if "Rotary" in type(sub).__name__ and hasattr(sub, "config"):
+            fresh = type(sub)(config=sub.config, device=device)
+            if name:
+                p, attr = _parent(module, name)
+                setattr(p, attr, fresh)
+            else:  # pragma: no cover - a rotary module is never the root here
+                raise UnsupportedModel("rotary module at the root")
+
+
+def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    p = prefix + "." if prefix else ""
+    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def _load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    state = module.state_dict()
+    missing = [k for k in state if k not in tensors]
+    if missing:
+        raise UnsupportedModel(f"checkpoint lacks tensors the model needs: {', '.join(missing[:5])}")
+    with torch.no_grad():
+        for k, t in state.items():
+            src = tensors[k]
+            t.copy_(src.to(t.dtype if not t.is_floating_point() else dtype))
+
+
+def materialize_block(block: torch.nn.Module, tensors: dict[str, torch.Tensor], device: torch.device,
+                      dtype: torch.dtype) -> torch.nn.Module:
+    """Give a meta block real memory on `device` in `dtype` and load its (block-relative) tensors."""
+    block.to_empty(device=device)
+    block.to(dtype)
+    _load_into(block, tensors, dtype)
+    _rebuild_rotary(block, device)
+    return block.eval()
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: torch.nn.Module,
+    block_name: str,
+    pre_tensors: dict[str, torch.Tensor],
+    batches: Iterable[torch.Tensor],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    store: torch.device,
+) -> tuple[list[torch.Tensor], list[tuple[tuple, dict[str, Any]]], torch.nn.ModuleList]:
+    """Inputs of the first decoder block for each calibration batch.
+
+    `model` is a meta model; its block container is swapped for a one-element list holding the catcher,
+    the rest gets memory on `device`, the embedding tensors are loaded, and every batch runs until the
+    catcher stops it. Returns (hidden states per batch, (other args, kwargs) per batch, the original blocks).
+    """
+    container = model.get_submodule(block_name)
+    if not isinstance(container, torch.nn.ModuleList):
+        raise UnsupportedModel(
+            f"{block_name!r} is not a list of decoder blocks; set block_name_to_quantize", field="block_name_to_quantize"
+        )
+    sink: list = []
+    p, attr = _parent(model, block_name)
+    setattr(p, attr, torch.nn.ModuleList([_Catcher(sink, store)]))
+    try:
+        model.to_empty(device=device)
+        model.to(dtype)
+        with torch.no_grad():
+            state = model.state_dict()
+            for k, v in pre_tensors.items():
+                if k in state:
+                    state[k].copy_(v.to(state[k].dtype if not state[k].is_floating_point() else dtype))
+        _rebuild_rotary(model, device)
+        model.eval()
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _StopForward:
+                continue
+            raise UnsupportedModel(
+                f"the forward pass never reached the blocks under {block_name!r}; set block_name_to_quantize "
+                "(and module_name_preceding_first_block)",
+                field="block_name_to_quantize",
+            )
+    finally:
+        setattr(p, attr, container)
+    hidden = [h for h, _, _ in sink]
+    rest = [(a, kw) for _, a, kw in sink]
+    return hidden, rest, container
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def discover_input_groups(block: torch.nn.Module, linear_names: list[str], hidden: torch.Tensor,
+                          args: tuple, kwargs: dict[str, Any], device: torch.device) -> list[list[str]]:
+    """Linear layers grouped by the input tensor they share, in execution order."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = []
+    for name in linear_names:
+        mod = block.get_submodule(name)
+
+        def hook(m, inp, out, name=name):
+            seen.append((name, inp[0]))
+
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        block(hidden[:1].to(device), *args, **_slice_kwargs(kwargs, 1))
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    owners: list[torch.Tensor] = []
+    for name, x in seen:  # the tensors are all alive here, so identity is meaningful
+        if any(name in g for g in groups):
+            continue
+        for g, o in zip(groups, owners):
+            if x is o:
+                g.append(name)
+                break
+        else:
+            groups.append([name])
+            owners.append(x)
+    missing = [n for n in linear_names if not any(n in g for g in groups)]
+    if missing:
+        groups.append(missing)  # never called on calibration data: quantized from a zero Hessian
+    return groups
+
+
+def _slice_kwargs(kwargs: dict[str, Any], n: int) -> dict[str, Any]:
+    """Keyword inputs for the first n samples (tensors with a batch dimension > n are sliced)."""
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > n:
+            out[k] = v[:n]
+        elif isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):
+            out[k] = tuple(t[:n] if t.dim() > 0 and t.shape[0] > n else t for t in v)
+        else:
+            out[k] = v
+    return out
+
+
+class BlockRunner:
+    """Forward passes of one materialized block over all calibration batches."""
+
+    def __init__(self, block: torch.nn.Module, hidden: list[torch.Tensor], rest: list[tuple[tuple, dict]],
+                 device: torch.device) -> None:
+        self.block = block
+        self.hidden = hidden
+        self.rest = rest
+        self.device = device
+
+    @torch.no_grad()
+    def collect(self, classes: list[list[str]]) -> dict[str, torch.Tensor]:
+        """Hessian of the input of each class (linears sharing an input), keyed by the class's first name."""
+        accs: dict[str, HessianAccumulator] = {}
+        fired: set[str] = set()
+        hooks = []
+        for cls in classes:
+            rep = cls[0]
+            mod = self.block.get_submodule(rep)
+            in_f = mod.weight.shape[0] if type(mod).__name__ == "Conv1D" else mod.in_features
+            accs[rep] = HessianAccumulator(in_f, self.device)
+
+            def hook(m, inp, out, rep=rep):
+                accs[rep].add(inp[0].detach())
+                fired.add(rep)
+                if len(fired) == len(accs):
+                    raise _StopForward
+
+            hooks.append(mod.register_forward_hook(hook))
+        try:
+            for h, (args, kw) in zip(self.hidden, self.rest):
+                fired.clear()
+                try:
+                    self.block(h.to(self.device), *args, **kw)
+                except _StopForward:
+                    pass
+        finally:
+            for hk in hooks:
+                hk.remove()
+        return {rep: acc.finalize() for rep, acc in accs.items()}
+
+    @torch.no_grad()
+    def forward_all(self) -> list[torch.Tensor]:
+        """Outputs of the block for every batch (the next block's inputs), stored where the inputs were."""
+        out = []
+        for h, (args, kw) in zip(self.hidden, self.rest):
+            y = _first(self.block(h.to(self.device), *args, **kw))
+            out.append(y.to(h.device))
+        return out

@@ -1,0 +1,107 @@
+"""GPTQ checkpoint format (FORMATS.md §1): which layers it can hold, the tensors of one layer, the config.
+
+Every format quirk lives here: v1 stores zero minus one (masked per field, so an asymmetric zero of 0 is
+stored as 2^bits - 1 and a per-field `(stored + 1) & mask` recovers it), v2 stores the true zero, codes
+are packed along the input dimension, zeros along the output dimension.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from qaas.kernels import gptq as K
+
+from .gptq_algorithm import GPTQResult
+
+FORMATS = ("gptq", "gptq_v2")
+
+
+def unsupported_reason(in_features: int, out_features: int, bits: int, group_size: int) -> str | None:
+    """Why the v1/v2 layout cannot hold a layer of this shape, or None when it can.
+
+    Codes are packed 32 at a time along `in` and zeros along `out` (3-bit needs whole runs of 32, and the
+    loaders' kernels assume whole runs for every width), so both must be multiples of 32.
+    """
+    if in_features % 32:
+        return f"in_features {in_features} is not a multiple of 32 (qweight packing)"
+    if out_features % 32:
+        return f"out_features {out_features} is not a multiple of 32 (qzeros packing)"
+    return None
+
+
+def pack_layer(res: GPTQResult, *, fmt: str = "gptq", bias: torch.Tensor | None = None,
+               backend: str = "auto") -> dict[str, torch.Tensor]:
+    """The tensors of one quantized layer (suffixes qweight/qzeros/scales/g_idx[/bias])."""
+    bits = res.bits
+    mask = 2**bits - 1
+    zeros = res.zeros.round().to(torch.int32)  # [G, out]
+    stored = (zeros - 1) & mask if fmt == "gptq" else zeros
+    out = {
+        "qweight": K.pack_qweight(res.codes.t().contiguous(), bits, backend=backend),
+        "qzeros": K.pack_qzeros(stored, bits, backend=backend),
+        "scales": res.scales.to(torch.float16),
+        "g_idx": res.g_idx.to(torch.int32),
+    }
+    if bias is not None:
+        out["bias"] = bias.detach().to(torch.float16)
+    return out
+
+
+def dequantize_layer(tensors: dict[str, torch.Tensor], bits: int, *, fmt: str = "gptq",
+                     dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+    """Weight `[out, in]` from one saved layer's tensors (keys without the module prefix)."""
+    return K.dequantize(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], bits,
+                        v1=(fmt == "gptq"), dtype=dtype, backend=backend)
+
+
+def skip_regex(module_name: str) -> str:
+    """GPTQModel / vLLM `dynamic` key that keeps one module in floating point."""
+    return "-:" + re.escape(module_name) + "$"
+
+
+def build_quantization_config(
+    cfg: dict[str, Any],
+    *,
+    block_name: str,
+    quantized_in_block: list[list[str]],
+    skipped_modules: list[str],
+    calibration: dict[str, Any] | None,
+    quantizer_version: str,
+) -> dict[str, Any]:
+    """The dict written to quantize_config.json and config.json["quantization_config"].
+
+    Loaders see which layers are quantized three ways: transformers/optimum through
+    `modules_in_block_to_quantize` (block-relative names, applied to every block), GPTQModel and vLLM through
+    `dynamic` ("-:<regex>" entries skip a module). `dataset` is not echoed (a list of strings would copy the
+    calibration text into config.json, and a path is not a name GPTQConfig accepts); what was used is
+    recorded under `meta.calibration`.
+    """
+    fmt = cfg.get("format", "gptq")
+    out: dict[str, Any] = {
+        "quant_method": "gptq",
+        "bits": cfg["bits"],
+        "group_size": cfg["group_size"],
+        "damp_percent": cfg["damp_percent"],
+        "desc_act": cfg["desc_act"],
+        "act_group_aware": cfg.get("act_group_aware", False),
+        "sym": cfg["sym"],
+        "true_sequential": cfg["true_sequential"],
+        "static_groups": cfg.get("static_groups", False),
+        "format": fmt,
+        "checkpoint_format": fmt,
+        "lm_head": False,
+        "model_seqlen": cfg.get("model_seqlen"),
+        "block_name_to_quantize": block_name,
+        "modules_in_block_to_quantize": quantized_in_block,
+        "module_name_preceding_first_block": cfg.get("module_name_preceding_first_block"),
+        "batch_size": cfg.get("batch_size", 1),
+        "cache_block_outputs": cfg.get("cache_block_outputs", True),
+        "dataset": None,
+        "meta": {"quantizer": [f"qaas:{quantizer_version}"], "calibration": calibration},
+    }
+    if skipped_modules:
+        out["dynamic"] = {skip_regex(m): {} for m in skipped_modules}
+    return out
