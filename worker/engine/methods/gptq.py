@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..architecture import build_meta_model
-from ..calibration import load_calibration
+from ..calibration import CalibrationSet, load_calibration
 from ..errors import InvalidConfig
 from ..evaluate import default_seqlen, load_with_replaced_weights, relative_error
 from ..gptq_algorithm import gptq_quantize
@@ -153,6 +153,15 @@ class GPTQMethod:
     def stages(self, quantization_config: dict[str, Any]) -> list[str]:
         return ["calibrate", "quantize"]
 
+    def calibration(self, ctx: EngineContext, seqlen: int) -> CalibrationSet:
+        """Token windows from `dataset`, tokenized with the source's tokenizer."""
+        from transformers import AutoTokenizer
+
+        cfg = ctx.quantization_config
+        tok = AutoTokenizer.from_pretrained(str(ctx.source_dir), trust_remote_code=ctx.options.allow_remote_code)
+        return load_calibration(cfg["dataset"], tok, nsamples=cfg["nsamples"], seqlen=seqlen, seed=cfg["seed"],
+                                allowed_roots=ctx.options.allowed_roots)
+
     # -- work --------------------------------------------------------------------------------------------
     def _dtypes(self, ctx: EngineContext) -> tuple[torch.dtype, torch.device]:
         if ctx.device.type == "cuda":
@@ -173,12 +182,11 @@ class GPTQMethod:
             rep.log(msg, level=level, data=data or None)
 
         # ---- calibrate
-        from transformers import AutoTokenizer
-
+        timings: dict[str, float] = {}
+        clock = _Timer(device, timings)
         seqlen = cfg["model_seqlen"] or default_seqlen(ctx.config)
-        tok = AutoTokenizer.from_pretrained(str(ctx.source_dir), trust_remote_code=ctx.options.allow_remote_code)
-        calib = load_calibration(cfg["dataset"], tok, nsamples=cfg["nsamples"], seqlen=seqlen, seed=cfg["seed"],
-                                 allowed_roots=ctx.options.allowed_roots)
+        with clock("calibration data"):
+            calib = self.calibration(ctx, seqlen)
         calib_info = calib.describe()
         rep.log(f"calibration: {calib.nsamples} samples x {calib.seqlen} tokens from {calib.source}", data=calib_info)
         if not cfg["cache_block_outputs"]:
@@ -196,8 +204,9 @@ class GPTQMethod:
                 note(f"calibration activations ({act_bytes / 2**30:.1f} GiB) kept on the CPU")
         meta = build_meta_model(layout.hf_config, allow_remote_code=ctx.options.allow_remote_code)
         pre = ctx.reader.load_many(layout.pre_tensors)
-        hidden, rest, blocks = capture_block_inputs(meta, layout.block_name, pre, batches, device=device,
-                                                    dtype=dtype, store=store)
+        with clock("capture first-block inputs"):
+            hidden, rest, blocks = capture_block_inputs(meta, layout.block_name, pre, batches, device=device,
+                                                        dtype=dtype, store=store)
         for name, t in pre.items():
             ctx.writer.add(name, _fp16(t))
         del meta, pre
@@ -215,9 +224,10 @@ class GPTQMethod:
             rep.check_cancelled()
             prefix = binfo.prefix
             rel = {li.name[len(prefix) + 1 :]: li for li in binfo.linears}
-            tensors = ctx.reader.load_prefix(prefix)
-            block = materialize_block(blocks[binfo.index], {k[len(prefix) + 1 :]: v for k, v in tensors.items()},
-                                      device, dtype)
+            with clock("load block"):
+                tensors = ctx.reader.load_prefix(prefix)
+                block = materialize_block(blocks[binfo.index], {k[len(prefix) + 1 :]: v for k, v in tensors.items()},
+                                          device, dtype)
             runner = BlockRunner(block, hidden, rest, device)
             if groups_spec is None:
                 classes = discover_input_groups(block, list(rel), hidden[0], rest[0][0], rest[0][1], device)
@@ -241,19 +251,22 @@ class GPTQMethod:
                 if not classes:
                     continue
                 rep.check_cancelled()
-                hess = runner.collect(classes)
+                with clock("forward + Hessians"):
+                    hess = runner.collect(classes)
                 for cls in classes:
                     H = hess.pop(cls[0])
                     for r in cls:
                         li = rel[r]
                         mod = block.get_submodule(r)
                         W = mod.weight.data.t() if li.transposed else mod.weight.data
-                        res = gptq_quantize(
-                            W, H, bits=bits, group_size=gs, sym=cfg["sym"], damp_percent=cfg["damp_percent"],
-                            desc_act=cfg["desc_act"], act_group_aware=cfg["act_group_aware"],
-                            static_groups=cfg["static_groups"], log=lambda m, r=r: note(f"{prefix}.{r}: {m}",
-                                                                                         level="warning"),
-                        )
+                        with clock("gptq"):
+                            res = gptq_quantize(
+                                W, H, bits=bits, group_size=gs, sym=cfg["sym"], damp_percent=cfg["damp_percent"],
+                                desc_act=cfg["desc_act"], act_group_aware=cfg["act_group_aware"],
+                                static_groups=cfg["static_groups"],
+                                log=lambda m, r=r: note(f"{prefix}.{r}: {m}", level="warning"),
+                            )
+                        clock.start("pack + write")
                         if res.dead_columns:
                             rep.log(f"{prefix}.{r}: {res.dead_columns} input channels never active (zeroed)",
                                     data={"module": f"{prefix}.{r}", "dead_columns": res.dead_columns})
@@ -269,15 +282,18 @@ class GPTQMethod:
                             q = res.Q.t() if li.transposed else res.Q
                             mod.weight.data.copy_(q.to(mod.weight.dtype))
                         quantized.append(li.name)
+                        clock.stop("pack + write")
                         del res
                     del H
                 del hess
             if bi + 1 < n:
-                hidden = runner.forward_all()
-                runner.hidden = hidden
-            for name, t in tensors.items():
-                if name not in written:
-                    ctx.writer.add(name, _fp16(t))
+                with clock("forward quantized block"):
+                    hidden = runner.forward_all()
+                    runner.hidden = hidden
+            with clock("pack + write"):
+                for name, t in tensors.items():
+                    if name not in written:
+                        ctx.writer.add(name, _fp16(t))
             block.to("meta")
             del tensors, runner
             if device.type == "cuda":
@@ -302,7 +318,7 @@ class GPTQMethod:
                 note(f"in_features {partial} are not multiples of group_size {gs}: the last group is partial "
                      "(GPTQModel and transformers load it; vLLM's GPTQ kernels need whole groups)")
         ctx.state["gptq"] = {"bits": bits, "format": fmt, "quantized": quantized,
-                             "seconds": time.monotonic() - t_start}
+                             "seconds": time.monotonic() - t_start, "timings": timings}
         return MethodResult(
             quantization_config=qconf,
             skipped_modules=skipped_full + outside,
@@ -346,6 +362,37 @@ class GPTQMethod:
         model = load_with_replaced_weights(ctx.source_dir, replace, device=ctx.device,
                                            allow_remote_code=ctx.options.allow_remote_code)
         return model, "dequantized GPTQ weights in the original architecture"
+
+
+class _Timer:
+    """Wall time per phase (synchronizing CUDA at the boundaries so that each phase gets its own time)."""
+
+    def __init__(self, device: torch.device, into: dict[str, float]) -> None:
+        self.device, self.into, self._t = device, into, {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self, name: str) -> None:
+        self._sync()
+        self._t[name] = time.perf_counter()
+
+    def stop(self, name: str) -> None:
+        self._sync()
+        self.into[name] = self.into.get(name, 0.0) + time.perf_counter() - self._t.pop(name)
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self_inner):
+                timer.start(name)
+
+            def __exit__(self_inner, *exc):
+                timer.stop(name)
+
+        return _Ctx()
 
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:
