@@ -11,7 +11,7 @@ import uuid
 from functools import lru_cache
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from qaas.settings import Settings
 
@@ -45,8 +45,8 @@ def _celery_app_for(broker_url: str, broker_folder: str, gpu_queue: str, io_queu
         task_serializer="json",
         accept_content=["json"],
         task_default_queue=gpu_queue,
-        task_queues=[Queue(gpu_queue), Queue(io_queue)],
-        task_routes={RUN_JOB_TASK: {"queue": gpu_queue}},
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (gpu_queue, io_queue)],
+        task_routes={RUN_JOB_TASK: {"queue": gpu_queue, "routing_key": gpu_queue}},
         # One job per GPU: a worker takes one message at a time.
         worker_prefetch_multiplier=1,
         task_acks_late=False,
