@@ -1,0 +1,135 @@
+"""pipeline.quantize: stages, result dict, evaluation, cancellation, block-at-a-time memory."""
+
+from __future__ import annotations
+
+import json
+import sys
+import weakref
+
+import pytest
+import torch
+
+from qaas.worker.engine.checkpoint import CheckpointReader
+from qaas.worker.engine.errors import InvalidConfig
+from qaas.worker.engine.options import EngineOptions
+from qaas.worker.engine.pipeline import quantize
+from qaas.worker.engine.progress import JobCancelled
+
+from .conftest import VARIANTS, RecordingReporter
+
+
+def _opts(src, **kw):
+    kw.setdefault("evaluate", False)
+    return EngineOptions(allowed_roots=(str(src.parent),), **kw)
+
+
+def test_result_and_stages_with_evaluation(stories_dir, wikitext_path, run_pipeline):
+    out, result, reporter = run_pipeline(stories_dir, "nf4", evaluate=True, eval_max_windows=4)
+    assert reporter.stages == ["resolve", "load", "quantize", "evaluate", "export"]
+    json.dumps(result)
+    ev = result["evaluation"]
+    assert ev["windows"] == 4 and ev["seqlen"] == 512 and ev["tokens"] == 2048 and len(ev["text_sha256"]) == 64
+    assert ev["quantized_loaded_with"] == "transformers+bitsandbytes"
+    assert 60 < ev["perplexity_before"] < 250
+    assert ev["perplexity_after"] == pytest.approx(ev["perplexity_before"], rel=0.15)
+    assert result["source"] == {"path": str(stories_dir.resolve()), "revision": None}
+    assert result["size_before_bytes"] == (stories_dir / "model.safetensors").stat().st_size
+    assert result["size_after_bytes"] == (out / "model.safetensors").stat().st_size
+    assert result["compression_ratio"] > 1
+    assert {f["name"] for f in result["files"]} == {p.name for p in out.iterdir()}
+    assert set(result["timings"]) == {"resolve", "load", "quantize", "evaluate", "export"}
+    assert result["device"] == "cpu" and result["engine_version"].startswith("qaas")
+    assert result["layer_errors"]["max"] < 0.2
+    # Per-block progress carries per-layer errors; evaluate progress runs over both passes.
+    block_events = [e for e in reporter.events if e[0] == "progress" and e[3] and "rel_error" in e[3]]
+    assert [e[1] for e in block_events] == [1, 2, 3, 4, 5]
+    assert "model.layers.0.self_attn.q_proj" in block_events[0][3]["rel_error"]
+    ev_events = [e for e in reporter.events if e[0] == "progress" and e[2] == 8]
+    assert [e[1] for e in ev_events] == list(range(1, 9))
+
+
+def test_evaluation_fallback_without_bitsandbytes(stories_dir, wikitext_path, run_pipeline, monkeypatch, tmp_path):
+    with_bnb = run_pipeline(stories_dir, "int8", evaluate=True, eval_max_windows=2)[1]["evaluation"]
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    r = quantize({"path": str(stories_dir)}, VARIANTS["int8"], tmp_path / "o",
+                 options=_opts(stories_dir, evaluate=True, eval_text_path=str(wikitext_path), eval_max_windows=2))
+    ev = r["evaluation"]
+    assert ev["quantized_loaded_with"].startswith("dequantized")
+    assert ev["perplexity_before"] == pytest.approx(with_bnb["perplexity_before"])
+    # int8 dequantized in fp32 vs bitsandbytes' fp16 int8 matmul: close, not identical.
+    assert ev["perplexity_after"] == pytest.approx(with_bnb["perplexity_after"], rel=0.02)
+
+
+def test_cancel_between_blocks_leaves_nothing(tiny_llama_dir, tmp_path):
+    reporter = RecordingReporter(cancel_after_progress=2)
+    with pytest.raises(JobCancelled):
+        quantize({"path": str(tiny_llama_dir)}, VARIANTS["nf4"], tmp_path / "out",
+                 options=_opts(tiny_llama_dir), reporter=reporter)
+    assert list(tmp_path.iterdir()) == []
+    assert [e[1] for e in reporter.events if e[0] == "progress"] == [1, 2]
+
+
+def test_out_dir_not_empty(stories_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep me")
+    with pytest.raises(InvalidConfig) as exc:
+        quantize({"path": str(stories_dir)}, VARIANTS["nf4"], tmp_path / "out", options=_opts(stories_dir))
+    assert exc.value.field == "out_dir"
+    assert (tmp_path / "out" / "x").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("qc, field", [
+    ({"quant_method": "awq", "bits": 4}, "quant_method"),
+    ({"load_in_4bit": True}, "quant_method"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "dataset": "c4"}, "dataset"),
+])
+def test_invalid_request_fails_before_work(qc, field, stories_dir, tmp_path):
+    with pytest.raises(InvalidConfig) as exc:
+        quantize({"path": str(stories_dir)}, qc, tmp_path / "out", options=_opts(stories_dir))
+    assert exc.value.field == field
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluation_needs_text(stories_dir, tmp_path):
+    with pytest.raises(InvalidConfig) as exc:
+        quantize({"path": str(stories_dir)}, VARIANTS["nf4"], tmp_path / "out",
+                 options=_opts(stories_dir, evaluate=True, eval_text_path=None))
+    assert exc.value.field == "eval_text_path"
+
+
+def test_sharded_output_loads(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    r = quantize({"path": str(tiny_llama_dir)}, VARIANTS["int8"], tmp_path / "out",
+                 options=_opts(tiny_llama_dir, max_shard_size="100KB"))
+    names = {f["name"] for f in r["files"]}
+    assert "model.safetensors.index.json" in names and "model-00001-of-" in " ".join(names)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")(torch.tensor([[1, 2, 3]]))
+
+
+def test_block_at_a_time_memory(tiny_llama_dir, tmp_path, monkeypatch):
+    """The converter never holds more than one unit (block) of source tensors, plus the shard buffer."""
+    live: dict[int, int] = {}
+    peak = {"bytes": 0}
+    real_load = CheckpointReader.load
+
+    def tracking_load(self, name):
+        t = real_load(self, name)
+        key = id(t)
+        live[key] = t.numel() * t.element_size()
+        weakref.finalize(t, live.pop, key, None)
+        peak["bytes"] = max(peak["bytes"], sum(live.values()))
+        return t
+
+    monkeypatch.setattr(CheckpointReader, "load", tracking_load)
+    shard = 20_000
+    quantize({"path": str(tiny_llama_dir)}, VARIANTS["nf4"], tmp_path / "out",
+             options=_opts(tiny_llama_dir, max_shard_size=shard))
+    reader = CheckpointReader(tiny_llama_dir)
+    from qaas.worker.engine.architecture import inspect_model
+
+    layout = inspect_model(tiny_llama_dir, reader)
+    unit_bytes = max(sum(reader.info(n).nbytes for n in u.tensor_names) for u in layout.units())
+    assert peak["bytes"] > 0
+    assert peak["bytes"] <= unit_bytes + shard, (peak, unit_bytes)
+    assert peak["bytes"] < reader.total_bytes / 3
