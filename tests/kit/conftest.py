@@ -58,7 +58,7 @@ def _serve(tls: ssl.SSLContext | None) -> tuple[ThreadingHTTPServer, Receiver]:
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
     receiver.url = f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server, receiver
 
 

@@ -202,3 +202,31 @@ def test_default_repo_id_fits_hub_limit():
 def test_not_a_directory(tmp_path):
     with pytest.raises(PublishError):
         publish_folder(tmp_path / "missing", repo_id="a/b", token=None, endpoint="http://127.0.0.1:9")
+
+
+def test_lost_commit_response_does_not_commit_twice(fake_hub, tmp_path):
+    """The commit lands but its response is lost: the retry finds the content and makes no second commit."""
+    src = make_model(tmp_path / "out", n_shards=1)
+    fake_hub.hub.drop("commit", after_handling=True)
+    res = publish_folder(src, repo_id="alice/r6", token=WRITE_TOKEN, endpoint=fake_hub.url, retry_delay=0.01)
+    assert fake_hub.hub.count("POST", "commit") == 1
+    assert res["commit_sha"] == fake_hub.hub.head("alice/r6").sha and res["created"] is False
+    commits = HfApi(endpoint=fake_hub.url, token=WRITE_TOKEN).list_repo_commits("alice/r6")
+    assert [c.title for c in commits] == ["Upload quantized model (qaas)", "initial commit"]
+
+
+def test_concurrent_writer_412_is_retryable():
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    resp = httpx.Response(412, request=httpx.Request("POST", "http://h/api/models/a/b/commit/main"))
+    err = hubmod.translate_error(HfHubHTTPError("412", response=resp), repo_id="a/b", token=None)
+    assert err.retryable and err.status_code == 412
+
+
+def test_successful_publish_never_logs_the_token(fake_hub, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    fake_hub.hub.fail("lfs_upload", status=500)  # exercise huggingface_hub's retry logging too
+    publish_folder(make_model(tmp_path / "out", n_shards=1), repo_id="alice/r7", token=WRITE_TOKEN,
+                   endpoint=fake_hub.url, retry_delay=0.01)
+    assert caplog.records and WRITE_TOKEN not in caplog.text

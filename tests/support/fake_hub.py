@@ -157,6 +157,7 @@ class _Fault:
     remaining: int
     status: int | None = None  # answer this status...
     drop_after_bytes: int | None = None  # ...or read this much of the body, then cut the connection
+    drop_response: bool = False  # ...or handle the request fully, then cut the connection instead of answering
     hits: int = 0
 
 
@@ -216,11 +217,16 @@ class FakeHub:
         with self._lock:
             self.faults.append(_Fault(pattern, method, times, status=status))
 
-    def drop(self, route: str, *, times: int = 1, after_bytes: int = 0, method: str | None = None) -> None:
-        """The next `times` requests matching `route` have their connection cut after `after_bytes` of body."""
+    def drop(self, route: str, *, times: int = 1, after_bytes: int = 0, method: str | None = None,
+             after_handling: bool = False) -> None:
+        """The next `times` requests matching `route` have their connection cut after `after_bytes` of body,
+        or, with `after_handling`, after the request took effect but before the response (a lost response)."""
         pattern = re.compile(ROUTE_ALIASES.get(route, route))
         with self._lock:
-            self.faults.append(_Fault(pattern, method, times, drop_after_bytes=after_bytes))
+            if after_handling:
+                self.faults.append(_Fault(pattern, method, times, drop_response=True))
+            else:
+                self.faults.append(_Fault(pattern, method, times, drop_after_bytes=after_bytes))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -776,16 +782,30 @@ class _FaultMiddleware:
             if fault is not None and fault.drop_after_bytes is not None:
                 await _drain(receive, limit=fault.drop_after_bytes)
                 status_box["status"] = -1
-                transport = getattr(getattr(send, "__self__", None), "transport", None)
-                if transport is None:  # not uvicorn's h11 cycle: the best we can do is an error
-                    raise RuntimeError("injected connection drop")
-                transport.abort()
-                for _ in range(5):  # let connection_lost mark the cycle disconnected
-                    await asyncio.sleep(0)
+                await _abort(send)
+                return
+            if fault is not None and fault.drop_response:
+                async def dropping_send(message: dict[str, Any]) -> None:
+                    if message["type"] == "http.response.start":
+                        status_box["status"] = -1
+                        await _abort(send)
+
+                await self.app(scope, receive, dropping_send)
                 return
             await self.app(scope, receive, recording_send)
         finally:
             self.hub.requests.append((method, unquote(path), status_box["status"]))
+
+
+async def _abort(send: Any) -> None:
+    """Cut the TCP connection under this request (uvicorn's h11 cycle holds the transport)."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is None:  # not uvicorn's h11 cycle: the best we can do is an error
+        raise RuntimeError("injected connection drop")
+    if not transport.is_closing():
+        transport.abort()
+    for _ in range(5):  # let connection_lost mark the cycle disconnected
+        await asyncio.sleep(0)
 
 
 async def _drain(receive: Any, limit: int | None = None) -> None:

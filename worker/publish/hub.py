@@ -130,6 +130,10 @@ def translate_error(exc: BaseException, *, repo_id: str, token: str | None) -> P
                 cls, text = HubNotFoundError, f"repository {repo_id} not found or not visible to this token ({status}){suffix}"
             elif status in (409, 412):
                 cls, text = HubConflictError, f"conflict while publishing {repo_id} ({status}){suffix}"
+                if status == 412:  # the branch moved under us: a new attempt re-reads it
+                    err = cls(redact(text, token), status_code=status)
+                    err.retryable = True
+                    return err
             elif status in (408, 429) or status >= 500:
                 cls, text = HubUnavailableError, f"the Hub is unavailable ({status}) while publishing {repo_id}{suffix}"
             else:
