@@ -90,6 +90,8 @@ def quantize(
     `reporter.check_cancelled()` says so; `out_dir` is created only on success.
     """
     clock = _StageClock(reporter or NullReporter())
+    if not isinstance(source, dict):
+        raise InvalidConfig("source must be an object with 'path' or 'id'", field="source")
     if not isinstance(quantization_config, dict):
         raise InvalidConfig("quantization_config must be an object", field="quantization_config")
     request = dict(quantization_config)
