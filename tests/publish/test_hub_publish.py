@@ -230,3 +230,23 @@ def test_successful_publish_never_logs_the_token(fake_hub, tmp_path, caplog):
     publish_folder(make_model(tmp_path / "out", n_shards=1), repo_id="alice/r7", token=WRITE_TOKEN,
                    endpoint=fake_hub.url, retry_delay=0.01)
     assert caplog.records and WRITE_TOKEN not in caplog.text
+
+
+def test_http_404_is_final_not_found(fake_hub, tmp_path):
+    fake_hub.hub.fail("create_repo", status=404, times=5)
+    with pytest.raises(HubNotFoundError) as e:
+        publish_folder(make_model(tmp_path / "out", n_shards=1), repo_id="alice/nf", token=WRITE_TOKEN,
+                       endpoint=fake_hub.url, retry_delay=0.01)
+    assert e.value.status_code == 404 and not e.value.retryable
+    assert fake_hub.hub.count("POST", "create_repo") == 1
+
+
+def test_failed_publish_resumes_without_reuploading_blobs(fake_hub, tmp_path):
+    src = make_model(tmp_path / "out", n_shards=2)
+    fake_hub.hub.drop("commit", after_bytes=10, times=2)
+    with pytest.raises(HubConnectionError):
+        publish_folder(src, repo_id="alice/resume", token=WRITE_TOKEN, endpoint=fake_hub.url, attempts=2, retry_delay=0.01)
+    puts = fake_hub.hub.count("PUT", "lfs_upload")
+    assert puts == 2  # both shards uploaded once, then the commit failed twice
+    res = publish_folder(src, repo_id="alice/resume", token=WRITE_TOKEN, endpoint=fake_hub.url)
+    assert res["created"] and fake_hub.hub.count("PUT", "lfs_upload") == puts  # the blobs were not sent again
