@@ -862,3 +862,34 @@ class FakeHubServer:
 
 
 __all__ = ["FakeHub", "FakeHubServer", "TokenInfo", "FileEntry", "Commit", "Repo", "git_blob_sha", "lfs_pointer"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a fake Hub in the foreground (for end-to-end runs where the worker is another process):
+
+    python tests/support/fake_hub.py --port 8999 --token hf_x:alice:write --token hf_r:alice:read
+    then HF_ENDPOINT=http://127.0.0.1:8999 HF_HUB_DISABLE_XET=1 for the processes that talk to it.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--token", action="append", default=[], help="TOKEN:USER[:read|write[:org1,org2]]")
+    args = parser.parse_args(argv)
+    hub = FakeHub()
+    for spec in args.token:
+        token, user, *rest = spec.split(":")
+        role = rest[0] if rest else "write"
+        orgs = tuple(o for o in (rest[1].split(",") if len(rest) > 1 else []) if o)
+        hub.add_token(token, user, role, orgs)
+    server = FakeHubServer(hub, port=args.port or None).start()
+    print(server.url, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
