@@ -128,3 +128,14 @@ def run_pipeline(tmp_path_factory):
         return cache[key]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bf16_dir(tmp_path_factory) -> Path:
+    """A bfloat16 checkpoint: quantization must see bf16 weights and copy the rest in bf16."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    return save_random_model(tmp_path_factory.mktemp("tiny_llama_bf16"), cfg, seed=2, dtype=torch.bfloat16)

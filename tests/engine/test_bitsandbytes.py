@@ -179,3 +179,13 @@ def test_user_skip_modules(stories_dir, run_pipeline):
     tensors = _read_all(out)
     assert tensors["model.layers.3.self_attn.o_proj.weight"].dtype == torch.float32
     AutoModelForCausalLM.from_pretrained(out)(PROMPT_IDS)
+
+
+@pytest.mark.parametrize("variant", ["nf4_dq", "int8"])
+def test_bf16_source_matches_transformers(variant, tiny_llama_bf16_dir, run_pipeline, tmp_path):
+    out, result, _ = run_pipeline(tiny_llama_bf16_dir, variant)
+    _, golden_dir = _golden(tiny_llama_bf16_dir, result["quantization_config"], tmp_path)
+    ours, theirs = _read_all(out), _read_all(golden_dir)
+    assert set(ours) == set(theirs)
+    assert all(_equal_bytes(ours[k], theirs[k]) for k in ours)
+    assert ours["model.embed_tokens.weight"].dtype == torch.bfloat16
