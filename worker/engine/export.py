@@ -50,10 +50,13 @@ class StagedOutput:
         self.final_dir = Path(final_dir).absolute()
         if self.final_dir.exists() and (not self.final_dir.is_dir() or any(self.final_dir.iterdir())):
             raise InvalidConfig(f"output directory {self.final_dir} already exists and is not empty", field="out_dir")
-        self.final_dir.parent.mkdir(parents=True, exist_ok=True)
         self.path = self.final_dir.parent / f".{self.final_dir.name}.partial-{uuid.uuid4().hex[:12]}"
         try:
+            self.final_dir.parent.mkdir(parents=True, exist_ok=True)
             self.path.mkdir()
+        except PermissionError:
+            raise InvalidConfig(f"cannot create the output directory {self.final_dir} (permission denied)",
+                                field="out_dir") from None
         except OSError as exc:
             raise_if_out_of_space(exc, str(self.path))
             raise
