@@ -1,0 +1,312 @@
+"""What the dashboard shows, computed from the job rows and events (no HTML here).
+
+Pages, the JSON fallback and the live streams all go through these functions, so a job looks the
+same however it reached the browser.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, inspect, select, text
+from sqlalchemy.orm import Session
+
+from qaas.db.models import TERMINAL_STATUSES, Job, JobEvent, utcnow
+
+log = logging.getLogger("qaas.api.dashboard")
+
+STAGES = ("resolve", "load", "calibrate", "quantize", "evaluate", "export", "publish")
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+def method_label(job: Job) -> str:
+    """'GPTQ 4-bit g128', 'bitsandbytes NF4 (double quant)', 'bitsandbytes int8'."""
+    qc = (job.request or {}).get("quantization_config") or {}
+    if job.method == "gptq":
+        gs = qc.get("group_size")
+        return f"GPTQ {job.bits}-bit" + (f" g{gs}" if gs not in (None, -1) else " per-row")
+    if job.method == "bitsandbytes":
+        if qc.get("load_in_8bit"):
+            return "bitsandbytes int8"
+        kind = str(qc.get("bnb_4bit_quant_type") or "fp4").upper()
+        return f"bitsandbytes {kind} 4-bit" + (" +DQ" if qc.get("bnb_4bit_use_double_quant") else "")
+    return f"{job.method} {job.bits or ''}-bit".strip()
+
+
+def stage_starts(session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, dt.datetime]:
+    """When each job entered its current stage (its latest stage event)."""
+    if not job_ids:
+        return {}
+    rows = session.execute(
+        select(JobEvent.job_id, func.max(JobEvent.created_at))
+        .where(JobEvent.job_id.in_(job_ids), JobEvent.kind == "stage")
+        .group_by(JobEvent.job_id)
+    )
+    out = {}
+    for jid, when in rows:
+        if when is not None and when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        out[jid] = when
+    return out
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None or seconds < 0:
+        return "–"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{s} s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m} min {s:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
+def size(n: int | float | None) -> str:
+    if n is None:
+        return "–"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{int(n)} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def iso(when: dt.datetime | None) -> str | None:
+    return when.astimezone(dt.UTC).isoformat().replace("+00:00", "Z") if when else None
+
+
+def shown_time(when: dt.datetime | None) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if when else "–"
+
+
+def elapsed_s(job: Job, now: dt.datetime) -> float | None:
+    if job.started_at is None:
+        return None
+    return ((job.finished_at or now) - job.started_at).total_seconds()
+
+
+def eta_s(status: str, progress: float, stage_started: dt.datetime | None, now: dt.datetime) -> float | None:
+    """Time left in the current stage at the rate seen so far in it (the same formula runs in the page)."""
+    if status != "running" or stage_started is None or not (0.01 <= progress < 1.0):
+        return None
+    spent = (now - stage_started).total_seconds()
+    return spent * (1.0 - progress) / progress
+
+
+@dataclass
+class Row:
+    """One job as the list shows it."""
+
+    id: str
+    status: str
+    stage: str | None
+    progress: float
+    progress_message: str | None
+    model: str
+    method: str
+    worker: str | None
+    cancel_requested: bool
+    created: str
+    created_iso: str | None
+    started_iso: str | None
+    finished_iso: str | None
+    stage_started_iso: str | None
+    elapsed: str
+    eta: str
+    error_code: str | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    def fingerprint(self) -> tuple:
+        """What changes the row (not the clock, which the page ticks itself)."""
+        return (self.status, self.stage, round(self.progress, 4), self.progress_message, self.worker,
+                self.cancel_requested, self.finished_iso, self.stage_started_iso, self.error_code)
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def row(job: Job, stage_started: dt.datetime | None, now: dt.datetime | None = None) -> Row:
+    now = now or utcnow()
+    eta = eta_s(job.status, job.progress or 0.0, stage_started, now)
+    return Row(
+        id=str(job.id), status=job.status, stage=job.stage, progress=float(job.progress or 0.0),
+        progress_message=job.progress_message, model=job.source_model, method=method_label(job), worker=job.worker,
+        cancel_requested=bool(job.cancel_requested), created=shown_time(job.created_at), created_iso=iso(job.created_at),
+        started_iso=iso(job.started_at), finished_iso=iso(job.finished_at),
+        stage_started_iso=iso(stage_started) if job.status == "running" else None,
+        elapsed=duration(elapsed_s(job, now)), eta=duration(eta) if eta is not None else "–",
+        error_code=(job.error or {}).get("code"),
+    )
+
+
+def rows(session: Session, jobs: list[Job]) -> list[Row]:
+    starts = stage_starts(session, [j.id for j in jobs if j.status == "running"])
+    now = utcnow()
+    return [row(j, starts.get(j.id), now) for j in jobs]
+
+
+def changed_jobs(session: Session, owner: str, since: dt.datetime, limit: int = 200) -> list[Job]:
+    """The owner's jobs touched after `since`, oldest change first (for the live list)."""
+    stmt = (select(Job).where(Job.owner == owner, Job.updated_at > since)
+            .order_by(Job.updated_at).limit(limit))
+    return list(session.scalars(stmt))
+
+
+# --- the job page ---------------------------------------------------------------------------------
+
+
+@dataclass
+class StageSpan:
+    name: str
+    seconds: float | None
+    started_iso: str | None
+    current: bool
+    label: str
+    fraction: float  # of the longest span, for the bar
+
+
+def timeline(job: Job, events: list[JobEvent], now: dt.datetime | None = None) -> list[StageSpan]:
+    """The stages the last attempt went through, with their durations (job.timings when known)."""
+    now = now or utcnow()
+    timings = dict(job.timings or {})
+    # Only the stage events of the last attempt: a retried job restarts at "resolve".
+    last_attempt_start = 0
+    for i, e in enumerate(events):
+        if e.kind == "status" and (e.data or {}).get("status") == "running":
+            last_attempt_start = i
+    starts: list[tuple[str, dt.datetime]] = []
+    for e in events[last_attempt_start:]:
+        if e.kind == "stage" and e.stage:
+            starts.append((e.stage, e.created_at))
+    spans: list[StageSpan] = []
+    seen = set()
+    for i, (name, started) in enumerate(starts):
+        seen.add(name)
+        current = i == len(starts) - 1 and job.status == "running"
+        if name in timings:
+            secs = float(timings[name])
+        elif current:
+            secs = (now - started).total_seconds()
+        elif i + 1 < len(starts):
+            secs = (starts[i + 1][1] - started).total_seconds()
+        elif job.finished_at is not None:
+            secs = (job.finished_at - started).total_seconds()
+        else:
+            secs = None
+        spans.append(StageSpan(name, secs, iso(started), current, "", 0.0))
+    for name, secs in timings.items():  # stages known only from timings (events trimmed)
+        if name not in seen:
+            spans.append(StageSpan(name, float(secs), None, False, "", 0.0))
+    longest = max([s.seconds or 0.0 for s in spans] + [1e-9])
+    for s in spans:
+        s.label = duration(s.seconds)
+        s.fraction = max(0.01, (s.seconds or 0.0) / longest)
+    return spans
+
+
+def layer_errors(events: list[JobEvent], result: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Per-layer relative quantization error, in the order the layers were quantized.
+
+    Progress events carry `data.metrics`: bitsandbytes sends `{"block", "rel_error": {layer: err}}`,
+    GPTQ sends `{"layers": {layer: {"rel_error", "gptq_loss", ...}}}`. A finished job also has
+    `result.layer_errors.per_layer`, used when the events hold none.
+    """
+    points: dict[str, float] = {}
+    for e in events:
+        if e.kind != "progress" or not e.data:
+            continue
+        points.update(metric_points(e.data.get("metrics")))
+    if not points and result:
+        per_layer = ((result.get("layer_errors") or {}).get("per_layer")) or {}
+        points = {k: float(v) for k, v in per_layer.items() if isinstance(v, (int, float))}
+    return [{"layer": k, "rel_error": v} for k, v in points.items()]
+
+
+def metric_points(metrics: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if not isinstance(metrics, dict):
+        return out
+    rel = metrics.get("rel_error")
+    if isinstance(rel, dict):
+        out.update({str(k): float(v) for k, v in rel.items() if isinstance(v, (int, float))})
+    elif isinstance(rel, (int, float)) and metrics.get("layer"):
+        out[str(metrics["layer"])] = float(rel)
+    layers = metrics.get("layers")
+    if isinstance(layers, dict):
+        for name, m in layers.items():
+            if isinstance(m, dict) and isinstance(m.get("rel_error"), (int, float)):
+                out[str(name)] = float(m["rel_error"])
+    return out
+
+
+def result_view(job: Job) -> dict[str, Any] | None:
+    r = job.result
+    if not r or job.status != "succeeded":
+        return None
+    ev = r.get("evaluation") or {}
+    files = [{"name": f.get("name"), "size": size(f.get("size")), "bytes": f.get("size"),
+              "url": f"/dashboard/jobs/{job.id}/files/{f.get('name')}"} for f in r.get("files") or []]
+    hub = r.get("hub") or None
+    hub_view = None
+    if isinstance(hub, dict):
+        repo = hub.get("repo_id")
+        hub_view = {"repo_id": repo, "url": hub.get("url") or hub.get("repo_url") or hub.get("commit_url"),
+                    "commit": hub.get("commit_sha") or hub.get("commit") or hub.get("oid"),
+                    "commit_url": hub.get("commit_url"), "revision": hub.get("revision"),
+                    "pr_url": hub.get("pr_url")}
+    before, after = ev.get("perplexity_before"), ev.get("perplexity_after")
+    le = r.get("layer_errors") or {}
+    return {
+        "files": files,
+        "size_before": size(r.get("size_before_bytes")),
+        "size_after": size(r.get("size_after_bytes")),
+        "ratio": (f"{r['compression_ratio']:.2f}×" if isinstance(r.get("compression_ratio"), (int, float)) else "–"),
+        "ppl_before": f"{before:.3f}" if isinstance(before, (int, float)) else "–",
+        "ppl_after": f"{after:.3f}" if isinstance(after, (int, float)) else "–",
+        "ppl_change": (f"{(after / before - 1) * 100:+.2f} %" if isinstance(before, (int, float))
+                       and isinstance(after, (int, float)) and before else None),
+        "eval_windows": ev.get("windows"),
+        "mean_error": f"{le['mean']:.4f}" if isinstance(le.get("mean"), (int, float)) else "–",
+        "max_error": f"{le['max']:.4f}" if isinstance(le.get("max"), (int, float)) else "–",
+        "skipped": r.get("skipped_modules") or [],
+        "timings": [(k, duration(float(v))) for k, v in (r.get("timings") or {}).items() if isinstance(v, (int, float))],
+        "hub": hub_view,
+        "device": r.get("device"),
+        "notes": r.get("notes") or [],
+    }
+
+
+# --- webhook deliveries ---------------------------------------------------------------------------
+
+DELIVERIES_TABLE = "webhook_deliveries"
+
+
+def list_deliveries(session: Session, job_id: uuid.UUID) -> list[dict[str, Any]]:
+    """PLACEHOLDER until webhook deliveries land (issue 5): returns [] while the table does not exist.
+
+    When the deliveries table exists, its rows for this job are read generically (newest first) and
+    the page shows the columns it knows (status, attempt, response code, error, times). Replace this
+    with a call to the deliveries service once it exists (the same data as GET /v1/jobs/{id}/deliveries).
+    """
+    try:
+        if not inspect(session.get_bind()).has_table(DELIVERIES_TABLE):
+            return []
+        rows = session.execute(
+            text(f"SELECT * FROM {DELIVERIES_TABLE} WHERE job_id = :job_id ORDER BY 1 DESC LIMIT 50"),
+            {"job_id": job_id},
+        ).mappings().all()
+    except Exception:  # an unexpected shape must not break the job page
+        log.warning("could not read webhook deliveries", exc_info=True)
+        session.rollback()
+        return []
+    return [dict(r) for r in rows]

@@ -1,0 +1,180 @@
+"""The dashboard over HTTP, in-process (FastAPI TestClient) on the real PostgreSQL and Redis:
+sign-in and its cookie, CSRF, tenant isolation, the submit form's validation, no key in any page."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+from conftest import STORIES, auth, new_key
+
+from qaas.api.dashboard import auth as dash_auth
+
+NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+       "bnb_4bit_compute_dtype": "float32"}
+ORIGIN = {"Origin": "http://testserver"}
+
+
+def _csrf(html: str) -> str:
+    m = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert m, html[:2000]
+    return m.group(1)
+
+
+def sign_in(client, key: str):
+    page = client.get("/dashboard/login")
+    assert page.status_code == 200
+    r = client.post("/dashboard/login", data={"api_key": key, "csrf_token": _csrf(page.text), "next": "/dashboard/jobs"},
+                    headers=ORIGIN, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    return r
+
+
+def _submit_body(html: str, **fields) -> dict:
+    body = {"csrf_token": _csrf(html), "model": str(STORIES), "method": "nf4", "compute_dtype": "float32",
+            "evaluate": "on", "priority": "0", "bits": "4", "group_size": "128"}
+    body.update(fields)
+    return body
+
+
+def test_pages_redirect_to_sign_in_and_streams_answer_401(client):
+    r = client.get("/dashboard/jobs", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/dashboard/login?next=")
+    assert client.get("/dashboard/jobs/stream").status_code == 401
+    assert client.get("/dashboard/jobs.json").status_code == 401
+
+
+def test_sign_in_sets_a_strict_http_only_cookie_without_the_key(client, api_key):
+    r = sign_in(client, api_key)
+    set_cookie = [v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith(dash_auth.SESSION_COOKIE)][0]
+    assert "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie.replace("Strict", "strict")
+    assert "Path=/dashboard" in set_cookie
+    value = client.cookies.get(dash_auth.SESSION_COOKIE)
+    assert value and api_key not in value and api_key[5:20] not in value
+    page = client.get("/dashboard/jobs")
+    assert page.status_code == 200 and "Signed in as" in page.text and "alice" in page.text
+    assert api_key not in page.text
+    assert "Content-Security-Policy" in page.headers and page.headers["Cache-Control"] == "no-store"
+
+
+def test_bad_key_is_refused_without_echoing_it(client):
+    page = client.get("/dashboard/login")
+    bad = "qaas_" + "x" * 43
+    r = client.post("/dashboard/login", data={"api_key": bad, "csrf_token": _csrf(page.text)}, headers=ORIGIN)
+    assert r.status_code == 401 and "not valid" in r.text and bad not in r.text
+    assert client.cookies.get(dash_auth.SESSION_COOKIE) is None
+
+
+def test_login_and_forms_need_csrf(client, api_key):
+    client.get("/dashboard/login")
+    r = client.post("/dashboard/login", data={"api_key": api_key, "csrf_token": "forged"}, headers=ORIGIN)
+    assert r.status_code == 403
+    sign_in(client, api_key)
+    html = client.get("/dashboard/jobs/new").text
+    r = client.post("/dashboard/jobs", data=_submit_body(html, csrf_token="forged"), headers=ORIGIN)
+    assert r.status_code == 403
+    # a form posted from another site is refused even with a token
+    r = client.post("/dashboard/jobs", data=_submit_body(html), headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403
+
+
+def test_revoking_the_key_ends_the_session(client, settings, api_key):
+    sign_in(client, api_key)
+    assert client.get("/dashboard/jobs", follow_redirects=False).status_code == 200
+    from qaas.db.session import session_scope
+    from qaas.keys import revoke_keys
+    from qaas.security import key_display_prefix
+
+    with session_scope(settings.resolved_database_url) as s:
+        revoke_keys(s, key_display_prefix(api_key))
+    assert client.get("/dashboard/jobs", follow_redirects=False).status_code == 303
+
+
+def test_tampered_or_expired_cookie_is_refused(settings):
+    value = dash_auth.make_session_cookie(settings, "alice", str(uuid.uuid4()))
+    assert dash_auth.read_session_cookie(settings, value) is not None
+    body, sig = value.split(".")
+    forged = dash_auth._b64(dash_auth._unb64(body).replace(b'"alice"', b'"mallo"')) + "." + sig
+    assert dash_auth.read_session_cookie(settings, forged) is None
+    import time
+
+    assert dash_auth.read_session_cookie(settings, value, now=time.time() + dash_auth.SESSION_TTL_S + 5) is None
+
+
+def test_submit_form_shows_the_apis_validation_messages(client, api_key):
+    sign_in(client, api_key)
+    html = client.get("/dashboard/jobs/new").text
+    # GPTQ without a dataset: the API's own message
+    r = client.post("/dashboard/jobs", data=_submit_body(html, method="gptq", bits="4"), headers=ORIGIN)
+    assert r.status_code == 422
+    api = client.post("/v1/jobs", json={"model": {"path": str(STORIES)}, "quantization_config": {"quant_method": "gptq", "bits": 4}},
+                      headers=auth(api_key)).json()
+    for e in api["errors"]:
+        assert e["field"] in r.text and e["message"].replace("'", "&#39;") in r.text
+    assert 'aria-invalid="true"' in r.text
+    # group_size 0 and a path outside the allowed roots
+    r = client.post("/dashboard/jobs", data=_submit_body(html, method="gptq", group_size="0", dataset="c4"), headers=ORIGIN)
+    assert r.status_code == 422 and "quantization_config.group_size" in r.text
+    r = client.post("/dashboard/jobs", data=_submit_body(html, model="/etc"), headers=ORIGIN)
+    assert r.status_code == 422 and "model.path" in r.text and "outside the allowed model roots" in r.text
+    r = client.post("/dashboard/jobs", data=_submit_body(html, advanced="{not json"), headers=ORIGIN)
+    assert r.status_code == 422 and "not valid JSON" in r.text
+    assert client.get("/v1/jobs", headers=auth(api_key)).json()["items"] == []
+
+
+def test_submit_cancel_and_retry_through_forms(client, api_key):
+    sign_in(client, api_key)
+    html = client.get("/dashboard/jobs/new").text
+    r = client.post("/dashboard/jobs", data=_submit_body(html, advanced='{"options": {"eval_max_windows": 3}}'),
+                    headers=ORIGIN, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    jid = r.headers["location"].split("/")[-1].split("?")[0]
+    job = client.get(f"/v1/jobs/{jid}", headers=auth(api_key)).json()
+    assert job["request"]["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert job["request"]["options"]["eval_max_windows"] == 3
+    page = client.get(f"/dashboard/jobs/{jid}")
+    assert page.status_code == 200 and "Cancel job" in page.text and "quant_method" in page.text
+    r = client.post(f"/dashboard/jobs/{jid}/cancel", data={"csrf_token": _csrf(page.text)}, headers=ORIGIN,
+                    follow_redirects=False)
+    assert r.status_code == 303 and "notice=cancel-requested" in r.headers["location"]
+    assert client.get(f"/v1/jobs/{jid}", headers=auth(api_key)).json()["status"] == "cancelled"  # queued: at once
+    page = client.get(f"/dashboard/jobs/{jid}")
+    assert "Retry as a new job" in page.text
+    r = client.post(f"/dashboard/jobs/{jid}/retry", data={"csrf_token": _csrf(page.text)}, headers=ORIGIN,
+                    follow_redirects=False)
+    assert r.status_code == 303 and "notice=retried" in r.headers["location"]
+    new_id = r.headers["location"].split("/")[-1].split("?")[0]
+    assert new_id != jid
+    again = client.get(f"/v1/jobs/{new_id}", headers=auth(api_key)).json()
+    assert again["request"] == job["request"] and again["status"] == "queued"
+
+
+def test_other_tenants_jobs_are_not_found(client, settings, api_key, other_key):
+    jid = client.post("/v1/jobs", json={"model": {"path": str(STORIES)}, "quantization_config": NF4},
+                      headers=auth(api_key)).json()["id"]
+    sign_in(client, other_key)
+    assert jid not in client.get("/dashboard/jobs").text
+    assert client.get(f"/dashboard/jobs/{jid}").status_code == 404
+    assert client.get(f"/dashboard/jobs/{jid}/live").status_code == 404
+    assert client.get(f"/dashboard/jobs/{jid}/events").status_code == 404
+    assert jid not in client.get("/dashboard/jobs.json?since=2000-01-01T00:00:00Z").text
+    page = client.get("/dashboard/jobs")
+    r = client.post(f"/dashboard/jobs/{jid}/cancel", data={"csrf_token": _csrf(page.text)}, headers=ORIGIN)
+    assert r.status_code == 404
+    assert client.get(f"/v1/jobs/{jid}", headers=auth(api_key)).json()["status"] == "queued"
+
+
+def test_list_filters_and_paginates(client, api_key):
+    for _ in range(27):
+        client.post("/v1/jobs", json={"model": {"path": str(STORIES)}, "quantization_config": NF4}, headers=auth(api_key))
+    sign_in(client, api_key)
+    first = client.get("/dashboard/jobs").text
+    assert first.count('class="job-row') == 25
+    m = re.search(r'rel="next" href="([^"]+)"', first)
+    assert m
+    second = client.get(m.group(1).replace("&amp;", "&")).text
+    assert second.count('class="job-row') == 2
+    assert client.get("/dashboard/jobs?status=succeeded").text.count('class="job-row') == 0
+    data = client.get("/dashboard/jobs.json?since=2000-01-01T00:00:00Z").json()
+    assert len(data["rows"]) == 27 and all("html" in r for r in data["rows"])
