@@ -117,8 +117,24 @@ def main():
         del xs, ours, theirs, i8s
         torch.cuda.empty_cache()
 
+    # tile sweep of the quantize kernel on the largest shape (the default is what the table above used)
+    from qaas.kernels import bnb4_triton
+
+    xs = make_inputs(SHAPES[-1])
+    n = xs[0].numel()
+    sweep = []
+    default = dict(bnb4_triton.QUANT_TILE)
+    for elems, warps in [(2048, 4), (1024, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 16), (2048, 2)]:
+        bnb4_triton.QUANT_TILE.update(elems=elems, warps=warps)
+        ms = bench(lambda x: bnb4.quantize_4bit(x, blocksize=64), xs)
+        gbps = (2 * n + n // 2 + 4 * (n // 64)) / ms / 1e6
+        sweep.append({"elems": elems, "warps": warps, "ms": ms, "GBps": gbps, "frac_copy": gbps / bw})
+        print(f"sweep quant_nf4 tile={elems} warps={warps}: {ms * 1e3:.1f} us {gbps:.0f} GB/s {gbps / bw:.1%}", flush=True)
+    bnb4_triton.QUANT_TILE.update(default)
+    del xs
+    torch.cuda.empty_cache()
     model = None if args.skip_model else whole_model()
-    result = {"info": info, "rows": rows, "model": model}
+    result = {"info": info, "rows": rows, "model": model, "quant_tile_sweep": sweep}
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     write_md(result, args.out + ".md")
@@ -134,7 +150,7 @@ def whole_model(n_blocks=32, hidden=4096, mlp=14336, kv=1024):
     per_block = sum(a * b for a, b in shapes)
     host = [torch.randn(per_block, dtype=torch.float16).pin_memory() for _ in range(2)]  # 2 distinct blocks, rotated
     gpu_buf = torch.empty(per_block, dtype=torch.float16, device="cuda")
-    out_host = torch.empty(per_block // 2 + per_block // 64 + 4096, dtype=torch.uint8).pin_memory()
+    out_host = torch.empty(per_block // 2 + per_block // 64 + 4 * (per_block // 64 // 256 + 16), dtype=torch.uint8).pin_memory()
     ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
     t_h2d = t_k = t_d2h = 0.0
 
@@ -204,6 +220,9 @@ def write_md(r, path):
         b = next(x for x in rows if x["op"] == op and tuple(x["shape"]) == shape and x["impl"] == "bnb")
         L.append(f"| {op} | {shape[0]}×{shape[1]} | {a['ms'] * 1e3:.1f} | {a['GBps']:.0f} | {a['frac_copy']:.0%} | "
                  f"{b['ms'] * 1e3:.1f} | {b['GBps']:.0f} | {b['frac_copy']:.0%} | {b['ms'] / a['ms']:.2f}× |")  # fmt: skip
+    if r.get("quant_tile_sweep"):
+        L += ["", "Quantize-kernel tile sweep (NF4, 28672×8192): " + ", ".join(
+            f"{s['elems']}/{s['warps']}w {s['ms'] * 1e3:.0f} µs ({s['frac_copy']:.0%})" for s in r["quant_tile_sweep"])]
     m = r.get("model")
     if m:
         L += ["", f"## Whole-model conversion (Llama-shaped, {m['blocks']} blocks, 7 linears each, NF4 + double quant)", ""]

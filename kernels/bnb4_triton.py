@@ -230,8 +230,12 @@ def _thr_tables(quant_type: str, flavor: str, device) -> tuple[torch.Tensor, tor
     return _tables[key]
 
 
+# Tile of the quantize kernel: elements per program and warps (tuned on the H100, see bench/NOTES-bnb.md).
+QUANT_TILE = {"elems": 1024, "warps": 4}  # sweep on H100: 1024/4w 412 us vs 2048/4w 488 us (28672x8192)
+
+
 def _bpp(blocksize: int) -> int:
-    return max(1, 2048 // blocksize)
+    return max(1, QUANT_TILE["elems"] // blocksize)
 
 
 def quantize_4bit_triton(x: torch.Tensor, blocksize: int, quant_type: str, compress_statistics: bool, flavor: str):
@@ -247,7 +251,7 @@ def quantize_4bit_triton(x: torch.Tensor, blocksize: int, quant_type: str, compr
     _quantize4_kernel[grid](
         x, packed, absmax, thr, mp, n, nb,
         BS=blocksize, BPP=bpp, QT=0 if quant_type == "nf4" else 1, FLAVOR=_FLAVOR[flavor],
-        num_warps=8 if tile >= 4096 else 4, enable_fp_fusion=False,
+        num_warps=max(QUANT_TILE["warps"], 8 if tile >= 8192 else 1), enable_fp_fusion=False,
     )  # fmt: skip
     if not compress_statistics:
         return packed, absmax, None, None, None
