@@ -212,8 +212,9 @@ def _changes(db_url: str, owner: str, key_id: str, since: dt.datetime, csrf: str
             return [], since, False
         jobs = views.changed_jobs(s, owner, since)
         out = []
+        counts = job_store_counts(s, owner) if jobs else None
         for r, j in zip(views.rows(s, jobs), jobs):
-            out.append({**r.as_json(), "html": _row_html(r, csrf)})
+            out.append({**r.as_json(), "html": _row_html(r, csrf), "counts": counts})
             since = max(since, j.updated_at)
         return out, since, True
 

@@ -249,6 +249,10 @@ def metric_points(metrics: Any) -> dict[str, float]:
     return out
 
 
+def _stage_order(item: tuple[str, Any]) -> tuple[int, str]:
+    return (STAGES.index(item[0]) if item[0] in STAGES else len(STAGES), item[0])
+
+
 def result_view(job: Job) -> dict[str, Any] | None:
     r = job.result
     if not r or job.status != "succeeded":
@@ -279,7 +283,8 @@ def result_view(job: Job) -> dict[str, Any] | None:
         "mean_error": f"{le['mean']:.4f}" if isinstance(le.get("mean"), (int, float)) else "–",
         "max_error": f"{le['max']:.4f}" if isinstance(le.get("max"), (int, float)) else "–",
         "skipped": r.get("skipped_modules") or [],
-        "timings": [(k, duration(float(v))) for k, v in (r.get("timings") or {}).items() if isinstance(v, (int, float))],
+        "timings": [(k, duration(float(v))) for k, v in sorted((r.get("timings") or {}).items(), key=_stage_order)
+                    if isinstance(v, (int, float))],
         "hub": hub_view,
         "device": r.get("device"),
         "notes": r.get("notes") or [],

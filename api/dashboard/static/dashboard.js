@@ -91,6 +91,14 @@
     var body = $("#jobs-body");
 
     function upsert(row) {
+      if (row.counts) {
+        var total = 0;
+        Object.keys(row.counts).forEach(function (k) {
+          total += row.counts[k];
+          var el = $("[data-count='" + k + "']"); if (el) el.textContent = String(row.counts[k]);
+        });
+        var all = $("[data-count=all]"); if (all) all.textContent = String(total);
+      }
       var existing = document.getElementById("job-" + row.id);
       var frag = fromHTML(row.html);
       var fresh = frag.firstElementChild;
@@ -244,6 +252,8 @@
     chart.draw();
     var eventsBody = $("#events-body");
     var lastSpoken = 0;
+    var logWrap = eventsBody && eventsBody.closest(".log-wrap");
+    if (logWrap) logWrap.scrollTop = logWrap.scrollHeight;  // newest events at the bottom, in view
 
     function terminal(s) { return s === "succeeded" || s === "failed" || s === "cancelled"; }
 

@@ -1,0 +1,154 @@
+"""The terminal client (`qaas submit/jobs/status/cancel`) as a user runs it: a subprocess talking to
+the real API process, with a real Celery worker, Redis and PostgreSQL behind it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import httpx
+import pytest
+from conftest import ARTIFACTS, REDIS_URL, STORIES, auth, make_settings, new_key, settings_env
+
+from support.processes import QAAS, Stack, free_port
+
+pytestmark = pytest.mark.slow
+
+NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+       "bnb_4bit_compute_dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def live(pg_url, tmp_path_factory):
+    import redis
+
+    tmp = tmp_path_factory.mktemp("client")
+    broker = f"{REDIS_URL}/{1 + os.getpid() % 14}"
+    redis.Redis.from_url(broker).flushdb()
+    settings = make_settings(tmp, database_url=pg_url, broker_url=broker)
+    stack = Stack(tmp, settings_env(settings))
+    try:
+        _, url = stack.start_api()
+        stack.start_worker()
+        yield type("Live", (), {"url": url, "tmp": tmp, "key": new_key(settings, "alice"), "stack": stack})
+    finally:
+        stack.stop_all()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        for proc in stack.procs:
+            (ARTIFACTS / f"client-{proc.name}.log").write_text(proc.log())
+        from sqlalchemy import text
+
+        from qaas.db.session import get_engine
+
+        with get_engine(pg_url).begin() as conn:
+            conn.execute(text("TRUNCATE job_events, jobs, api_keys CASCADE"))
+
+
+def qaas(live, *args: str, key: str | None = "default", url: str | None = None, env: dict | None = None,
+         timeout: float = 180) -> subprocess.CompletedProcess:
+    home = live.tmp / "home"
+    home.mkdir(exist_ok=True)
+    e = {k: v for k, v in os.environ.items() if not k.startswith("QAAS_")}
+    e.update({"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "PYTHONUNBUFFERED": "1",
+              "QAAS_URL": url or live.url})
+    if key == "default":
+        e["QAAS_API_KEY"] = live.key
+    elif key is not None:
+        e["QAAS_API_KEY"] = key
+    e.update(env or {})
+    p = subprocess.run([*QAAS, *args], env=e, capture_output=True, text=True, timeout=timeout, cwd=live.tmp)
+    (ARTIFACTS / "client").mkdir(parents=True, exist_ok=True)
+    with open(ARTIFACTS / "client" / "transcript.txt", "a") as f:
+        f.write(f"$ qaas {' '.join(args)}\n--- exit {p.returncode}\n--- stdout\n{p.stdout}--- stderr\n{p.stderr}\n")
+    return p
+
+
+def _config(live, name: str, body: dict) -> str:
+    path = live.tmp / name
+    path.write_text(json.dumps(body))
+    return str(path)
+
+
+def test_submit_follow_shows_progress_and_exits_0_on_success(live):
+    p = qaas(live, "submit", str(STORIES), "--config", _config(live, "nf4.json", NF4), "--follow")
+    assert p.returncode == 0, p.stderr + p.stdout
+    err = p.stderr
+    for stage in ("resolve", "load", "quantize", "evaluate", "export"):
+        assert f"[{stage}] started" in err, err
+    assert "%" in err and "/" in err  # progress lines: "[quantize] 5/5 100% block 5/5 ..."
+    assert "succeeded" in err
+    out = p.stdout
+    assert "status    succeeded" in out and "perplexity" in out and "smaller" in out and "model.safetensors" in out
+    jid = out.split("job", 1)[1].split()[0]
+
+    listing = qaas(live, "jobs")
+    assert listing.returncode == 0 and jid in listing.stdout and "succeeded" in listing.stdout
+    shown = qaas(live, "status", jid, "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "succeeded"
+    followed = qaas(live, "status", jid, "--follow")
+    assert followed.returncode == 0
+
+
+def test_failed_job_exits_1_with_its_error(live):
+    bad = live.tmp / "pickle-model"
+    bad.mkdir(exist_ok=True)
+    shutil.copy(STORIES / "config.json", bad / "config.json")
+    (bad / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    p = qaas(live, "submit", str(bad), "--config", _config(live, "nf4.json", NF4), "--follow")
+    assert p.returncode == 1, p.stderr
+    assert "failed in stage resolve (source_rejected)" in p.stderr, p.stderr
+
+
+def test_cancel_a_running_job(live):
+    body = {"quantization_config": NF4, "options": {"eval_max_windows": 400}}
+    p = qaas(live, "submit", str(STORIES), "--config", _config(live, "long.json", body))
+    assert p.returncode == 0
+    jid = p.stdout.strip()
+    with httpx.Client(base_url=live.url, headers=auth(live.key)) as c:
+        deadline = time.monotonic() + 120
+        while c.get(f"/v1/jobs/{jid}").json()["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    c = qaas(live, "cancel", jid)
+    assert c.returncode == 0 and "cancel" in c.stderr
+    f = qaas(live, "status", jid, "--follow", timeout=90)
+    assert f.returncode == 1 and "was cancelled" in f.stderr, f.stderr
+    again = qaas(live, "cancel", jid)
+    assert again.returncode == 1 and "already finished" in again.stderr
+
+
+def test_bad_key_unreachable_service_and_invalid_requests(live):
+    p = qaas(live, "jobs", key="qaas_not-a-real-key")
+    assert p.returncode == 3 and "authentication failed" in p.stderr and "qaas_not-a-real-key" not in p.stderr
+    p = qaas(live, "submit", str(STORIES), "--config", _config(live, "nf4.json", NF4), "--follow", key="qaas_nope")
+    assert p.returncode == 3 and "authentication failed" in p.stderr
+    p = qaas(live, "jobs", key=None)
+    assert p.returncode == 3 and "no API key" in p.stderr
+    p = qaas(live, "jobs", url=f"http://127.0.0.1:{free_port()}")
+    assert p.returncode == 4 and "cannot reach the service" in p.stderr
+    # the API's validation message, naming the field
+    p = qaas(live, "submit", str(STORIES), "--config", _config(live, "bad.json", {**NF4, "bits": 3}))
+    assert p.returncode == 2 and "quantization_config.bits" in p.stderr, p.stderr
+    p = qaas(live, "submit", str(STORIES), "--config", str(live.tmp / "missing.json"))
+    assert p.returncode == 2 and "cannot read" in p.stderr
+    p = qaas(live, "status", "00000000-0000-0000-0000-000000000000")
+    assert p.returncode == 2 and "no such job" in p.stderr
+    p = qaas(live, "submit")
+    assert p.returncode == 2  # argparse usage error
+
+
+def test_url_and_key_from_the_config_file(live):
+    cfg = live.tmp / "home" / ".config" / "qaas"
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "client.toml").write_text(f'url = "{live.url}"\napi_key = "{live.key}"\n')
+    try:
+        home = live.tmp / "home"
+        e = {k: v for k, v in os.environ.items() if not k.startswith("QAAS_")}
+        e.update({"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")})
+        p = subprocess.run([*QAAS, "jobs"], env=e, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+    finally:
+        (cfg / "client.toml").unlink()
