@@ -13,6 +13,7 @@ from qaas.api import problems
 from qaas.api.body_limit import BodySizeLimit
 from qaas.api.dashboard import install as install_dashboard
 from qaas.api.jobs.endpoints import router as jobs_router
+from qaas.api.webhooks.endpoints import router as delivery_router
 from qaas import __version__
 from qaas.db.session import get_engine
 from qaas.queue import broker_reachable
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     problems.install(app)
     app.include_router(jobs_router)
+    app.include_router(delivery_router)
     install_dashboard(app)
 
     @app.get("/healthz", tags=["health"], operation_id="healthz")

@@ -130,6 +130,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
     async def _db_down(request: Request, exc: Exception):
+        if not isinstance(exc, OperationalError) and not getattr(exc, "connection_invalidated", False):
+            return await _internal(request, exc)  # a bug (bad SQL, schema drift), not an outage
         log.warning("database unavailable: %s", exc.__class__.__name__)
         return problem_response(503, "Service unavailable", "the database is unavailable; retry shortly",
                                 slug="unavailable", headers={"Retry-After": "2"}, instance=request.url.path)

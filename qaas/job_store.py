@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from qaas import outbox
 from qaas.db.models import TERMINAL_STATUSES, Job, JobEvent, JobStatus, utcnow
 
 PROGRESS_MESSAGE_MAX = 500
@@ -194,6 +195,7 @@ def claim(session: Session, job_id: uuid.UUID, *, worker: str, lease_s: float) -
     assert job is not None
     add_event(session, job_id, "status", message=f"running on {worker} (attempt {job.attempt})",
               data={"status": "running", "attempt": job.attempt, "worker": worker})
+    outbox.record(session, job, "job.started")
     return job
 
 
@@ -278,6 +280,9 @@ def finish(
     if res.rowcount == 1:
         add_event(session, job_id, "status", message=status.value if not error else f"{status.value}: {error.get('message')}",
                   data={"status": status.value, **({"error": error} if error else {})})
+        # The announcement commits with the verdict: never lost, never sent for a state that did not commit.
+        job = session.get(Job, job_id, populate_existing=True)
+        outbox.record(session, job, outbox.TERMINAL_EVENTS[status.value])
     return res.rowcount == 1
 
 
@@ -296,13 +301,28 @@ def requeue_for_retry(session: Session, job_id: uuid.UUID, attempt: int, reason:
     return res.rowcount == 1
 
 
-def expired_leases(session: Session, limit: int = 100) -> list[tuple[uuid.UUID, int]]:
+def expired_leases(session: Session, limit: int = 100) -> list[tuple[uuid.UUID, int, str | None]]:
+    """Running jobs whose worker stopped renewing its lease: (id, attempt, stage)."""
     stmt = (
-        select(Job.id, Job.attempt)
+        select(Job.id, Job.attempt, Job.stage)
         .where(Job.status == JobStatus.running.value, Job.lease_expires_at < utcnow())
         .limit(limit)
     )
-    return [(row[0], row[1]) for row in session.execute(stmt)]
+    return [(row[0], row[1], row[2]) for row in session.execute(stmt)]
+
+
+def stale_publishes(session: Session, *, redispatch_after_s: float, limit: int = 100) -> list[uuid.UUID]:
+    """Jobs waiting in stage `publish` with nobody holding them: the publish message was lost or its lease lapsed."""
+    now = utcnow()
+    stale = now - dt.timedelta(seconds=redispatch_after_s)
+    stmt = (
+        select(Job.id)
+        .where(Job.status == JobStatus.running.value, Job.stage == "publish",
+               or_(and_(Job.lease_expires_at.is_(None), or_(Job.dispatched_at.is_(None), Job.dispatched_at < stale)),
+                   Job.lease_expires_at < now))
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
 
 
 # --- the user's side ------------------------------------------------------------------------------
@@ -322,6 +342,7 @@ def request_cancel(session: Session, job: Job) -> Job:
     )
     if res.rowcount == 1:
         add_event(session, job.id, "status", message="cancelled before it started", data={"status": "cancelled"})
+        outbox.record(session, session.get(Job, job.id, populate_existing=True), "job.cancelled")
     else:
         session.execute(
             update(Job).where(Job.id == job.id, Job.status == JobStatus.running.value)

@@ -18,6 +18,8 @@ from qaas.settings import Settings
 log = logging.getLogger("qaas.queue")
 
 RUN_JOB_TASK = "qaas.run_job"
+PUBLISH_TASK = "qaas.publish_job"
+DELIVER_TASK = "qaas.deliver_webhook"
 
 
 @lru_cache(maxsize=4)
@@ -46,7 +48,12 @@ def _celery_app_for(broker_url: str, broker_folder: str, gpu_queue: str, io_queu
         accept_content=["json"],
         task_default_queue=gpu_queue,
         task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (gpu_queue, io_queue)],
-        task_routes={RUN_JOB_TASK: {"queue": gpu_queue, "routing_key": gpu_queue}},
+        task_routes={
+            RUN_JOB_TASK: {"queue": gpu_queue, "routing_key": gpu_queue},
+            # network-bound work never waits behind (or holds) a GPU
+            PUBLISH_TASK: {"queue": io_queue, "routing_key": io_queue},
+            DELIVER_TASK: {"queue": io_queue, "routing_key": io_queue},
+        },
         # One job per GPU: a worker takes one message at a time.
         worker_prefetch_multiplier=1,
         task_acks_late=False,
@@ -77,6 +84,16 @@ def send_run_job(settings: Settings, job_id: uuid.UUID, *, priority: int = 0) ->
         return True
     except Exception as exc:  # broker down or unreachable: the sweeper will send it later
         log.warning("could not enqueue job %s: %s", job_id, exc.__class__.__name__)
+        return False
+
+
+def send_delivery(settings: Settings, delivery_id: uuid.UUID) -> bool:
+    """Ask an I/O worker to attempt a webhook delivery now (the sweeper sends what is due anyway)."""
+    try:
+        celery_app(settings).send_task(DELIVER_TASK, args=[str(delivery_id)], queue=settings.io_queue, retry=False)
+        return True
+    except Exception as exc:
+        log.warning("could not enqueue delivery %s: %s", delivery_id, exc.__class__.__name__)
         return False
 
 

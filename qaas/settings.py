@@ -56,6 +56,15 @@ class Settings(BaseSettings):
     redispatch_after_s: float = Field(default=300.0, gt=0)
     cancel_grace_s: float = Field(default=10.0, ge=0)
 
+    #: Webhook destinations at private/loopback addresses are refused unless listed here
+    #: (comma-separated host names or CIDRs, e.g. "127.0.0.1,10.0.0.0/8").
+    webhook_allowlist: str = ""
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=30)
+    #: Backoff between webhook attempts, comma-separated seconds; empty = 5s, 5m, 30m, 2h, ... (~3 days).
+    webhook_retry_schedule_s: str = ""
+    #: Attempts at publishing a finished model to the Hub before the job fails.
+    publish_max_attempts: int = Field(default=5, ge=1, le=50)
+
     max_request_bytes: int = 8 * 1024 * 1024
     gpu_queue: str = "gpu"
     io_queue: str = "io"
@@ -95,6 +104,11 @@ class Settings(BaseSettings):
     @property
     def model_roots(self) -> list[Path]:
         return [Path(p).expanduser().resolve() for p in self.local_model_roots.split(",") if p.strip()]
+
+    @property
+    def webhook_schedule(self) -> tuple[float, ...] | None:
+        parts = [p for p in self.webhook_retry_schedule_s.split(",") if p.strip()]
+        return tuple(float(p) for p in parts) or None
 
     @property
     def artifacts_dir(self) -> Path:

@@ -64,7 +64,7 @@ def clean_db(pg_url: str) -> Iterator[str]:
     from qaas.db.session import get_engine
 
     with get_engine(pg_url).begin() as conn:
-        conn.execute(text("TRUNCATE job_events, jobs, api_keys CASCADE"))
+        conn.execute(text("TRUNCATE webhook_delivery_attempts, webhook_deliveries, webhook_endpoints, hub_credentials, job_events, jobs, api_keys CASCADE"))
 
 
 @pytest.fixture
@@ -93,6 +93,7 @@ def make_settings(tmp: Path, **overrides):
         sweep_interval_s=0.5,
         redispatch_after_s=30.0,
         cancel_grace_s=3.0,
+        webhook_retry_schedule_s="1,1,2,2,3",  # seconds, not hours: retries happen within the test
         gpu_queue=f"gpu-{uuid.uuid4().hex[:8]}",
         io_queue=f"io-{uuid.uuid4().hex[:8]}",
     )
@@ -123,6 +124,10 @@ def settings_env(settings) -> dict[str, str]:
         "QAAS_JOB_MAX_ATTEMPTS": str(settings.job_max_attempts),
         "QAAS_JOB_TIME_LIMIT_S": str(settings.job_time_limit_s),
         "QAAS_DEVICE": "cpu",
+        "QAAS_WEBHOOK_ALLOWLIST": settings.webhook_allowlist,
+        "QAAS_WEBHOOK_RETRY_SCHEDULE_S": settings.webhook_retry_schedule_s,
+        "QAAS_HUB_ENDPOINT": settings.hub_endpoint,
+        "HF_HUB_DISABLE_XET": "1",
     }
     return {k: v for k, v in env.items() if v is not None}
 

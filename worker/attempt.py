@@ -18,12 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select, update
+
 from qaas import job_store
-from qaas.db.models import JobStatus
+from qaas.db.models import HubCredential, Job, JobStatus
 from qaas.db.retry import with_db_retry
+from qaas.db.session import session_scope
 from qaas.security import decrypt_secret, redact
 from qaas.settings import Settings
 from qaas.worker.child import ChildProcess, start_child
+from qaas.worker.publishing import hand_over, send_publish
 
 log = logging.getLogger("qaas.worker")
 
@@ -100,7 +104,7 @@ def run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
     log.info("job %s attempt %d: child pid %d", job_id, attempt, child.pid)
     with_db_retry(db, lambda s: job_store.add_event(s, job_id, "log", message="engine started",
                                                      data={"pid": child.pid, "worker": me, "attempt": attempt}))
-    outcome = _supervise(settings, job_id, attempt, child, time_limit, token, out_dir)
+    outcome = _supervise(settings, job_id, attempt, child, time_limit, token, out_dir, bool(job["request"].get("push_to_hub")))
     shutil.rmtree(work, ignore_errors=True)
     if outcome in ("failed", "cancelled"):
         shutil.rmtree(settings.artifacts_dir / str(job_id), ignore_errors=True)
@@ -111,11 +115,14 @@ def _claim_snapshot(session, job_id: uuid.UUID, me: str, lease_s: float) -> dict
     job = job_store.claim(session, job_id, worker=me, lease_s=lease_s)
     if job is None:
         return None
-    return {"attempt": job.attempt, "request": job.request, "hf_token_encrypted": job.hf_token_encrypted}
+    # The job's own token first, else the owner's saved Hub credential (gated or private sources).
+    saved = session.scalar(select(HubCredential.token_encrypted).where(HubCredential.owner == job.owner))
+    return {"attempt": job.attempt, "request": job.request, "hf_token_encrypted": job.hf_token_encrypted or saved}
 
 
 def _supervise(
-    settings: Settings, job_id: uuid.UUID, attempt: int, child: ChildProcess, time_limit: float, token: str | None, out_dir: Path
+    settings: Settings, job_id: uuid.UUID, attempt: int, child: ChildProcess, time_limit: float, token: str | None,
+    out_dir: Path, push_requested: bool,
 ) -> str:
     db = settings.resolved_database_url
     state = _State()
@@ -161,12 +168,14 @@ def _supervise(
     if stop_reason == "cancel":
         ok = with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.cancelled, timings=state.timings,
                                                            error=None))
+        if ok:
+            kick_deliveries(settings, job_id)
         return "cancelled" if ok else "lost"
     if stop_reason == "time_limit":
         return _fail(settings, job_id, attempt, {"code": "time_limit", "stage": state.stage,
                                                    "message": f"the job exceeded its time limit of {time_limit:.0f} s and was stopped"}, state.timings)
     if state.result is not None and code == 0:
-        return _succeed(settings, job_id, attempt, state, out_dir)
+        return _succeed(settings, job_id, attempt, state, out_dir, push_requested)
     if state.error is not None:
         if state.error.get("code") == "cancelled":
             with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.cancelled, timings=state.timings))
@@ -213,7 +222,7 @@ def _handle_event(db: str, job_id: uuid.UUID, attempt: int, state: _State, event
                        "stage": event.get("stage") or state.stage, "field": event.get("field")}
 
 
-def _succeed(settings: Settings, job_id: uuid.UUID, attempt: int, state: _State, out_dir: Path) -> str:
+def _succeed(settings: Settings, job_id: uuid.UUID, attempt: int, state: _State, out_dir: Path, push_requested: bool) -> str:
     db = settings.resolved_database_url
     final_dir = settings.artifacts_dir / str(job_id)
     result = dict(state.result or {})
@@ -226,18 +235,44 @@ def _succeed(settings: Settings, job_id: uuid.UUID, attempt: int, state: _State,
     result.pop("out_dir", None)  # an internal path; not part of the public result
     result["timings"] = {**(result.get("timings") or {}), **state.timings}
     revision = (result.get("source") or {}).get("revision")
-    ok = with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.succeeded, result=result,
-                                                       timings=state.timings, source_revision=revision))
+    if revision:
+        with_db_retry(db, lambda s: s.execute(update(Job).where(Job.id == job_id).values(source_revision=revision)))
+    if push_requested:
+        # The GPU is done: the upload runs on the I/O queue so a slow network never holds it.
+        ok = with_db_retry(db, lambda s: hand_over(s, job_id, attempt, result=result, timings=state.timings))
+        if ok:
+            send_publish(settings, job_id)
+            return "publishing"
+    else:
+        ok = with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.succeeded, result=result,
+                                                           timings=state.timings, source_revision=revision))
     if not ok:
         shutil.rmtree(final_dir, ignore_errors=True)
         return "lost"
+    kick_deliveries(settings, job_id)
     return "succeeded"
 
 
 def _fail(settings: Settings, job_id: uuid.UUID, attempt: int, error: dict[str, Any], timings: dict[str, float]) -> str:
     ok = with_db_retry(settings.resolved_database_url,
                        lambda s: job_store.finish(s, job_id, attempt, JobStatus.failed, error=error, timings=timings))
+    if ok:
+        kick_deliveries(settings, job_id)
     return "failed" if ok else "lost"
+
+
+def kick_deliveries(settings: Settings, job_id: uuid.UUID) -> None:
+    """Send the job's new webhook deliveries now rather than at the next sweep (best effort)."""
+    from qaas import outbox
+    from qaas.queue import send_delivery
+
+    try:
+        with session_scope(settings.resolved_database_url) as s:
+            ids = outbox.claim_due_deliveries_of_job(s, job_id)
+        for delivery_id in ids:
+            send_delivery(settings, delivery_id)
+    except Exception as exc:  # noqa: BLE001 - the sweeper sends them anyway
+        log.warning("could not kick deliveries of %s: %s", job_id, exc.__class__.__name__)
 
 
 def _redispatch(settings: Settings, job_id: uuid.UUID) -> None:

@@ -2,7 +2,9 @@
 
 - queued jobs never sent to the broker (it was down at submission) or sent long ago and never
   claimed (the message was lost, e.g. Redis restarted) are sent again;
-- running jobs whose worker stopped heartbeating are queued again while attempts remain, else failed.
+- running jobs whose worker stopped heartbeating are queued again while attempts remain, else failed;
+- jobs waiting to be published that nobody holds are sent to the I/O queue again;
+- webhook deliveries that are due (first attempt or a retry) are sent to the I/O queue.
 
 Duplicate messages are harmless: the claim is atomic. Several sweepers may run at once.
 """
@@ -12,10 +14,13 @@ from __future__ import annotations
 import logging
 import threading
 
-from qaas import job_store
-from qaas.db.models import JobStatus
+from sqlalchemy import update
+
+from qaas import job_store, outbox
+from qaas.db.models import Job, JobStatus, utcnow
 from qaas.db.session import session_scope
-from qaas.queue import send_run_job
+from qaas.queue import send_delivery, send_run_job
+from qaas.worker.publishing import send_publish
 from qaas.settings import Settings
 
 log = logging.getLogger("qaas.sweeper")
@@ -24,8 +29,21 @@ log = logging.getLogger("qaas.sweeper")
 def sweep_once(settings: Settings) -> dict[str, int]:
     db = settings.resolved_database_url
     counts = {"dispatched": 0, "requeued": 0, "failed": 0}
+    counts["publishes"] = counts["deliveries"] = 0
     with session_scope(db) as s:
-        expired = job_store.expired_leases(s)
+        expired = [(j, a) for j, a, stage in job_store.expired_leases(s) if stage != "publish"]
+        publishes = job_store.stale_publishes(s, redispatch_after_s=settings.redispatch_after_s)
+        deliveries = outbox.claim_due_deliveries(s)
+    for job_id in publishes:
+        # a lost upload worker or message: the publish (not the quantization) runs again
+        with session_scope(db) as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.stage == "publish", Job.status == "running")
+                      .values(dispatched_at=utcnow()))
+        if send_publish(settings, job_id):
+            counts["publishes"] += 1
+    for delivery_id in deliveries:
+        if send_delivery(settings, delivery_id):  # a lost message is sent again after REDISPATCH_S
+            counts["deliveries"] += 1
     for job_id, attempt in expired:
         reason = "the worker stopped heartbeating (lease expired)"
         with session_scope(db) as s:

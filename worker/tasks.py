@@ -1,4 +1,4 @@
-"""Celery tasks. A message carries only a job id; everything else is read from the database."""
+"""Celery tasks. A message carries only an id; everything else is read from the database."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import uuid
 
 from celery.signals import worker_ready, worker_shutdown
 
-from qaas.queue import RUN_JOB_TASK, celery_app
+from qaas.queue import DELIVER_TASK, PUBLISH_TASK, RUN_JOB_TASK, celery_app
 from qaas.settings import get_settings
-from qaas.worker.attempt import run_attempt
+from qaas.worker.attempt import run_attempt, worker_name
 from qaas.worker.sweeper import Sweeper
 
 log = logging.getLogger("qaas.worker")
@@ -18,14 +18,34 @@ app = celery_app(settings)
 _sweeper: Sweeper | None = None
 
 
+def _uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except (ValueError, TypeError):
+        log.warning("ignoring a message with a bad id")
+        return None
+
+
 @app.task(name=RUN_JOB_TASK, ignore_result=True)
 def run_job(job_id: str) -> str:
-    try:
-        jid = uuid.UUID(job_id)
-    except ValueError:
-        log.warning("ignoring a message with a bad job id")
-        return "bad-id"
-    return run_attempt(settings, jid)
+    jid = _uuid(job_id)
+    return run_attempt(settings, jid) if jid else "bad-id"
+
+
+@app.task(name=PUBLISH_TASK, ignore_result=True)
+def publish_job(job_id: str) -> str:
+    from qaas.worker.publishing import run_publish
+
+    jid = _uuid(job_id)
+    return run_publish(settings, jid, worker=worker_name()) if jid else "bad-id"
+
+
+@app.task(name=DELIVER_TASK, ignore_result=True)
+def deliver_webhook(delivery_id: str) -> str:
+    from qaas.worker.deliveries import deliver
+
+    did = _uuid(delivery_id)
+    return (deliver(settings, did) or "not-due") if did else "bad-id"
 
 
 @worker_ready.connect

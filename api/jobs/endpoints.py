@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from qaas.api.deps import CallerDep, SessionDep, SettingsDep
 from qaas.api.jobs import service
-from qaas.api.jobs.schemas import EventOut, EventPage, JobOut, JobPage
+from qaas.api.jobs.schemas import EventOut, EventPage, JobCreated, JobOut, JobPage
 from qaas.api.problems import PROBLEM_JSON, Problem, ProblemDetails
 from qaas import job_store
 from qaas.db.models import TERMINAL_STATUSES, JobStatus
@@ -41,7 +41,7 @@ def _parse_id(job_id: str) -> uuid.UUID:
         raise _not_found()
 
 
-@router.post("", status_code=202, response_model=JobOut, operation_id="create_job", responses=_ERRORS)
+@router.post("", status_code=202, response_model=JobCreated, operation_id="create_job", responses=_ERRORS)
 def create_job(
     body: JobRequest,
     response: Response,
@@ -49,13 +49,14 @@ def create_job(
     session: SessionDep,
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
-) -> JobOut:
+) -> JobCreated:
     """Accept a quantization job. The job is stored first, then queued; follow it at `Location`."""
     submission = service.submit(session, settings, caller.owner, body, idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{submission.job.id}"
     if submission.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    return JobOut.from_job(submission.job)
+    out = JobOut.from_job(submission.job)
+    return JobCreated(**out.model_dump(), webhook_secret=submission.webhook_secret)
 
 
 @router.get("", response_model=JobPage, operation_id="list_jobs", responses=_ERRORS)
@@ -84,7 +85,7 @@ def get_job(job_id: str, caller: CallerDep, session: SessionDep) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, operation_id="cancel_job", responses=_ERRORS)
-def cancel_job(job_id: str, caller: CallerDep, session: SessionDep) -> JobOut:
+def cancel_job(job_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> JobOut:
     """Cancel: a queued job at once, a running one as soon as its worker stops it."""
     job = job_store.get_job(session, _parse_id(job_id), caller.owner)
     if job is None:
@@ -93,7 +94,19 @@ def cancel_job(job_id: str, caller: CallerDep, session: SessionDep) -> JobOut:
         raise Problem(409, "Conflict", f"the job already finished ({job.status})", slug="job-finished")
     job = job_store.request_cancel(session, job)
     session.commit()
+    if job.status == JobStatus.cancelled.value:
+        _send_deliveries(session, settings, job.id)
     return JobOut.from_job(job)
+
+
+def _send_deliveries(session, settings, job_id: uuid.UUID) -> None:
+    from qaas import outbox
+    from qaas.queue import send_delivery
+
+    ids = outbox.claim_due_deliveries_of_job(session, job_id)
+    session.commit()
+    for delivery_id in ids:
+        send_delivery(settings, delivery_id)
 
 
 @router.get(

@@ -96,3 +96,8 @@ class EventOut(BaseModel):
 class EventPage(BaseModel):
     items: list[EventOut]
     job_status: str
+
+
+class JobCreated(JobOut):
+    webhook_secret: str | None = Field(
+        default=None, description="the generated secret of the request's webhook: returned once, here")

@@ -15,6 +15,8 @@ from qaas.api.problems import Problem
 from qaas import job_store
 from qaas.db.models import Job
 from qaas.queue import send_run_job
+from qaas.api.webhook_urls import check_webhook_url
+from qaas.kit.webhook_signing import generate_secret
 from qaas.schemas.job_request import JobRequest, LocalModel
 from qaas.security import encrypt_secret
 from qaas.settings import Settings
@@ -59,6 +61,8 @@ def fingerprint(req: JobRequest) -> str:
 class Submission:
     job: Job
     replayed: bool
+    #: Generated for a webhook given without a secret; shown to the caller once.
+    webhook_secret: str | None = None
 
 
 def submit(session: Session, settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> Submission:
@@ -66,6 +70,8 @@ def submit(session: Session, settings: Settings, owner: str, req: JobRequest, id
         raise _invalid("Idempotency-Key", "must be 1 to 255 characters")
     if isinstance(req.model, LocalModel):
         check_local_path(settings, req.model.path)
+    if req.webhook is not None:
+        check_webhook_url(settings, str(req.webhook.url), field="webhook.url")
 
     request_hash = fingerprint(req)
     if idempotency_key:
@@ -74,6 +80,14 @@ def submit(session: Session, settings: Settings, owner: str, req: JobRequest, id
             return _replay(existing, request_hash)
 
     token = req.hf_token.get_secret_value() if req.hf_token else None
+    key = settings.secret_key.get_secret_value()
+    generated_secret = None
+    webhook_secret_encrypted = None
+    if req.webhook is not None:
+        secret = req.webhook.secret.get_secret_value() if req.webhook.secret else None
+        if secret is None:
+            secret = generated_secret = generate_secret()
+        webhook_secret_encrypted = encrypt_secret(secret, key)
     job = job_store.create_job(
         session,
         owner=owner,
@@ -85,8 +99,9 @@ def submit(session: Session, settings: Settings, owner: str, req: JobRequest, id
         source_model=req.source_label,
         priority=req.options.priority,
         max_attempts=settings.job_max_attempts,
-        hf_token_encrypted=encrypt_secret(token, settings.secret_key.get_secret_value()) if token else None,
+        hf_token_encrypted=encrypt_secret(token, key) if token else None,
     )
+    job.webhook_secret_encrypted = webhook_secret_encrypted
     try:
         session.commit()
     except IntegrityError:
@@ -99,7 +114,7 @@ def submit(session: Session, settings: Settings, owner: str, req: JobRequest, id
 
     # Only after the commit: a worker that gets the message must find the row.
     dispatch(session, settings, job)
-    return Submission(job, replayed=False)
+    return Submission(job, replayed=False, webhook_secret=generated_secret)
 
 
 def _replay(existing: Job, request_hash: str) -> Submission:

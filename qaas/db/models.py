@@ -143,6 +143,10 @@ class Job(Base):
 
     #: The caller's Hub token for this job, encrypted (Fernet under the server secret); wiped at the end.
     hf_token_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    #: The secret of the request's own webhook, encrypted (shown to the caller once, at submission).
+    webhook_secret_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    #: Publishing to the Hub runs after the GPU part, on the I/O queue: attempts made so far.
+    publish_attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class JobEvent(Base):
@@ -159,3 +163,77 @@ class JobEvent(Base):
     stage: Mapped[str | None] = mapped_column(String(32))
     message: Mapped[str | None] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+
+
+class HubCredential(Base):
+    """A tenant's saved Hub token, encrypted; used when a job brings no `hf_token` of its own."""
+
+    __tablename__ = "hub_credentials"
+
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookEndpoint(Base):
+    """An account-level webhook: every job of the owner notifies it of the subscribed event types."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    description: Mapped[str | None] = mapped_column(String(255))
+    event_types: Mapped[list[str]] = mapped_column(JsonType)
+    #: Fernet-encrypted JSON list of {"secret", "expires_at"}: the newest first; rotation keeps the
+    #: previous secret valid for a while, and deliveries carry one signature per valid secret.
+    secrets_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    disabled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    disabled_reason: Mapped[str | None] = mapped_column(String(255))
+    #: Set when a delivery to this endpoint ran out of retries; cleared by the next success.
+    flagged_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class WebhookDelivery(Base):
+    """The outbox: one row per (job event, destination), written in the job's final transaction."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    job_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    endpoint_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("webhook_endpoints.id", ondelete="SET NULL"))
+    owner: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(String(2048))
+    #: The Standard Webhooks `webhook-id`: the same on every retry of this delivery.
+    msg_id: Mapped[str] = mapped_column(String(64), unique=True)
+    event_type: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    #: pending | delivered | failed | disabled
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    #: When a message asking for the next attempt was last sent (so the sweeper sends one per attempt).
+    dispatched_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class DeliveryAttempt(Base):
+    """Every attempt of a delivery, kept for the user to inspect."""
+
+    __tablename__ = "webhook_delivery_attempts"
+    __table_args__ = (Index("ix_webhook_delivery_attempts_delivery", "delivery_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("webhook_deliveries.id", ondelete="CASCADE"))
+    attempted_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    outcome: Mapped[str] = mapped_column(String(16))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(String(500))
+    response_excerpt: Mapped[str | None] = mapped_column(String(500))

@@ -19,7 +19,7 @@ import email.utils
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -43,11 +43,14 @@ RETRYABLE_STATUS = frozenset({408, 425, 429}) | frozenset(range(500, 600))
 
 
 # ----------------------------------------------------------------------------------------------- schedule
-def retry_delay(attempt: int, *, rng: Callable[[], float] = random.random, jitter: float = JITTER) -> float | None:
+def retry_delay(
+    attempt: int, *, rng: Callable[[], float] = random.random, jitter: float = JITTER,
+    schedule: Sequence[float] = RETRY_SCHEDULE_S,
+) -> float | None:
     """Seconds to wait after failed attempt number `attempt` (1-based), or None when none is left."""
-    if attempt < 1 or attempt > len(RETRY_SCHEDULE_S):
+    if attempt < 1 or attempt > len(schedule):
         return None
-    base = RETRY_SCHEDULE_S[attempt - 1]
+    base = schedule[attempt - 1]
     return base * (1 + jitter * (2 * rng() - 1))
 
 
@@ -71,10 +74,11 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 
 def next_retry_delay(
-    attempt: int, retry_after: float | None = None, *, rng: Callable[[], float] = random.random
+    attempt: int, retry_after: float | None = None, *, rng: Callable[[], float] = random.random,
+    schedule: Sequence[float] = RETRY_SCHEDULE_S,
 ) -> float | None:
     """The schedule's delay after `attempt`, pushed out to `Retry-After` when the receiver asks for later."""
-    delay = retry_delay(attempt, rng=rng)
+    delay = retry_delay(attempt, rng=rng, schedule=schedule)
     if delay is None:
         return None
     if retry_after is not None:
@@ -135,8 +139,11 @@ def deliver_once(
     now: Callable[[], float] = time.time,
     verify: Any = True,
     transport: httpx.BaseTransport | None = None,
+    schedule: Sequence[float] = RETRY_SCHEDULE_S,
 ) -> DeliveryResult:
-    """Send attempt number `attempt` of event `msg_id` to `url`, signed with every secret in `secrets`."""
+    """Send attempt number `attempt` of event `msg_id` to `url`, signed with every secret in `secrets`.
+
+    `schedule` is the retry backoff (operators may shorten it; tests do)."""
     body = build_body(event_type, payload, event_time)
     ts = int(now())
     headers = {
@@ -150,7 +157,7 @@ def deliver_once(
                retry_after: float | None = None, ip: str | None = None) -> DeliveryResult:
         next_s = None
         if outcome == RETRY:
-            next_s = next_retry_delay(attempt, retry_after, rng=rng)
+            next_s = next_retry_delay(attempt, retry_after, rng=rng, schedule=schedule)
             if next_s is None:
                 outcome = EXHAUSTED
                 error = f"{error}; no attempts left after {attempt}"

@@ -249,6 +249,29 @@ class WebhookTarget(_Strict):
     url: AnyHttpUrl
     secret: SecretStr | None = Field(default=None, description="whsec_... ; generated and returned once if omitted")
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: AnyHttpUrl) -> AnyHttpUrl:
+        if len(str(v)) > 2048:
+            raise ValueError("webhook.url is longer than 2048 characters")
+        return v
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            from base64 import b64decode
+
+            raw = v.get_secret_value()
+            body = raw[len("whsec_"):] if raw.startswith("whsec_") else raw
+            try:
+                key = b64decode(body + "=" * (-len(body) % 4), validate=True)
+            except ValueError:
+                raise ValueError("webhook.secret must be whsec_ followed by base64 (24 to 64 bytes)")
+            if not 24 <= len(key) <= 64:
+                raise ValueError("webhook.secret must hold 24 to 64 bytes")
+        return v
+
 
 class JobOptions(_Strict):
     """Service options that are not part of the transformers config."""

@@ -25,7 +25,7 @@ def test_upgrade_empty_postgres_downgrade_and_again():
         engine = sa.create_engine(url)
         with engine.connect() as conn:
             tables = set(sa.inspect(conn).get_table_names())
-            assert {"jobs", "job_events", "api_keys", "alembic_version"} <= tables
+            assert {"jobs", "job_events", "api_keys", "alembic_version", "hub_credentials", "webhook_endpoints", "webhook_deliveries", "webhook_delivery_attempts"} <= tables
             # the migrations produce exactly what the models describe
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
             assert diff == [], diff

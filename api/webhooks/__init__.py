@@ -1,0 +1,1 @@
+"""Account-level webhook endpoints and the saved Hub credential."""

@@ -1,0 +1,217 @@
+"""Publishing a finished model to the Hub: the job's last stage, on the I/O queue.
+
+The GPU worker hands the job over (stage `publish`, artefacts on disk) and returns to the GPU queue,
+so a slow upload never holds a GPU. This task claims the publish with a lease, writes the model card,
+uploads the folder in one commit (idempotent: a retried publish of the same content makes no second
+commit), streams byte progress into the job's events, and writes the job's verdict.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import or_, select, update
+
+from qaas import __version__, job_store
+from qaas.db.models import HubCredential, Job, JobStatus, utcnow
+from qaas.db.retry import with_db_retry
+from qaas.security import decrypt_secret, redact
+from qaas.settings import Settings
+
+log = logging.getLogger("qaas.publish")
+
+PUBLISH_STAGE = "publish"
+_ERROR_CODES = {"HubAuthError": "hub_auth", "HubPermissionError": "hub_forbidden", "HubNotFoundError": "hub_not_found",
+                "HubConflictError": "hub_conflict", "HubRequestError": "hub_rejected"}
+
+
+def hand_over(session, job_id: uuid.UUID, attempt: int, *, result: dict[str, Any], timings: dict[str, float]) -> bool:
+    """GPU side: the model is on disk; park the job in stage `publish` for an I/O worker."""
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.attempt == attempt)
+        .values(stage=PUBLISH_STAGE, progress=0.0, progress_message="waiting for an upload worker", result=result,
+                timings=timings, worker=None, lease_expires_at=None, dispatched_at=utcnow(), updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount == 1:
+        job_store.add_event(session, job_id, "stage", stage=PUBLISH_STAGE, message="publishing to the Hub")
+    return res.rowcount == 1
+
+
+def _claim(session, job_id: uuid.UUID, me: str, lease_s: float) -> dict[str, Any] | None:
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.stage == PUBLISH_STAGE,
+               or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now))
+        .values(worker=me, heartbeat_at=now, lease_expires_at=now + dt.timedelta(seconds=lease_s),
+                publish_attempts=Job.publish_attempts + 1, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        return None
+    job = session.get(Job, job_id, populate_existing=True)
+    saved = session.scalar(select(HubCredential.token_encrypted).where(HubCredential.owner == job.owner))
+    return {"attempt": job.attempt, "request": job.request, "result": dict(job.result or {}), "owner": job.owner,
+            "token_encrypted": job.hf_token_encrypted or saved, "publish_attempts": job.publish_attempts,
+            "source": job.source_model, "source_revision": job.source_revision, "timings": dict(job.timings or {}),
+            "cancel": job.cancel_requested}
+
+
+def card_info(job: dict[str, Any], repo_id: str, revision: str | None, endpoint: str, job_id: uuid.UUID) -> dict[str, Any]:
+    result, request = job["result"], job["request"]
+    model = request.get("model") or {}
+    return {
+        "repo_id": repo_id,
+        "revision": revision,
+        "source": {"id": model.get("id") or model.get("path"), "revision": job["source_revision"] or model.get("revision")},
+        "quantization_config": result.get("quantization_config") or request.get("quantization_config"),
+        "calibration": result.get("calibration"),
+        "evaluation": result.get("evaluation"),
+        "size": {"before_bytes": result.get("size_before_bytes"), "after_bytes": result.get("size_after_bytes")},
+        "job_id": str(job_id),
+        "qaas_version": __version__,
+        "endpoint": endpoint,
+    }
+
+
+def run_publish(settings: Settings, job_id: uuid.UUID, *, worker: str) -> str:
+    from qaas.worker.publish.hub import PublishError, default_repo_id, publish_folder
+    from qaas.worker.publish.model_card import method_and_bits, render_model_card
+
+    db = settings.resolved_database_url
+    job = with_db_retry(db, lambda s: _claim(s, job_id, worker, settings.lease_s))
+    if job is None:
+        return "duplicate"
+    attempt = job["attempt"]
+    secret = settings.secret_key.get_secret_value()
+    token = decrypt_secret(job["token_encrypted"], secret) if job["token_encrypted"] else None
+    folder = settings.artifacts_dir / str(job_id)
+    push = job["request"].get("push_to_hub") or {}
+
+    def fail(code: str, message: str) -> str:
+        error = {"code": code, "message": redact(message, token), "stage": PUBLISH_STAGE}
+        ok = with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.failed, error=error,
+                                                           result=job["result"]))
+        if ok:
+            _kick(settings, job_id)
+        return "failed" if ok else "lost"
+
+    if job["cancel"]:
+        ok = with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.cancelled, result=job["result"]))
+        if ok:
+            _kick(settings, job_id)
+        return "cancelled" if ok else "lost"
+    if not folder.is_dir():
+        return fail("publish_failed", "the quantized model is no longer on disk; it cannot be published")
+    if token is None:
+        return fail("hub_auth", "no Hub token: pass hf_token with the job or save one with PUT /v1/hub-token")
+
+    qc = job["result"].get("quantization_config") or job["request"]["quantization_config"]
+    repo_id = push.get("repo_id")
+    if not repo_id:
+        try:
+            from huggingface_hub import HfApi
+
+            owner = HfApi(endpoint=settings.hub_endpoint).whoami(token=token)["name"]
+        except Exception as exc:  # noqa: BLE001 - translated into a clear failure below
+            return fail("hub_auth", f"cannot tell whose token this is to name the repo ({exc.__class__.__name__}); set push_to_hub.repo_id")
+        method, bits = method_and_bits(qc)
+        repo_id = default_repo_id(job["source"], owner, method, bits, qc.get("group_size"),
+                                  quant_type=qc.get("bnb_4bit_quant_type"))
+
+    card = render_model_card(card_info(job, repo_id, push.get("revision"), settings.hub_endpoint, job_id))
+    (folder / "README.md").write_text(card)
+
+    stop = threading.Event()
+    lost = threading.Event()
+
+    def keep_lease() -> None:
+        while not stop.wait(settings.heartbeat_interval_s):
+            def beat(s):
+                now = utcnow()
+                return s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running.value,
+                                                   Job.attempt == attempt, Job.worker == worker)
+                                 .values(heartbeat_at=now, lease_expires_at=now + dt.timedelta(seconds=settings.lease_s))
+                                 .execution_options(synchronize_session=False)).rowcount
+            try:
+                if with_db_retry(db, beat, deadline_s=settings.lease_s) != 1:
+                    lost.set()
+            except Exception:  # noqa: BLE001 - the database is down; the upload goes on, the verdict will retry
+                pass
+
+    last_write = [0.0]
+
+    def on_progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last_write[0] < 0.5 and done < total:
+            return
+        last_write[0] = now
+        with_db_retry(db, lambda s: job_store.record_progress(
+            s, job_id, attempt, stage=PUBLISH_STAGE, fraction=done / total if total else 1.0,
+            message=f"uploaded {done} of {total} bytes", data={"bytes_done": done, "bytes_total": total}))
+
+    beat_thread = threading.Thread(target=keep_lease, daemon=True, name=f"publish-lease-{job_id}")
+    beat_thread.start()
+    started = time.monotonic()
+    try:
+        hub = publish_folder(folder, repo_id=repo_id, token=token, endpoint=settings.hub_endpoint,
+                             private=bool(push.get("private", True)), revision=push.get("revision"),
+                             create_pr=bool(push.get("create_pr")), commit_message=push.get("commit_message"),
+                             progress=on_progress, attempts=2)
+    except PublishError as exc:
+        stop.set()
+        message = redact(str(exc), token)
+        if exc.retryable and job["publish_attempts"] < settings.publish_max_attempts:
+            delay = min(300.0, 5.0 * 2 ** (job["publish_attempts"] - 1))
+            def release(s):
+                s.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.worker == worker)
+                          .values(lease_expires_at=None, worker=None, dispatched_at=utcnow(),
+                                  progress_message=f"publish failed, retrying in {delay:.0f}s: {message}"[:500])
+                          .execution_options(synchronize_session=False))
+                job_store.add_event(s, job_id, "log", stage=PUBLISH_STAGE, message=f"publish attempt failed, will retry: {message}",
+                                    data={"level": "warning", "retry_in_s": delay})
+            with_db_retry(db, release)
+            send_publish(settings, job_id, countdown=delay)
+            return "retrying"
+        return fail(_ERROR_CODES.get(type(exc).__name__, "hub_error"), f"publishing to {repo_id} failed: {message}")
+    finally:
+        stop.set()
+    if lost.is_set():
+        return "lost"
+    result = dict(job["result"])
+    result["hub"] = {**hub, "endpoint": settings.hub_endpoint, "url": f"{settings.hub_endpoint.rstrip('/')}/{hub['repo_id']}"}
+    files = {f["name"]: f for f in result.get("files") or []}
+    files["README.md"] = {"name": "README.md", "size": (folder / "README.md").stat().st_size}
+    result["files"] = sorted(files.values(), key=lambda f: f["name"])
+    timings = {**job["timings"], PUBLISH_STAGE: round(time.monotonic() - started, 3)}
+    result["timings"] = {**(result.get("timings") or {}), **timings}
+    ok = with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.succeeded, result=result, timings=timings))
+    if ok:
+        _kick(settings, job_id)
+    return "succeeded" if ok else "lost"
+
+
+def _kick(settings: Settings, job_id: uuid.UUID) -> None:
+    from qaas.worker.attempt import kick_deliveries
+
+    kick_deliveries(settings, job_id)
+
+
+def send_publish(settings: Settings, job_id: uuid.UUID, *, countdown: float = 0.0) -> bool:
+    from qaas.queue import PUBLISH_TASK, celery_app
+
+    try:
+        celery_app(settings).send_task(PUBLISH_TASK, args=[str(job_id)], queue=settings.io_queue,
+                                       countdown=countdown or None, retry=False)
+        return True
+    except Exception as exc:  # noqa: BLE001 - the sweeper re-sends publishes that sit unclaimed
+        log.warning("could not enqueue publish of %s: %s", job_id, exc.__class__.__name__)
+        return False
