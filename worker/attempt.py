@@ -58,9 +58,13 @@ def build_spec(settings: Settings, job_request: dict[str, Any], out_dir: Path) -
     options = job_request.get("options") or {}
     model = job_request["model"]
     source = {"path": model["path"]} if "path" in model else {"id": model["id"], "revision": model.get("revision")}
+    qc = dict(job_request["quantization_config"])
+    if qc.get("quant_method") == "gptq":
+        # The service option names the engine's calibration sample count (GPTQConfig has no field for it).
+        qc["nsamples"] = int(options.get("calibration_samples") or 128)
     return {
         "source": source,
-        "quantization_config": job_request["quantization_config"],
+        "quantization_config": qc,
         "out_dir": str(out_dir),
         "options": {
             "device": settings.device,
