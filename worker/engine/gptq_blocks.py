@@ -50,7 +50,7 @@ def _rebuild_rotary(module: torch.nn.Module, device: torch.device) -> None:
     """Recompute non-persistent rotary buffers (inv_freq) that `to_empty` leaves uninitialized."""
     for name, sub in list(module.named_modules()):
         if "Rotary" in type(sub).__name__ and hasattr(sub, "config"):
-            fresh = type(sub)(config=sub.config, device=device)
+            fresh = type(sub)(config=sub.config).to(device)
             if name:
                 p, attr = _parent(module, name)
                 setattr(p, attr, fresh)
