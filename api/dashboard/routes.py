@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.globals["version"] = __version__
 templates.env.filters["duration"] = views.duration
+templates.env.filters["short_model"] = views.short_model
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
@@ -228,7 +229,7 @@ def jobs_json(request: Request, db: SessionDep, settings: SettingsDep, since: st
 
 
 @router.get("/jobs/stream")
-async def jobs_stream(request: Request, db: SessionDep, settings: SettingsDep, since: str | None = None) -> Response:
+def jobs_stream(request: Request, db: SessionDep, settings: SettingsDep, since: str | None = None) -> Response:
     """Server-Sent Events: one `job` event per change to any of the caller's jobs (rows re-rendered)."""
     dash = _require(request, db, settings, api=True)
     start = _parse_since(request.headers.get("last-event-id") or since)
@@ -381,7 +382,7 @@ def submit_form(request: Request, db: SessionDep, settings: SettingsDep) -> Resp
 
 @router.post("/jobs")
 async def submit_job(request: Request, db: SessionDep, settings: SettingsDep) -> Response:
-    dash = _require(request, db, settings)
+    dash = await run_in_threadpool(_require, request, db, settings)
     form = await request.form()
     auth.check_csrf(request, dash, str(form.get("csrf_token") or ""))
     values = dict(FORM_DEFAULTS)

@@ -23,6 +23,14 @@ STAGES = ("resolve", "load", "calibrate", "quantize", "evaluate", "export", "pub
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
+def short_model(name: str) -> str:
+    """A long local path as its last two parts ('…/models/stories260K'); Hub ids as they are."""
+    if name.startswith("/") and len(name) > 32:
+        parts = [p for p in name.split("/") if p]
+        return "…/" + "/".join(parts[-2:])
+    return name
+
+
 def method_label(job: Job) -> str:
     """'GPTQ 4-bit g128', 'bitsandbytes NF4 (double quant)', 'bitsandbytes int8'."""
     qc = (job.request or {}).get("quantization_config") or {}
@@ -144,7 +152,7 @@ def row(job: Job, stage_started: dt.datetime | None, now: dt.datetime | None = N
         cancel_requested=bool(job.cancel_requested), created=shown_time(job.created_at), created_iso=iso(job.created_at),
         started_iso=iso(job.started_at), finished_iso=iso(job.finished_at),
         stage_started_iso=iso(stage_started) if job.status == "running" else None,
-        elapsed=duration(elapsed_s(job, now)), eta=duration(eta) if eta is not None else "–",
+        elapsed=duration(elapsed_s(job, now)), eta=f"~{duration(eta)}" if eta is not None else "–",
         error_code=(job.error or {}).get("code"),
     )
 
@@ -307,11 +315,16 @@ def list_deliveries(session: Session, job_id: uuid.UUID) -> list[dict[str, Any]]
         if not inspect(session.get_bind()).has_table(DELIVERIES_TABLE):
             return []
         rows = session.execute(
-            text(f"SELECT * FROM {DELIVERIES_TABLE} WHERE job_id = :job_id ORDER BY 1 DESC LIMIT 50"),
+            text(f"SELECT * FROM {DELIVERIES_TABLE} WHERE job_id = :job_id ORDER BY created_at LIMIT 50"),
             {"job_id": job_id},
         ).mappings().all()
     except Exception:  # an unexpected shape must not break the job page
         log.warning("could not read webhook deliveries", exc_info=True)
         session.rollback()
         return []
-    return [dict(r) for r in rows]
+    out = []
+    for r in rows:
+        d = dict(r)
+        d.pop("payload", None)  # the body sent; large, and not needed to see how delivery went
+        out.append(d)
+    return out
