@@ -31,9 +31,12 @@ def _settings():
     return settings
 
 
-def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+def _setup_logging(level: str | None = None) -> None:
+    from qaas.logging_setup import setup_logging
+    from qaas.settings import get_settings
+
+    settings = get_settings()
+    setup_logging(settings.log_format, level or settings.log_level)
 
 
 # --- service processes ----------------------------------------------------------------------------
@@ -54,15 +57,23 @@ def cmd_api(args: argparse.Namespace) -> int:
     from qaas.api.app import create_app
 
     settings = _settings()
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", proxy_headers=True)
+    _setup_logging()
+    # log_config=None: uvicorn's loggers propagate to the one JSON handler set up above.
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", proxy_headers=True,
+                log_config=None, access_log=args.access_log)
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     import socket
 
+    from celery.signals import setup_logging as celery_setup_logging
+
     from qaas.worker.tasks import app, settings
 
+    _setup_logging(args.loglevel)
+    # A receiver on this signal tells Celery to leave logging alone: our JSON handler stays the only one.
+    celery_setup_logging.connect(lambda **_: None, weak=False)
     queues = args.queues or f"{settings.gpu_queue},{settings.io_queue}"
     argv = ["worker", "-Q", queues, "-c", "1", "-P", "solo", "--loglevel", args.loglevel,
             "-n", f"qaas-{os.getpid()}@{socket.gethostname()}", "--without-gossip", "--without-mingle"]
@@ -104,7 +115,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         print("  API keys exist already; make another with `qaas keys create NAME`", file=sys.stderr)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", log_config=None)
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
@@ -207,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="run the API")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per request")
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="run a worker (one job at a time)")
@@ -248,8 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command not in ("quantize",):
-        _setup_logging()
+    if args.command in ("up", "api", "worker"):
+        _setup_logging()  # service processes: the configured format (JSON lines by default)
+    elif args.command not in ("quantize",):
+        from qaas.logging_setup import setup_logging
+
+        setup_logging("text", "INFO")
     sys.exit(args.func(args))
 
 

@@ -66,11 +66,29 @@ class Settings(BaseSettings):
     publish_max_attempts: int = Field(default=5, ge=1, le=50)
 
     max_request_bytes: int = 8 * 1024 * 1024
+
+    #: Requests per minute per API key (token bucket; in Redis when the broker is Redis, so all API
+    #: processes share it). 0 turns rate limiting off.
+    rate_limit_per_minute: int = Field(default=600, ge=0)
+    #: Bucket size: how many requests a key may send at once before the per-minute rate applies.
+    rate_limit_burst: int = Field(default=60, ge=1)
+    #: Seconds an API-key lookup is cached in each API process (a revoked key keeps working that long
+    #: in processes other than the one that revoked it). 0 turns the cache off.
+    auth_cache_s: float = Field(default=5.0, ge=0, le=60)
+    #: Log format of the service processes: "json" (one JSON object a line) or "text".
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+    #: Test only (refused unless QAAS_ENV=test): the worker runs a fake engine that sleeps
+    #: `fake_engine_step_s` per block instead of quantizing, for chaos and drain tests.
+    fake_engine: bool = False
+    fake_engine_step_s: float = Field(default=0.0, ge=0)
     gpu_queue: str = "gpu"
     io_queue: str = "io"
 
     @model_validator(mode="after")
     def _refuse_unsafe_defaults(self) -> "Settings":
+        if self.fake_engine and self.env != "test":
+            raise ValueError("QAAS_FAKE_ENGINE is a test-only setting; it is refused unless QAAS_ENV=test")
         if self.env == "production":
             problems = []
             if self.secret_key.get_secret_value() == DEV_SECRET_KEY or len(self.secret_key.get_secret_value()) < 32:

@@ -24,6 +24,7 @@ from qaas import job_store
 from qaas.db.models import HubCredential, Job, JobStatus
 from qaas.db.retry import with_db_retry
 from qaas.db.session import session_scope
+from qaas.logging_setup import job_context, set_attempt
 from qaas.security import decrypt_secret, redact
 from qaas.settings import Settings
 from qaas.worker.child import ChildProcess, start_child
@@ -48,6 +49,8 @@ class _State:
     error: dict[str, Any] | None = None
     last_progress_write: float = 0.0
     ended: bool = False
+    #: Highest resident memory of the engine process seen (host RAM; VmHWM), bytes.
+    peak_rss: int = 0
 
     def close_stage(self) -> None:
         if self.stage is not None:
@@ -82,6 +85,13 @@ def build_spec(settings: Settings, job_request: dict[str, Any], out_dir: Path) -
 
 def run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
     """Claim and run the job; returns what happened ("duplicate", "succeeded", ...)."""
+    with job_context(job_id):  # every log line of this job's work names it
+        outcome = _run_attempt(settings, job_id)
+        log.info("job %s: attempt ended: %s", job_id, outcome)
+        return outcome
+
+
+def _run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
     db = settings.resolved_database_url
     me = worker_name()
     job = with_db_retry(db, lambda s: _claim_snapshot(s, job_id, me, settings.lease_s))
@@ -89,10 +99,15 @@ def run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
         log.info("job %s: nothing to claim (duplicate delivery, cancelled or taken)", job_id)
         return "duplicate"
     attempt = job["attempt"]
+    set_attempt(attempt)
+    log.info("job %s: claimed attempt %d", job_id, attempt)
     token = decrypt_secret(job["hf_token_encrypted"], settings.secret_key.get_secret_value()) if job["hf_token_encrypted"] else None
 
     work = settings.work_dir / str(job_id) / f"attempt-{attempt}"
-    shutil.rmtree(work, ignore_errors=True)
+    # The job is ours now (the claim is fenced): whatever earlier attempts left behind on this host --
+    # a worker killed with -9 never cleans up -- is garbage.
+    for stale in (settings.work_dir / str(job_id)).glob("attempt-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     out_dir = work / "out"
     spec = build_spec(settings, job["request"], out_dir)
@@ -101,8 +116,13 @@ def run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
     env_extra = {"QAAS_CHILD_HF_TOKEN": token} if token else {}
     if settings.hub_endpoint:
         env_extra["HF_ENDPOINT"] = settings.hub_endpoint
+    module = None
+    if settings.fake_engine:  # tests only (the settings refuse it outside QAAS_ENV=test)
+        module = "qaas.worker.fake_engine"
+        spec["options"]["fake_step_s"] = settings.fake_engine_step_s
     try:
-        child = start_child(spec, cwd=work, log_path=work / "child.log", env_extra=env_extra)
+        child = start_child(spec, cwd=work, log_path=work / "child.log", env_extra=env_extra,
+                            **({"module": module} if module else {}))
     except OSError as exc:
         return _fail(settings, job_id, attempt, {"code": "internal_error", "message": f"could not start the engine: {exc}"}, {})
     log.info("job %s attempt %d: child pid %d", job_id, attempt, child.pid)
@@ -162,11 +182,14 @@ def _supervise(
             child.kill()
         if cancel_sent_at is not None and child.poll() is None and now - cancel_sent_at > settings.cancel_grace_s:
             child.kill()
+        state.peak_rss = max(state.peak_rss, child.peak_rss_bytes())
         if state.ended:
             break
 
     code = child.proc.wait()
     state.close_stage()
+    if stop_reason is None and code < 0:
+        log.warning("job %s attempt %d: engine killed by signal %d in stage %s", job_id, attempt, -code, state.stage)
     if stop_reason == "lost":
         return "lost"
     if stop_reason == "cancel":
@@ -199,6 +222,7 @@ def _handle_event(db: str, job_id: uuid.UUID, attempt: int, state: _State, event
     kind = event.get("type")
     clean = lambda text: redact(str(text or ""), token)[:2000]  # noqa: E731 - never let a token reach the database
     if kind == "stage":
+        log.info("job %s: stage %s", job_id, event.get("stage"))
         state.close_stage()
         state.stage, state.stage_started = str(event.get("stage"))[:32], time.monotonic()
         timings = dict(state.timings)
@@ -237,6 +261,12 @@ def _succeed(settings: Settings, job_id: uuid.UUID, attempt: int, state: _State,
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(source_dir), str(final_dir))
     result.pop("out_dir", None)  # an internal path; not part of the public result
+    # Peak memory: host RSS as the supervisor saw it; GPU peak when the engine reports one.
+    resources = {"peak_rss_bytes": state.peak_rss or None}
+    gpu_peak = result.get("gpu_peak_memory_bytes") or (result.get("memory") or {}).get("gpu_peak_bytes")
+    if gpu_peak:
+        resources["gpu_peak_bytes"] = int(gpu_peak)
+    result["resources"] = resources
     result["timings"] = {**(result.get("timings") or {}), **state.timings}
     revision = (result.get("source") or {}).get("revision")
     if revision:

@@ -47,6 +47,17 @@ class ChildProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
+    def peak_rss_bytes(self) -> int:
+        """The engine's resident-memory high-water mark (VmHWM), 0 once it is gone or off Linux."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return 0
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             try:
@@ -57,13 +68,17 @@ class ChildProcess:
         self.proc.wait()
 
 
-def start_child(spec: dict[str, Any], *, cwd: Path, log_path: Path, env_extra: dict[str, str]) -> ChildProcess:
+ENGINE_MODULE = "qaas.worker.engine.runner"
+
+
+def start_child(spec: dict[str, Any], *, cwd: Path, log_path: Path, env_extra: dict[str, str],
+                module: str = ENGINE_MODULE) -> ChildProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QAAS_")}
     env.update(env_extra)
     env["PYTHONUNBUFFERED"] = "1"
     log_file = open(log_path, "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-P", "-m", "qaas.worker.engine.runner"],
+        [sys.executable, "-P", "-m", module],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=log_file,

@@ -1,0 +1,103 @@
+"""The one logger setup of the service processes: JSON lines (or plain text), with the job's id.
+
+Every record carries the context of the work it belongs to: `job_context(job_id, attempt)` sets
+context variables that a filter copies onto each record, so every line a worker writes while it runs
+a job -- its own, SQLAlchemy's, Celery's -- has `job_id` (and `attempt`) without each call passing it.
+A second filter scrubs anything shaped like an API key or a Hub token from messages, as a last line of
+defence (the code already redacts secrets where it knows them).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("qaas_job_id", default=None)
+attempt_var: contextvars.ContextVar[int | None] = contextvars.ContextVar("qaas_attempt", default=None)
+
+#: API keys (qaas_ + 43 urlsafe chars) and Hub tokens (hf_...) -- never written to a log.
+_SECRET = re.compile(r"\b(qaas_[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9_]{16,})")
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+def scrub(text: str) -> str:
+    return _SECRET.sub(lambda m: m.group(0)[:5] + "***", text)
+
+
+@contextmanager
+def job_context(job_id: object, attempt: int | None = None) -> Iterator[None]:
+    """Every log record written inside this block (in this thread or context) names the job."""
+    t1 = job_id_var.set(str(job_id))
+    t2 = attempt_var.set(attempt)
+    try:
+        yield
+    finally:
+        job_id_var.reset(t1)
+        attempt_var.reset(t2)
+
+
+def set_attempt(attempt: int) -> None:
+    attempt_var.set(attempt)
+
+
+class ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "job_id", None) is None:
+            record.job_id = job_id_var.get()
+        if getattr(record, "attempt", None) is None:
+            record.attempt = attempt_var.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": scrub(record.getMessage()),
+            "pid": record.process,
+        }
+        if getattr(record, "job_id", None):
+            out["job_id"] = record.job_id
+            if getattr(record, "attempt", None) is not None:
+                out["attempt"] = record.attempt
+        for key, value in vars(record).items():
+            if key not in _STANDARD and key not in out and key not in ("job_id", "attempt") and not key.startswith("_"):
+                out[key] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+        if record.exc_info:
+            out["exc"] = scrub(self.formatException(record.exc_info))
+        return json.dumps(out, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = scrub(super().format(record))
+        return f"{line} [job {record.job_id}]" if getattr(record, "job_id", None) else line
+
+
+def setup_logging(fmt: str = "json", level: str = "INFO") -> None:
+    """Configure the root logger once: one handler on stderr; library loggers propagate to it."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_qaas", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._qaas = True  # type: ignore[attr-defined]
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(ContextFilter())
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, str(level).upper(), logging.INFO))
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
