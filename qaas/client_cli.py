@@ -16,6 +16,7 @@ Exit codes (for scripts):
   2  usage or validation error: bad arguments, unreadable config, the service refused the request (422), no such job
   3  authentication error: no API key, or the service refused it (401/403)
   4  the service is unreachable (connection refused, timeout, DNS) or answered with a server error (5xx)
+  130  interrupted (Ctrl-C) while following: the job itself goes on
 
 Progress is drawn on stderr (bars on a terminal, plain lines otherwise) from the job's event stream,
 `GET /v1/jobs/{id}/events` with `Accept: text/event-stream`, resumed with Last-Event-ID when the

@@ -134,11 +134,6 @@ class Row:
     def terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
 
-    def fingerprint(self) -> tuple:
-        """What changes the row (not the clock, which the page ticks itself)."""
-        return (self.status, self.stage, round(self.progress, 4), self.progress_message, self.worker,
-                self.cancel_requested, self.finished_iso, self.stage_started_iso, self.error_code)
-
     def as_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 

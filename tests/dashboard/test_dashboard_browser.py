@@ -271,6 +271,17 @@ def test_cancel_a_running_job_and_the_live_list(live, browser):
         alice.keep()
         _shot(page, "jobs-list.png")
 
+        # Pages in a browser without EventSource fall back to polling the small JSON endpoints.
+        polled = alice.context.new_page()
+        polled.add_init_script("window.EventSource = undefined")
+        polled.goto("/dashboard/jobs")
+        polled.locator("#live-state", has_text="polling").wait_for()
+        polled_job = alice.context.new_page()
+        polled_job.add_init_script("window.EventSource = undefined")
+        polled_job.goto(f"/dashboard/jobs/{jid}")
+        polled_job.locator("#live-state", has_text="polling").wait_for()
+        polled_job.evaluate("window.__notReloaded = true")
+
         row.get_by_role("link").first.click()
         page.wait_for_url(f"**/dashboard/jobs/{jid}")
         page.evaluate("window.__notReloaded = true")
@@ -282,6 +293,9 @@ def test_cancel_a_running_job_and_the_live_list(live, browser):
         page.locator("#job-status", has_text="cancelled").wait_for(timeout=60_000)
         assert page.evaluate("window.__notReloaded === true"), "the cancelled state needed a reload"
         assert page.get_by_role("button", name="Retry as a new job").is_visible()
+        polled.locator(f"#job-{jid} .badge-cancelled").wait_for(timeout=30_000)
+        polled_job.locator("#job-status", has_text="cancelled").wait_for(timeout=30_000)
+        assert polled_job.evaluate("window.__notReloaded === true")
         alice.keep()
         with httpx.Client(base_url=live.url, headers=auth(live.alice)) as c:
             assert c.get(f"/v1/jobs/{jid}").json()["status"] == "cancelled"

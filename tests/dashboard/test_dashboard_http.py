@@ -6,8 +6,7 @@ from __future__ import annotations
 import re
 import uuid
 
-import pytest
-from conftest import STORIES, auth, new_key
+from conftest import STORIES, auth
 
 from qaas.api.dashboard import auth as dash_auth
 
