@@ -137,3 +137,29 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     num = torch.linalg.vector_norm(w - w_hat.float().to(w.device)).item()
     den = torch.linalg.vector_norm(w).item()
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def default_eval_text(cache_dir: str | None) -> tuple[str | None, str | None]:
+    """WikiText-2 test (the text GPTQ papers report), fetched through `datasets` and joined as they join it.
+
+    Returns (path of the text file, None), or (None, why it is not available) when `datasets` is not
+    installed or no hub is reachable: evaluation is then skipped rather than failing the job.
+    """
+    import tempfile
+
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        return None, ("no evaluation text: set QAAS_EVAL_TEXT to a text file (e.g. WikiText-2 test joined "
+                      "with blank lines), or install `datasets` where a hub is reachable")
+    try:
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+    except Exception as exc:  # datasets raises many types when offline
+        return None, f"WikiText-2 test could not be fetched ({type(exc).__name__}); set QAAS_EVAL_TEXT to a local file"
+    text = "\n\n".join(rows)
+    folder = Path(cache_dir or tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"wikitext-2-raw-v1-test-{hashlib.sha256(text.encode()).hexdigest()[:12]}.txt"
+    if not path.exists():
+        path.write_text(text)
+    return str(path), None

@@ -19,7 +19,7 @@ import torch
 from .architecture import inspect_model, load_hf_config
 from .checkpoint import CheckpointReader, ShardedWriter
 from .errors import InvalidConfig
-from .evaluate import default_seqlen, load_eval_data, load_original_model, perplexity
+from .evaluate import default_eval_text, default_seqlen, load_eval_data, load_original_model, perplexity
 from .export import StagedOutput, carry_over_files, list_files, write_config, write_json
 from .methods.base import EngineContext, get_method
 from .options import EngineOptions
@@ -99,9 +99,12 @@ def quantize(
     fields = method.validate(request)
     method_stages = method.stages(fields)
     device = torch.device(options.resolved_device())
-    if options.evaluate:
-        if not options.eval_text_path:
-            raise InvalidConfig("evaluation needs eval_text_path (or evaluate=false)", field="eval_text_path")
+    eval_skipped: str | None = None
+    if options.evaluate and not options.eval_text_path:
+        # No operator text: WikiText-2 test through `datasets`, as GPTQ papers evaluate; when that is not
+        # reachable the job still delivers its model, and says why it has no perplexity.
+        options.eval_text_path, eval_skipped = default_eval_text(options.cache_dir)
+    if options.evaluate and options.eval_text_path:
         if not Path(options.eval_text_path).is_file():
             raise InvalidConfig(f"evaluation text {options.eval_text_path} does not exist", field="eval_text_path")
     block_name = request.get("block_name_to_quantize")
@@ -145,8 +148,11 @@ def quantize(
         clock.check_cancelled()
 
         evaluation = None
-        if options.evaluate:
+        if options.evaluate and options.eval_text_path:
             evaluation = _evaluate(ctx, method, staged.path, clock, config)
+        elif options.evaluate:
+            evaluation = {"skipped": eval_skipped}
+            clock.log(f"evaluation skipped: {eval_skipped}", level="warning")
 
         clock.stage("export")
         files = list_files(staged.path)
@@ -174,6 +180,8 @@ def quantize(
         "compression_ratio": round(size_before / size_after, 4) if size_after else None,
         "quantization_config": written_config["quantization_config"],
         "skipped_modules": result.skipped_modules,
+        # what calibrated the model (GPTQ): sample count, tokens, sha256 of the text
+        "calibration": (written_config["quantization_config"].get("meta") or {}).get("calibration"),
         "quantized_modules": len(result.quantized_modules),
         "layer_errors": {
             "mean": (sum(errs.values()) / len(errs)) if errs else None,
