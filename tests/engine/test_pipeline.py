@@ -90,11 +90,20 @@ def test_invalid_request_fails_before_work(qc, field, stories_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_evaluation_needs_text(stories_dir, tmp_path):
+def test_evaluation_without_reachable_text_is_skipped_with_a_reason(stories_dir, tmp_path):
+    """No operator text and no `datasets`/hub: the model is still delivered, the result says why no perplexity."""
+    r = quantize({"path": str(stories_dir)}, VARIANTS["nf4"], tmp_path / "out",
+                 options=_opts(stories_dir, evaluate=True, eval_text_path=None))
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert r["evaluation"]["skipped"] and "QAAS_EVAL_TEXT" in r["evaluation"]["skipped"]
+
+
+def test_missing_evaluation_file_is_refused_up_front(stories_dir, tmp_path):
     with pytest.raises(InvalidConfig) as exc:
         quantize({"path": str(stories_dir)}, VARIANTS["nf4"], tmp_path / "out",
-                 options=_opts(stories_dir, evaluate=True, eval_text_path=None))
+                 options=_opts(stories_dir, evaluate=True, eval_text_path=str(tmp_path / "nope.txt")))
     assert exc.value.field == "eval_text_path"
+    assert not (tmp_path / "out").exists()
 
 
 def test_sharded_output_loads(tiny_llama_dir, tmp_path):
