@@ -130,7 +130,7 @@ def _status(page) -> str:
     return page.locator("#job-status").inner_text().strip()
 
 
-def test_submit_watch_progress_live_and_see_the_result(live, browser):
+def test_submit_watch_progress_live_and_see_the_result(browser, live):
     alice = Session(browser, live.url, live.alice)
     try:
         listing = alice.context.new_page()
@@ -198,7 +198,7 @@ def test_submit_watch_progress_live_and_see_the_result(live, browser):
         alice.close()
 
 
-def test_submit_form_shows_validation_errors_by_their_fields(live, browser):
+def test_submit_form_shows_validation_errors_by_their_fields(browser, live):
     alice = Session(browser, live.url, live.alice)
     try:
         page = alice.page
@@ -223,7 +223,7 @@ def test_submit_form_shows_validation_errors_by_their_fields(live, browser):
         alice.close()
 
 
-def test_failed_job_shows_its_error_and_stage(live, browser):
+def test_failed_job_shows_its_error_and_stage(browser, live):
     bad = live.tmp / "pickle-model"
     bad.mkdir(exist_ok=True)
     shutil.copy(STORIES / "config.json", bad / "config.json")
@@ -245,7 +245,7 @@ def test_failed_job_shows_its_error_and_stage(live, browser):
         alice.close()
 
 
-def test_cancel_a_running_job_and_the_live_list(live, browser):
+def test_cancel_a_running_job_and_the_live_list(browser, live):
     alice = Session(browser, live.url, live.alice)
     try:
         page = alice.page
@@ -304,7 +304,7 @@ def test_cancel_a_running_job_and_the_live_list(live, browser):
         alice.close()
 
 
-def test_another_tenant_sees_none_of_these_jobs(live, browser):
+def test_another_tenant_sees_none_of_these_jobs(browser, live):
     with httpx.Client(base_url=live.url, headers=auth(live.alice)) as c:
         alice_jobs = [j["id"] for j in c.get("/v1/jobs").json()["items"]]
     assert alice_jobs
