@@ -301,8 +301,10 @@ def describe(job: dict, out: TextIO) -> None:
         print(f"size      {_size(result.get('size_before_bytes'))} -> {_size(result.get('size_after_bytes'))}"
               + (f" ({ratio:.2f}x smaller)" if isinstance(ratio, (int, float)) else ""), file=out)
         ev = result.get("evaluation") or {}
-        if ev.get("perplexity_before") is not None:
+        if ev.get("perplexity_before") is not None and ev.get("perplexity_after") is not None:
             print(f"perplexity {ev['perplexity_before']:.3f} -> {ev['perplexity_after']:.3f}", file=out)
+        elif ev.get("skipped"):
+            print(f"perplexity not measured: {ev['skipped']}", file=out)
         hub = result.get("hub") or {}
         if hub:
             print(f"hub       {hub.get('url') or hub.get('repo_id')}"

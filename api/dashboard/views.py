@@ -283,6 +283,7 @@ def result_view(job: Job) -> dict[str, Any] | None:
         "ppl_change": (f"{(after / before - 1) * 100:+.2f} %" if isinstance(before, (int, float))
                        and isinstance(after, (int, float)) and before else None),
         "eval_windows": ev.get("windows"),
+        "eval_skipped": ev.get("skipped"),
         "mean_error": f"{le['mean']:.4f}" if isinstance(le.get("mean"), (int, float)) else "–",
         "max_error": f"{le['max']:.4f}" if isinstance(le.get("max"), (int, float)) else "–",
         "skipped": r.get("skipped_modules") or [],
