@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, inspect, select, text
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from qaas.db.models import TERMINAL_STATUSES, Job, JobEvent, utcnow
@@ -297,30 +297,9 @@ def result_view(job: Job) -> dict[str, Any] | None:
 
 # --- webhook deliveries ---------------------------------------------------------------------------
 
-DELIVERIES_TABLE = "webhook_deliveries"
-
 
 def list_deliveries(session: Session, job_id: uuid.UUID) -> list[dict[str, Any]]:
-    """PLACEHOLDER until webhook deliveries land (issue 5): returns [] while the table does not exist.
+    """The job's webhook deliveries as GET /v1/jobs/{id}/deliveries gives them (the caller checks ownership)."""
+    from qaas.api.webhooks.service import job_deliveries
 
-    When the deliveries table exists, its rows for this job are read generically (newest first) and
-    the page shows the columns it knows (status, attempt, response code, error, times). Replace this
-    with a call to the deliveries service once it exists (the same data as GET /v1/jobs/{id}/deliveries).
-    """
-    try:
-        if not inspect(session.get_bind()).has_table(DELIVERIES_TABLE):
-            return []
-        rows = session.execute(
-            text(f"SELECT * FROM {DELIVERIES_TABLE} WHERE job_id = :job_id ORDER BY created_at LIMIT 50"),
-            {"job_id": job_id},
-        ).mappings().all()
-    except Exception:  # an unexpected shape must not break the job page
-        log.warning("could not read webhook deliveries", exc_info=True)
-        session.rollback()
-        return []
-    out = []
-    for r in rows:
-        d = dict(r)
-        d.pop("payload", None)  # the body sent; large, and not needed to see how delivery went
-        out.append(d)
-    return out
+    return [d.model_dump() for d in job_deliveries(session, job_id)]

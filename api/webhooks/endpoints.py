@@ -12,7 +12,6 @@ from sqlalchemy import select
 from qaas.api.deps import CallerDep, SessionDep, SettingsDep
 from qaas.api.problems import Problem
 from qaas.api.webhooks.schemas import (
-    DeliveryAttemptOut,
     DeliveryOut,
     HubTokenIn,
     HubTokenStatus,
@@ -22,7 +21,8 @@ from qaas.api.webhooks.schemas import (
     WebhookEndpointOut,
 )
 from qaas import job_store
-from qaas.db.models import DeliveryAttempt, HubCredential, WebhookDelivery, WebhookEndpoint, utcnow
+from qaas.api.webhooks.service import delivery_out, job_deliveries
+from qaas.db.models import HubCredential, WebhookDelivery, WebhookEndpoint, utcnow
 from qaas.kit.webhook_signing import generate_secret
 from qaas.security import decrypt_secret, encrypt_secret
 from qaas.api.webhook_urls import check_webhook_url
@@ -97,16 +97,6 @@ def rotate_secret(webhook_id: str, caller: CallerDep, session: SessionDep, setti
     return SecretRotated(secret=secret, previous_secret_expires_at=expires)
 
 
-def _delivery_out(session, d: WebhookDelivery) -> DeliveryOut:
-    attempts = session.scalars(select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == d.id).order_by(DeliveryAttempt.id)).all()
-    return DeliveryOut(
-        id=d.id, webhook_id=d.msg_id, endpoint_id=d.endpoint_id, url=d.url, event_type=d.event_type, status=d.status,
-        attempts=d.attempts, next_attempt_at=d.next_attempt_at, last_status_code=d.last_status_code,
-        last_error=d.last_error, created_at=d.created_at, delivered_at=d.delivered_at,
-        attempt_log=[DeliveryAttemptOut(attempted_at=a.attempted_at, outcome=a.outcome, status_code=a.status_code,
-                                        duration_ms=a.duration_ms, error=a.error) for a in attempts])
-
-
 def _own_job(session, caller, job_id: str):
     try:
         jid = uuid.UUID(job_id)
@@ -122,8 +112,7 @@ def _own_job(session, caller, job_id: str):
 def list_deliveries(job_id: str, caller: CallerDep, session: SessionDep):
     """Every webhook delivery of the job, with every attempt."""
     job = _own_job(session, caller, job_id)
-    rows = session.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job.id).order_by(WebhookDelivery.created_at)).all()
-    return [_delivery_out(session, d) for d in rows]
+    return job_deliveries(session, job.id)
 
 
 @router.post("/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver", status_code=202, response_model=DeliveryOut,
@@ -145,7 +134,7 @@ def redeliver(job_id: str, delivery_id: str, caller: CallerDep, session: Session
     from qaas.queue import send_delivery
 
     send_delivery(settings, d.id)
-    return _delivery_out(session, d)
+    return delivery_out(session, d)
 
 
 @router.put("/v1/hub-token", status_code=204, operation_id="put_hub_token")

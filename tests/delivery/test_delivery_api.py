@@ -113,3 +113,18 @@ def test_job_hf_token_is_never_returned(client, api_key, settings):
         job_store.finish(s, job.id, j.attempt, JobStatus.failed, error={"code": "x", "message": "y"})
     with session_scope(settings.resolved_database_url) as s:
         assert s.get(Job, uuid.UUID(jid)).hf_token_encrypted is None  # wiped with the verdict
+
+
+def test_dashboard_lists_the_same_deliveries_as_the_api(client, api_key, settings):
+    from qaas.api.dashboard import views
+
+    body = {"model": {"path": str(STORIES)}, "quantization_config": NF4, "webhook": {"url": "https://hooks.example.com/x"}}
+    jid = uuid.UUID(client.post("/v1/jobs", json=body, headers=auth(api_key)).json()["id"])
+    with session_scope(settings.resolved_database_url) as s:
+        job = job_store.claim(s, jid, worker="w", lease_s=5)
+        job_store.finish(s, jid, job.attempt, JobStatus.failed, error={"code": "x", "message": "y"})
+    api = client.get(f"/v1/jobs/{jid}/deliveries", headers=auth(api_key)).json()
+    with session_scope(settings.resolved_database_url) as s:
+        page = views.list_deliveries(s, jid)
+    assert [(d["event_type"], d["status"], d["url"]) for d in page] == [(d["event_type"], d["status"], d["url"]) for d in api]
+    assert page[0]["event_type"] == "job.failed"
