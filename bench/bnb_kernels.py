@@ -40,6 +40,33 @@ def bench(fn, inputs, rep=200):
     return triton.testing.do_bench(run, warmup=25, rep=rep, return_mode="median")  # ms
 
 
+def bench_graph(fn, inputs, rep=200):
+    """Device time without the host: one CUDA graph per rotated input, replayed in turn (the host-side cost of a
+    call on this machine is reported separately)."""
+    graphs = []
+    for x in inputs:
+        fn(x)  # compile / warm up outside the capture
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn(x)
+        graphs.append(g)
+    it = iter(range(10**9))
+    return triton.testing.do_bench(lambda: graphs[next(it) % len(graphs)].replay(), warmup=25, rep=rep,
+                                   return_mode="median")  # fmt: skip
+
+
+def host_us(fn, x, n=300):
+    for _ in range(20):
+        fn(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn(x)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 def make_inputs(shape, dtype=torch.float16):
     nbytes = shape[0] * shape[1] * 2
     k = max(2, -(-L2_ROTATE_BYTES // nbytes))
@@ -81,6 +108,8 @@ def main():
     rows = []
 
     def add(op, shape, impl, ms, nbytes):
+        if ms is None:
+            return
         gbps = nbytes / ms / 1e6
         rows.append({"op": op, "shape": list(shape), "impl": impl, "ms": ms, "GBps": gbps, "frac_copy": gbps / bw})
         print(f"{op:14s} {str(shape):14s} {impl:6s} {ms * 1e3:9.1f} us {gbps:8.0f} GB/s {gbps / bw:6.1%}", flush=True)
@@ -102,39 +131,58 @@ def main():
             add("quant_nf4", shape, impl, bench(f_nf4, xs), q_bytes)
             add("quant_nf4_dq", shape, impl, bench(f_dq, xs), dq_bytes)
             add("quant_int8", shape, impl, bench(f_i8, xs), 2 * n + n + 4 * shape[0])
+            if impl == "qaas":  # the same calls captured in CUDA graphs: device time, no host overhead
+                add("quant_nf4", shape, "qaas-graph", bench_graph(f_nf4, xs), q_bytes)
+                add("quant_nf4_dq", shape, "qaas-graph", bench_graph(f_dq, xs), dq_bytes)
+                add("quant_int8", shape, "qaas-graph", bench_graph(f_i8, xs), 2 * n + n + 4 * shape[0])
         # dequantize: packed inputs rotated too
         ours = [bnb4.quantize_4bit(x, blocksize=64, quant_type="nf4") for x in xs]
         theirs = [F.quantize_4bit(x, blocksize=64, quant_type="nf4") for x in xs]
         assert all(torch.equal(a[0], b[0]) for a, b in zip(ours, theirs)), "packed bytes differ from bitsandbytes"
         d_bytes = n // 2 + 4 * (n // 64) + 2 * n
         add("dequant_nf4", shape, "qaas", bench(lambda t: bnb4.dequantize_4bit(*t), ours), d_bytes)
+        add("dequant_nf4", shape, "qaas-graph", bench_graph(lambda t: bnb4.dequantize_4bit(*t), ours), d_bytes)
         add("dequant_nf4", shape, "bnb", bench(lambda t: F.dequantize_4bit(*t), theirs), d_bytes)
         i8s = [int8.quantize_int8_rowwise(x) for x in xs]
         i8_bytes = n + 4 * shape[0] + 2 * n
         add("dequant_int8", shape, "qaas", bench(lambda t: int8.dequantize_int8_rowwise(*t), i8s), i8_bytes)
+        add("dequant_int8", shape, "qaas-graph", bench_graph(lambda t: int8.dequantize_int8_rowwise(*t), i8s),
+            i8_bytes)  # fmt: skip
         add("dequant_int8", shape, "bnb",
             bench(lambda t: F.int8_vectorwise_dequant(*t).to(torch.float16), i8s), i8_bytes)  # fmt: skip
         del xs, ours, theirs, i8s
         torch.cuda.empty_cache()
 
-    # tile sweep of the quantize kernel on the largest shape (the default is what the table above used)
+    # sweep of the fast quantize kernel on the largest shape (graph-timed; the default is what the table used)
     from qaas.kernels import bnb4_triton
 
     xs = make_inputs(SHAPES[-1])
     n = xs[0].numel()
     sweep = []
-    default = dict(bnb4_triton.QUANT_TILE)
-    for elems, warps in [(2048, 4), (1024, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 16), (2048, 2)]:
-        bnb4_triton.QUANT_TILE.update(elems=elems, warps=warps)
-        ms = bench(lambda x: bnb4.quantize_4bit(x, blocksize=64), xs)
+    default = dict(bnb4_triton.FAST_TILE)
+    for mode, bpp, warps, per_sm in [(1, 32, 4, 0), (1, 64, 8, 0), (1, 16, 4, 0), (1, 32, 4, 8), (0, 32, 4, 0)]:
+        bnb4_triton.FAST_TILE.update(mode=mode, bpp=bpp, warps=warps, per_sm=per_sm)
+        ms = bench_graph(lambda x: bnb4.quantize_4bit(x, blocksize=64), xs)
         gbps = (2 * n + n // 2 + 4 * (n // 64)) / ms / 1e6
-        sweep.append({"elems": elems, "warps": warps, "ms": ms, "GBps": gbps, "frac_copy": gbps / bw})
-        print(f"sweep quant_nf4 tile={elems} warps={warps}: {ms * 1e3:.1f} us {gbps:.0f} GB/s {gbps / bw:.1%}", flush=True)
-    bnb4_triton.QUANT_TILE.update(default)
+        sweep.append({"mode": "bins" if mode else "tree", "bpp": bpp, "warps": warps, "per_sm": per_sm, "ms": ms,
+                      "GBps": gbps, "frac_copy": gbps / bw})  # fmt: skip
+        print(f"sweep {sweep[-1]}", flush=True)
+    bnb4_triton.FAST_TILE.update(default)
+    x = xs[0][:64, :64].contiguous()
+    info["host_us_per_call"] = {
+        "qaas quantize_4bit nf4": host_us(lambda t: bnb4.quantize_4bit(t), x),
+        "qaas quantize_4bit nf4+dq": host_us(lambda t: bnb4.quantize_4bit(t, compress_statistics=True), x),
+        "bnb quantize_4bit nf4": host_us(lambda t: F.quantize_4bit(t, blocksize=64, quant_type="nf4"), x),
+        "bnb quantize_4bit nf4+dq": host_us(
+            lambda t: F.quantize_4bit(t, blocksize=64, quant_type="nf4", compress_statistics=True), x),
+    }  # fmt: skip
+    print("# host overhead:", info["host_us_per_call"], flush=True)
     del xs
     torch.cuda.empty_cache()
     model = None if args.skip_model else whole_model()
-    result = {"info": info, "rows": rows, "model": model, "quant_tile_sweep": sweep}
+    if model is not None:
+        model["overlapped"] = whole_model_overlapped()
+    result = {"info": info, "rows": rows, "model": model, "fast_tile_sweep": sweep}
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     write_md(result, args.out + ".md")
@@ -200,6 +248,68 @@ def whole_model(n_blocks=32, hidden=4096, mlp=14336, kv=1024):
     return res
 
 
+def whole_model_overlapped(n_blocks=32, hidden=4096, mlp=14336, kv=1024):
+    """The same conversion pipelined over three streams: H2D of block i+1 (copy stream, double-buffered device
+    weights) and D2H of block i-1's results (second copy stream) run while the kernels of block i run."""
+    shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (mlp, hidden), (mlp, hidden),
+              (hidden, mlp)]  # fmt: skip
+    per_block = sum(a * b for a, b in shapes)
+    host = [torch.randn(per_block, dtype=torch.float16).pin_memory() for _ in range(2)]
+    bufs = [torch.empty(per_block, dtype=torch.float16, device="cuda") for _ in range(2)]
+    out_bytes = per_block // 2 + per_block // 64 + 4 * (per_block // 64 // 256 + 16) + 64
+    out_host = [torch.empty(out_bytes, dtype=torch.uint8).pin_memory() for _ in range(2)]
+    comp = torch.cuda.current_stream()
+    h2d_s, d2h_s = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def run(n):
+        h2d_done = [torch.cuda.Event() for _ in range(2)]
+        comp_done = [torch.cuda.Event() for _ in range(2)]
+        d2h_done = [torch.cuda.Event() for _ in range(2)]
+        keep = []
+        with torch.cuda.stream(h2d_s):
+            bufs[0].copy_(host[0], non_blocking=True)
+            h2d_done[0].record()
+        for i in range(n):
+            j = i % 2
+            if i + 1 < n:  # prefetch the next block once the kernels that read its buffer (block i-1) are done
+                with torch.cuda.stream(h2d_s):
+                    if i >= 1:
+                        h2d_s.wait_event(comp_done[1 - j])
+                    bufs[1 - j].copy_(host[(i + 1) % 2], non_blocking=True)
+                    h2d_done[1 - j].record()
+            comp.wait_event(h2d_done[j])
+            if i >= 2:
+                comp.wait_event(d2h_done[j])  # out_host[j] is free again (not strictly needed for the device)
+            outs, off = [], 0
+            for a, b in shapes:
+                w = bufs[j][off : off + a * b].view(a, b)
+                off += a * b
+                outs.append(bnb4.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True))
+            comp_done[j].record()
+            with torch.cuda.stream(d2h_s):
+                d2h_s.wait_event(comp_done[j])
+                o = 0
+                for p, st in outs:
+                    for t in (p.view(-1), st.absmax, st.nested_absmax.view(torch.uint8),
+                              st._offset_tensor("cuda").view(torch.uint8)):  # fmt: skip
+                        out_host[j][o : o + t.numel()].copy_(t.view(-1), non_blocking=True)
+                        o += t.numel()
+                d2h_done[j].record()
+            keep.append(outs)  # results stay referenced until the end (the allocator must not reuse them early)
+        torch.cuda.synchronize()
+        return keep
+
+    run(2)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run(n_blocks)
+    wall = time.perf_counter() - t0
+    gb = n_blocks * per_block * 2 / 1e9
+    res = {"blocks": n_blocks, "wall_s": wall, "GBps_fp16_in": gb / wall}
+    print("# whole model, overlapped:", res, flush=True)
+    return res
+
+
 def write_md(r, path):
     info = r["info"]
     L = ["# bitsandbytes-compatible kernels: qaas vs bitsandbytes", ""]
@@ -208,27 +318,44 @@ def write_md(r, path):
     L.append(f"Device-to-device copy (read + write) in the same run: **{info['copy_GBps']:.0f} GB/s**.")
     L.append("Command: `python -P bench/bnb_kernels.py --out bench/results/bnb_kernels` (medians of "
              "triton.testing.do_bench, fp16 random normal weights rotated over >= 256 MB, blocksize 64).")  # fmt: skip
-    L += ["", "| op | shape | qaas µs | GB/s | of copy | bnb µs | GB/s | of copy | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    L += ["", "qaas device = the same public call captured in CUDA graphs (device time; rotated inputs); qaas API = "
+          "plain calls, which on this host are bound by Python/launch time at the small shapes (see host time below).",
+          "", "| op | shape | qaas device µs | GB/s | of copy | qaas API µs | of copy | bnb µs | GB/s | of copy "
+          "| speed-up device | speed-up API |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     rows = r["rows"]
     keys = []
     for x in rows:
         k = (x["op"], tuple(x["shape"]))
         if k not in keys:
             keys.append(k)
+
+    def get(op, shape, impl):
+        return next((x for x in rows if x["op"] == op and tuple(x["shape"]) == shape and x["impl"] == impl), None)
+
     for op, shape in keys:
-        a = next(x for x in rows if x["op"] == op and tuple(x["shape"]) == shape and x["impl"] == "qaas")
-        b = next(x for x in rows if x["op"] == op and tuple(x["shape"]) == shape and x["impl"] == "bnb")
-        L.append(f"| {op} | {shape[0]}×{shape[1]} | {a['ms'] * 1e3:.1f} | {a['GBps']:.0f} | {a['frac_copy']:.0%} | "
-                 f"{b['ms'] * 1e3:.1f} | {b['GBps']:.0f} | {b['frac_copy']:.0%} | {b['ms'] / a['ms']:.2f}× |")  # fmt: skip
-    if r.get("quant_tile_sweep"):
-        L += ["", "Quantize-kernel tile sweep (NF4, 28672×8192): " + ", ".join(
-            f"{s['elems']}/{s['warps']}w {s['ms'] * 1e3:.0f} µs ({s['frac_copy']:.0%})" for s in r["quant_tile_sweep"])]
+        a, g, b = get(op, shape, "qaas"), get(op, shape, "qaas-graph") or get(op, shape, "qaas"), get(op, shape, "bnb")
+        L.append(f"| {op} | {shape[0]}×{shape[1]} | {g['ms'] * 1e3:.1f} | {g['GBps']:.0f} | {g['frac_copy']:.0%} | "
+                 f"{a['ms'] * 1e3:.1f} | {a['frac_copy']:.0%} | "
+                 f"{b['ms'] * 1e3:.1f} | {b['GBps']:.0f} | {b['frac_copy']:.0%} | {b['ms'] / g['ms']:.2f}× | "
+                 f"{b['ms'] / a['ms']:.2f}× |")  # fmt: skip
+    if r.get("fast_tile_sweep"):
+        L += ["", "Fast quantize kernel sweep (NF4, 28672×8192, CUDA-graph timed; mode/blocks per program/warps/"
+              "programs per SM for a persistent grid, 0 = one program per tile): " + ", ".join(
+            f"{s['mode']}/{s['bpp']}/{s['warps']}w/{s['per_sm']} {s['ms'] * 1e3:.0f} µs ({s['frac_copy']:.0%})"
+            for s in r["fast_tile_sweep"])]  # fmt: skip
+    if info.get("host_us_per_call"):
+        L += ["", "Host time per call on this machine (tiny 64×64 weight, 300 calls, one sync): " + ", ".join(
+            f"{k} {v:.0f} µs" for k, v in info["host_us_per_call"].items())]  # fmt: skip
     m = r.get("model")
     if m:
         L += ["", f"## Whole-model conversion (Llama-shaped, {m['blocks']} blocks, 7 linears each, NF4 + double quant)", ""]
         L.append(f"{m['weights_GB_fp16']:.2f} GB of fp16 weights from pinned host memory: **{m['wall_s']:.2f} s** end to end; "
                  f"H2D {m['h2d_s']:.2f} s ({m['h2d_GBps']:.1f} GB/s), kernels {m['kernels_s']:.3f} s, D2H {m['d2h_s']:.2f} s "
                  "(serialized in one stream so each phase is timed with events).")  # fmt: skip
+        if m.get("overlapped"):
+            o = m["overlapped"]
+            L.append(f"Pipelined (H2D of block i+1 and D2H of block i-1 on two copy streams while block i's kernels "
+                     f"run, pinned host memory): **{o['wall_s']:.2f} s** ({o['GBps_fp16_in']:.1f} GB/s of fp16 in).")  # fmt: skip
     open(path, "w").write("\n".join(L) + "\n")
 
 

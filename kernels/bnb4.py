@@ -4,10 +4,14 @@ Public API: ``QuantState4bit``, ``quantize_4bit``, ``dequantize_4bit``.
 
 bitsandbytes quantizes with different arithmetic on its two devices, and we follow the device of the input:
 
-* CUDA tensors follow bitsandbytes' CUDA kernels (csrc ``kQuantizeBlockwise``): ``inv = 1.0f / absmax`` once per
-  block, ``x * inv`` for every element, the ``dQuantizeNF4`` / ``dQuantizeFP4`` decision trees (float literals,
-  ``x > t``; an all-zero block gives NaN and code 0), and for the double quantization the ``dQuantize`` binary
-  search over the signed dynamic map.
+* CUDA tensors follow bitsandbytes' CUDA kernels (csrc ``kQuantizeBlockwise``, built with ``--use_fast_math``):
+  ``inv = 1.0f / absmax`` once per block, which is ``MUFU.RCP`` (``rcp.approx.ftz.f32``, not the IEEE quotient),
+  ``x * inv`` for every element, the ``dQuantizeNF4`` / ``dQuantizeFP4`` decision trees (``x > t`` against the
+  float32 immediates of the compiled kernel; an all-zero block gives NaN and code 0), and for the double
+  quantization the same reciprocal and the ``dQuantize`` binary search over the signed dynamic map. The torch
+  reference issues ``rcp.approx.ftz.f32`` through torch's jiterator on CUDA tensors; on CPU tensors forced to the
+  CUDA rules it uses the IEEE quotient, as the Triton interpreter does. (Flush-to-zero of denormal *inputs*, which
+  only bf16/fp32 weights below 1.2e-38 can have, is not emulated.)
 * CPU tensors follow bitsandbytes' CPU backend: the default 4-bit op (``x * (1/absmax)`` on full blocks,
   ``x / absmax`` on the partial last block, absmax clamped to 1e-38, ``torch.bucketize`` over float32 midpoints)
   and the native CPU 8-bit quantizer for the double quantization (65536-entry lookup table).
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +51,14 @@ class QuantState4bit:
     def nested(self) -> bool:
         return self.nested_absmax is not None
 
+    def _offset_tensor(self, device) -> torch.Tensor:
+        """The offset as a float32 [1] tensor on `device`, without a host round trip when it was computed there."""
+        t = self.__dict__.get("_offset_dev")
+        d = torch.device(device)
+        if t is not None and t.device.type == d.type and (d.index is None or t.device.index == d.index):
+            return t.reshape(1)
+        return torch.tensor([self.offset], dtype=torch.float32, device=device)
+
     def as_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
         """The entries bitsandbytes' ``QuantState.as_dict(packed=True)`` writes (as Params4bit / Linear4bit save
         them under ``<module>.weight.``), with the same keys, dtypes, shapes and bytes."""
@@ -70,6 +83,28 @@ class QuantState4bit:
         blob = json.dumps(meta).encode("utf-8")
         out[f"{p}.quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(list(blob), dtype=torch.uint8)
         return out
+
+
+def _get_offset(self) -> float | None:
+    v = self.__dict__.get("_offset_v")
+    if v is None and self.__dict__.get("_offset_dev") is not None:
+        v = float(self.__dict__["_offset_dev"].item())  # the one host sync of a double-quantized state
+        self.__dict__["_offset_v"] = v
+    return v
+
+
+def _set_offset(self, v) -> None:
+    # quantize_4bit hands over the 0-dim device tensor of the mean: reading `.offset` syncs once, later; nothing
+    # in quantize_4bit waits for the device.
+    if isinstance(v, torch.Tensor):
+        self.__dict__["_offset_dev"] = v.detach().reshape(()).to(torch.float32)
+        self.__dict__["_offset_v"] = None
+    else:
+        self.__dict__["_offset_dev"] = None
+        self.__dict__["_offset_v"] = None if v is None else float(v)
+
+
+QuantState4bit.offset = property(_get_offset, _set_offset)  # the dataclass field stays `offset: float | None`
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,6 +147,32 @@ def _validate_quantize(x: torch.Tensor, blocksize: int, quant_type: str) -> None
 # ----------------------------------------------------------------------------------------------------------------
 # torch references
 
+_RCP_CODE = """
+template <typename T> T qaas_rcp_approx_ftz(T x) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(static_cast<float>(x)));
+    return static_cast<T>(r);
+}
+"""
+_rcp_fn: list = []
+
+
+def _rcp_cuda_ref(a: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' CUDA ``1.0f / a`` (MUFU.RCP, rcp.approx.ftz.f32) for float32 `a`. On a CUDA tensor through
+    torch's jiterator (NVRTC, inline PTX); elsewhere the IEEE quotient (the CPU emulation of the CUDA rules)."""
+    if a.is_cuda:
+        if not _rcp_fn:
+            try:
+                fn = torch.cuda.jiterator._create_jit_fn(_RCP_CODE)
+                fn(torch.ones(1, device=a.device))
+                _rcp_fn.append(fn)
+            except Exception as e:  # pragma: no cover - depends on NVRTC being usable
+                warnings.warn(f"jiterator unavailable ({e}); the CUDA torch reference uses the IEEE reciprocal")
+                _rcp_fn.append(None)
+        if _rcp_fn[0] is not None:
+            return _rcp_fn[0](a.contiguous())
+    return 1.0 / a
+
 
 def _codes_cuda_ref(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     """CUDA decision trees, as counts over the sorted float32 thresholds (NaN -> 0)."""
@@ -153,7 +214,7 @@ def _quantize_4bit_codes_ref(x: torch.Tensor, blocksize: int, quant_type: str, f
         padded[:n] = a
         blocks = padded.view(nb, blocksize)
         absmax = blocks.abs().amax(dim=1)
-        inv = 1.0 / absmax  # IEEE division; 1/0 = inf -> 0*inf = NaN -> code 0, as on CUDA
+        inv = _rcp_cuda_ref(absmax)  # rcp(0) = inf -> 0*inf = NaN -> code 0, as on CUDA
         scaled = (blocks * inv[:, None]).reshape(-1)
         q8 = _codes_cuda_ref(scaled, quant_type)[: n + (n % 2)]
     packed = ((q8[::2] << 4) | q8[1::2]).unsqueeze(1)
@@ -199,7 +260,7 @@ def _double_quant_ref(absmax: torch.Tensor, flavor: str):
     padded[:nb] = a
     blocks = padded.view(nnb, bs)
     nab = blocks.abs().amax(dim=1)
-    inv = 1.0 / nab
+    inv = _rcp_cuda_ref(nab) if flavor == "cuda" else 1.0 / nab
     v = blocks * inv[:, None]
     if flavor == "cpu":
         lut = cb.dynamic_lut(a.device)
@@ -230,7 +291,7 @@ def _absmax_f32_ref(state: QuantState4bit) -> torch.Tensor:
     code8 = state.nested_code
     nab = state.nested_absmax.repeat_interleave(state.nested_blocksize)[: state.absmax.numel()]
     a = code8[state.absmax.long()] * nab
-    return a + torch.tensor(state.offset, dtype=torch.float32, device=a.device)
+    return a + state._offset_tensor(a.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,7 +329,7 @@ def quantize_4bit(
             quant_type=quant_type,
             dtype=x.dtype,
             shape=tuple(x.shape),
-            offset=offset_t.item(),
+            offset=offset_t,  # device tensor: no host sync here (QuantState4bit.offset reads it once, lazily)
             nested_absmax=nab,
             nested_code=cb.on_device("dynamic", x.device).clone(),
         )

@@ -8,12 +8,25 @@
 
 All kernels are launched with ``enable_fp_fusion=False``: bitsandbytes rounds every product and sum separately,
 and a fused multiply-add would change the last bit.
+
+bitsandbytes' CUDA library is built with ``--use_fast_math``: its ``1.0f / absmax`` is ``MUFU.RCP``
+(``rcp.approx.ftz.f32``, not the IEEE quotient; read off the sm_90 SASS of kQuantizeBlockwise). Compiled, our CUDA
+rule set issues the same instruction through inline PTX; in the Triton interpreter (CPU tests) there is no PTX, and
+the CUDA rule set falls back to the IEEE quotient (the torch reference does the same on CPU tensors).
+
+* ``_quantize4_pairs_kernel``: the fast path for CUDA tensors (fp16/bf16, even length): the weight is read as
+  32-bit words (an element pair = one output byte), [BPP, blocksize/2] words per tile with 16-byte loads, the row
+  max over both halves, and the byte is ``(code(lo) << 4) | code(hi)`` in the same thread: no reshape/split, no
+  shared memory but the warp shuffles of the row max. NF4 codes come from a 34-bin table on ``s + 3.0`` (one
+  8-byte gather from L1 + one compare per element) instead of a 4-level tree (15 ALU ops per element).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -21,6 +34,28 @@ import triton.language as tl
 from . import codebooks as cb
 
 _FLAVOR = {"cuda": 0, "cpu": 1}
+
+_N0, _N1, _N2, _N3, _N4, _N5, _N6, _N7, _N8, _N9, _N10, _N11, _N12, _N13, _N14 = (
+    tl.constexpr(t) for t in cb.NF4_CUDA_THRESHOLDS
+)
+_F0, _F1, _F2, _F3, _F4, _F5, _F6 = (tl.constexpr(t) for t in cb.FP4_CUDA_THRESHOLDS)
+
+
+def _use_asm() -> bool:
+    """Inline PTX only when Triton compiles (not in the interpreter)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True")
+
+
+@triton.jit
+def _rcp_cuda(a, USE_ASM: tl.constexpr):
+    """bitsandbytes' CUDA ``1.0f / a`` under --use_fast_math: MUFU.RCP (rcp.approx.ftz.f32)."""
+    if USE_ASM:
+        r = tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [a], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        r = tl.math.div_rn(tl.full(a.shape, 1.0, tl.float32), a)
+    return r
 
 
 @triton.jit
@@ -93,6 +128,7 @@ def _quantize4_kernel(
     BPP: tl.constexpr,
     QT: tl.constexpr,
     FLAVOR: tl.constexpr,
+    USE_ASM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     blk = pid * BPP + tl.arange(0, BPP)  # [BPP]
@@ -101,7 +137,7 @@ def _quantize4_kernel(
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     am = tl.max(tl.abs(x), axis=1)  # [BPP]
     if FLAVOR == 0:
-        inv = tl.math.div_rn(tl.full(am.shape, 1.0, tl.float32), am)  # 1/0 = inf: zero block -> NaN -> code 0
+        inv = _rcp_cuda(am, USE_ASM)  # 1/0 = inf: zero block -> NaN -> code 0
         s = x * inv[:, None]
         am_store = am
     else:
@@ -120,8 +156,93 @@ def _quantize4_kernel(
 
 
 @triton.jit
+def _nf4_tree_const(s):
+    """dQuantizeNF4 with the thresholds as immediates (cb.NF4_CUDA_THRESHOLD_BITS): 4 compares + 11 selects."""
+    b3 = s > _N7
+    b2 = s > tl.where(b3, _N11, _N3)
+    b1 = s > tl.where(b3, tl.where(b2, _N13, _N9), tl.where(b2, _N5, _N1))
+    t0 = tl.where(
+        b3,
+        tl.where(b2, tl.where(b1, _N14, _N12), tl.where(b1, _N10, _N8)),
+        tl.where(b2, tl.where(b1, _N6, _N4), tl.where(b1, _N2, _N0)),
+    )
+    b0 = s > t0
+    return b3.to(tl.int32) * 8 + b2.to(tl.int32) * 4 + b1.to(tl.int32) * 2 + b0.to(tl.int32)
+
+
+@triton.jit
+def _fp4_tree_const(s):
+    """dQuantizeFP4: sign bit + 3-level tree on |s| with immediates, leaf c -> c ^ ((c & 2) << 1)."""
+    a = tl.abs(s)
+    b2 = a > _F3
+    b1 = a > tl.where(b2, _F5, _F1)
+    b0 = a > tl.where(b2, tl.where(b1, _F6, _F4), tl.where(b1, _F2, _F0))
+    c = b2.to(tl.int32) * 4 + b1.to(tl.int32) * 2 + b0.to(tl.int32)
+    return (c ^ ((c & 2) << 1)) | ((s < 0).to(tl.int32) * 8)
+
+
+@triton.jit
+def _nf4_bins(s, tab_ptr):
+    """NF4 code by table: bin = (bits(s + 3.0) >> 18) - 4095 in [0, 34]: entry 0 holds s < -1 (x * rcp(absmax)
+    can undershoot -1 by an ulp: s + 3.0 then drops into the binade below 2), entries 1..33 the bins of 1/16 over
+    [-1, 1], entry 34 NaN (all-zero block; clamped). Each bin holds at most one threshold; entry =
+    (base code << 32) | threshold bits; code = base + (s > threshold)."""
+    u = (s + 3.0).to(tl.uint32, bitcast=True) >> 18
+    u = tl.minimum(u, 4095 + 34)
+    e = tl.load(tab_ptr + (u.to(tl.int32) - 4095))
+    thr = e.to(tl.int32).to(tl.float32, bitcast=True)
+    return (e >> 32).to(tl.int32) + (s > thr).to(tl.int32)
+
+
+@triton.jit
+def _pairs_tile(w_ptr, packed_ptr, absmax_ptr, tab_ptr, tile, n_words, n_blocks,
+                WPB: tl.constexpr, BPP: tl.constexpr, IS_BF16: tl.constexpr, QT: tl.constexpr,
+                MODE: tl.constexpr, USE_ASM: tl.constexpr):  # fmt: skip
+    blk = tile * BPP + tl.arange(0, BPP)
+    offs = blk.to(tl.int64)[:, None] * WPB + tl.arange(0, WPB)[None, :]  # word (= output byte) index
+    m = offs < n_words
+    w = tl.load(w_ptr + offs, mask=m, other=0)
+    if IS_BF16:
+        lo = (w << 16).to(tl.float32, bitcast=True)
+        hi = (w & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    am = tl.max(tl.maximum(tl.abs(lo), tl.abs(hi)), axis=1)
+    tl.store(absmax_ptr + blk, am, mask=blk < n_blocks)
+    inv = _rcp_cuda(am, USE_ASM)[:, None]
+    s0 = lo * inv
+    s1 = hi * inv
+    if QT == 0:
+        if MODE == 1:
+            c0 = _nf4_bins(s0, tab_ptr)
+            c1 = _nf4_bins(s1, tab_ptr)
+        else:
+            c0 = _nf4_tree_const(s0)
+            c1 = _nf4_tree_const(s1)
+    else:
+        c0 = _fp4_tree_const(s0)
+        c1 = _fp4_tree_const(s1)
+    tl.store(packed_ptr + offs, ((c0 << 4) | c1).to(tl.uint8), mask=m)
+
+
+@triton.jit
+def _quantize4_pairs_kernel(w_ptr, packed_ptr, absmax_ptr, tab_ptr, n_words, n_blocks, n_tiles,
+                            WPB: tl.constexpr, BPP: tl.constexpr, IS_BF16: tl.constexpr, QT: tl.constexpr,
+                            MODE: tl.constexpr, USE_ASM: tl.constexpr, PERSIST: tl.constexpr):  # fmt: skip
+    """CUDA rule set, fp16/bf16 input read as int32 words (element pairs). PERSIST: grid-stride loop over tiles."""
+    if PERSIST:
+        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            _pairs_tile(w_ptr, packed_ptr, absmax_ptr, tab_ptr, tile, n_words, n_blocks,
+                        WPB, BPP, IS_BF16, QT, MODE, USE_ASM)  # fmt: skip
+    else:
+        _pairs_tile(w_ptr, packed_ptr, absmax_ptr, tab_ptr, tl.program_id(0), n_words, n_blocks,
+                    WPB, BPP, IS_BF16, QT, MODE, USE_ASM)  # fmt: skip
+
+
+@triton.jit
 def _double_quant_kernel(
-    absmax_ptr, offset_ptr, q_ptr, nab_ptr, code_ptr, lut_ptr, nb, FLAVOR: tl.constexpr
+    absmax_ptr, offset_ptr, q_ptr, nab_ptr, code_ptr, lut_ptr, nb, FLAVOR: tl.constexpr, USE_ASM: tl.constexpr
 ):
     pid = tl.program_id(0)
     offs = pid * 256 + tl.arange(0, 256)
@@ -131,7 +252,10 @@ def _double_quant_kernel(
     a = tl.where(m, a, 0.0)
     nab = tl.max(tl.abs(a), axis=0)
     tl.store(nab_ptr + pid, nab)
-    inv = tl.math.div_rn(tl.full(nab.shape, 1.0, tl.float32), nab)
+    if FLAVOR == 0:
+        inv = _rcp_cuda(nab, USE_ASM)
+    else:
+        inv = tl.math.div_rn(tl.full(nab.shape, 1.0, tl.float32), nab)
     v = a * inv
     if FLAVOR == 1:
         # csrc cpu_ops.cpp quantize_cpu_impl: lut[(uint16)((clamp(v)+1)*0.5*65535 + 0.5)]; zero block -> 0
@@ -230,29 +354,108 @@ def _thr_tables(quant_type: str, flavor: str, device) -> tuple[torch.Tensor, tor
     return _tables[key]
 
 
-# Tile of the quantize kernel: elements per program and warps (tuned on the H100, see bench/NOTES-bnb.md).
+# Tile of the general quantize kernel (CPU rule set, fp32 inputs, odd lengths): elements per program and warps.
 QUANT_TILE = {"elems": 1024, "warps": 4}  # sweep on H100: 1024/4w 412 us vs 2048/4w 488 us (28672x8192)
+# Fast path (CUDA rule set, fp16/bf16, even length): blocks per tile, warps, programs per SM for the persistent
+# grid (0: one program per tile), NF4 code mode (1: bin table, 0: immediate tree). See bench/NOTES-bnb.md.
+FAST_TILE = {"bpp": 32, "warps": 4, "per_sm": 0, "mode": 1}
 
 
 def _bpp(blocksize: int) -> int:
     return max(1, QUANT_TILE["elems"] // blocksize)
 
 
-def quantize_4bit_triton(x: torch.Tensor, blocksize: int, quant_type: str, compress_statistics: bool, flavor: str):
+def nf4_bin_table() -> np.ndarray:
+    """int64 [35], (base << 32) | bits(thr) per entry: entry 0 for s < -1, entry b + 1 for the bin
+    [-1 + b/16, -1 + (b+1)/16) (b = 32: s >= 1), entry 34 for NaN. base = number of NF4 CUDA thresholds below the
+    bin, thr = the threshold inside the bin (+inf if none)."""
+    thr = np.array(cb.NF4_CUDA_THRESHOLDS, dtype=np.float64)
+    out = np.zeros(35, dtype=np.int64)
+    for i in range(35):
+        b = i - 1
+        if b == -1 or b == 33:  # s < -1, NaN (all-zero block): code 0
+            base, t = 0, np.inf
+        else:
+            lo, hi = -1.0 + b / 16, (-1.0 + (b + 1) / 16) if b < 32 else np.inf
+            inside = thr[(thr >= lo) & (thr < hi)]
+            assert len(inside) <= 1
+            # no threshold within 1e-3 of a bin edge: s + 3.0 rounds by < 2.4e-7 and cannot cross a threshold
+            assert np.all(np.abs(thr - lo) > 1e-3)
+            base = int((thr < lo).sum())
+            t = inside[0] if len(inside) else np.inf
+        bits = int(np.array([t], dtype=np.float32).view(np.uint32)[0])
+        out[i] = (base << 32) | bits
+    return out
+
+
+def _bin_table(device) -> torch.Tensor:
+    key = ("nf4bins", str(device))
+    if key not in _tables:
+        _tables[key] = torch.from_numpy(nf4_bin_table()).to(device)
+    return _tables[key]
+
+
+_sm_count: dict = {}
+
+
+def _sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _sm_count:
+        _sm_count[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _sm_count[i]
+
+
+def _fast_path_ok(x: torch.Tensor, flavor: str) -> bool:
+    return (
+        flavor == "cuda"
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.numel() % 2 == 0
+        and x.data_ptr() % 4 == 0
+    )
+
+
+def _launch_fast(x, packed, absmax, blocksize, quant_type, nb):
+    cfg = FAST_TILE
+    wpb = blocksize // 2
+    bpp = max(1, cfg["bpp"] * 64 // blocksize) if blocksize <= 64 else max(1, 2048 // blocksize)
+    n_words = x.numel() // 2
+    n_tiles = triton.cdiv(nb, bpp)
+    per_sm = cfg["per_sm"] if _use_asm() else 0  # the interpreter cannot loop over tl.program_id()
+    grid = (min(n_tiles, _sms(x.device) * per_sm),) if per_sm else (n_tiles,)
+    tab = _bin_table(x.device)
+    _quantize4_pairs_kernel[grid](
+        x.reshape(-1).view(torch.int32), packed, absmax, tab, n_words, nb, n_tiles,
+        WPB=wpb, BPP=bpp, IS_BF16=x.dtype == torch.bfloat16, QT=0 if quant_type == "nf4" else 1,
+        MODE=cfg["mode"], USE_ASM=_use_asm(), PERSIST=bool(per_sm),
+        num_warps=cfg["warps"], enable_fp_fusion=False,
+    )  # fmt: skip
+
+
+def quantize_4bit_triton(x: torch.Tensor, blocksize: int, quant_type: str, compress_statistics: bool, flavor: str,
+                         fast: bool | None = None):  # fmt: skip
+    """Returns (packed, absmax, qabsmax, offset (0-dim float32 tensor on x's device), nested_absmax); the last three
+    are None without double quant. Nothing here waits for the device."""
     n = x.numel()
     nb = -(-n // blocksize)
     dev = x.device
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
     absmax = torch.empty(nb, dtype=torch.float32, device=dev)
-    thr, mp = _thr_tables(quant_type, flavor, dev)
-    bpp = _bpp(blocksize)
-    tile = bpp * blocksize
-    grid = (triton.cdiv(nb, bpp),)
-    _quantize4_kernel[grid](
-        x, packed, absmax, thr, mp, n, nb,
-        BS=blocksize, BPP=bpp, QT=0 if quant_type == "nf4" else 1, FLAVOR=_FLAVOR[flavor],
-        num_warps=max(QUANT_TILE["warps"], 8 if tile >= 8192 else 1), enable_fp_fusion=False,
-    )  # fmt: skip
+    if fast is None:
+        fast = _fast_path_ok(x, flavor)
+    if fast:
+        _launch_fast(x, packed, absmax, blocksize, quant_type, nb)
+    else:
+        thr, mp = _thr_tables(quant_type, flavor, dev)
+        bpp = _bpp(blocksize)
+        tile = bpp * blocksize
+        grid = (triton.cdiv(nb, bpp),)
+        _quantize4_kernel[grid](
+            x, packed, absmax, thr, mp, n, nb,
+            BS=blocksize, BPP=bpp, QT=0 if quant_type == "nf4" else 1, FLAVOR=_FLAVOR[flavor], USE_ASM=_use_asm(),
+            num_warps=max(QUANT_TILE["warps"], 8 if tile >= 8192 else 1), enable_fp_fusion=False,
+        )  # fmt: skip
     if not compress_statistics:
         return packed, absmax, None, None, None
     offset = absmax.mean()  # the same torch reduction bitsandbytes uses (bit-identical offset)
@@ -261,8 +464,8 @@ def quantize_4bit_triton(x: torch.Tensor, blocksize: int, quant_type: str, compr
     nab = torch.empty(nnb, dtype=torch.float32, device=dev)
     code8 = cb.on_device("dynamic", dev)
     lut = cb.dynamic_lut(dev) if flavor == "cpu" else code8
-    _double_quant_kernel[(nnb,)](absmax, offset, q, nab, code8, lut, nb, FLAVOR=_FLAVOR[flavor], num_warps=2,
-                                 enable_fp_fusion=False)  # fmt: skip
+    _double_quant_kernel[(nnb,)](absmax, offset, q, nab, code8, lut, nb, FLAVOR=_FLAVOR[flavor], USE_ASM=_use_asm(),
+                                 num_warps=2, enable_fp_fusion=False)  # fmt: skip
     return packed, absmax, q, offset, nab
 
 
@@ -276,7 +479,7 @@ def dequantize_4bit_triton(packed: torch.Tensor, state) -> torch.Tensor:
     if state.nested:
         code8 = state.nested_code.to(dev).contiguous()
         nab = state.nested_absmax.to(dev).contiguous()
-        off = torch.tensor([state.offset], dtype=torch.float32, device=dev)
+        off = state._offset_tensor(dev)
     else:
         code8 = nab = off = code
     _dequantize4_kernel[grid](

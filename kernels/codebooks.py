@@ -38,28 +38,27 @@ _NF4_VALUES = [
 # e2m1 values in bit-pattern order (sign in bit 3), normalised by 12 like get_4bit_type does.
 _FP4_VALUES = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
 
-# Thresholds of the CUDA decision trees (csrc kernels: dQuantizeNF4 / dQuantizeFP4), as float32, ascending.
+# Thresholds of the CUDA decision trees (csrc kernels: dQuantizeNF4 / dQuantizeFP4), as the float32 bit patterns
+# that the compiled sm_90 kernels of bitsandbytes 0.50.2 compare with (read off `cuobjdump -sass
+# libbitsandbytes_cuda130.so`: the FSETP.GT.FTZ immediates of kQuantizeBlockwise / kQuantizeBlockwiseSmall).
+# Four NF4 literals (indices 0, 8, 12, 14) are one ulp away from the nearest float32 of the decimal literals in the
+# csrc source, so the decimal values cannot be used. Ascending.
 # NF4: code = number of thresholds t with x > t (equivalent to the tree since the thresholds are sorted).
-NF4_CUDA_THRESHOLDS = [
-    -0.8480964004993439,
-    -0.6106329262256622,
-    -0.4599952697753906,
-    -0.33967943489551544,
-    -0.23460740596055984,
-    -0.13791173323988914,
-    -0.045525018125772476,
-    0.03979014977812767,
-    0.1202552504837513,
-    0.2035212516784668,
-    0.2920137718319893,
-    0.3893125355243683,
-    0.5016634166240692,
-    0.6427869200706482,
-    0.8614784181118011,
-]
+NF4_CUDA_THRESHOLD_BITS = [
+    0xBF591CD9, 0xBF1C5270, 0xBEEB8480, 0xBEADEA76, 0xBE703CEC, 0xBE0D38BC, 0xBD3A7871,
+    0x3D22FAFF, 0x3DF64863, 0x3E5067E0, 0x3E9582D4, 0x3EC753F9, 0x3F006D03, 0x3F248DAF, 0x3F5C89D9,
+]  # fmt: skip
 # FP4: sign = x < 0 (bit 3); c = number of thresholds t with |x| > t; code = leaf[c] | sign.
-FP4_CUDA_THRESHOLDS = [0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333]
+FP4_CUDA_THRESHOLD_BITS = [0x3B2AAAB9, 0x3DB00000, 0x3E555555, 0x3E955555, 0x3ED55556, 0x3F155550, 0x3F555555]
 FP4_CUDA_LEAF = [0, 1, 6, 7, 4, 5, 2, 3]
+
+
+def _bits_to_f32(bits: list[int]) -> list[float]:
+    return [float(v) for v in np.array(bits, dtype=np.uint32).view(np.float32)]
+
+
+NF4_CUDA_THRESHOLDS = _bits_to_f32(NF4_CUDA_THRESHOLD_BITS)
+FP4_CUDA_THRESHOLDS = _bits_to_f32(FP4_CUDA_THRESHOLD_BITS)
 
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256

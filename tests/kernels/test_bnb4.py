@@ -88,10 +88,6 @@ def _assert_state_equal(st: QuantState4bit, qs, x):
 @pytest.mark.parametrize("seed", range(48))
 def test_quantize_dequantize_match_bitsandbytes(seed, device):
     x, blocksize, quant_type, dq = _case(seed, device)
-    if device == "cuda" and quant_type == "fp4":
-        # Measured on the H100 (2026-11-22): FP4 codes differ from bitsandbytes 0.50.2's CUDA kernel in 1-57
-        # bytes per tensor; the dQuantizeFP4 thresholds read from the csrc we had do not reproduce it. NF4 matches.
-        pytest.xfail("FP4 on CUDA: not yet byte-exact with bitsandbytes' CUDA kernel")
     packed_ref, qs = F.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=dq)
     want_deq = _bnb_dequant_default(packed_ref, qs)
     if _bnb_native_dequant_ok(x.shape, blocksize, device):
@@ -113,16 +109,52 @@ def test_quantize_dequantize_match_bitsandbytes(seed, device):
 @cpu_only
 @pytest.mark.parametrize("seed", range(16))
 def test_cuda_rules_triton_equals_reference(seed):
-    """The CUDA rule set (decision trees, binary search of the 8-bit map) checked on the CPU: the Triton kernel
-    against the torch reference, both forced to the CUDA flavor."""
+    """The CUDA rule set (decision trees, binary search of the 8-bit map) checked on the CPU: the Triton kernels
+    (the general one, and the fast pair-word one with the NF4 bin table and with the immediate tree) against the
+    torch reference, all forced to the CUDA flavor."""
     from qaas.kernels import bnb4_triton
 
     x, blocksize, quant_type, _ = _case(1000 + seed, "cpu")
     p1, a1 = bnb4._quantize_4bit_codes_ref(x, blocksize, quant_type, "cuda")
-    p2, a2, q2, o2, n2 = bnb4_triton.quantize_4bit_triton(x, blocksize, quant_type, True, "cuda")
     q1, o1, n1 = bnb4._double_quant_ref(a1, "cuda")
-    assert torch.equal(p1, p2) and torch.equal(a1, a2)
-    assert torch.equal(q1, q2) and torch.equal(n1, n2) and o1.item() == o2.item()
+    fast_ok = bnb4_triton._fast_path_ok(x, "cuda")
+    variants = [(False, 1)] + ([(True, 1), (True, 0)] if fast_ok else [])
+    saved = dict(bnb4_triton.FAST_TILE)
+    try:
+        for fast, mode in variants:
+            bnb4_triton.FAST_TILE.update(mode=mode, per_sm=seed % 2)
+            p2, a2, q2, o2, n2 = bnb4_triton.quantize_4bit_triton(x, blocksize, quant_type, True, "cuda", fast=fast)
+            assert torch.equal(p1, p2) and torch.equal(a1, a2), (fast, mode)
+            assert torch.equal(q1, q2) and torch.equal(n1, n2) and o1.item() == o2.item()
+    finally:
+        bnb4_triton.FAST_TILE.update(saved)
+
+
+def test_nf4_bin_table_equals_threshold_count():
+    """The fast kernel's NF4 table (bin of s + 3.0, one threshold per bin) gives count(s > t) for every float32 s
+    near each threshold (+-64 ulps), near each bin edge, on a dense grid, at and just outside +-1 (x * rcp(absmax)
+    can overshoot by an ulp or two), at +-0, and NaN (-> 0)."""
+    import numpy as np
+
+    from qaas.kernels import bnb4_triton
+
+    tab = bnb4_triton.nf4_bin_table()
+    thr = np.array(codebooks.NF4_CUDA_THRESHOLDS, dtype=np.float32)
+    pts = [np.linspace(-1, 1, 200001, dtype=np.float32), np.float32([-1, 1, 0, -0.0])]
+    for c in list(thr) + [np.float32(-1 + b / 16) for b in range(33)]:
+        i = np.arange(-64, 65, dtype=np.int64)
+        pts.append((np.array([c], np.float32).view(np.int32).astype(np.int64) + i).astype(np.int32).view(np.float32))
+    s = np.concatenate(pts).astype(np.float32)
+    s = s[np.abs(s) <= np.float32(1.0001)]
+    assert (s < -1).any() and (s > 1).any()
+
+    def code(v):
+        u = np.minimum((v + np.float32(3.0)).view(np.uint32) >> 18, 4095 + 34).astype(np.int64) - 4095
+        e = tab[u]
+        return (e >> 32) + (v > (e & 0xFFFFFFFF).astype(np.uint32).view(np.float32))
+
+    assert np.array_equal(code(s), (s[:, None] > thr[None, :]).sum(1))
+    assert list(code(np.float32([np.nan, -np.nan]))) == [0, 0]
 
 
 def test_cuda_rules_agree_with_cpu_rules_mostly():

@@ -1,0 +1,130 @@
+"""Kernel-variant timing for the NF4 quantize fast path (one GPU call), plus an FP4/NF4 byte check against
+bitsandbytes' CUDA kernels that dumps differing elements. Run on the GPU machine:
+    python -P bench/bnb_variants.py
+Prints: copy ceiling, compile report (registers/spills) and time of every variant on the three shapes, host
+overhead per call, and the FP4 check."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import triton
+import triton.testing
+
+from qaas.kernels import bnb4, bnb4_triton
+
+SHAPES = [(28672, 8192), (14336, 4096), (4096, 4096)]
+
+
+def bench(fn, xs, rep=150):
+    it = iter(range(10**9))
+    return triton.testing.do_bench(lambda: fn(xs[next(it) % len(xs)]), warmup=25, rep=rep, return_mode="median")
+
+
+def main():
+    import bitsandbytes.functional as F
+
+    dev = torch.cuda.get_device_properties(0)
+    print(f"# {dev.name} {dev.multi_processor_count} SMs torch {torch.__version__} triton {triton.__version__}")
+    a = torch.randn(2**29, device="cuda", dtype=torch.float16)
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
+    bw = 4 * a.numel() / ms / 1e6
+    print(f"copy {bw:.0f} GB/s")
+    del a, b
+
+    # -- FP4 / NF4 byte check with dumps
+    g = torch.Generator(device="cpu").manual_seed(1)
+    for qt in ("fp4", "nf4"):
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            for bs in (64, 128, 32, 4096):
+                x = (torch.randn(3000, 130, generator=g) * 0.02).to(dt).cuda()
+                x.view(-1)[::7] = (torch.randint(-64, 64, (x.numel() // 7 + 1,), generator=g)[: x.view(-1)[::7].numel()]
+                                   .to(dt).cuda() / 64)  # exact ratios (ties at the FP4 literals)
+                ref, qs = F.quantize_4bit(x, blocksize=bs, quant_type=qt)
+                out = []
+                for backend in ("triton", "torch"):
+                    p, st = bnb4.quantize_4bit(x, blocksize=bs, quant_type=qt, backend=backend)
+                    d = (p != ref).view(-1)
+                    out.append(int(d.sum()))
+                    if d.any() and backend == "triton":
+                        idx = d.nonzero().view(-1)[:6]
+                        xf = x.reshape(-1).float()
+                        for j in idx.tolist():
+                            for e in (2 * j, 2 * j + 1):
+                                am = qs.absmax[e // bs].item()
+                                print(f"  DIFF {qt} {dt} bs={bs} byte {j} elem {e} x={xf[e].item()!r} absmax={am!r} "
+                                      f"x/am={xf[e].item() / am!r} ours={p.view(-1)[j].item():02x} "
+                                      f"bnb={ref.view(-1)[j].item():02x}")
+                print(f"check {qt} {dt} bs={bs}: differing bytes triton={out[0]} torch={out[1]}", flush=True)
+
+    # -- variants
+    rows = []
+    configs = [dict(fast=False)]
+    for mode in (1, 0):
+        for per_sm in (0, 4, 8):
+            for bpp, warps in ((32, 4), (16, 4), (64, 8), (32, 8), (64, 4)):
+                if mode == 0 and (bpp, warps) not in ((32, 4), (64, 8)):
+                    continue
+                configs.append(dict(fast=True, mode=mode, per_sm=per_sm, bpp=bpp, warps=warps))
+    saved = dict(bnb4_triton.FAST_TILE)
+    for shape in SHAPES:
+        n = shape[0] * shape[1]
+        k = min(8, max(2, -(-256 * 2**20 // (2 * n))))
+        xs = [torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(k)]
+        nbytes = 2 * n + n // 2 + 4 * (n // 64)
+        ref = F.quantize_4bit(xs[0], blocksize=64, quant_type="nf4")[0]
+        for cfg in (configs if shape == SHAPES[0] else [c for c in configs if c.get("per_sm", 0) in (0, 8)]):
+            bnb4_triton.FAST_TILE.update(saved)
+            bnb4_triton.FAST_TILE.update({k2: v for k2, v in cfg.items() if k2 != "fast"})
+            fast = cfg["fast"]
+            f = lambda x: bnb4_triton.quantize_4bit_triton(x, 64, "nf4", False, "cuda", fast=fast)  # noqa: E731
+            p = f(xs[0])[0]
+            ok = torch.equal(p, ref)
+            ms = bench(f, xs)
+            kern = bnb4_triton._quantize4_pairs_kernel if fast else bnb4_triton._quantize4_kernel
+            regs = spills = "?"
+            try:
+                for c in kern.device_caches[0][0].values():
+                    regs, spills = c.n_regs, c.n_spills
+            except Exception as e:  # noqa: BLE001
+                regs = f"err {e}"
+            gbps = nbytes / ms / 1e6
+            rows.append((shape, cfg, ms, gbps / bw))
+            print(f"{str(shape):14s} {str(cfg):70s} {ms * 1e3:8.1f} us {gbps:6.0f} GB/s {gbps / bw:6.1%} exact={ok} "
+                  f"regs={regs} spills={spills}", flush=True)
+        bnb_ms = bench(lambda x: F.quantize_4bit(x, blocksize=64, quant_type="nf4"), xs)
+        print(f"{str(shape):14s} bitsandbytes {bnb_ms * 1e3:8.1f} us", flush=True)
+        bnb4_triton.FAST_TILE.update(saved)
+        # public API with/without DQ (host overhead + DQ)
+        for dq in (False, True):
+            ms = bench(lambda x: bnb4.quantize_4bit(x, blocksize=64, compress_statistics=dq), xs)
+            print(f"{str(shape):14s} public quantize_4bit dq={dq} {ms * 1e3:8.1f} us", flush=True)
+        del xs
+        torch.cuda.empty_cache()
+    # dump the compile report of the default variant: registers per kernel from the last compiled entries
+    for kern in (bnb4_triton._quantize4_pairs_kernel,):
+        try:
+            for key, c in kern.device_caches[0][0].items():
+                ptx = c.asm.get("ptx") or ""
+                print("compiled:", c.n_regs, "regs", c.n_spills, "spills", "v4 loads:", ptx.count("ld.global.v4"),
+                      "rcp.approx:", ptx.count("rcp.approx"), "shared:", c.metadata.shared)
+        except Exception as e:  # noqa: BLE001
+            print("compile report unavailable:", e)
+    # host overhead per call (tiny tensor, many calls, one sync)
+    x = torch.randn(64, 64, device="cuda", dtype=torch.float16)
+    for name, fn in (("qaas", lambda: bnb4.quantize_4bit(x)), ("qaas dq", lambda: bnb4.quantize_4bit(x, compress_statistics=True)),
+                     ("bnb", lambda: F.quantize_4bit(x, blocksize=64, quant_type="nf4"))):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(500):
+            fn()
+        torch.cuda.synchronize()
+        print(f"host overhead {name}: {(time.perf_counter() - t0) / 500 * 1e6:.1f} us/call")
+
+
+if __name__ == "__main__":
+    main()
