@@ -117,6 +117,11 @@ def main():
     for shape in SHAPES:
         n = shape[0] * shape[1]
         xs = make_inputs(shape)
+        src, dst = xs[0], torch.empty_like(xs[0])
+        ms_copy = bench_graph(lambda t: dst.copy_(t), xs)
+        info.setdefault("copy_same_size_GBps", {})[f"{shape[0]}x{shape[1]}"] = 4 * n / ms_copy / 1e6
+        print(f"copy of the same fp16 tensor (graph): {ms_copy * 1e3:.1f} us {4 * n / ms_copy / 1e6:.0f} GB/s", flush=True)
+        del src, dst
         q_bytes = 2 * n + n // 2 + 4 * (n // 64)
         dq_bytes = q_bytes - 4 * (n // 64) + (n // 64) + 4 * (n // 64 // 256)
         for impl in ("qaas", "bnb"):
@@ -343,6 +348,9 @@ def write_md(r, path):
               "programs per SM for a persistent grid, 0 = one program per tile): " + ", ".join(
             f"{s['mode']}/{s['bpp']}/{s['warps']}w/{s['per_sm']} {s['ms'] * 1e3:.0f} µs ({s['frac_copy']:.0%})"
             for s in r["fast_tile_sweep"])]  # fmt: skip
+    if info.get("copy_same_size_GBps"):
+        L += ["", "Device-to-device copy of one weight-sized fp16 tensor (graph-timed, read + write): " + ", ".join(
+            f"{k} {v:.0f} GB/s" for k, v in info["copy_same_size_GBps"].items())]  # fmt: skip
     if info.get("host_us_per_call"):
         L += ["", "Host time per call on this machine (tiny 64×64 weight, 300 calls, one sync): " + ", ".join(
             f"{k} {v:.0f} µs" for k, v in info["host_us_per_call"].items())]  # fmt: skip
