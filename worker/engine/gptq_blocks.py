@@ -1,8 +1,9 @@
 """Running a causal LM one decoder block at a time, for GPTQ.
 
-* `capture_block_inputs`: the model with its blocks replaced by a catcher runs the calibration batches up to
-  the first block (embeddings, position embeddings, masks exactly as the model computes them) and keeps the
-  block's positional and keyword inputs.
+* `BlockInputCapture` / `capture_block_inputs`: the model with its blocks replaced by a catcher runs the
+  calibration batches up to the first block (embeddings, position embeddings, masks exactly as the model
+  computes them) and keeps the block's positional and keyword inputs; with real blocks in front of the
+  catcher it yields the inputs of any later block the same way (`cache_block_outputs=false`).
 * `materialize_block`: one block of the meta model gets real memory and its checkpoint tensors; rotary
   modules (whose buffers are computed, not stored) are rebuilt on the device.
 * `discover_input_groups`: which Linear layers see the same input tensor (they share one Hessian), in the
@@ -27,10 +28,26 @@ class _StopForward(Exception):
 
 
 class _Catcher(torch.nn.Module):
-    def __init__(self, sink: list, store: torch.device) -> None:
+    """Stands where a decoder block would run: keeps its inputs and stops the forward pass.
+
+    Attribute lookups it cannot answer go to the block it stands for (`like`), so a model that reads e.g.
+    `decoder_layer.attention_type` to pick the block's mask gets the real block's answer.
+    """
+
+    def __init__(self, sink: list, store: torch.device, like: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.sink = sink
         self.store = store
+        self.__dict__["_like"] = like  # not a submodule: it stays on the meta device
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            like = self.__dict__.get("_like")
+            if like is None:
+                raise
+            return getattr(like, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -84,6 +101,62 @@ def materialize_block(block: torch.nn.Module, tensors: dict[str, torch.Tensor], 
     return block.eval()
 
 
+class BlockInputCapture:
+    """The model without its decoder blocks, given memory once, that runs calibration batches up to a block.
+
+    `model` is a meta model; its block container is swapped for an empty list while the rest gets memory on
+    `device` and the tensors before the blocks (embeddings, position embeddings) are loaded. `capture(batches,
+    prefix, index)` then runs every batch through `prefix` (real, e.g. already quantized, blocks 0..index-1)
+    into a catcher standing at position `index`, so the model computes that block's own inputs (its mask for
+    per-layer attention types, its position embeddings) exactly as in a full forward pass.
+    """
+
+    def __init__(self, model: torch.nn.Module, block_name: str, pre_tensors: dict[str, torch.Tensor], *,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        container = model.get_submodule(block_name)
+        if not isinstance(container, torch.nn.ModuleList):
+            raise UnsupportedModel(
+                f"{block_name!r} is not a list of decoder blocks; set block_name_to_quantize",
+                field="block_name_to_quantize")
+        self.model, self.block_name, self.blocks, self.device = model, block_name, container, device
+        self._parent, self._attr = _parent(model, block_name)
+        setattr(self._parent, self._attr, torch.nn.ModuleList())
+        try:
+            model.to_empty(device=device)
+            model.to(dtype)
+            with torch.no_grad():
+                state = model.state_dict()
+                for k, v in pre_tensors.items():
+                    if k in state:
+                        state[k].copy_(v.to(state[k].dtype if not state[k].is_floating_point() else dtype))
+            _rebuild_rotary(model, device)
+            model.eval()
+        finally:
+            setattr(self._parent, self._attr, container)
+
+    @torch.no_grad()
+    def capture(self, batches: Iterable[torch.Tensor], prefix: list[torch.nn.Module], index: int,
+                store: torch.device) -> tuple[list[torch.Tensor], list[tuple[tuple, dict[str, Any]]]]:
+        """Inputs of block `index` for each batch: (hidden states, (other args, kwargs)) per batch."""
+        sink: list = []
+        catcher = _Catcher(sink, store, like=self.blocks[index])
+        setattr(self._parent, self._attr, torch.nn.ModuleList([*prefix, catcher]))
+        try:
+            for ids in batches:
+                try:
+                    self.model(input_ids=ids.to(self.device), use_cache=False)
+                except _StopForward:
+                    continue
+                raise UnsupportedModel(
+                    f"the forward pass never reached the blocks under {self.block_name!r}; set "
+                    "block_name_to_quantize (and module_name_preceding_first_block)",
+                    field="block_name_to_quantize",
+                )
+        finally:
+            setattr(self._parent, self._attr, self.blocks)
+        return [h for h, _, _ in sink], [(a, kw) for _, a, kw in sink]
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: torch.nn.Module,
@@ -95,45 +168,13 @@ def capture_block_inputs(
     dtype: torch.dtype,
     store: torch.device,
 ) -> tuple[list[torch.Tensor], list[tuple[tuple, dict[str, Any]]], torch.nn.ModuleList]:
-    """Inputs of the first decoder block for each calibration batch.
+    """Inputs of the first decoder block for each calibration batch (see `BlockInputCapture`).
 
-    `model` is a meta model; its block container is swapped for a one-element list holding the catcher,
-    the rest gets memory on `device`, the embedding tensors are loaded, and every batch runs until the
-    catcher stops it. Returns (hidden states per batch, (other args, kwargs) per batch, the original blocks).
+    Returns (hidden states per batch, (other args, kwargs) per batch, the original blocks).
     """
-    container = model.get_submodule(block_name)
-    if not isinstance(container, torch.nn.ModuleList):
-        raise UnsupportedModel(
-            f"{block_name!r} is not a list of decoder blocks; set block_name_to_quantize", field="block_name_to_quantize"
-        )
-    sink: list = []
-    p, attr = _parent(model, block_name)
-    setattr(p, attr, torch.nn.ModuleList([_Catcher(sink, store)]))
-    try:
-        model.to_empty(device=device)
-        model.to(dtype)
-        with torch.no_grad():
-            state = model.state_dict()
-            for k, v in pre_tensors.items():
-                if k in state:
-                    state[k].copy_(v.to(state[k].dtype if not state[k].is_floating_point() else dtype))
-        _rebuild_rotary(model, device)
-        model.eval()
-        for ids in batches:
-            try:
-                model(input_ids=ids.to(device), use_cache=False)
-            except _StopForward:
-                continue
-            raise UnsupportedModel(
-                f"the forward pass never reached the blocks under {block_name!r}; set block_name_to_quantize "
-                "(and module_name_preceding_first_block)",
-                field="block_name_to_quantize",
-            )
-    finally:
-        setattr(p, attr, container)
-    hidden = [h for h, _, _ in sink]
-    rest = [(a, kw) for _, a, kw in sink]
-    return hidden, rest, container
+    cap = BlockInputCapture(model, block_name, pre_tensors, device=device, dtype=dtype)
+    hidden, rest = cap.capture(batches, [], 0, store)
+    return hidden, rest, cap.blocks
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -154,7 +195,7 @@ def discover_input_groups(block: torch.nn.Module, linear_names: list[str], hidde
 
         hooks.append(mod.register_forward_hook(hook))
     try:
-        block(hidden[:1].to(device), *args, **_slice_kwargs(kwargs, 1))
+        block(hidden[:1].to(device), *_slice_args(args, 1), **_slice_kwargs(kwargs, 1))
     finally:
         for h in hooks:
             h.remove()
@@ -176,17 +217,22 @@ def discover_input_groups(block: torch.nn.Module, linear_names: list[str], hidde
     return groups
 
 
+def _slice_one(v: Any, n: int) -> Any:
+    if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > n:
+        return v[:n]
+    if isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):
+        return tuple(t[:n] if t.dim() > 0 and t.shape[0] > n else t for t in v)
+    return v
+
+
+def _slice_args(args: tuple, n: int) -> tuple:
+    """Positional inputs for the first n samples (GPT-2 passes its causal mask positionally)."""
+    return tuple(_slice_one(v, n) for v in args)
+
+
 def _slice_kwargs(kwargs: dict[str, Any], n: int) -> dict[str, Any]:
     """Keyword inputs for the first n samples (tensors with a batch dimension > n are sliced)."""
-    out = {}
-    for k, v in kwargs.items():
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > n:
-            out[k] = v[:n]
-        elif isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):
-            out[k] = tuple(t[:n] if t.dim() > 0 and t.shape[0] > n else t for t in v)
-        else:
-            out[k] = v
-    return out
+    return {k: _slice_one(v, n) for k, v in kwargs.items()}
 
 
 class BlockRunner:

@@ -3,6 +3,13 @@
 Every format quirk lives here: v1 stores zero minus one (masked per field, so an asymmetric zero of 0 is
 stored as 2^bits - 1 and a per-field `(stored + 1) & mask` recovers it), v2 stores the true zero, codes
 are packed along the input dimension, zeros along the output dimension.
+
+GPT-2's `Conv1D` (weight stored `[in, out]`) is written in Linear orientation, as AutoGPTQ and GPTQModel write
+it: they replace a Conv1D by a QuantLinear with in_features = weight.shape[0], out_features = weight.shape[1]
+and pack `W.t()`. So a Conv1D layer's qweight is `[in * bits / 32, out]`, scales `[G, out]`, g_idx `[in]`,
+bias `[out]`, exactly like a Linear of the same in/out; the quantizer transposes the weight before GPTQ and a
+reader that puts dequantized weights back into the original architecture transposes them for Conv1D
+modules (decided by module type, never by shape: attn.c_proj is square).
 """
 
 from __future__ import annotations

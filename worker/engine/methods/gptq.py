@@ -10,6 +10,24 @@ quantize, per block: load only this block's tensors, group its Linear layers (tr
 
 Peak memory: one block, its calibration activations (on the device when they fit, else on the CPU) and
 the Hessians of one group.
+
+`cache_block_outputs` (GPTQConfig; optimum's meaning). true (default): the quantized block's outputs on the
+  calibration batches are kept and become the next block's inputs; the keyword inputs captured at the first
+  block (mask, position embeddings) are reused for every block. false: no block outputs are kept; before
+  each block the model runs again from the embeddings through the blocks already quantized (kept in memory)
+  into that block, so each block gets the inputs the model itself gives it (per-layer attention types such as
+  alternating sliding/full masks, anything a model does between blocks). Costs n(n+1)/2 block forwards
+  instead of n and keeps the quantized blocks in memory (about the model's size in the compute dtype):
+  for small or non-standard models, not for models larger than the device.
+
+Progress metrics (`reporter.progress(done, total, metrics=...)`), during the `quantize` stage:
+  * after each quantized layer, one event with a flat dict (done = blocks finished so far):
+    `{"layer": "<module name>", "block": <block index>, "rel_error": ||W - Q||_F / ||W||_F,
+      "sq_error": tr((W - Q) H (W - Q)^T) (the squared output error on the calibration inputs, GPTQ's own
+      objective; H = 2/n X X^T without damping), "gptq_loss": the algorithm's accumulated loss,
+      "damp_percent": the damping actually used, "columns": in_features}`;
+  * after each block (unchanged, kept for existing readers): `{"layers": {"<module name>": {"rel_error",
+    "sq_error", "gptq_loss", "damp_percent"}}}` with every layer of the block.
 """
 
 from __future__ import annotations
@@ -25,7 +43,7 @@ from ..calibration import CalibrationSet, load_calibration
 from ..errors import InvalidConfig
 from ..evaluate import default_seqlen, load_with_replaced_weights, relative_error
 from ..gptq_algorithm import gptq_quantize
-from ..gptq_blocks import BlockRunner, capture_block_inputs, discover_input_groups, materialize_block
+from ..gptq_blocks import BlockInputCapture, BlockRunner, discover_input_groups, materialize_block
 from ..gptq_format import FORMATS, build_quantization_config, dequantize_layer, pack_layer, unsupported_reason
 from .base import EngineContext, MethodResult
 
@@ -189,9 +207,10 @@ class GPTQMethod:
             calib = self.calibration(ctx, seqlen)
         calib_info = calib.describe()
         rep.log(f"calibration: {calib.nsamples} samples x {calib.seqlen} tokens from {calib.source}", data=calib_info)
-        if not cfg["cache_block_outputs"]:
-            note("cache_block_outputs=false is accepted; block outputs are always kept (they are the next block's "
-                 "inputs and cost one block's activations)")
+        cache_outputs = cfg["cache_block_outputs"]
+        if not cache_outputs:
+            note("cache_block_outputs=false: each block's inputs are recomputed from the embeddings through the "
+                 "quantized blocks before it (n(n+1)/2 block forwards; quantized blocks kept in memory)")
         bs = cfg["batch_size"]
         batches = [calib.input_ids[i : i + bs] for i in range(0, calib.nsamples, bs)]
         hidden_size = int(getattr(layout.hf_config.get_text_config(), "hidden_size", 0) or 0)
@@ -205,11 +224,15 @@ class GPTQMethod:
         meta = build_meta_model(layout.hf_config, allow_remote_code=ctx.options.allow_remote_code)
         pre = ctx.reader.load_many(layout.pre_tensors)
         with clock("capture first-block inputs"):
-            hidden, rest, blocks = capture_block_inputs(meta, layout.block_name, pre, batches, device=device,
-                                                        dtype=dtype, store=store)
+            capture = BlockInputCapture(meta, layout.block_name, pre, device=device, dtype=dtype)
+            blocks = capture.blocks
+            hidden, rest = capture.capture(batches, [], 0, store)
         for name, t in pre.items():
             ctx.writer.add(name, _fp16(t))
         del meta, pre
+        if cache_outputs:
+            del capture
+        done_blocks: list[torch.nn.Module] = []  # quantized blocks, kept only when cache_block_outputs=false
 
         # ---- quantize
         rep.stage("quantize", total=layout.num_blocks)
@@ -224,6 +247,9 @@ class GPTQMethod:
             rep.check_cancelled()
             prefix = binfo.prefix
             rel = {li.name[len(prefix) + 1 :]: li for li in binfo.linears}
+            if not cache_outputs and bi > 0:
+                with clock("recompute block inputs"):
+                    hidden, rest = capture.capture(batches, done_blocks, binfo.index, store)
             with clock("load block"):
                 tensors = ctx.reader.load_prefix(prefix)
                 block = materialize_block(blocks[binfo.index], {k[len(prefix) + 1 :]: v for k, v in tensors.items()},
@@ -271,9 +297,14 @@ class GPTQMethod:
                             rep.log(f"{prefix}.{r}: {res.dead_columns} input channels never active (zeroed)",
                                     data={"module": f"{prefix}.{r}", "dead_columns": res.dead_columns})
                         err = relative_error(W, res.Q)
+                        sq = _sq_error(W, res.Q, H)
                         errors[li.name] = err
-                        block_metrics[li.name] = {"rel_error": err, "gptq_loss": res.loss,
+                        block_metrics[li.name] = {"rel_error": err, "sq_error": sq, "gptq_loss": res.loss,
                                                   "damp_percent": res.damp_percent}
+                        rep.progress(bi, n, message=f"block {bi + 1}/{n}: {r}",
+                                     metrics={"layer": li.name, "block": binfo.index, "rel_error": err,
+                                              "sq_error": sq, "gptq_loss": res.loss,
+                                              "damp_percent": res.damp_percent, "columns": li.in_features})
                         bias = mod.bias.data if li.has_bias and mod.bias is not None else None
                         for suffix, t in pack_layer(res, fmt=fmt, bias=bias).items():
                             ctx.writer.add(f"{li.name}.{suffix}", t)
@@ -286,7 +317,7 @@ class GPTQMethod:
                         del res
                     del H
                 del hess
-            if bi + 1 < n:
+            if bi + 1 < n and cache_outputs:
                 with clock("forward quantized block"):
                     hidden = runner.forward_all()
                     runner.hidden = hidden
@@ -294,12 +325,15 @@ class GPTQMethod:
                 for name, t in tensors.items():
                     if name not in written:
                         ctx.writer.add(name, _fp16(t))
-            block.to("meta")
+            if not cache_outputs and bi + 1 < n:
+                done_blocks.append(block)
+            else:
+                block.to("meta")
             del tensors, runner
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rep.progress(bi + 1, n, message=f"quantizing block {bi + 1}/{n}", metrics={"layers": block_metrics})
-        del hidden, rest
+        del hidden, rest, done_blocks
         # ---- after the blocks
         post = ctx.reader.load_many(layout.post_tensors)
         for name, t in post.items():
@@ -395,6 +429,12 @@ class _Timer:
         return _Ctx()
 
 
+def _sq_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T): the squared error of the layer's outputs on the calibration inputs."""
+    D = W.float() - Q.to(W.device, torch.float32)
+    return float(((D @ H.float()) * D).sum())
+
+
 def _fp16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16) if t.is_floating_point() else t
 
@@ -407,15 +447,18 @@ def load_saved_weights(model: torch.nn.Module, out_dir: Path, *, bits: int, fmt:
     """
     from ..checkpoint import CheckpointReader
 
+    from transformers.pytorch_utils import Conv1D
+
     reader = CheckpointReader(out_dir)
     state = model.state_dict()
+    modules = dict(model.named_modules())
     names = reader.names()
     qmods = sorted({n[: -len(".qweight")] for n in names if n.endswith(".qweight")})
     for m in qmods:
         t = {s: reader.load(f"{m}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")}
         w = dequantize_layer(t, bits, fmt=fmt)
         target = state[m + ".weight"]
-        if target.shape != w.shape:  # Conv1D stores [in, out]
+        if isinstance(modules.get(m), Conv1D):  # GPT-2's Conv1D holds [in, out]; the checkpoint is Linear-oriented
             w = w.t()
         target.copy_(w.to(target.dtype))
     for n in names:
