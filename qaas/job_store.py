@@ -148,20 +148,23 @@ def mark_dispatched(session: Session, job_id: uuid.UUID) -> None:
     )
 
 
-def jobs_to_dispatch(session: Session, *, redispatch_after_s: float, limit: int = 500) -> list[uuid.UUID]:
-    """Queued jobs never sent to the broker, or sent long ago and still not claimed (message lost)."""
+def jobs_to_dispatch(session: Session, *, redispatch_after_s: float, limit: int = 500,
+                     include_stale: bool = True) -> list[tuple[uuid.UUID, int]]:
+    """(id, priority) of queued jobs never sent to the broker, or -- with include_stale -- sent long ago
+    and still not claimed (message lost), highest priority and oldest first."""
     stale = utcnow() - dt.timedelta(seconds=redispatch_after_s)
+    due = or_(Job.dispatched_at.is_(None), Job.dispatched_at < stale) if include_stale else Job.dispatched_at.is_(None)
     stmt = (
-        select(Job.id)
+        select(Job.id, Job.priority)
         .where(
             Job.status == JobStatus.queued.value,
             Job.cancel_requested.is_(False),
-            or_(Job.dispatched_at.is_(None), Job.dispatched_at < stale),
+            due,
         )
         .order_by(Job.priority.desc(), Job.created_at)
         .limit(limit)
     )
-    return list(session.scalars(stmt))
+    return [(row[0], row[1]) for row in session.execute(stmt)]
 
 
 # --- the worker's side ----------------------------------------------------------------------------

@@ -36,7 +36,9 @@ def _celery_app_for(broker_url: str, broker_folder: str, gpu_queue: str, io_queu
         }
     else:
         # Fail fast when Redis is down: the job is already committed and the sweeper retries.
-        transport_options = {"socket_connect_timeout": 2, "socket_timeout": 5, "max_retries": 1}
+        transport_options = {"socket_connect_timeout": 2, "socket_timeout": 5, "max_retries": 1,
+                             # one list per priority level (kombu's default lumps them into 4 steps)
+                             "priority_steps": list(range(10))}
     app.conf.update(
         broker_transport_options=transport_options,
         broker_connection_timeout=2,
@@ -70,6 +72,12 @@ def celery_app(settings: Settings) -> Celery:
     return _celery_app_for(settings.resolved_broker_url, str(settings.broker_folder), settings.gpu_queue, settings.io_queue)
 
 
+def broker_priority(job_priority: int) -> int:
+    """A job's priority (0..9, higher runs first) as the broker's: kombu's Redis transport serves
+    priority 0 first (BRPOP over the per-priority lists in ascending order), so the scale is reversed."""
+    return 9 - max(0, min(9, job_priority))
+
+
 def send_run_job(settings: Settings, job_id: uuid.UUID, *, priority: int = 0) -> bool:
     """Publish the message; False (logged) if the broker cannot be reached right now."""
     app = celery_app(settings)
@@ -79,7 +87,7 @@ def send_run_job(settings: Settings, job_id: uuid.UUID, *, priority: int = 0) ->
             args=[str(job_id)],
             queue=settings.gpu_queue,
             retry=False,
-            priority=priority,
+            priority=broker_priority(priority),
         )
         return True
     except Exception as exc:  # broker down or unreachable: the sweeper will send it later
@@ -95,6 +103,18 @@ def send_delivery(settings: Settings, delivery_id: uuid.UUID) -> bool:
     except Exception as exc:
         log.warning("could not enqueue delivery %s: %s", delivery_id, exc.__class__.__name__)
         return False
+
+
+def gpu_queue_depth(settings: Settings) -> int | None:
+    """Messages waiting in the GPU queue (all priority levels); None if the broker cannot say."""
+    app = celery_app(settings)
+    try:
+        with app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+            ok = conn.default_channel.queue_declare(settings.gpu_queue, passive=True)
+            return int(ok.message_count)
+    except Exception:  # noqa: BLE001 - unknown; callers fall back to the cautious choice
+        return None
 
 
 def broker_reachable(settings: Settings, timeout: float = 2.0) -> bool:

@@ -312,5 +312,6 @@ def kick_deliveries(settings: Settings, job_id: uuid.UUID) -> None:
 def _redispatch(settings: Settings, job_id: uuid.UUID) -> None:
     from qaas.queue import send_run_job
 
-    if send_run_job(settings, job_id):
+    priority = with_db_retry(settings.resolved_database_url, lambda s: s.scalar(select(Job.priority).where(Job.id == job_id)))
+    if send_run_job(settings, job_id, priority=priority or 0):
         with_db_retry(settings.resolved_database_url, lambda s: job_store.mark_dispatched(s, job_id))

@@ -19,7 +19,7 @@ from sqlalchemy import update
 from qaas import job_store, outbox
 from qaas.db.models import Job, JobStatus, utcnow
 from qaas.db.session import session_scope
-from qaas.queue import send_delivery, send_run_job
+from qaas.queue import gpu_queue_depth, send_delivery, send_run_job
 from qaas.worker.publishing import send_publish
 from qaas.settings import Settings
 
@@ -53,10 +53,15 @@ def sweep_once(settings: Settings) -> dict[str, int]:
             if job_store.finish(s, job_id, attempt, JobStatus.failed,
                                 error={"code": "worker_lost", "message": reason + "; no attempts left", "stage": None}):
                 counts["failed"] += 1
+    # A queued job whose message went out long ago may simply be waiting behind others: re-send only
+    # when the broker's queue is empty (then its message really was lost, e.g. Redis restarted), else
+    # every waiting job would get another message each REDISPATCH_AFTER_S and the queue would balloon.
+    depth = gpu_queue_depth(settings)
     with session_scope(db) as s:
-        pending = job_store.jobs_to_dispatch(s, redispatch_after_s=settings.redispatch_after_s)
-    for job_id in pending:
-        if not send_run_job(settings, job_id):
+        pending = job_store.jobs_to_dispatch(s, redispatch_after_s=settings.redispatch_after_s,
+                                             include_stale=not depth)
+    for job_id, priority in pending:
+        if not send_run_job(settings, job_id, priority=priority):
             break  # broker still down; try again next sweep
         with session_scope(db) as s:
             job_store.mark_dispatched(s, job_id)

@@ -48,8 +48,11 @@ def test_submit_returns_202_location_and_queues_a_message(client, api_key, setti
     # defaults of BitsAndBytesConfig are filled in, the recipe is stored as submitted
     assert job["request"]["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     assert job["request"]["quantization_config"]["llm_int8_threshold"] == 6.0
-    # the message went to the job's queue on Redis, carrying only the id
-    raw = redis.Redis.from_url(redis_db).lrange(settings.gpu_queue, 0, -1)
+    # the message went to the job's queue on Redis, carrying only the id (kombu keeps one list per
+    # priority level; priority 0 -- "runs last" -- is broker priority 9, the list "<queue>\x06\x169")
+    from qaas.queue import broker_priority
+
+    raw = redis.Redis.from_url(redis_db).lrange(f"{settings.gpu_queue}\x06\x16{broker_priority(0)}", 0, -1)
     assert len(raw) == 1
     message = json.loads(raw[0])
     assert json.loads(__import__("base64").b64decode(message["body"]))[0] == [job["id"]]
@@ -299,7 +302,9 @@ def test_job_accepted_while_broker_down_is_dispatched_by_the_sweeper(tmp_path, c
         assert s.get(Job, uuid.UUID(jid)).dispatched_at is None
     up = make_settings(tmp_path, database_url=clean_db, broker_url=redis_db, gpu_queue=down.gpu_queue)
     assert sweep_once(up)["dispatched"] == 1
-    assert redis.Redis.from_url(redis_db).llen(up.gpu_queue) == 1
+    from qaas.queue import gpu_queue_depth
+
+    assert gpu_queue_depth(up) == 1  # one message, whichever priority list it sits in
     assert sweep_once(up)["dispatched"] == 0  # not sent twice while fresh
 
 
