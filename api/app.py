@@ -13,6 +13,8 @@ from qaas.api import problems
 from qaas.api.body_limit import BodySizeLimit
 from qaas.api.dashboard import install as install_dashboard
 from qaas.api.jobs.endpoints import router as jobs_router
+from qaas.api.metrics import router as metrics_router
+from qaas.api.rate_limit import RateLimit
 from qaas.api.webhooks.endpoints import router as delivery_router
 from qaas import __version__
 from qaas.db.session import get_engine
@@ -35,8 +37,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    if settings.rate_limit_per_minute > 0:  # outermost: a limited caller costs no body read, no DB lookup
+        app.add_middleware(RateLimit, per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst,
+                           redis_url=settings.broker_url or None, secret=settings.secret_key.get_secret_value())
     problems.install(app)
     app.include_router(jobs_router)
+    if settings.metrics_enabled:
+        app.include_router(metrics_router)
     app.include_router(delivery_router)
     install_dashboard(app)
 

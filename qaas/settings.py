@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     #: Seconds an API-key lookup is cached in each API process (a revoked key keeps working that long
     #: in processes other than the one that revoked it). 0 turns the cache off.
     auth_cache_s: float = Field(default=5.0, ge=0, le=60)
+    #: Serve GET /metrics (Prometheus text format, computed from the database at scrape time).
+    metrics_enabled: bool = True
     #: Log format of the service processes: "json" (one JSON object a line) or "text".
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
