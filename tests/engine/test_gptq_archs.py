@@ -99,16 +99,16 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("arch,desc_act", [("gpt2", False), ("opt", True)])
+@pytest.mark.parametrize("arch,desc_act,batch_size", [("gpt2", False, 2), ("opt", True, 1)])
 def test_gpt2_and_opt_jobs_write_loader_checkpoints_that_reload_with_the_reported_perplexity(
-        models, tmp_path, arch, desc_act):
+        models, tmp_path, arch, desc_act, batch_size):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
     src = models[arch]
     rec = _Recorder()
-    res = _job(src, tmp_path / arch, {"desc_act": desc_act}, reporter=rec)
+    res = _job(src, tmp_path / arch, {"desc_act": desc_act, "batch_size": batch_size}, reporter=rec)
     out = Path(res["out_dir"])
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     block_name, groups = EXPECTED[arch]
