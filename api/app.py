@@ -71,4 +71,46 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "checks": {"database": "ok" if db_ok else "down", "broker": "ok" if broker_ok else "down"}}
         return JSONResponse(body, status_code=200 if db_ok and broker_ok else 503)
 
+    _document_problems(app)
     return app
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Every /v1 operation can answer with problem details (401, 404, 422, 429, 503 and 413 on writes);
+    the OpenAPI document says so, with the one ProblemDetails schema and media type they really use
+    (FastAPI's default 422 is an application/json HTTPValidationError, which the API never sends)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        schemas.setdefault("ProblemDetails", problems.ProblemDetails.model_json_schema(ref_template="#/components/schemas/{model}"))
+        schemas.setdefault("FieldError", problems.FieldError.model_json_schema())
+        schemas["ProblemDetails"].pop("$defs", None)
+        ref = {"$ref": "#/components/schemas/ProblemDetails"}
+        text = {401: "missing, unknown or revoked API key", 404: "no such resource (or not yours)",
+                422: "invalid request; `errors` names each field", 429: "rate limited; see Retry-After",
+                503: "a dependency (the database) is unavailable; see Retry-After", 413: "request body too large"}
+        for path, ops in doc.get("paths", {}).items():
+            if not path.startswith("/v1/"):
+                continue
+            for method, op in ops.items():
+                codes = [401, 404, 422, 429, 503] + ([413] if method in ("post", "put", "patch") else [])
+                for code in codes:
+                    entry = op.setdefault("responses", {}).setdefault(str(code), {"description": text[code]})
+                    entry["content"] = {"application/problem+json": {"schema": ref}}
+                    if code in (429, 503):
+                        entry["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+                for code, entry in op.get("responses", {}).items():
+                    content = entry.get("content") or {}
+                    if code.startswith(("4", "5")) and "application/json" in content:
+                        content.pop("application/json")
+                        content["application/problem+json"] = {"schema": ref}
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]

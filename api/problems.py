@@ -123,6 +123,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):
+            # A body that is not even UTF-8 is as malformed as bad JSON: the same 422 naming the body.
+            return problem_response(422, "Invalid request", "body: the body is not valid JSON (UTF-8)",
+                                    slug="validation-error", instance=request.url.path,
+                                    errors=[{"field": "body", "message": "the body is not valid JSON (UTF-8)"}])
         titles = {404: "Not found", 405: "Method not allowed", 401: "Unauthorized", 413: "Request too large"}
         return problem_response(exc.status_code, titles.get(exc.status_code, "Error"), str(exc.detail),
                                 headers=getattr(exc, "headers", None), instance=request.url.path)
