@@ -254,3 +254,11 @@ def test_block_input_capture_gives_each_block_its_own_mask(tmp_path):
         mask = rest[0][1].get("attention_mask")
         assert (mask is None and mask_ref is None) or torch.equal(mask, mask_ref)
     assert not torch.equal(seen[0][1], seen[1][1])  # the two layers really get different masks
+
+    # whole jobs: the cached path warns that it reuses block 0's inputs, the recomputing path does not
+    src = _save(tmp_path / "qwen2", model)
+    for cache in (True, False):
+        res = _job(src, tmp_path / f"q{cache}", {"cache_block_outputs": cache, "nsamples": 2, "model_seqlen": 32},
+                   evaluate=False)
+        assert res["quantized_modules"] == 14
+        assert any("first block's mask" in n for n in res["notes"]) is cache

@@ -208,6 +208,11 @@ class GPTQMethod:
         calib_info = calib.describe()
         rep.log(f"calibration: {calib.nsamples} samples x {calib.seqlen} tokens from {calib.source}", data=calib_info)
         cache_outputs = cfg["cache_block_outputs"]
+        layer_types = getattr(layout.hf_config.get_text_config(), "layer_types", None)
+        if cache_outputs and isinstance(layer_types, (list, tuple)) and len(set(layer_types)) > 1:
+            note(f"blocks of different types ({', '.join(sorted(set(map(str, layer_types))))}) all calibrated with "
+                 "the first block's mask and position inputs; cache_block_outputs=false gives each block its own",
+                 level="warning")
         if not cache_outputs:
             note("cache_block_outputs=false: each block's inputs are recomputed from the embeddings through the "
                  "quantized blocks before it (n(n+1)/2 block forwards; quantized blocks kept in memory)")
