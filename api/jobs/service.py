@@ -38,14 +38,46 @@ def check_local_path(settings: Settings, raw: str) -> Path:
     if not candidate.is_absolute():
         raise _invalid("model.path", "must be an absolute path")
     try:
-        resolved = candidate.resolve(strict=True)
-    except (FileNotFoundError, RuntimeError, OSError):
+        # roots first, then existence: a path outside the roots says nothing about whether it exists
+        resolved = candidate.resolve()
+    except (RuntimeError, OSError):
         raise _invalid("model.path", "no such directory")
     if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
         raise _invalid("model.path", "is outside the allowed model roots")
+    if not resolved.exists():
+        raise _invalid("model.path", "no such directory")
     if not resolved.is_dir():
         raise _invalid("model.path", "is not a directory")
     return resolved
+
+
+def check_calibration_file(settings: Settings, dataset: object) -> None:
+    """A `dataset` naming a file on the worker's disk must be under the allowed roots, like model.path.
+
+    The engine reads such a file as calibration text; without this check any file the worker can read
+    (/etc/..., another tenant's upload) could be named, and its existence probed through the error."""
+    if not isinstance(dataset, str):
+        return
+    looks_local = dataset.startswith(("/", ".", "~")) or Path(dataset).suffix.lower() in (".txt", ".jsonl", ".json")
+    if not looks_local:
+        return  # a dataset name (c4, wikitext2) or a Hub dataset id
+    field = "quantization_config.dataset"
+    roots = settings.model_roots
+    if not roots:
+        raise _invalid(field, "local calibration files are disabled on this server (no QAAS_LOCAL_MODEL_ROOTS)")
+    candidate = Path(dataset)
+    if not candidate.is_absolute():
+        raise _invalid(field, "a calibration file must be an absolute path")
+    try:
+        resolved = candidate.resolve()  # roots first: no existence oracle for paths outside them
+    except (OSError, RuntimeError):
+        raise _invalid(field, "no such calibration file")
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise _invalid(field, "the calibration file is outside the allowed roots")
+    if not resolved.exists():
+        raise _invalid(field, "no such calibration file")
+    if not resolved.is_file():
+        raise _invalid(field, "the calibration file is not a regular file")
 
 
 def fingerprint(req: JobRequest) -> str:
@@ -72,6 +104,7 @@ def submit(session: Session, settings: Settings, owner: str, req: JobRequest, id
         check_local_path(settings, req.model.path)
     if req.webhook is not None:
         check_webhook_url(settings, str(req.webhook.url), field="webhook.url")
+    check_calibration_file(settings, getattr(req.quantization_config, "dataset", None))
 
     request_hash = fingerprint(req)
     if idempotency_key:
