@@ -16,7 +16,7 @@ from conftest import auth, make_settings, new_key
 from hypothesis import HealthCheck, settings as hsettings
 from schemathesis import checks as st_checks
 
-EXAMPLES = int(os.environ.get("QAAS_SCHEMATHESIS_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("QAAS_SCHEMATHESIS_EXAMPLES", "100"))
 
 
 def _app():
