@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from qaas import auth_cache
 from qaas.api.problems import Problem
 from qaas.db.models import ApiKey
 from qaas.db.session import get_sessionmaker
@@ -46,13 +47,24 @@ def _unauthorized(detail: str) -> Problem:
 
 
 def authenticate_key(session: Session, settings: Settings, key: str) -> Caller | None:
+    """The caller a key belongs to, or None. Lookups are cached for QAAS_AUTH_CACHE_S (5 s): a key check
+    was a database round trip on every request. A key revoked in another process keeps working in this
+    one for at most that long."""
+    if len(key) > 256:
+        return None
     digest = hash_api_key(key, settings.secret_key.get_secret_value())
+    ttl = settings.auth_cache_s
+    if ttl > 0:
+        hit = auth_cache.get(digest)
+        if hit is not auth_cache.MISSING:
+            return hit
     row = session.execute(
         select(ApiKey.id, ApiKey.owner, ApiKey.revoked_at).where(ApiKey.key_hash == digest)
     ).first()
-    if row is None or row.revoked_at is not None:
-        return None
-    return Caller(owner=row.owner, key_id=str(row.id))
+    caller = None if row is None or row.revoked_at is not None else Caller(owner=row.owner, key_id=str(row.id))
+    if ttl > 0:
+        auth_cache.put(digest, caller, ttl)
+    return caller
 
 
 def get_caller(request: Request, session: SessionDep, settings: SettingsDep) -> Caller:

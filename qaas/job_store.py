@@ -142,10 +142,13 @@ def list_events(session: Session, job_id: uuid.UUID, *, after_id: int = 0, limit
 # --- dispatch bookkeeping -------------------------------------------------------------------------
 
 
-def mark_dispatched(session: Session, job_id: uuid.UUID) -> None:
+def mark_dispatched(session: Session, job_id: uuid.UUID) -> dt.datetime:
+    now = utcnow()
     session.execute(
-        update(Job).where(Job.id == job_id, Job.status == JobStatus.queued.value).values(dispatched_at=utcnow())
+        update(Job).where(Job.id == job_id, Job.status == JobStatus.queued.value).values(dispatched_at=now)
+        .execution_options(synchronize_session=False)
     )
+    return now
 
 
 def jobs_to_dispatch(session: Session, *, redispatch_after_s: float, limit: int = 500,

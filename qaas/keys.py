@@ -22,4 +22,7 @@ def create_key(session: Session, settings: Settings, *, name: str, owner: str) -
 
 def revoke_keys(session: Session, prefix: str) -> int:
     res = session.execute(update(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow()))
+    from qaas import auth_cache
+
+    auth_cache.clear()  # this process forgets cached lookups now; others within QAAS_AUTH_CACHE_S
     return res.rowcount

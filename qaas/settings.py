@@ -69,12 +69,17 @@ class Settings(BaseSettings):
 
     #: Requests per minute per API key (token bucket; in Redis when the broker is Redis, so all API
     #: processes share it). 0 turns rate limiting off.
-    rate_limit_per_minute: int = Field(default=600, ge=0)
+    rate_limit_per_minute: int = Field(default=1200, ge=0)
     #: Bucket size: how many requests a key may send at once before the per-minute rate applies.
-    rate_limit_burst: int = Field(default=60, ge=1)
+    rate_limit_burst: int = Field(default=120, ge=1)
     #: Seconds an API-key lookup is cached in each API process (a revoked key keeps working that long
     #: in processes other than the one that revoked it). 0 turns the cache off.
     auth_cache_s: float = Field(default=5.0, ge=0, le=60)
+    #: Database connections each process keeps open (and may add under bursts). Every API process also
+    #: caps its request threads at api_threads, so that requests wait for a thread, not for a connection.
+    db_pool_size: int = Field(default=20, ge=1, le=200)
+    db_max_overflow: int = Field(default=10, ge=0, le=200)
+    api_threads: int = Field(default=20, ge=1, le=400)
     #: Serve GET /metrics (Prometheus text format, computed from the database at scrape time).
     metrics_enabled: bool = True
     #: Log format of the service processes: "json" (one JSON object a line) or "text".

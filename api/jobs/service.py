@@ -159,6 +159,9 @@ def _replay(existing: Job, request_hash: str) -> Submission:
 
 def dispatch(session: Session, settings: Settings, job: Job) -> None:
     if send_run_job(settings, job.id, priority=job.priority):
-        job_store.mark_dispatched(session, job.id)
+        when = job_store.mark_dispatched(session, job.id)
         session.commit()
-        session.refresh(job)
+        # what the UPDATE wrote, without reading the row back (a round trip per submission)
+        from sqlalchemy.orm.attributes import set_committed_value
+
+        set_committed_value(job, "dispatched_at", when)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
+
+#: A pooled connection unused for this long is checked with a round trip before it is handed out.
+IDLE_PING_S = 2.0
 
 
 @lru_cache(maxsize=8)
@@ -25,8 +29,31 @@ def get_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    # pool_pre_ping: after a PostgreSQL restart, stale pooled connections are replaced, not used.
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=5)
+    from qaas.settings import get_settings
+
+    settings = get_settings()
+    engine = create_engine(url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow, pool_timeout=5)
+
+    # Pessimistic disconnect handling, but only for connections that sat idle: pool_pre_ping would add a
+    # round trip to every request (a third of a status read). A connection in constant use that the
+    # server dropped fails its statement instead; SQLAlchemy then invalidates the whole pool, the request
+    # answers 503 (Retry-After) and the next one connects afresh -- so a PostgreSQL restart still heals
+    # by itself, at the cost of at most one 503 per process.
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn, record) -> None:
+        record.info["qaas_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn, record, _proxy) -> None:
+        since = record.info.get("qaas_idle_since")
+        if since is None or time.monotonic() - since < IDLE_PING_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)  # what pool_pre_ping runs (autocommit, SELECT 1)
+        except Exception as err:  # noqa: BLE001 - the pool retries with a fresh connection
+            raise exc.DisconnectionError() from err
+
+    return engine
 
 
 @lru_cache(maxsize=8)

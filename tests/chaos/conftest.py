@@ -52,7 +52,9 @@ def chaos_stack(tmp_path) -> Iterator[callable]:
     stacks: list[Stack] = []
 
     def make(settings, **extra_env: str) -> Stack:
-        s = Stack(tmp_path, {**settings_env(settings), "QAAS_LOG_FORMAT": "json", **extra_env})
+        # rate limiting is tested in tests/security; here tests poll many jobs fast
+        s = Stack(tmp_path, {**settings_env(settings), "QAAS_LOG_FORMAT": "json", "QAAS_RATE_LIMIT_PER_MINUTE": "0",
+                             **extra_env})
         stacks.append(s)
         return s
 

@@ -1,0 +1,336 @@
+"""Load benchmark of the real API (uvicorn, N worker processes) + PostgreSQL + Redis on this machine.
+
+    .venv/bin/python -P bench/load/run.py [--api-workers 2] [--duration 20] [--connections 32] [--profile]
+
+What it does, in order (everything on loopback; the load generator is wrk, a separate C process):
+  1. creates a throw-away database on the shared PostgreSQL, migrates it, makes 20 API keys and 2,000 jobs;
+  2. starts `uvicorn qaas.api.main:app --workers N` with production-like settings (JSON logs, no access
+     log, rate limiting ON through Redis with a limit high enough not to trigger);
+  3. runs wrk per scenario: POST /v1/jobs, GET /v1/jobs/{id}, GET /v1/jobs, and GET /v1/jobs/{id} again
+     while 200 SSE streams are open (held by a Python asyncio client in another process);
+  4. optionally (--profile) samples the API processes with py-spy during a mixed run;
+  5. writes bench/results/load.json and prints a Markdown table.
+Not a test: run on demand; results are committed (bench/results/load.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+RESULTS = REPO / "bench" / "results"
+PG_ADMIN = os.environ.get("QAAS_BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS = os.environ.get("QAAS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
+SECRET = "bench-secret-key-" + "0123456789abcdef" * 3
+STORIES = (REPO.parent / "shared" / "assets" / "models" / "stories260K").resolve()
+
+LUA_COMMON = r"""
+local keys = {}
+local ids = {}
+for line in io.lines(os.getenv("QAAS_BENCH_KEYS")) do keys[#keys + 1] = line end
+for line in io.lines(os.getenv("QAAS_BENCH_IDS")) do ids[#ids + 1] = line end
+local counter = 0
+local threads = {}
+function setup(thread)
+  thread:set("id", #threads)
+  threads[#threads + 1] = thread
+end
+function init(args)
+  math.randomseed(os.time() + id)
+  non2xx = 0
+end
+function response(status, headers, body)
+  if status < 200 or status > 299 then non2xx = non2xx + 1 end
+end
+function done(summary, latency, requests)
+  local bad = 0
+  for _, t in ipairs(threads) do bad = bad + t:get("non2xx") end
+  local out = string.format('{"requests": %d, "duration_us": %d, "non2xx": %d, "errors": %d, '
+    .. '"p50_ms": %.3f, "p90_ms": %.3f, "p99_ms": %.3f, "p999_ms": %.3f, "max_ms": %.3f, "mean_ms": %.3f}',
+    summary.requests, summary.duration, bad,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout + summary.errors.status,
+    latency:percentile(50) / 1000, latency:percentile(90) / 1000, latency:percentile(99) / 1000,
+    latency:percentile(99.9) / 1000, latency.max / 1000, latency.mean / 1000)
+  local f = io.open(os.getenv("QAAS_BENCH_OUT"), "w"); f:write(out); f:close()
+end
+"""
+
+LUA = {
+    "submit": r"""
+local body_tpl = '{"model": {"path": "%s"}, "quantization_config": {"quant_method": "bitsandbytes", '
+  .. '"load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}, "options": {"priority": %d}}'
+function request()
+  counter = counter + 1
+  local key = keys[(counter %% #keys) + 1]
+  local body = string.format(body_tpl, os.getenv("QAAS_BENCH_MODEL"), counter %% 10)
+  return wrk.format("POST", "/v1/jobs", {["Authorization"] = "Bearer " .. key,
+                    ["Content-Type"] = "application/json"}, body)
+end
+""",
+    "status": r"""
+function request()
+  local i = math.random(#ids)
+  local key = keys[((i - 1) %% #keys) + 1]
+  return wrk.format("GET", "/v1/jobs/" .. ids[i], {["Authorization"] = "Bearer " .. key})
+end
+""",
+    "list": r"""
+function request()
+  local key = keys[math.random(#keys)]
+  return wrk.format("GET", "/v1/jobs?limit=20", {["Authorization"] = "Bearer " .. key})
+end
+""",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sh(cmd: list[str], **kw) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN) as conn:
+        pg = conn.execute("SHOW server_version").fetchone()[0]
+    import redis
+
+    return {"cpus": os.cpu_count(), "cpu_model": cpu, "memory_bytes": mem, "kernel": platform.release(),
+            "python": platform.python_version(), "postgresql": pg,
+            "redis": redis.Redis.from_url(REDIS).info()["redis_version"],
+            "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]}
+
+
+def prepare(n_keys: int, n_jobs: int) -> tuple[str, list[str], list[str], str]:
+    import psycopg
+
+    from qaas.db.migrate import upgrade
+    from qaas.db.session import session_scope
+    from qaas.keys import create_key
+    from qaas.settings import Settings
+
+    name = f"qaas_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + "/" + name
+    upgrade(url)
+    settings = Settings(env="test", database_url=url, broker_url=REDIS, secret_key=SECRET)
+    from qaas import job_store
+
+    keys, ids = [], []
+    with session_scope(url) as s:
+        for i in range(n_keys):
+            keys.append(create_key(s, settings, name=f"bench-{i}", owner=f"tenant-{i}"))
+    with session_scope(url) as s:
+        for j in range(n_jobs):
+            owner = f"tenant-{j % n_keys}"
+            job = job_store.create_job(s, owner=owner, request={"model": {"path": str(STORIES)}, "quantization_config": {
+                "quant_method": "bitsandbytes", "load_in_4bit": True}, "options": {}}, request_hash="x", idempotency_key=None,
+                method="bitsandbytes", bits=4, source_model=str(STORIES), priority=j % 10, max_attempts=3)
+            ids.append(str(job.id))
+    # the status scenario uses key (i % n_keys) for ids[i]: ids are ordered so that owner matches
+    return url, keys, ids, name
+
+
+def start_api(url: str, port: int, workers: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "QAAS_ENV": "production", "QAAS_DATABASE_URL": url, "QAAS_BROKER_URL": REDIS,
+           "QAAS_SECRET_KEY": SECRET, "QAAS_LOCAL_MODEL_ROOTS": str(STORIES.parent), "QAAS_LOG_FORMAT": "json",
+           "QAAS_RATE_LIMIT_PER_MINUTE": "10000000", "QAAS_RATE_LIMIT_BURST": "100000",
+           "QAAS_DATA_DIR": tempfile.mkdtemp(prefix="qaas-bench-data-"), "PYTHONUNBUFFERED": "1",
+           "QAAS_GPU_QUEUE": "bench-gpu", "QAAS_IO_QUEUE": "bench-io"}
+    code = ("import logging, uvicorn; from qaas.logging_setup import setup_logging; setup_logging('json', 'WARNING'); "
+            f"uvicorn.run('qaas.api.main:app', host='127.0.0.1', port={port}, workers={workers}, "
+            "log_config=None, access_log=False, log_level='warning')")
+    proc = subprocess.Popen([sys.executable, "-P", "-c", code], env=env, stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("API did not start: " + log.read_text()[-2000:])
+
+
+def wrk(scenario: str, base: str, work: Path, *, duration: int, connections: int, threads: int = 2) -> dict:
+    script = work / f"{scenario}.lua"
+    script.write_text(LUA_COMMON + LUA[scenario].replace("%%", "%"))
+    out = work / f"{scenario}.json"
+    env = {**os.environ, "QAAS_BENCH_KEYS": str(work / "keys.txt"), "QAAS_BENCH_IDS": str(work / "ids.txt"),
+           "QAAS_BENCH_OUT": str(out), "QAAS_BENCH_MODEL": str(STORIES)}
+    subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "5s",
+                    "-s", str(script), base], env=env, check=True, capture_output=True, text=True)
+    r = json.loads(out.read_text())
+    r["rps"] = round(r["requests"] / (r["duration_us"] / 1e6), 1)
+    r["connections"] = connections
+    return r
+
+
+def sse_holder(base: str, keys: list[str], ids: list[str], n: int, hold_s: float, out: Path) -> subprocess.Popen:
+    """200 SSE clients in another process: each opens a stream, reads events, holds it for hold_s."""
+    code = f"""
+import asyncio, json, time, httpx
+async def one(c, key, jid, stats):
+    t0 = time.monotonic(); first = None; events = 0
+    try:
+        async with c.stream("GET", f"/v1/jobs/{{jid}}/events", headers={{"Authorization": "Bearer " + key,
+                            "Accept": "text/event-stream"}}) as r:
+            if r.status_code != 200:
+                stats["errors"] += 1; return
+            async for line in r.aiter_lines():
+                if line.startswith("id:"):
+                    events += 1
+                    if first is None:
+                        first = time.monotonic() - t0; stats["first_ms"].append(first * 1000)
+                if time.monotonic() - t0 > {hold_s}:
+                    break
+        stats["ok"] += 1
+    except Exception as exc:
+        stats["errors"] += 1; stats["exc"] = repr(exc)
+async def main():
+    keys = {json.dumps(keys)}; ids = {json.dumps(ids)}
+    stats = {{"ok": 0, "errors": 0, "first_ms": []}}
+    limits = httpx.Limits(max_connections={n} + 10, max_keepalive_connections={n} + 10)
+    async with httpx.AsyncClient(base_url="{base}", timeout=30, limits=limits) as c:
+        await asyncio.gather(*[one(c, keys[i % len(keys)], ids[i], stats) for i in range({n})])
+    f = sorted(stats.pop("first_ms")) or [0]
+    stats.update(streams={n}, first_event_p50_ms=round(f[len(f)//2], 1), first_event_p99_ms=round(f[int(len(f)*0.99)-1], 1))
+    open("{out}", "w").write(json.dumps(stats))
+asyncio.run(main())
+"""
+    return subprocess.Popen([sys.executable, "-P", "-c", code])
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    tck = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tck
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def api_pids(root: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(root)], capture_output=True, text=True).stdout.split()
+    kids = [int(p) for p in out]
+    grand = []
+    for k in kids:
+        grand += [int(p) for p in subprocess.run(["pgrep", "-P", str(k)], capture_output=True, text=True).stdout.split()]
+    return [root, *kids, *grand]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--api-workers", type=int, default=2)
+    ap.add_argument("--duration", type=int, default=20)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--sse", type=int, default=200)
+    ap.add_argument("--profile", action="store_true", help="py-spy the API processes during a mixed run")
+    ap.add_argument("--label", default="")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed (apt-get install wrk)")
+    url, keys, ids, dbname = prepare(n_keys=20, n_jobs=2000)
+    work = Path(tempfile.mkdtemp(prefix="qaas-load-"))
+    (work / "keys.txt").write_text("\n".join(keys) + "\n")
+    # ids[i] belongs to tenant i % 20, which the status script pairs with keys[(i-1) % 20] in Lua's 1-based terms
+    (work / "ids.txt").write_text("\n".join(ids) + "\n")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    api = start_api(url, port, args.api_workers, work / "api.log")
+    results: dict = {"machine": machine(), "api_workers": args.api_workers, "duration_s": args.duration,
+                     "command": " ".join(["python -P bench/load/run.py", *sys.argv[1:]]), "label": args.label,
+                     "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "scenarios": {}}
+    try:
+        wrk("status", base, work, duration=3, connections=8)  # warm-up: imports, pools, caches
+        pids = api_pids(api.pid)
+        for scenario in ("submit", "status", "list"):
+            c0 = cpu_seconds(pids)
+            r = wrk(scenario, base, work, duration=args.duration, connections=args.connections)
+            r["api_cpu_s_per_s"] = round((cpu_seconds(pids) - c0) / (r["duration_us"] / 1e6), 2)
+            results["scenarios"][scenario] = r
+            print(scenario, json.dumps(r), flush=True)
+        holder = sse_holder(base, keys, ids, args.sse, hold_s=args.duration + 10, out=work / "sse.json")
+        time.sleep(5)  # streams open
+        c0 = cpu_seconds(pids)
+        idle = time.monotonic()
+        time.sleep(3)
+        sse_cpu = (cpu_seconds(pids) - c0) / (time.monotonic() - idle)
+        r = wrk("status", base, work, duration=args.duration, connections=args.connections)
+        r["sse_streams_open"] = args.sse
+        r["api_cpu_s_per_s_of_sse_alone"] = round(sse_cpu, 2)
+        results["scenarios"]["status_with_sse"] = r
+        holder.wait(timeout=args.duration + 60)
+        results["scenarios"]["sse"] = json.loads((work / "sse.json").read_text())
+        print("sse", results["scenarios"]["sse"], flush=True)
+        if args.profile and shutil.which("py-spy"):
+            prof = []
+            for pid in pids[1:] or pids:
+                out = work / f"profile-{pid}.txt"
+                prof.append(subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(args.duration), "-f", "raw",
+                                              "-o", str(out), "--nonblocking"], stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.DEVNULL))
+            time.sleep(1)
+            wrk("submit", base, work, duration=args.duration // 2, connections=args.connections)
+            wrk("status", base, work, duration=args.duration // 2, connections=args.connections)
+            for p in prof:
+                p.wait()
+            results["profile_files"] = [str(p) for p in work.glob("profile-*.txt")]
+    finally:
+        os.killpg(api.pid, signal.SIGTERM)
+        api.wait(timeout=30)
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        import redis
+
+        redis.Redis.from_url(REDIS).flushdb()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"load{('-' + args.label) if args.label else ''}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}; work dir {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
