@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--configs", default="4:64,3:64")
     ap.add_argument("--workdir", default="/tmp/gptq-quality")
     ap.add_argument("--out", default="bench/results/gptq_quality.md")
+    ap.add_argument("--desc-act", action="store_true", help="GPTQ with act-order (columns by decreasing Hessian diagonal)")
+    ap.add_argument("--damp", type=float, default=0.01)
     a = ap.parse_args()
 
     from qaas.worker.engine.evaluate import load_eval_data, load_original_model, perplexity
@@ -78,14 +80,14 @@ def main() -> None:
         res = quantize(
             {"path": a.model},
             {"quant_method": "gptq", "bits": bits, "group_size": gs, "dataset": a.calib_text, "sym": True,
-             "desc_act": False, "damp_percent": 0.01, "nsamples": a.nsamples, "model_seqlen": a.calib_seqlen},
+             "desc_act": a.desc_act, "damp_percent": a.damp, "nsamples": a.nsamples, "model_seqlen": a.calib_seqlen},
             out, options=EngineOptions(device="cpu", evaluate=False, allowed_roots=("/",)),
         )
         t_q = time.time() - t
         m = load()
         load_saved_weights(m, out, bits=bits, fmt="gptq")
         ppl_gptq = perplexity(m, data, device="cpu")
-        rows.append((f"GPTQ {bits}-bit g{gs}", bits, gs, ppl_gptq, t_q))
+        rows.append((f"GPTQ {bits}-bit g{gs}" + (" act-order" if a.desc_act else ""), bits, gs, ppl_gptq, t_q))
         print(rows[-1], res["skipped_modules"][:3], res["quantization_config"]["meta"]["calibration"], flush=True)
         del m
         calib = res["quantization_config"]["meta"]["calibration"]
@@ -96,12 +98,12 @@ def main() -> None:
         "",
         f"Date {time.strftime('%Y-%m-%d')}; CPU (2 cores), torch {torch.__version__}. Command: "
         f"`python bench/gptq_quality.py --model /tmp/smol/fp16 --windows {a.windows} --seqlen {a.seqlen} "
-        f"--nsamples {a.nsamples} --calib-seqlen {a.calib_seqlen}`.",
+        f"--nsamples {a.nsamples} --calib-seqlen {a.calib_seqlen}" + (" --desc-act" if a.desc_act else "") + "`.",
         "",
         f"Evaluation: first {data.windows} x {data.seqlen} tokens of WikiText-2 raw test (text sha256 "
         f"`{data.text_sha256[:16]}…`), model run in float32 on the CPU. Calibration (GPTQ): tinyshakespeare, "
         f"{calib['samples']} windows x {calib['seqlen']} tokens, seed {calib['seed']} (token sha256 "
-        f"`{calib['sha256'][:16]}…`). GPTQ options: sym, desc_act false, {cfg}; all 210 block linears quantized "
+        f"`{calib['sha256'][:16]}…`). GPTQ options: sym, desc_act {str(a.desc_act).lower()}, {cfg}; all 210 block linears quantized "
         "(none skipped). RTN: the same layers on the same grid (symmetric, same group size, fp16 scales).",
         "GPTQ perplexity is measured on the saved v1 checkpoint, dequantized into the original architecture.",
         "",
