@@ -18,7 +18,7 @@ from qaas.api.jobs.schemas import EventOut, EventPage, JobCreated, JobOut, JobPa
 from qaas.api.problems import PROBLEM_JSON, Problem, ProblemDetails
 from qaas import job_store
 from qaas.db.models import TERMINAL_STATUSES, JobStatus
-from qaas.db.session import session_scope
+from qaas.db.async_session import read
 from qaas.schemas.job_request import JobRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -60,28 +60,36 @@ def create_job(
 
 
 @router.get("", response_model=JobPage, operation_id="list_jobs", responses=_ERRORS)
-def list_jobs(
+async def list_jobs(
     caller: CallerDep,
-    session: SessionDep,
+    settings: SettingsDep,
     status: Annotated[JobStatus | None, Query(description="only jobs in this state")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> JobPage:
     """Your jobs, newest first, a page at a time."""
     try:
-        page = job_store.list_jobs(session, caller.owner, status=status.value if status else None, limit=limit, cursor=cursor)
+        page = await read(settings.resolved_database_url, lambda s: job_store.list_jobs(
+            s, caller.owner, status=status.value if status else None, limit=limit, cursor=cursor))
     except (ValueError, UnicodeDecodeError):
         raise Problem(422, "Invalid request", "cursor: not a cursor from this API", slug="validation-error",
                       errors=[{"field": "cursor", "message": "not a cursor from this API"}])
-    return JobPage(items=[JobOut.from_job(j) for j in page.items], next_cursor=page.next_cursor)
+    return _json(JobPage(items=[JobOut.from_job(j) for j in page.items], next_cursor=page.next_cursor))
+
+
+def _json(model) -> Response:
+    # Serialized once by pydantic (the response_model stays for the schema; returning a Response skips
+    # FastAPI validating and serializing the same model a second time).
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 @router.get("/{job_id}", response_model=JobOut, operation_id="get_job", responses=_ERRORS)
-def get_job(job_id: str, caller: CallerDep, session: SessionDep) -> JobOut:
-    job = job_store.get_job(session, _parse_id(job_id), caller.owner)
+async def get_job(job_id: str, caller: CallerDep, settings: SettingsDep) -> JobOut:
+    jid = _parse_id(job_id)
+    job = await read(settings.resolved_database_url, lambda s: job_store.get_job(s, jid, caller.owner))
     if job is None:
         raise _not_found()
-    return JobOut.from_job(job)
+    return _json(JobOut.from_job(job))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, operation_id="cancel_job", responses=_ERRORS)
@@ -140,11 +148,10 @@ def _wants_sse(request: Request, stream: bool) -> bool:
     operation_id="list_job_events",
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON page, or an SSE stream"}},
 )
-def job_events(
+async def job_events(
     job_id: str,
     request: Request,
     caller: CallerDep,
-    session: SessionDep,
     settings: SettingsDep,
     after: Annotated[int, Query(ge=0, description="only events with a larger id")] = 0,
     stream: Annotated[bool, Query(description="Server-Sent Events (or send Accept: text/event-stream)")] = False,
@@ -152,35 +159,42 @@ def job_events(
 ):
     """The job's timeline. As Server-Sent Events it follows the job live until it ends; resume with Last-Event-ID."""
     jid = _parse_id(job_id)
-    job = job_store.get_job(session, jid, caller.owner)
-    if job is None:
-        raise _not_found()
+    db = settings.resolved_database_url
     if not _wants_sse(request, stream):
-        events = job_store.list_events(session, jid, after_id=after)
-        return EventPage(items=[EventOut.from_event(e) for e in events], job_status=job.status)
+        def page(s):
+            job = job_store.get_job(s, jid, caller.owner)
+            return None if job is None else (job.status, job_store.list_events(s, jid, after_id=after))
+
+        got = await read(db, page)
+        if got is None:
+            raise _not_found()
+        return _json(EventPage(items=[EventOut.from_event(e) for e in got[1]], job_status=got[0]))
+    if await read(db, lambda s: job_store.get_job(s, jid, caller.owner)) is None:
+        raise _not_found()
     start = after
     if last_event_id and last_event_id.isdigit():
         start = max(start, int(last_event_id))
-    session.close()  # the stream opens short sessions of its own; do not hold a connection for hours
     return StreamingResponse(
-        _sse(settings.resolved_database_url, jid, start, request),
+        _sse(db, jid, start, request),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-def _poll(db_url: str, job_id: uuid.UUID, after: int) -> tuple[list[EventOut], str | None]:
-    with session_scope(db_url) as s:
-        events = [EventOut.from_event(e) for e in job_store.list_events(s, job_id, after_id=after, limit=500)]
-        job = job_store.get_job(s, job_id)
-        return events, job.status if job else None
+def _poll(s, job_id: uuid.UUID, after: int) -> tuple[list[EventOut], str | None]:
+    from sqlalchemy import select
+
+    from qaas.db.models import Job
+
+    events = [EventOut.from_event(e) for e in job_store.list_events(s, job_id, after_id=after, limit=500)]
+    return events, s.scalar(select(Job.status).where(Job.id == job_id))
 
 
-async def _sse(db_url: str, job_id: uuid.UUID, after: int, request: Request, poll_s: float = 0.5, keepalive_s: float = 15.0):
+async def _sse(db_url: str, job_id: uuid.UUID, after: int, request: Request, keepalive_s: float = 15.0):
     yield "retry: 2000\n\n"
-    idle = 0.0
+    idle = since_keepalive = 0.0
     while True:
-        events, status = await run_in_threadpool(_poll, db_url, job_id, after)
+        events, status = await read(db_url, lambda s: _poll(s, job_id, after))
         for e in events:
             after = e.id
             yield f"id: {e.id}\nevent: {e.kind}\ndata: {json.dumps(e.model_dump(mode='json'))}\n\n"
@@ -191,8 +205,12 @@ async def _sse(db_url: str, job_id: uuid.UUID, after: int, request: Request, pol
             return
         if await request.is_disconnected():
             return
+        # Poll fast while the job is talking, slower while it is quiet (a job queued for an hour need not
+        # cost two queries a second per watcher): 0.5 s, then 1 s after 5 s of silence, 2 s after 30 s.
+        poll_s = 0.5 if idle < 5 else 1.0 if idle < 30 else 2.0
         await asyncio.sleep(poll_s)
         idle += poll_s
-        if idle >= keepalive_s:
-            idle = 0.0
+        since_keepalive += poll_s
+        if since_keepalive >= keepalive_s:
+            since_keepalive = 0.0
             yield ": keep-alive\n\n"

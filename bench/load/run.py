@@ -164,10 +164,10 @@ def prepare(n_keys: int, n_jobs: int) -> tuple[str, list[str], list[str], str]:
     return url, keys, ids, name
 
 
-def start_api(url: str, port: int, workers: int, log: Path) -> subprocess.Popen:
+def start_api(url: str, port: int, workers: int, log: Path, rate_limit: bool = True) -> subprocess.Popen:
     env = {**os.environ, "QAAS_ENV": "production", "QAAS_DATABASE_URL": url, "QAAS_BROKER_URL": REDIS,
            "QAAS_SECRET_KEY": SECRET, "QAAS_LOCAL_MODEL_ROOTS": str(STORIES.parent), "QAAS_LOG_FORMAT": "json",
-           "QAAS_RATE_LIMIT_PER_MINUTE": "10000000", "QAAS_RATE_LIMIT_BURST": "100000",
+           "QAAS_RATE_LIMIT_PER_MINUTE": "10000000" if rate_limit else "0", "QAAS_RATE_LIMIT_BURST": "100000",
            "QAAS_DATA_DIR": tempfile.mkdtemp(prefix="qaas-bench-data-"), "PYTHONUNBUFFERED": "1",
            "QAAS_GPU_QUEUE": "bench-gpu", "QAAS_IO_QUEUE": "bench-io"}
     code = ("import logging, uvicorn; from qaas.logging_setup import setup_logging; setup_logging('json', 'WARNING'); "
@@ -266,6 +266,8 @@ def main() -> int:
     ap.add_argument("--sse", type=int, default=200)
     ap.add_argument("--profile", action="store_true", help="py-spy the API processes during a mixed run")
     ap.add_argument("--label", default="")
+    ap.add_argument("--no-rate-limit", action="store_true", help="measure without the Redis token bucket")
+    ap.add_argument("--only", default="", help="comma-separated scenarios (submit,status,list,sse)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed (apt-get install wrk)")
@@ -276,7 +278,8 @@ def main() -> int:
     (work / "ids.txt").write_text("\n".join(ids) + "\n")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    api = start_api(url, port, args.api_workers, work / "api.log")
+    api = start_api(url, port, args.api_workers, work / "api.log", rate_limit=not args.no_rate_limit)
+    only = set(filter(None, args.only.split(",")))
     results: dict = {"machine": machine(), "api_workers": args.api_workers, "duration_s": args.duration,
                      "command": " ".join(["python -P bench/load/run.py", *sys.argv[1:]]), "label": args.label,
                      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "scenarios": {}}
@@ -284,24 +287,27 @@ def main() -> int:
         wrk("status", base, work, duration=3, connections=8)  # warm-up: imports, pools, caches
         pids = api_pids(api.pid)
         for scenario in ("submit", "status", "list"):
+            if only and scenario not in only:
+                continue
             c0 = cpu_seconds(pids)
             r = wrk(scenario, base, work, duration=args.duration, connections=args.connections)
             r["api_cpu_s_per_s"] = round((cpu_seconds(pids) - c0) / (r["duration_us"] / 1e6), 2)
             results["scenarios"][scenario] = r
             print(scenario, json.dumps(r), flush=True)
-        holder = sse_holder(base, keys, ids, args.sse, hold_s=args.duration + 10, out=work / "sse.json")
-        time.sleep(5)  # streams open
-        c0 = cpu_seconds(pids)
-        idle = time.monotonic()
-        time.sleep(3)
-        sse_cpu = (cpu_seconds(pids) - c0) / (time.monotonic() - idle)
-        r = wrk("status", base, work, duration=args.duration, connections=args.connections)
-        r["sse_streams_open"] = args.sse
-        r["api_cpu_s_per_s_of_sse_alone"] = round(sse_cpu, 2)
-        results["scenarios"]["status_with_sse"] = r
-        holder.wait(timeout=args.duration + 60)
-        results["scenarios"]["sse"] = json.loads((work / "sse.json").read_text())
-        print("sse", results["scenarios"]["sse"], flush=True)
+        if not only or "sse" in only:
+            holder = sse_holder(base, keys, ids, args.sse, hold_s=args.duration + 10, out=work / "sse.json")
+            time.sleep(5)  # streams open
+            c0 = cpu_seconds(pids)
+            idle = time.monotonic()
+            time.sleep(3)
+            sse_cpu = (cpu_seconds(pids) - c0) / (time.monotonic() - idle)
+            r = wrk("status", base, work, duration=args.duration, connections=args.connections)
+            r["sse_streams_open"] = args.sse
+            r["api_cpu_s_per_s_of_sse_alone"] = round(sse_cpu, 2)
+            results["scenarios"]["status_with_sse"] = r
+            holder.wait(timeout=args.duration + 60)
+            results["scenarios"]["sse"] = json.loads((work / "sse.json").read_text())
+            print("sse", results["scenarios"]["sse"], flush=True)
         if args.profile and shutil.which("py-spy"):
             prof = []
             for pid in pids[1:] or pids:

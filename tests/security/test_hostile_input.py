@@ -210,3 +210,17 @@ def test_url_path_tricks_are_404(client, api_key, path):
     r = client.get(path, headers=auth(api_key))
     assert r.status_code in (404, 422), r.text
     assert "root:" not in r.text
+
+
+@pytest.mark.parametrize("path, payload", [
+    ("/v1/jobs", body(push_to_hub={"repo_id": "me/x", "commit_message": "hi\x00there"})),
+    ("/v1/jobs", body(quantization_config={**GPTQ, "dataset": ["calibration\x00text"]})),
+    ("/v1/jobs", body(options={"evaluate": False}, quantization_config={**NF4, "llm_int8_skip_modules": ["lm\x00head"]})),
+    ("/v1/webhooks", {"url": "https://example.com/h", "description": "a\x00b"}),
+])
+def test_nul_characters_are_a_422_not_a_500(client, api_key, settings, path, payload):
+    """PostgreSQL text and JSONB cannot hold U+0000 (found by schemathesis: a 500 on POST /v1/webhooks)."""
+    before = stored(settings)
+    r = client.post(path, json=payload, headers={**auth(api_key), "Idempotency-Key": "nul\x01".strip("\x01")})
+    problem(r, 422)
+    assert stored(settings) == before
