@@ -61,6 +61,7 @@ def create_job(
     priority: int,
     max_attempts: int,
     hf_token_encrypted: bytes | None = None,
+    webhook_secret_encrypted: bytes | None = None,
 ) -> Job:
     job = Job(
         id=uuid.uuid4(),
@@ -79,6 +80,7 @@ def create_job(
         attempt=0,
         cancel_requested=False,
         hf_token_encrypted=hf_token_encrypted,
+        webhook_secret_encrypted=webhook_secret_encrypted,
         created_at=utcnow(),
         updated_at=utcnow(),
     )
@@ -151,23 +153,26 @@ def mark_dispatched(session: Session, job_id: uuid.UUID) -> dt.datetime:
     return now
 
 
+def dispatched_queued_count(session: Session) -> int:
+    """Queued jobs whose message was sent: each should have one message waiting in the broker."""
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.status == JobStatus.queued.value, Job.dispatched_at.is_not(None))) or 0
+
+
 def jobs_to_dispatch(session: Session, *, redispatch_after_s: float, limit: int = 500,
-                     include_stale: bool = True) -> list[tuple[uuid.UUID, int]]:
-    """(id, priority) of queued jobs never sent to the broker, or -- with include_stale -- sent long ago
-    and still not claimed (message lost), highest priority and oldest first."""
-    stale = utcnow() - dt.timedelta(seconds=redispatch_after_s)
-    due = or_(Job.dispatched_at.is_(None), Job.dispatched_at < stale) if include_stale else Job.dispatched_at.is_(None)
-    stmt = (
-        select(Job.id, Job.priority)
-        .where(
-            Job.status == JobStatus.queued.value,
-            Job.cancel_requested.is_(False),
-            due,
-        )
-        .order_by(Job.priority.desc(), Job.created_at)
-        .limit(limit)
-    )
-    return [(row[0], row[1]) for row in session.execute(stmt)]
+                     include_stale: bool = True, stale_limit: int | None = None) -> list[tuple[uuid.UUID, int]]:
+    """(id, priority) of queued jobs never sent to the broker, then -- with include_stale, at most
+    stale_limit of them -- jobs sent long ago and still not claimed (message lost); each group highest
+    priority and oldest first."""
+    base = select(Job.id, Job.priority).where(Job.status == JobStatus.queued.value, Job.cancel_requested.is_(False))
+    order = (Job.priority.desc(), Job.created_at)
+    out = [(r[0], r[1]) for r in session.execute(base.where(Job.dispatched_at.is_(None)).order_by(*order).limit(limit))]
+    if include_stale and len(out) < limit:
+        stale = utcnow() - dt.timedelta(seconds=redispatch_after_s)
+        n = min(limit - len(out), stale_limit if stale_limit is not None else limit)
+        if n > 0:
+            out += [(r[0], r[1]) for r in session.execute(base.where(Job.dispatched_at < stale).order_by(*order).limit(n))]
+    return out
 
 
 # --- the worker's side ----------------------------------------------------------------------------

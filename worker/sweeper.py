@@ -53,13 +53,15 @@ def sweep_once(settings: Settings) -> dict[str, int]:
             if job_store.finish(s, job_id, attempt, JobStatus.failed,
                                 error={"code": "worker_lost", "message": reason + "; no attempts left", "stage": None}):
                 counts["failed"] += 1
-    # A queued job whose message went out long ago may simply be waiting behind others: re-send only
-    # when the broker's queue is empty (then its message really was lost, e.g. Redis restarted), else
-    # every waiting job would get another message each REDISPATCH_AFTER_S and the queue would balloon.
+    # A queued job whose message went out long ago may simply be waiting behind others. Each dispatched
+    # queued job should have one message in the broker; only when the broker holds fewer messages than
+    # that were some lost (Redis restarted) -- then re-send that many stale ones, oldest first. Re-sending
+    # every stale job each REDISPATCH_AFTER_S made a deep queue balloon with duplicates.
     depth = gpu_queue_depth(settings)
     with session_scope(db) as s:
+        missing = None if depth is None else max(0, job_store.dispatched_queued_count(s) - depth)
         pending = job_store.jobs_to_dispatch(s, redispatch_after_s=settings.redispatch_after_s,
-                                             include_stale=not depth)
+                                             include_stale=missing is None or missing > 0, stale_limit=missing)
     for job_id, priority in pending:
         if not send_run_job(settings, job_id, priority=priority):
             break  # broker still down; try again next sweep

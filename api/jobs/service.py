@@ -133,8 +133,8 @@ def submit(session: Session, settings: Settings, owner: str, req: JobRequest, id
         priority=req.options.priority,
         max_attempts=settings.job_max_attempts,
         hf_token_encrypted=encrypt_secret(token, key) if token else None,
+        webhook_secret_encrypted=webhook_secret_encrypted,  # in the INSERT, not a later UPDATE
     )
-    job.webhook_secret_encrypted = webhook_secret_encrypted
     try:
         session.commit()
     except IntegrityError:
@@ -159,8 +159,12 @@ def _replay(existing: Job, request_hash: str) -> Submission:
 
 def dispatch(session: Session, settings: Settings, job: Job) -> None:
     if send_run_job(settings, job.id, priority=job.priority):
-        when = job_store.mark_dispatched(session, job.id)
-        session.commit()
+        # One statement in autocommit (BEGIN + UPDATE + COMMIT were three round trips per submission).
+        from qaas.db.session import get_engine
+
+        with get_engine(settings.resolved_database_url).connect().execution_options(
+                isolation_level="AUTOCOMMIT") as conn:
+            when = job_store.mark_dispatched(conn, job.id)
         # what the UPDATE wrote, without reading the row back (a round trip per submission)
         from sqlalchemy.orm.attributes import set_committed_value
 
