@@ -46,7 +46,14 @@ def st_key(tmp_path_factory, pg_url):
     settings = make_settings(tmp_path_factory.mktemp("schemathesis"), database_url=pg_url, broker_url=url,
                              rate_limit_per_minute=0)
     APP.state.settings = settings
-    return new_key(settings, "fuzzer")
+    yield new_key(settings, "fuzzer")
+    from sqlalchemy import text
+
+    from qaas.db.session import get_engine
+
+    with get_engine(pg_url).begin() as conn:  # leave the session database empty for the tests after us
+        conn.execute(text("TRUNCATE webhook_delivery_attempts, webhook_deliveries, webhook_endpoints, "
+                          "hub_credentials, job_events, jobs, api_keys CASCADE"))
 
 
 ALL_CHECKS = [
