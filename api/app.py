@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
@@ -26,7 +27,18 @@ log = logging.getLogger("qaas.api")
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        # Sync routes run in anyio's thread pool (40 threads by default); more threads than pooled database
+        # connections only makes requests queue for a connection -- or open and close overflow ones.
+        import anyio.to_thread
+
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="qaas",
         version=__version__,
         description=(
@@ -37,13 +49,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
 
-    @app.on_event("startup")
-    async def _cap_request_threads() -> None:
-        # Sync routes run in anyio's thread pool (40 threads by default); more threads than pooled database
-        # connections only makes requests queue for a connection -- or open and close overflow ones.
-        import anyio.to_thread
-
-        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     if settings.rate_limit_per_minute > 0:  # outermost: a limited caller costs no body read, no DB lookup
         app.add_middleware(RateLimit, per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst,
