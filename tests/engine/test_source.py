@@ -222,3 +222,25 @@ def test_hub_unreachable(monkeypatch):
 def test_bad_repo_id():
     with pytest.raises(SourceRejected):
         resolve_source({"id": "../../etc"}, EngineOptions())
+
+
+def test_side_files_must_be_what_they_claim(tmp_path, stories_dir):
+    """Tokenizer and generation files are checked before they are carried into the output."""
+    import pickle
+
+    from qaas.worker.engine.source import check_side_files
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "tokenizer_config.json").write_text('{"ok": true}')
+    check_side_files(d)
+    (d / "tokenizer.json").write_bytes(pickle.dumps({"not": "json"}))
+    with pytest.raises(SourceRejected, match="tokenizer.json is not valid JSON"):
+        check_side_files(d)
+    (d / "tokenizer.json").write_text("{}")
+    (d / "tokenizer.model").write_bytes(pickle.dumps("x"))
+    with pytest.raises(SourceRejected, match="not a sentencepiece model"):
+        check_side_files(d)
+    shutil.copy(stories_dir / "tokenizer.model", d / "tokenizer.model")  # a real sentencepiece model passes
+    check_side_files(d)

@@ -199,6 +199,7 @@ def validate_checkpoint_dir(
         raise SourceRejected("the model has no config.json", field="source")
     config = _read_json(config_path, "config.json")
     check_remote_code(config, allow_remote_code=allow_remote_code)
+    check_side_files(path)
 
     st_files = sorted(p for p in path.glob("*.safetensors"))
     pickles = sorted(p for pat in PICKLE_PATTERNS for p in path.glob(pat))
@@ -225,6 +226,35 @@ def validate_checkpoint_dir(
                 raise SourceRejected(f"index names a missing shard {fname}", field="source")
     for f in st_files:
         read_safetensors_header(f)
+
+
+#: Tokenizer and config files larger than this are refused rather than parsed.
+MAX_SIDE_FILE_BYTES = 512 * 1024 * 1024
+
+
+def check_side_files(path: Path) -> None:
+    """The files carried into the output (tokenizer, generation config) must be what they claim to be.
+
+    Every *.json must parse as JSON, and a sentencepiece `tokenizer.model` must look like the protobuf it
+    is (a pickle or arbitrary bytes under that name is refused): the output must not ship a file that a
+    loader would choke on or that was never a tokenizer.
+    """
+    for f in sorted(path.glob("*.json")):
+        if f.name == "config.json":
+            continue
+        if f.stat().st_size > MAX_SIDE_FILE_BYTES:
+            raise SourceRejected(f"{f.name} is larger than {MAX_SIDE_FILE_BYTES // 2**20} MiB", field="source")
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SourceRejected(f"{f.name} is not valid JSON ({type(exc).__name__})", field="source") from None
+    sp = path / "tokenizer.model"
+    if sp.is_file():
+        with open(sp, "rb") as fh:
+            head = fh.read(2)
+        # A serialized sentencepiece ModelProto starts with field 1 (pieces), length-delimited: tag 0x0a.
+        if head[:1] != b"\x0a":
+            raise SourceRejected("tokenizer.model is not a sentencepiece model", field="source")
 
 
 def check_remote_code(config: dict[str, Any], *, allow_remote_code: bool) -> None:
