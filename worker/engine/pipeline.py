@@ -99,6 +99,13 @@ def quantize(
     fields = method.validate(request)
     method_stages = method.stages(fields)
     device = torch.device(options.resolved_device())
+    if device.type == "cuda":
+        # The job's GPU peak (reported in the result; the worker exports it as a metric). The allocator's
+        # statistics exist only once CUDA is initialised, and want an index (bare "cuda" = current device).
+        torch.cuda.init()
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.reset_peak_memory_stats(device)
     eval_skipped: str | None = None
     if options.evaluate and not options.eval_text_path:
         # No operator text: WikiText-2 test through `datasets`, as GPTQ papers evaluate; when that is not
@@ -197,6 +204,7 @@ def quantize(
         "notes": result.notes,
         "timings": dict(clock.timings),
         "device": str(device),
+        "gpu_peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
 
 
