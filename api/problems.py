@@ -136,13 +136,6 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(DBAPIError)
     async def _db_down(request: Request, exc: Exception):
         if not isinstance(exc, OperationalError) and not getattr(exc, "connection_invalidated", False):
-            orig = getattr(exc, "orig", None)
-            if "NUL (0x00)" in str(orig) or getattr(orig, "sqlstate", None) == "22P05":  # untranslatable character
-                # PostgreSQL text cannot hold U+0000; JSON can. Any text field of any request (found by
-                # schemathesis on POST /v1/webhooks) -- the client's mistake, not a 500.
-                return problem_response(422, "Invalid request", "body: a text field contains a NUL (U+0000) character",
-                                        slug="validation-error", instance=request.url.path,
-                                        errors=[{"field": "body", "message": "text fields must not contain U+0000"}])
             return await _internal(request, exc)  # a bug (bad SQL, schema drift), not an outage
         log.warning("database unavailable: %s", exc.__class__.__name__)
         return problem_response(503, "Service unavailable", "the database is unavailable; retry shortly",

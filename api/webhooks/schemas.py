@@ -6,14 +6,14 @@ import datetime as dt
 import uuid
 from typing import Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AnyHttpUrl, BaseModel, Field, SecretStr, field_validator
+
+from qaas.schemas.base import RequestModel
 
 EventType = Literal["job.succeeded", "job.failed", "job.cancelled", "job.started", "job.progress"]
 
 
-class WebhookEndpointIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class WebhookEndpointIn(RequestModel):
     url: AnyHttpUrl
     event_types: list[EventType] = Field(default_factory=lambda: ["job.succeeded", "job.failed", "job.cancelled"],
                                          min_length=1, description="job.started and job.progress are opt-in")
@@ -64,9 +64,7 @@ class DeliveryOut(BaseModel):
     attempt_log: list[DeliveryAttemptOut]
 
 
-class HubTokenIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class HubTokenIn(RequestModel):
     token: SecretStr
 
     @field_validator("token")

@@ -14,13 +14,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
-    BaseModel,
     ConfigDict,
     Field,
     SecretStr,
     field_validator,
     model_validator,
 )
+
+from qaas.schemas.base import RequestModel
 
 # Hub repo ids: "name" or "owner/name", the characters the Hub allows, no "..", no leading "-" or ".".
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -30,8 +31,8 @@ MAX_CALIBRATION_TEXTS = 4096
 MAX_CALIBRATION_CHARS = 4 * 1024 * 1024
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Strict(RequestModel):
+    pass
 
 
 def _check_repo_id(value: str, what: str) -> str:
