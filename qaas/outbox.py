@@ -119,6 +119,34 @@ def claim_due_deliveries_of_job(session: Session, job_id: uuid.UUID) -> list[uui
     return ids
 
 
+def send_job_deliveries(settings, job_id: uuid.UUID) -> None:
+    """Hand a job's new deliveries to the I/O queue right after the event committed (best effort:
+    the sweeper sends whatever is due anyway)."""
+    import logging
+
+    from qaas.db.session import session_scope
+    from qaas.queue import send_delivery
+
+    try:
+        with session_scope(settings.resolved_database_url) as s:
+            ids = claim_due_deliveries_of_job(s, job_id)
+        for delivery_id in ids:
+            send_delivery(settings, delivery_id)
+    except Exception as exc:  # noqa: BLE001 - the database or broker blinked; the sweeper catches up
+        logging.getLogger("qaas.webhooks").warning("could not send the deliveries of %s now: %s", job_id,
+                                                   exc.__class__.__name__)
+
+
+def reset_for_redelivery(delivery: WebhookDelivery) -> None:
+    """The user asked for a delivery again: pending, due now, same webhook-id, a fresh retry schedule
+    (earlier attempts stay in the attempt log). The caller commits and sends the message."""
+    delivery.status = "pending"
+    delivery.attempts = 0
+    delivery.next_attempt_at = utcnow()
+    delivery.locked_until = None
+    delivery.dispatched_at = utcnow()
+
+
 LOCK_S = 60.0
 
 

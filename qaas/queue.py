@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import uuid
 from functools import lru_cache
+from pathlib import Path
 
 from celery import Celery
 from kombu import Exchange, Queue
@@ -28,6 +29,9 @@ def _celery_app_for(broker_url: str, broker_folder: str, gpu_queue: str, io_queu
     transport_options: dict = {}
     if broker_url.startswith("filesystem"):
         # Embedded mode: kombu's filesystem transport needs no server; in and out share one folder.
+        # (made once per process: this function is cached)
+        Path(broker_folder).mkdir(parents=True, exist_ok=True)
+        Path(broker_folder + "-processed").mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": broker_folder,
             "data_folder_out": broker_folder,
@@ -66,9 +70,6 @@ def _celery_app_for(broker_url: str, broker_folder: str, gpu_queue: str, io_queu
 
 
 def celery_app(settings: Settings) -> Celery:
-    if settings.resolved_broker_url.startswith("filesystem"):
-        settings.broker_folder.mkdir(parents=True, exist_ok=True)
-        (settings.broker_folder.parent / (settings.broker_folder.name + "-processed")).mkdir(parents=True, exist_ok=True)
     return _celery_app_for(settings.resolved_broker_url, str(settings.broker_folder), settings.gpu_queue, settings.io_queue)
 
 
@@ -97,11 +98,21 @@ def send_run_job(settings: Settings, job_id: uuid.UUID, *, priority: int = 0) ->
 
 def send_delivery(settings: Settings, delivery_id: uuid.UUID) -> bool:
     """Ask an I/O worker to attempt a webhook delivery now (the sweeper sends what is due anyway)."""
+    return _send_io(settings, DELIVER_TASK, delivery_id)
+
+
+def send_publish(settings: Settings, job_id: uuid.UUID, *, countdown: float = 0.0) -> bool:
+    """Ask an I/O worker to publish a finished job (the sweeper re-sends publishes nobody holds)."""
+    return _send_io(settings, PUBLISH_TASK, job_id, countdown=countdown or None)
+
+
+def _send_io(settings: Settings, task: str, object_id: uuid.UUID, countdown: float | None = None) -> bool:
     try:
-        celery_app(settings).send_task(DELIVER_TASK, args=[str(delivery_id)], queue=settings.io_queue, retry=False)
+        celery_app(settings).send_task(task, args=[str(object_id)], queue=settings.io_queue, countdown=countdown,
+                                       retry=False)
         return True
-    except Exception as exc:
-        log.warning("could not enqueue delivery %s: %s", delivery_id, exc.__class__.__name__)
+    except Exception as exc:  # broker down: the sweeper sends it later
+        log.warning("could not enqueue %s for %s: %s", task, object_id, exc.__class__.__name__)
         return False
 
 

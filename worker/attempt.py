@@ -18,17 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from qaas import job_store
 from qaas.db.models import HubCredential, Job, JobStatus
 from qaas.db.retry import with_db_retry
-from qaas.db.session import session_scope
 from qaas.logging_setup import job_context, set_attempt
+from qaas.queue import send_publish, send_run_job
 from qaas.security import decrypt_secret, redact
 from qaas.settings import Settings
 from qaas.worker.child import ChildProcess, start_child
-from qaas.worker.publishing import hand_over, send_publish
+from qaas.worker.publishing import hand_over
+from qaas.worker.verdict import finish_job
 
 log = logging.getLogger("qaas.worker")
 
@@ -192,11 +193,8 @@ def _supervise(
         log.warning("job %s attempt %d: engine killed by signal %d in stage %s", job_id, attempt, -code, state.stage)
     if stop_reason == "lost":
         return "lost"
-    if stop_reason == "cancel":
-        ok = with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.cancelled, timings=state.timings,
-                                                           error=None))
-        if ok:
-            kick_deliveries(settings, job_id)
+    if stop_reason == "cancel" or (state.error or {}).get("code") == "cancelled":
+        ok = finish_job(settings, job_id, attempt, JobStatus.cancelled, timings=state.timings)
         return "cancelled" if ok else "lost"
     if stop_reason == "time_limit":
         return _fail(settings, job_id, attempt, {"code": "time_limit", "stage": state.stage,
@@ -204,9 +202,6 @@ def _supervise(
     if state.result is not None and code == 0:
         return _succeed(settings, job_id, attempt, state, out_dir, push_requested)
     if state.error is not None:
-        if state.error.get("code") == "cancelled":
-            with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.cancelled, timings=state.timings))
-            return "cancelled"
         return _fail(settings, job_id, attempt, state.error, state.timings)
     # The child died without a verdict: killed (-9), out of memory, a crash in native code.
     reason = f"the engine process died (exit status {code}) during stage {state.stage or 'start-up'}"
@@ -269,49 +264,26 @@ def _succeed(settings: Settings, job_id: uuid.UUID, attempt: int, state: _State,
     result["resources"] = resources
     result["timings"] = {**(result.get("timings") or {}), **state.timings}
     revision = (result.get("source") or {}).get("revision")
-    if revision:
-        with_db_retry(db, lambda s: s.execute(update(Job).where(Job.id == job_id).values(source_revision=revision)))
     if push_requested:
         # The GPU is done: the upload runs on the I/O queue so a slow network never holds it.
-        ok = with_db_retry(db, lambda s: hand_over(s, job_id, attempt, result=result, timings=state.timings))
+        ok = with_db_retry(db, lambda s: hand_over(s, job_id, attempt, result=result, timings=state.timings,
+                                                    source_revision=revision))
         if ok:
             send_publish(settings, job_id)
             return "publishing"
-    else:
-        ok = with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.succeeded, result=result,
-                                                           timings=state.timings, source_revision=revision))
-    if not ok:
-        shutil.rmtree(final_dir, ignore_errors=True)
-        return "lost"
-    kick_deliveries(settings, job_id)
-    return "succeeded"
+    elif finish_job(settings, job_id, attempt, JobStatus.succeeded, result=result, timings=state.timings,
+                    source_revision=revision):
+        return "succeeded"
+    shutil.rmtree(final_dir, ignore_errors=True)
+    return "lost"
 
 
 def _fail(settings: Settings, job_id: uuid.UUID, attempt: int, error: dict[str, Any], timings: dict[str, float]) -> str:
-    ok = with_db_retry(settings.resolved_database_url,
-                       lambda s: job_store.finish(s, job_id, attempt, JobStatus.failed, error=error, timings=timings))
-    if ok:
-        kick_deliveries(settings, job_id)
+    ok = finish_job(settings, job_id, attempt, JobStatus.failed, error=error, timings=timings)
     return "failed" if ok else "lost"
 
 
-def kick_deliveries(settings: Settings, job_id: uuid.UUID) -> None:
-    """Send the job's new webhook deliveries now rather than at the next sweep (best effort)."""
-    from qaas import outbox
-    from qaas.queue import send_delivery
-
-    try:
-        with session_scope(settings.resolved_database_url) as s:
-            ids = outbox.claim_due_deliveries_of_job(s, job_id)
-        for delivery_id in ids:
-            send_delivery(settings, delivery_id)
-    except Exception as exc:  # noqa: BLE001 - the sweeper sends them anyway
-        log.warning("could not kick deliveries of %s: %s", job_id, exc.__class__.__name__)
-
-
 def _redispatch(settings: Settings, job_id: uuid.UUID) -> None:
-    from qaas.queue import send_run_job
-
     priority = with_db_retry(settings.resolved_database_url, lambda s: s.scalar(select(Job.priority).where(Job.id == job_id)))
     if send_run_job(settings, job_id, priority=priority or 0):
         with_db_retry(settings.resolved_database_url, lambda s: job_store.mark_dispatched(s, job_id))

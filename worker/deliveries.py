@@ -106,12 +106,3 @@ def deliver(settings: Settings, delivery_id: uuid.UUID) -> str | None:
     with_db_retry(db, record)
     log.info("delivery %s attempt %d: %s", delivery_id, todo["attempt"], outcome)
     return outcome
-
-
-def redeliver(session, delivery: WebhookDelivery) -> None:
-    """Send a delivery again (the user asked): it becomes pending and due now, same webhook-id."""
-    delivery.status = "pending"
-    delivery.attempts = 0  # a fresh retry schedule; earlier attempts stay in the attempt log
-    delivery.next_attempt_at = utcnow()
-    delivery.locked_until = None
-    delivery.dispatched_at = utcnow()  # the caller sends the message

@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import or_, select, update
@@ -22,7 +21,9 @@ from qaas import __version__, job_store
 from qaas.db.models import HubCredential, Job, JobStatus, utcnow
 from qaas.db.retry import with_db_retry
 from qaas.security import decrypt_secret, redact
+from qaas.queue import send_publish
 from qaas.settings import Settings
+from qaas.worker.verdict import finish_job
 
 log = logging.getLogger("qaas.publish")
 
@@ -31,13 +32,17 @@ _ERROR_CODES = {"HubAuthError": "hub_auth", "HubPermissionError": "hub_forbidden
                 "HubConflictError": "hub_conflict", "HubRequestError": "hub_rejected"}
 
 
-def hand_over(session, job_id: uuid.UUID, attempt: int, *, result: dict[str, Any], timings: dict[str, float]) -> bool:
+def hand_over(
+    session, job_id: uuid.UUID, attempt: int, *, result: dict[str, Any], timings: dict[str, float],
+    source_revision: str | None = None,
+) -> bool:
     """GPU side: the model is on disk; park the job in stage `publish` for an I/O worker."""
     res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.attempt == attempt)
         .values(stage=PUBLISH_STAGE, progress=0.0, progress_message="waiting for an upload worker", result=result,
-                timings=timings, worker=None, lease_expires_at=None, dispatched_at=utcnow(), updated_at=utcnow())
+                timings=timings, worker=None, lease_expires_at=None, dispatched_at=utcnow(), updated_at=utcnow(),
+                **({"source_revision": source_revision} if source_revision else {}))
         .execution_options(synchronize_session=False)
     )
     if res.rowcount == 1:
@@ -98,16 +103,11 @@ def run_publish(settings: Settings, job_id: uuid.UUID, *, worker: str) -> str:
 
     def fail(code: str, message: str) -> str:
         error = {"code": code, "message": redact(message, token), "stage": PUBLISH_STAGE}
-        ok = with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.failed, error=error,
-                                                           result=job["result"]))
-        if ok:
-            _kick(settings, job_id)
+        ok = finish_job(settings, job_id, attempt, JobStatus.failed, error=error, result=job["result"])
         return "failed" if ok else "lost"
 
     if job["cancel"]:
-        ok = with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.cancelled, result=job["result"]))
-        if ok:
-            _kick(settings, job_id)
+        ok = finish_job(settings, job_id, attempt, JobStatus.cancelled, result=job["result"])
         return "cancelled" if ok else "lost"
     if not folder.is_dir():
         return fail("publish_failed", "the quantized model is no longer on disk; it cannot be published")
@@ -193,25 +193,5 @@ def run_publish(settings: Settings, job_id: uuid.UUID, *, worker: str) -> str:
     result["files"] = sorted(files.values(), key=lambda f: f["name"])
     timings = {**job["timings"], PUBLISH_STAGE: round(time.monotonic() - started, 3)}
     result["timings"] = {**(result.get("timings") or {}), **timings}
-    ok = with_db_retry(db, lambda s: job_store.finish(s, job_id, attempt, JobStatus.succeeded, result=result, timings=timings))
-    if ok:
-        _kick(settings, job_id)
+    ok = finish_job(settings, job_id, attempt, JobStatus.succeeded, result=result, timings=timings)
     return "succeeded" if ok else "lost"
-
-
-def _kick(settings: Settings, job_id: uuid.UUID) -> None:
-    from qaas.worker.attempt import kick_deliveries
-
-    kick_deliveries(settings, job_id)
-
-
-def send_publish(settings: Settings, job_id: uuid.UUID, *, countdown: float = 0.0) -> bool:
-    from qaas.queue import PUBLISH_TASK, celery_app
-
-    try:
-        celery_app(settings).send_task(PUBLISH_TASK, args=[str(job_id)], queue=settings.io_queue,
-                                       countdown=countdown or None, retry=False)
-        return True
-    except Exception as exc:  # noqa: BLE001 - the sweeper re-sends publishes that sit unclaimed
-        log.warning("could not enqueue publish of %s: %s", job_id, exc.__class__.__name__)
-        return False

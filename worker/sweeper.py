@@ -19,8 +19,7 @@ from sqlalchemy import update
 from qaas import job_store, outbox
 from qaas.db.models import Job, JobStatus, utcnow
 from qaas.db.session import session_scope
-from qaas.queue import gpu_queue_depth, send_delivery, send_run_job
-from qaas.worker.publishing import send_publish
+from qaas.queue import gpu_queue_depth, send_delivery, send_publish, send_run_job
 from qaas.settings import Settings
 
 log = logging.getLogger("qaas.sweeper")
@@ -28,8 +27,7 @@ log = logging.getLogger("qaas.sweeper")
 
 def sweep_once(settings: Settings) -> dict[str, int]:
     db = settings.resolved_database_url
-    counts = {"dispatched": 0, "requeued": 0, "failed": 0}
-    counts["publishes"] = counts["deliveries"] = 0
+    counts = {"dispatched": 0, "requeued": 0, "failed": 0, "publishes": 0, "deliveries": 0}
     with session_scope(db) as s:
         expired = [(j, a) for j, a, stage in job_store.expired_leases(s) if stage != "publish"]
         publishes = job_store.stale_publishes(s, redispatch_after_s=settings.redispatch_after_s)

@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
 from qaas.api.deps import CallerDep, SessionDep, SettingsDep
 from qaas.api.jobs import service
 from qaas.api.jobs.schemas import EventOut, EventPage, JobCreated, JobOut, JobPage
 from qaas.api.problems import PROBLEM_JSON, Problem, ProblemDetails
-from qaas import job_store
+from qaas import job_store, outbox
 from qaas.db.models import TERMINAL_STATUSES, JobStatus
 from qaas.db.async_session import read
 from qaas.schemas.job_request import JobRequest
@@ -103,18 +102,8 @@ def cancel_job(job_id: str, caller: CallerDep, session: SessionDep, settings: Se
     job = job_store.request_cancel(session, job)
     session.commit()
     if job.status == JobStatus.cancelled.value:
-        _send_deliveries(session, settings, job.id)
+        outbox.send_job_deliveries(settings, job.id)
     return JobOut.from_job(job)
-
-
-def _send_deliveries(session, settings, job_id: uuid.UUID) -> None:
-    from qaas import outbox
-    from qaas.queue import send_delivery
-
-    ids = outbox.claim_due_deliveries_of_job(session, job_id)
-    session.commit()
-    for delivery_id in ids:
-        send_delivery(settings, delivery_id)
 
 
 @router.get(

@@ -20,10 +20,11 @@ from qaas.api.webhooks.schemas import (
     WebhookEndpointIn,
     WebhookEndpointOut,
 )
-from qaas import job_store
+from qaas import job_store, outbox
 from qaas.api.webhooks.service import delivery_out, job_deliveries
 from qaas.db.models import HubCredential, WebhookDelivery, WebhookEndpoint, utcnow
 from qaas.kit.webhook_signing import generate_secret
+from qaas.queue import send_delivery
 from qaas.security import decrypt_secret, encrypt_secret
 from qaas.api.webhook_urls import check_webhook_url
 
@@ -119,8 +120,6 @@ def list_deliveries(job_id: str, caller: CallerDep, session: SessionDep):
              operation_id="redeliver", tags=["jobs"])
 def redeliver(job_id: str, delivery_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep):
     """Send a delivery again (same webhook-id, so receivers can de-duplicate)."""
-    from qaas.worker.deliveries import redeliver as reset
-
     job = _own_job(session, caller, job_id)
     try:
         did = uuid.UUID(delivery_id)
@@ -129,10 +128,8 @@ def redeliver(job_id: str, delivery_id: str, caller: CallerDep, session: Session
     d = session.get(WebhookDelivery, did)
     if d is None or d.job_id != job.id:
         raise _not_found("delivery")
-    reset(session, d)
+    outbox.reset_for_redelivery(d)
     session.commit()
-    from qaas.queue import send_delivery
-
     send_delivery(settings, d.id)
     return delivery_out(session, d)
 
