@@ -321,27 +321,22 @@ def quantize_4bit(
         if compress_statistics:
             qabsmax, offset_t, nab = _double_quant_ref(absmax, flavor)
     code = cb.on_device(quant_type, x.device)
+    nested = {}
     if compress_statistics:
-        state = QuantState4bit(
-            absmax=qabsmax,
-            code=code.clone(),
-            blocksize=blocksize,
-            quant_type=quant_type,
-            dtype=x.dtype,
-            shape=tuple(x.shape),
+        nested = dict(
             offset=offset_t,  # device tensor: no host sync here (QuantState4bit.offset reads it once, lazily)
             nested_absmax=nab,
             nested_code=cb.on_device("dynamic", x.device).clone(),
         )
-    else:
-        state = QuantState4bit(
-            absmax=absmax,
-            code=code.clone(),
-            blocksize=blocksize,
-            quant_type=quant_type,
-            dtype=x.dtype,
-            shape=tuple(x.shape),
-        )
+    state = QuantState4bit(
+        absmax=qabsmax if compress_statistics else absmax,
+        code=code.clone(),
+        blocksize=blocksize,
+        quant_type=quant_type,
+        dtype=x.dtype,
+        shape=tuple(x.shape),
+        **nested,
+    )
     return packed, state
 
 

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 

@@ -11,6 +11,7 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -59,23 +60,55 @@ def pg_url() -> Iterator[str]:
 def clean_db(pg_url: str) -> Iterator[str]:
     """The session database, emptied after the test."""
     yield pg_url
+    truncate_all(pg_url)
+
+
+def truncate_all(db_url: str) -> None:
+    """Empty every table of the service (keys, jobs and everything hanging off them)."""
     from sqlalchemy import text
 
     from qaas.db.session import get_engine
 
-    with get_engine(pg_url).begin() as conn:
-        conn.execute(text("TRUNCATE webhook_delivery_attempts, webhook_deliveries, webhook_endpoints, hub_credentials, job_events, jobs, api_keys CASCADE"))
+    with get_engine(db_url).begin() as conn:
+        conn.execute(text("TRUNCATE webhook_delivery_attempts, webhook_deliveries, webhook_endpoints, "
+                          "hub_credentials, job_events, jobs, api_keys CASCADE"))
+
+
+def fresh_redis_url(n: int | None = None) -> str:
+    """A Redis database number of its own (default: one per test process), emptied first."""
+    import redis
+
+    url = f"{REDIS_URL}/{1 + (os.getpid() % 14) if n is None else n}"
+    redis.Redis.from_url(url).flushdb()
+    return url
 
 
 @pytest.fixture
 def redis_db() -> str:
-    """A Redis database number of its own for this test, emptied first."""
-    import redis
+    return fresh_redis_url()
 
-    n = 1 + (os.getpid() % 14)
-    url = f"{REDIS_URL}/{n}"
-    redis.Redis.from_url(url).flushdb()
-    return url
+
+@contextmanager
+def running_service(tmp: Path, label: str, *, database_url: str, broker_url: str, extra_env: dict[str, str] | None = None,
+                    start: bool = True, **overrides):
+    """The API and a worker as real processes on these settings: yields (settings, stack, api url or None).
+
+    With start=False the test starts the processes itself (stack.start_api / start_worker). Every process
+    is stopped at the end and its log kept under ARTIFACTS as `<label>-<name>.log`.
+    """
+    from support.processes import Stack
+
+    settings = make_settings(tmp, database_url=database_url, broker_url=broker_url, **overrides)
+    stack = Stack(tmp, {**settings_env(settings), **(extra_env or {})})
+    try:
+        url = None
+        if start:
+            _, url = stack.start_api()
+            stack.start_worker()
+        yield settings, stack, url
+    finally:
+        stack.stop_all()
+        stack.save_logs(ARTIFACTS, label)
 
 
 def make_settings(tmp: Path, **overrides):

@@ -285,7 +285,6 @@ def test_readyz_reports_a_dead_broker(tmp_path, clean_db):
 
 def test_job_accepted_while_broker_down_is_dispatched_by_the_sweeper(tmp_path, clean_db, redis_db):
     """The row commits even when Redis is unreachable; the sweeper sends the message later."""
-    import redis
     from fastapi.testclient import TestClient
 
     from conftest import make_settings

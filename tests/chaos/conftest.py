@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ARTIFACTS, make_settings, settings_env
+from conftest import ARTIFACTS, settings_env
 from support.hub_fixtures import fake_hub, fake_hub_url  # noqa: F401  (fixtures)
 from chaos.helpers import alive
 from support.processes import Stack, free_port
@@ -59,11 +59,9 @@ def chaos_stack(tmp_path) -> Iterator[callable]:
         return s
 
     yield make
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for s in stacks:
         s.stop_all()
-        for proc in s.procs:
-            (ARTIFACTS / f"{tmp_path.name}-{proc.name}.log").write_text(proc.log())
+        s.save_logs(ARTIFACTS, tmp_path.name)
 
 
 # --- Redis of our own ------------------------------------------------------------------------------

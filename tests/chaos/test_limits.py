@@ -8,7 +8,7 @@ import uuid
 import httpx
 import pytest
 from chaos.conftest import fill
-from chaos.helpers import NF4, alive, engine_started, fake_env, wait_dead
+from chaos.helpers import NF4, engine_started, fake_env, wait_dead
 from conftest import STORIES, auth, make_settings, new_key
 from sqlalchemy import select
 from support.processes import wait_job

@@ -11,9 +11,9 @@ import time
 
 import httpx
 import pytest
-from conftest import ARTIFACTS, REDIS_URL, STORIES, auth, make_settings, new_key, settings_env
+from conftest import ARTIFACTS, STORIES, auth, fresh_redis_url, new_key, running_service, truncate_all
 
-from support.processes import QAAS, Stack, free_port
+from support.processes import QAAS, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -23,28 +23,12 @@ NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_typ
 
 @pytest.fixture(scope="module")
 def live(pg_url, tmp_path_factory):
-    import redis
-
     tmp = tmp_path_factory.mktemp("client")
-    broker = f"{REDIS_URL}/{1 + os.getpid() % 14}"
-    redis.Redis.from_url(broker).flushdb()
-    settings = make_settings(tmp, database_url=pg_url, broker_url=broker)
-    stack = Stack(tmp, settings_env(settings))
     try:
-        _, url = stack.start_api()
-        stack.start_worker()
-        yield type("Live", (), {"url": url, "tmp": tmp, "key": new_key(settings, "alice"), "stack": stack})
+        with running_service(tmp, "client", database_url=pg_url, broker_url=fresh_redis_url()) as (settings, stack, url):
+            yield type("Live", (), {"url": url, "tmp": tmp, "key": new_key(settings, "alice"), "stack": stack})
     finally:
-        stack.stop_all()
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        for proc in stack.procs:
-            (ARTIFACTS / f"client-{proc.name}.log").write_text(proc.log())
-        from sqlalchemy import text
-
-        from qaas.db.session import get_engine
-
-        with get_engine(pg_url).begin() as conn:
-            conn.execute(text("TRUNCATE job_events, jobs, api_keys CASCADE"))
+        truncate_all(pg_url)
 
 
 def qaas(live, *args: str, key: str | None = "default", url: str | None = None, env: dict | None = None,

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ARTIFACTS, REDIS_URL, STORIES, auth, make_settings, new_key, settings_env
+from conftest import ARTIFACTS, STORIES, auth, fresh_redis_url, new_key, running_service, truncate_all
 
-from support.processes import Stack
 
 pytestmark = pytest.mark.slow
 
@@ -33,29 +32,13 @@ TIMEOUT_MS = 90_000
 @pytest.fixture(scope="module")
 def live(pg_url, tmp_path_factory):
     """API + worker for the module, and two tenants' keys."""
-    import redis
-
     tmp = tmp_path_factory.mktemp("dashboard")
-    broker = f"{REDIS_URL}/{1 + os.getpid() % 14}"
-    redis.Redis.from_url(broker).flushdb()
-    settings = make_settings(tmp, database_url=pg_url, broker_url=broker)
-    stack = Stack(tmp, settings_env(settings))
     try:
-        _, url = stack.start_api()
-        stack.start_worker()
-        yield type("Live", (), {"url": url, "settings": settings, "tmp": tmp, "stack": stack,
-                                "alice": new_key(settings, "alice"), "mallory": new_key(settings, "mallory")})
+        with running_service(tmp, "dashboard", database_url=pg_url, broker_url=fresh_redis_url()) as (settings, stack, url):
+            yield type("Live", (), {"url": url, "settings": settings, "tmp": tmp, "stack": stack,
+                                    "alice": new_key(settings, "alice"), "mallory": new_key(settings, "mallory")})
     finally:
-        stack.stop_all()
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        for proc in stack.procs:
-            (ARTIFACTS / f"dashboard-{proc.name}.log").write_text(proc.log())
-        from sqlalchemy import text
-
-        from qaas.db.session import get_engine
-
-        with get_engine(pg_url).begin() as conn:
-            conn.execute(text("TRUNCATE job_events, jobs, api_keys CASCADE"))
+        truncate_all(pg_url)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import time
 
 import httpx
 import pytest
-from conftest import ARTIFACTS, STORIES, auth, make_settings, new_key, settings_env
+from conftest import STORIES, auth, new_key, running_service
 from support.hub_fixtures import READ_TOKEN, WRITE_TOKEN
-from support.processes import Stack, wait_job
+from support.processes import wait_job
 from support.receiver import Receiver
 
 pytestmark = pytest.mark.slow
@@ -31,16 +31,9 @@ def _verify(secret: str, received) -> dict:
 
 @pytest.fixture
 def delivery_stack(tmp_path, clean_db, redis_db, fake_hub):
-    settings = make_settings(tmp_path, database_url=clean_db, broker_url=redis_db, webhook_allowlist="127.0.0.1",
-                             hub_endpoint=fake_hub.url)
-    stack = Stack(tmp_path, settings_env(settings))
-    _, url = stack.start_api()
-    stack.start_worker()
-    yield settings, stack, url, fake_hub
-    stack.stop_all()
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    for proc in stack.procs:
-        (ARTIFACTS / f"{tmp_path.name}-{proc.name}.log").write_text(proc.log())
+    with running_service(tmp_path, tmp_path.name, database_url=clean_db, broker_url=redis_db,
+                         webhook_allowlist="127.0.0.1", hub_endpoint=fake_hub.url) as (settings, stack, url):
+        yield settings, stack, url, fake_hub
 
 
 def test_hub_round_trip_with_card_and_one_verified_webhook(delivery_stack, tmp_path):
@@ -139,29 +132,26 @@ def test_webhook_to_a_name_resolving_to_loopback_is_refused_at_delivery(tmp_path
     import ipaddress
 
     assert ipaddress.ip_address(addr).is_loopback or ipaddress.ip_address(addr).is_private, addr
-    settings = make_settings(tmp_path, database_url=clean_db, broker_url=redis_db, webhook_allowlist="")
-    stack = Stack(tmp_path, settings_env(settings))
     receiver = Receiver().start()
     try:
-        _, url = stack.start_api()
-        stack.start_worker()
-        key = new_key(settings, "alice")
-        with httpx.Client(base_url=url, headers=auth(key), timeout=30) as c:
-            r = c.post("/v1/jobs", json={"model": {"path": str(STORIES)}, "quantization_config": NF4,
-                                         "options": {"evaluate": False},
-                                         "webhook": {"url": f"http://{host}:{receiver.port}/hook"}})
-            assert r.status_code == 202, r.text  # a name: checked when it is resolved, at delivery
-            jid = r.json()["id"]
-            assert wait_job(c, jid, {"succeeded", "failed"})["status"] == "succeeded"
-            deadline = time.monotonic() + 60
-            while (d := c.get(f"/v1/jobs/{jid}/deliveries").json()[0])["status"] == "pending":
-                assert time.monotonic() < deadline
-                time.sleep(0.3)
+        with running_service(tmp_path, tmp_path.name, database_url=clean_db, broker_url=redis_db,
+                             webhook_allowlist="") as (settings, _stack, url):
+            key = new_key(settings, "alice")
+            with httpx.Client(base_url=url, headers=auth(key), timeout=30) as c:
+                r = c.post("/v1/jobs", json={"model": {"path": str(STORIES)}, "quantization_config": NF4,
+                                             "options": {"evaluate": False},
+                                             "webhook": {"url": f"http://{host}:{receiver.port}/hook"}})
+                assert r.status_code == 202, r.text  # a name: checked when it is resolved, at delivery
+                jid = r.json()["id"]
+                assert wait_job(c, jid, {"succeeded", "failed"})["status"] == "succeeded"
+                deadline = time.monotonic() + 60
+                while (d := c.get(f"/v1/jobs/{jid}/deliveries").json()[0])["status"] == "pending":
+                    assert time.monotonic() < deadline
+                    time.sleep(0.3)
         assert d["status"] == "failed" and "unsafe destination" in d["last_error"] and "loopback" in d["last_error"]
         assert receiver.received == []
     finally:
         receiver.stop()
-        stack.stop_all()
 
 
 def test_hub_errors_fail_the_job_clearly_never_half_published(delivery_stack):

@@ -151,9 +151,7 @@ def test_hostile_model_files_are_refused_or_contained_and_no_secret_leaks(tmp_pa
         assert worker.popen.poll() is None  # still serving
     finally:
         stack.stop_all()
-        for proc in stack.procs:
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            (ARTIFACTS / f"{tmp_path.name}-{proc.name}.log").write_text(proc.log())
+        stack.save_logs(ARTIFACTS, tmp_path.name)
         shutil.rmtree(canary, ignore_errors=True)
 
     everything = "\n".join(seen_text) + "\n".join(p.log() for p in stack.procs)

@@ -11,7 +11,7 @@ import uuid
 
 import httpx
 import pytest
-from conftest import STORIES, auth, new_key, settings_env
+from conftest import ARTIFACTS, STORIES, auth, new_key, settings_env
 from sqlalchemy import select
 
 from qaas.db.models import Job, JobEvent
@@ -30,11 +30,7 @@ def stack(settings, tmp_path):
     s = Stack(tmp_path, settings_env(settings))
     yield s
     s.stop_all()
-    from conftest import ARTIFACTS
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    for proc in s.procs:
-        (ARTIFACTS / f"{tmp_path.name}-{proc.name}.log").write_text(proc.log())
+    s.save_logs(ARTIFACTS, tmp_path.name)
 
 
 def test_nf4_job_through_the_real_stack_loads_in_transformers(stack, settings, tmp_path):

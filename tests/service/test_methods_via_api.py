@@ -11,8 +11,8 @@ import json
 
 import httpx
 import pytest
-from conftest import ARTIFACTS, SHAKESPEARE, STORIES, auth, make_settings, new_key, settings_env
-from support.processes import Stack, wait_job
+from conftest import SHAKESPEARE, STORIES, auth, fresh_redis_url, new_key, running_service, truncate_all
+from support.processes import wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -30,24 +30,14 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, pg_url):
-    import redis
-
-    from conftest import REDIS_URL
-
     tmp = tmp_path_factory.mktemp("methods")
-    redis_url = f"{REDIS_URL}/15"
-    redis.Redis.from_url(redis_url).flushdb()
-    settings = make_settings(tmp, database_url=pg_url, broker_url=redis_url)
-    stack = Stack(tmp, settings_env(settings))
-    _, url = stack.start_api()
-    stack.start_worker()
-    key = new_key(settings, "methods-tenant")
-    with httpx.Client(base_url=url, headers=auth(key), timeout=30) as client:
-        yield client, stack
-    stack.stop_all()
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    for proc in stack.procs:
-        (ARTIFACTS / f"methods-{proc.name}.log").write_text(proc.log())
+    try:
+        with running_service(tmp, "methods", database_url=pg_url, broker_url=fresh_redis_url(15)) as (settings, stack, url):
+            key = new_key(settings, "methods-tenant")
+            with httpx.Client(base_url=url, headers=auth(key), timeout=30) as client:
+                yield client, stack
+    finally:
+        truncate_all(pg_url)
 
 
 @pytest.fixture(scope="module")

@@ -88,6 +88,12 @@ class Stack:
         for proc in reversed(self.procs):
             proc.stop()
 
+    def save_logs(self, directory: Path, prefix: str) -> None:
+        """Keep every process's log as a test artefact (`<prefix>-<name>.log`)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for proc in self.procs:
+            (directory / f"{prefix}-{proc.name}.log").write_text(proc.log())
+
 
 def wait_http(url: str, proc: Proc | None = None, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
