@@ -18,7 +18,8 @@ from qaas.security import hash_api_key
 from qaas.settings import Settings
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
+    # async on purpose: FastAPI runs a sync dependency in the thread pool -- a thread hand-off per request
     return request.app.state.settings
 
 

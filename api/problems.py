@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from qaas.db.direct import DatabaseUnavailable
 
 log = logging.getLogger("qaas.api")
 
@@ -138,6 +139,12 @@ def install(app: FastAPI) -> None:
         if not isinstance(exc, OperationalError) and not getattr(exc, "connection_invalidated", False):
             return await _internal(request, exc)  # a bug (bad SQL, schema drift), not an outage
         log.warning("database unavailable: %s", exc.__class__.__name__)
+        return problem_response(503, "Service unavailable", "the database is unavailable; retry shortly",
+                                slug="unavailable", headers={"Retry-After": "2"}, instance=request.url.path)
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def _direct_db_down(request: Request, exc: DatabaseUnavailable):
+        log.warning("database unavailable: %s", exc)
         return problem_response(503, "Service unavailable", "the database is unavailable; retry shortly",
                                 slug="unavailable", headers={"Retry-After": "2"}, instance=request.url.path)
 

@@ -107,8 +107,9 @@ class Page:
     next_cursor: str | None
 
 
-def _encode_cursor(job: Job) -> str:
-    raw = f"{job.created_at.isoformat()}|{job.id}"
+def encode_cursor(created_at: dt.datetime, job_id: uuid.UUID) -> str:
+    """The cursor after the job (created_at, id): where the next page of a newest-first listing starts."""
+    raw = f"{created_at.isoformat()}|{job_id}"
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
@@ -133,7 +134,7 @@ def list_jobs(session: Session, owner: str, *, status: str | None, limit: int, c
     rows = list(session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     more = len(rows) > limit
     rows = rows[:limit]
-    return Page(rows, _encode_cursor(rows[-1]) if more and rows else None)
+    return Page(rows, encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None)
 
 
 def list_events(session: Session, job_id: uuid.UUID, *, after_id: int = 0, limit: int = 1000) -> list[JobEvent]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -59,20 +60,43 @@ class JobOut(BaseModel):
 
     @classmethod
     def from_job(cls, job: Job) -> "JobOut":
-        base = f"/v1/jobs/{job.id}"
-        files = None
-        if job.result and job.status == "succeeded":
-            files = [OutputFile(name=f["name"], size=f["size"], url=f"{base}/files/{f['name']}")
-                     for f in job.result.get("files", [])]
-        return cls(
-            id=job.id, status=job.status, stage=job.stage, progress=job.progress, progress_message=job.progress_message,
-            method=job.method, bits=job.bits, model=job.source_model, source_revision=job.source_revision,
-            priority=job.priority, attempt=job.attempt, max_attempts=job.max_attempts, worker=job.worker,
-            cancel_requested=job.cancel_requested, created_at=job.created_at, started_at=job.started_at,
-            finished_at=job.finished_at, updated_at=job.updated_at, timings=job.timings or {},
-            error=JobError(**job.error) if job.error else None, files=files, result=job.result, request=job.request,
-            links=JobLinks(self=base, events=f"{base}/events", cancel=f"{base}/cancel", files=f"{base}/files"),
-        )
+        return cls.model_validate(job_document({c: getattr(job, c) for c in JOB_COLUMNS}))
+
+
+#: The columns of `jobs` a JobOut is made of, in the order the direct reads select them.
+JOB_COLUMNS = ("id", "status", "stage", "progress", "progress_message", "method", "bits", "source_model",
+               "source_revision", "priority", "attempt", "max_attempts", "worker", "cancel_requested", "created_at",
+               "started_at", "finished_at", "updated_at", "timings", "error", "result", "request")
+
+
+def job_document(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A job row (column name -> value) as the JobOut document, fields in schema order.
+
+    The one place the API's job shape is made: the ORM paths (JobOut.from_job) and the direct SQL reads
+    of the hot paths (`reads.py`, serialized with pydantic_core.to_json without building a model) both
+    come through here, so the two cannot drift apart."""
+    job_id = row["id"]
+    base = f"/v1/jobs/{job_id}"
+    result = row["result"]
+    files = None
+    if result and row["status"] == "succeeded":
+        files = [{"name": f["name"], "size": f["size"], "url": f"{base}/files/{f['name']}"}
+                 for f in result.get("files", [])]
+    error = row["error"]
+    if error:
+        error = {"code": error["code"], "message": error["message"], "stage": error.get("stage"),
+                 "field": error.get("field")}
+    return {
+        "id": job_id, "status": row["status"], "stage": row["stage"], "progress": row["progress"],
+        "progress_message": row["progress_message"], "method": row["method"], "bits": row["bits"],
+        "model": row["source_model"], "source_revision": row["source_revision"], "priority": row["priority"],
+        "attempt": row["attempt"], "max_attempts": row["max_attempts"], "worker": row["worker"],
+        "cancel_requested": row["cancel_requested"], "created_at": row["created_at"],
+        "started_at": row["started_at"], "finished_at": row["finished_at"], "updated_at": row["updated_at"],
+        "timings": row["timings"] or {}, "error": error or None, "files": files, "result": result,
+        "request": row["request"],
+        "links": {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel", "files": f"{base}/files"},
+    }
 
 
 class JobPage(BaseModel):
@@ -90,7 +114,16 @@ class EventOut(BaseModel):
 
     @classmethod
     def from_event(cls, e: JobEvent) -> "EventOut":
-        return cls(id=e.id, created_at=e.created_at, kind=e.kind, stage=e.stage, message=e.message, data=e.data)
+        return cls.model_validate(event_document({c: getattr(e, c) for c in EVENT_COLUMNS}))
+
+
+#: The columns of `job_events` an EventOut is made of, in schema order.
+EVENT_COLUMNS = ("id", "created_at", "kind", "stage", "message", "data")
+
+
+def event_document(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An event row as the EventOut document (the same for ORM objects and direct reads)."""
+    return {c: row[c] for c in EVENT_COLUMNS}
 
 
 class EventPage(BaseModel):
