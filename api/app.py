@@ -13,11 +13,13 @@ from sqlalchemy import text
 from qaas.api import problems
 from qaas.api.body_limit import BodySizeLimit
 from qaas.api.dashboard import install as install_dashboard
+from qaas.api.dispatch import drain_dispatchers
 from qaas.api.jobs.endpoints import router as jobs_router
 from qaas.api.metrics import router as metrics_router
 from qaas.api.rate_limit import RateLimit
 from qaas.api.webhooks.endpoints import router as delivery_router
 from qaas import __version__
+from qaas.db import direct
 from qaas.db.session import get_engine
 from qaas.queue import broker_reachable
 from qaas.settings import Settings, get_settings
@@ -36,6 +38,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         yield
+        await drain_dispatchers()  # messages of jobs accepted just before shutdown
+        await direct.close_pools()
 
     app = FastAPI(
         lifespan=lifespan,

@@ -96,6 +96,24 @@ def send_run_job(settings: Settings, job_id: uuid.UUID, *, priority: int = 0) ->
         return False
 
 
+def send_run_jobs(settings: Settings, jobs: list[tuple[uuid.UUID, int]]) -> int:
+    """Publish a batch of (job id, priority) messages over one pooled connection and producer.
+
+    Returns how many went out, counted from the start: after the first failure the rest are left
+    (logged) for the sweeper, instead of paying a broker time-out per job."""
+    app = celery_app(settings)
+    sent = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            for job_id, priority in jobs:
+                app.send_task(RUN_JOB_TASK, args=[str(job_id)], queue=settings.gpu_queue, retry=False,
+                              priority=broker_priority(priority), producer=producer)
+                sent += 1
+    except Exception as exc:  # broker down or unreachable: the sweeper will send the rest later
+        log.warning("could not enqueue %d of %d jobs: %s", len(jobs) - sent, len(jobs), exc.__class__.__name__)
+    return sent
+
+
 def send_delivery(settings: Settings, delivery_id: uuid.UUID) -> bool:
     """Ask an I/O worker to attempt a webhook delivery now (the sweeper sends what is due anyway)."""
     return _send_io(settings, DELIVER_TASK, delivery_id)

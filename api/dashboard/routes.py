@@ -407,7 +407,7 @@ async def submit_job(request: Request, db: SessionDep, settings: SettingsDep) ->
         if exc.status != 422:
             raise
         return _submit_page(request, dash, values, exc.errors or [{"field": "body", "message": exc.detail or ""}], 422)
-    return _redirect(f"/dashboard/jobs/{submission.job.id}?notice=submitted")
+    return _redirect(f"/dashboard/jobs/{submission.job_id}?notice=submitted")
 
 
 # --- one job --------------------------------------------------------------------------------------
@@ -519,4 +519,4 @@ def retry_job(request: Request, job_id: str, db: SessionDep, settings: SettingsD
         ctx = _job_context(db, job, dash)
         return render(request, "job.html", {"title": f"Job {str(job.id)[:8]}", "retry_errors": errors, **ctx},
                       dash=dash, status=422)
-    return _redirect(f"/dashboard/jobs/{submission.job.id}?notice=retried")
+    return _redirect(f"/dashboard/jobs/{submission.job_id}?notice=retried")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from sqlalchemy.orm import Session
 
 from qaas.api.problems import Problem
 from qaas import job_store
-from qaas.db.models import Job
+from qaas.api.jobs.schemas import JOB_COLUMNS, job_document
+from qaas.db import direct
+from qaas.db.models import Job, JobStatus, utcnow
 from qaas.queue import send_run_job
 from qaas.api.webhook_urls import check_webhook_url
 from qaas.kit.webhook_signing import generate_secret
@@ -89,14 +92,36 @@ def fingerprint(req: JobRequest) -> str:
 
 
 @dataclass
+class NewJob:
+    """A validated submission: the values of the row to insert (secrets already encrypted)."""
+
+    owner: str
+    request: dict
+    request_hash: str
+    idempotency_key: str | None
+    method: str
+    bits: int | None
+    source_model: str
+    priority: int
+    max_attempts: int
+    hf_token_encrypted: bytes | None
+    webhook_secret_encrypted: bytes | None
+    #: Generated for a webhook given without a secret; shown to the caller once.
+    generated_secret: str | None
+
+
+@dataclass
 class Submission:
-    job: Job
+    job_id: uuid.UUID
+    #: The job as a JobOut document (schemas.job_document).
+    document: dict
     replayed: bool
     #: Generated for a webhook given without a secret; shown to the caller once.
     webhook_secret: str | None = None
 
 
-def submit(session: Session, settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> Submission:
+def prepare(settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> NewJob:
+    """Every check a submission must pass before anything is stored, and the row it becomes."""
     if idempotency_key is not None and (not idempotency_key.strip() or len(idempotency_key) > 255):
         raise _invalid("Idempotency-Key", "must be 1 to 255 characters")
     if isinstance(req.model, LocalModel):
@@ -104,12 +129,6 @@ def submit(session: Session, settings: Settings, owner: str, req: JobRequest, id
     if req.webhook is not None:
         check_webhook_url(settings, str(req.webhook.url), field="webhook.url")
     check_calibration_file(settings, getattr(req.quantization_config, "dataset", None))
-
-    request_hash = fingerprint(req)
-    if idempotency_key:
-        existing = job_store.find_by_idempotency_key(session, owner, idempotency_key)
-        if existing is not None:
-            return _replay(existing, request_hash)
 
     token = req.hf_token.get_secret_value() if req.hf_token else None
     key = settings.secret_key.get_secret_value()
@@ -120,51 +139,106 @@ def submit(session: Session, settings: Settings, owner: str, req: JobRequest, id
         if secret is None:
             secret = generated_secret = generate_secret()
         webhook_secret_encrypted = encrypt_secret(secret, key)
+    return NewJob(
+        owner=owner, request=req.public_dict(), request_hash=fingerprint(req), idempotency_key=idempotency_key or None,
+        method=req.method, bits=req.bits, source_model=req.source_label, priority=req.options.priority,
+        max_attempts=settings.job_max_attempts, hf_token_encrypted=encrypt_secret(token, key) if token else None,
+        webhook_secret_encrypted=webhook_secret_encrypted, generated_secret=generated_secret)
+
+
+def _orm_document(job: Job) -> dict:
+    return job_document({c: getattr(job, c) for c in JOB_COLUMNS})
+
+
+def submit(session: Session, settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> Submission:
+    """Store and queue a job through the ORM session (embedded SQLite, the dashboard); blocking."""
+    new = prepare(settings, owner, req, idempotency_key)
+    if new.idempotency_key:
+        existing = job_store.find_by_idempotency_key(session, owner, new.idempotency_key)
+        if existing is not None:
+            return _replay(existing.request_hash, existing.id, _orm_document(existing), new.request_hash)
+
     job = job_store.create_job(
-        session,
-        owner=owner,
-        request=req.public_dict(),
-        request_hash=request_hash,
-        idempotency_key=idempotency_key,
-        method=req.method,
-        bits=req.bits,
-        source_model=req.source_label,
-        priority=req.options.priority,
-        max_attempts=settings.job_max_attempts,
-        hf_token_encrypted=encrypt_secret(token, key) if token else None,
-        webhook_secret_encrypted=webhook_secret_encrypted,  # in the INSERT, not a later UPDATE
+        session, owner=owner, request=new.request, request_hash=new.request_hash,
+        idempotency_key=new.idempotency_key, method=new.method, bits=new.bits, source_model=new.source_model,
+        priority=new.priority, max_attempts=new.max_attempts, hf_token_encrypted=new.hf_token_encrypted,
+        webhook_secret_encrypted=new.webhook_secret_encrypted,  # in the INSERT, not a later UPDATE
     )
     try:
         session.commit()
     except IntegrityError:
         # Two requests with the same Idempotency-Key raced; the other one won.
         session.rollback()
-        existing = job_store.find_by_idempotency_key(session, owner, idempotency_key or "")
+        existing = job_store.find_by_idempotency_key(session, owner, new.idempotency_key or "")
         if existing is None:
             raise
-        return _replay(existing, request_hash)
+        return _replay(existing.request_hash, existing.id, _orm_document(existing), new.request_hash)
 
     # Only after the commit: a worker that gets the message must find the row.
-    dispatch(session, settings, job)
-    return Submission(job, replayed=False, webhook_secret=generated_secret)
+    if send_run_job(settings, job.id, priority=job.priority):
+        job_store.mark_dispatched(session, job.id)
+        session.commit()
+    return Submission(job.id, _orm_document(job), replayed=False, webhook_secret=new.generated_secret)
 
 
-def _replay(existing: Job, request_hash: str) -> Submission:
-    if existing.request_hash != request_hash:
+def _replay(stored_hash: str, job_id: uuid.UUID, document: dict, request_hash: str) -> Submission:
+    if stored_hash != request_hash:
         raise Problem(422, "Idempotency key reused", "this Idempotency-Key was used with a different request body",
                       slug="idempotency-key-reused", errors=[{"field": "Idempotency-Key", "message": "reused with a different body"}])
-    return Submission(existing, replayed=True)
+    return Submission(job_id, document, replayed=True)
 
 
-def dispatch(session: Session, settings: Settings, job: Job) -> None:
-    if send_run_job(settings, job.id, priority=job.priority):
-        # One statement in autocommit (BEGIN + UPDATE + COMMIT were three round trips per submission).
-        from qaas.db.session import get_engine
+# The job and its first event in one statement: one round trip, its own transaction (autocommit), and
+# the stored row comes back as the answer. A conflicting Idempotency-Key inserts nothing and returns no row.
+_INSERT_COLUMNS = ("id", "owner", "status", "cancel_requested", "priority", "request", "request_hash",
+                   "idempotency_key", "method", "bits", "source_model", "progress", "timings", "attempt",
+                   "max_attempts", "hf_token_encrypted", "webhook_secret_encrypted", "publish_attempts",
+                   "created_at", "updated_at")
+_INSERT_SQL = (
+    "WITH j AS (INSERT INTO jobs (" + ", ".join(_INSERT_COLUMNS) + ") VALUES ("
+    + ", ".join(["%s"] * len(_INSERT_COLUMNS)) + ")"
+    " ON CONFLICT (owner, idempotency_key) DO NOTHING RETURNING " + ", ".join(JOB_COLUMNS) + "),"
+    " e AS (INSERT INTO job_events (job_id, created_at, kind, stage, message, data)"
+    " SELECT id, created_at, 'status', NULL, 'queued', %s FROM j)"
+    " SELECT * FROM j"
+)
+_BY_IDEMPOTENCY_KEY_SQL = ("SELECT request_hash, " + ", ".join(JOB_COLUMNS)
+                           + " FROM jobs WHERE owner = %s AND idempotency_key = %s")
 
-        with get_engine(settings.resolved_database_url).connect().execution_options(
-                isolation_level="AUTOCOMMIT") as conn:
-            when = job_store.mark_dispatched(conn, job.id)
-        # what the UPDATE wrote, without reading the row back (a round trip per submission)
-        from sqlalchemy.orm.attributes import set_committed_value
 
-        set_committed_value(job, "dispatched_at", when)
+async def submit_direct(settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> Submission:
+    """Store and queue a job on PostgreSQL without the ORM: one INSERT statement, then the message is
+    handed to this process's dispatcher (batched publishing, off the event loop)."""
+    from psycopg.types.json import Jsonb
+
+    from qaas.api.dispatch import dispatcher_for
+
+    db = settings.resolved_database_url
+    new = prepare(settings, owner, req, idempotency_key)
+    if new.idempotency_key:
+        replay = await _direct_replay(db, owner, new)
+        if replay is not None:
+            return replay
+    now = utcnow()
+    job_id = uuid.uuid4()
+    values = (job_id, owner, JobStatus.queued.value, False, new.priority, Jsonb(new.request), new.request_hash,
+              new.idempotency_key, new.method, new.bits, new.source_model, 0.0, Jsonb({}), 0, new.max_attempts,
+              new.hf_token_encrypted, new.webhook_secret_encrypted, 0, now, now, Jsonb({"status": "queued"}))
+    row = await direct.write_returning(db, _INSERT_SQL, values)
+    if row is None:  # the same Idempotency-Key won a race with this request
+        replay = await _direct_replay(db, owner, new)
+        if replay is None:
+            raise RuntimeError("idempotency conflict without a stored job")
+        return replay
+    # Only after the INSERT committed: a worker that gets the message must find the row.
+    await dispatcher_for(settings).dispatch(job_id, new.priority)
+    return Submission(job_id, job_document(dict(zip(JOB_COLUMNS, row))), replayed=False,
+                      webhook_secret=new.generated_secret)
+
+
+async def _direct_replay(db: str, owner: str, new: NewJob) -> Submission | None:
+    row = await direct.fetch_one(db, _BY_IDEMPOTENCY_KEY_SQL, (owner, new.idempotency_key))
+    if row is None:
+        return None
+    doc = job_document(dict(zip(JOB_COLUMNS, row[1:])))
+    return _replay(row[0], doc["id"], doc, new.request_hash)

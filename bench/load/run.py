@@ -6,8 +6,10 @@ What it does, in order (everything on loopback; the load generator is wrk, a sep
   1. creates a throw-away database on the shared PostgreSQL, migrates it, makes 20 API keys and 2,000 jobs;
   2. starts `uvicorn qaas.api.main:app --workers N` with production-like settings (JSON logs, no access
      log, rate limiting ON through Redis with a limit high enough not to trigger);
-  3. runs wrk per scenario: POST /v1/jobs, GET /v1/jobs/{id}, GET /v1/jobs, and GET /v1/jobs/{id} again
-     while 200 SSE streams are open (held by a Python asyncio client in another process);
+  3. runs wrk per scenario: POST /v1/jobs, GET /v1/jobs/{id}, GET /v1/jobs as fast as 32 connections go
+     (closed loop); POST and GET /v1/jobs/{id} again paced at the target rates (300/s, 1,500/s offered),
+     for the latency at exactly that load; and GET /v1/jobs/{id} while 200 SSE streams are open (held by
+     a Python asyncio client in another process);
   4. optionally (--profile) samples the API processes with py-spy during a mixed run;
   5. writes bench/results/load.json and prints a Markdown table.
 Not a test: run on demand; results are committed (bench/results/load.md).
@@ -52,6 +54,13 @@ end
 function init(args)
   math.randomseed(os.time() + id)
   non2xx = 0
+end
+-- Paced runs (QAAS_BENCH_PACE_MS > 0): each connection waits a random 0..2x that long before each
+-- request, so the offered rate is about connections / pace regardless of how fast answers come.
+local pace_ms = tonumber(os.getenv("QAAS_BENCH_PACE_MS") or "0")
+function delay()
+  if pace_ms > 0 then return math.floor(math.random() * 2 * pace_ms) end
+  return 0
 end
 function response(status, headers, body)
   if status < 200 or status > 299 then non2xx = non2xx + 1 end
@@ -188,12 +197,16 @@ def start_api(url: str, port: int, workers: int, log: Path, rate_limit: bool = T
     raise RuntimeError("API did not start: " + log.read_text()[-2000:])
 
 
-def wrk(scenario: str, base: str, work: Path, *, duration: int, connections: int, threads: int = 2) -> dict:
+def wrk(scenario: str, base: str, work: Path, *, duration: int, connections: int, threads: int = 2,
+        rate: float = 0.0) -> dict:
+    """Closed loop (each connection sends its next request when the answer arrives), or, with `rate`,
+    paced at about `rate` requests/s offered in total (latency then is what a client sees at that load)."""
     script = work / f"{scenario}.lua"
     script.write_text(LUA_COMMON + LUA[scenario].replace("%%", "%"))
     out = work / f"{scenario}.json"
+    pace_ms = connections * 1000.0 / rate if rate else 0.0
     env = {**os.environ, "QAAS_BENCH_KEYS": str(work / "keys.txt"), "QAAS_BENCH_IDS": str(work / "ids.txt"),
-           "QAAS_BENCH_OUT": str(out), "QAAS_BENCH_MODEL": str(STORIES)}
+           "QAAS_BENCH_OUT": str(out), "QAAS_BENCH_MODEL": str(STORIES), "QAAS_BENCH_PACE_MS": str(pace_ms)}
     subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "5s",
                     "-s", str(script), base], env=env, check=True, capture_output=True, text=True)
     r = json.loads(out.read_text())
@@ -267,7 +280,10 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="py-spy the API processes during a mixed run")
     ap.add_argument("--label", default="")
     ap.add_argument("--no-rate-limit", action="store_true", help="measure without the Redis token bucket")
-    ap.add_argument("--only", default="", help="comma-separated scenarios (submit,status,list,sse)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated scenarios (submit,status,list,submit_paced,status_paced,sse)")
+    ap.add_argument("--submit-rate", type=float, default=300.0, help="offered rate of the paced submission run")
+    ap.add_argument("--status-rate", type=float, default=1500.0, help="offered rate of the paced status run")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed (apt-get install wrk)")
@@ -294,6 +310,16 @@ def main() -> int:
             r["api_cpu_s_per_s"] = round((cpu_seconds(pids) - c0) / (r["duration_us"] / 1e6), 2)
             results["scenarios"][scenario] = r
             print(scenario, json.dumps(r), flush=True)
+        # At the target rates, paced: the latency a client sees when the service carries exactly that load.
+        for scenario, rate in (("submit", args.submit_rate), ("status", args.status_rate)):
+            if (only and f"{scenario}_paced" not in only) or rate <= 0:
+                continue
+            c0 = cpu_seconds(pids)
+            r = wrk(scenario, base, work, duration=args.duration, connections=64, rate=rate)
+            r["api_cpu_s_per_s"] = round((cpu_seconds(pids) - c0) / (r["duration_us"] / 1e6), 2)
+            r["offered_rps"] = rate
+            results["scenarios"][f"{scenario}_paced"] = r
+            print(f"{scenario}_paced", json.dumps(r), flush=True)
         if not only or "sse" in only:
             holder = sse_holder(base, keys, ids, args.sse, hold_s=args.duration + 10, out=work / "sse.json")
             time.sleep(5)  # streams open

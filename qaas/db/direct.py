@@ -157,3 +157,12 @@ async def write_returning(url: str, sql: str, params: tuple | list = ()) -> tupl
 async def execute(url: str, sql: str, params: tuple | list = ()) -> int:
     """One writing statement; the number of rows it touched. Never retried."""
     return await pool_for(url).run(sql, params, fetch="none", retry=False)
+
+
+async def close_pools() -> None:
+    """Close the pools of the running event loop (the API's shutdown)."""
+    loop = asyncio.get_running_loop()
+    for key, (lp, pool) in list(_pools.items()):
+        if lp is loop:
+            del _pools[key]
+            await pool.close()
