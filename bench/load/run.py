@@ -55,12 +55,29 @@ function init(args)
   math.randomseed(os.time() + id)
   non2xx = 0
 end
--- Paced runs (QAAS_BENCH_PACE_MS > 0): each connection waits a random 0..2x that long before each
--- request, so the offered rate is about connections / pace regardless of how fast answers come.
-local pace_ms = tonumber(os.getenv("QAAS_BENCH_PACE_MS") or "0")
+-- Paced runs (QAAS_BENCH_RATE > 0): each thread hands out send slots on a fixed schedule (rate / threads
+-- per second); a connection that is ready takes the next free slot and waits for it. With connections
+-- to spare, requests go out at the offered rate however fast the answers come (an open loop).
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_usec; } qaas_timeval;
+int gettimeofday(qaas_timeval *tv, void *tz);
+]]
+local tv = ffi.new("qaas_timeval")
+local function now_ms()
+  ffi.C.gettimeofday(tv, nil)
+  return tonumber(tv.tv_sec) * 1000 + tonumber(tv.tv_usec) / 1000
+end
+local rate = tonumber(os.getenv("QAAS_BENCH_RATE") or "0")
+local interval_ms = rate > 0 and tonumber(os.getenv("QAAS_BENCH_THREADS")) * 1000 / rate or 0
+local next_slot = nil
 function delay()
-  if pace_ms > 0 then return math.floor(math.random() * 2 * pace_ms) end
-  return 0
+  if interval_ms <= 0 then return 0 end
+  local now = now_ms()
+  if next_slot == nil or next_slot < now then next_slot = now end  -- a late slot is not made up in a burst
+  local wait = next_slot - now
+  next_slot = next_slot + interval_ms
+  return math.floor(wait)
 end
 function response(status, headers, body)
   if status < 200 or status > 299 then non2xx = non2xx + 1 end
@@ -204,9 +221,9 @@ def wrk(scenario: str, base: str, work: Path, *, duration: int, connections: int
     script = work / f"{scenario}.lua"
     script.write_text(LUA_COMMON + LUA[scenario].replace("%%", "%"))
     out = work / f"{scenario}.json"
-    pace_ms = connections * 1000.0 / rate if rate else 0.0
     env = {**os.environ, "QAAS_BENCH_KEYS": str(work / "keys.txt"), "QAAS_BENCH_IDS": str(work / "ids.txt"),
-           "QAAS_BENCH_OUT": str(out), "QAAS_BENCH_MODEL": str(STORIES), "QAAS_BENCH_PACE_MS": str(pace_ms)}
+           "QAAS_BENCH_OUT": str(out), "QAAS_BENCH_MODEL": str(STORIES), "QAAS_BENCH_RATE": str(rate),
+           "QAAS_BENCH_THREADS": str(threads)}
     subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "5s",
                     "-s", str(script), base], env=env, check=True, capture_output=True, text=True)
     r = json.loads(out.read_text())
@@ -300,7 +317,9 @@ def main() -> int:
                      "command": " ".join(["python -P bench/load/run.py", *sys.argv[1:]]), "label": args.label,
                      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "scenarios": {}}
     try:
-        wrk("status", base, work, duration=3, connections=8)  # warm-up: imports, pools, caches
+        # warm-up: imports, pools, prepared statements, caches, the broker connection
+        wrk("status", base, work, duration=3, connections=8)
+        wrk("submit", base, work, duration=2, connections=4)
         pids = api_pids(api.pid)
         for scenario in ("submit", "status", "list"):
             if only and scenario not in only:
