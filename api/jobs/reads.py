@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qaas import job_store
-from qaas.api.jobs.schemas import EVENT_COLUMNS, JOB_COLUMNS, event_document, job_document
+from qaas.api.jobs.schemas import EVENT_COLUMNS, JOB_COLUMNS, event_document, job_document, orm_job_document
 from qaas.db import direct
 from qaas.db.async_session import read
 
@@ -27,17 +27,13 @@ def _row_document(row: tuple) -> dict[str, Any]:
     return job_document(dict(zip(JOB_COLUMNS, row)))
 
 
-def _orm_document(job) -> dict[str, Any]:
-    return job_document({c: getattr(job, c) for c in JOB_COLUMNS})
-
-
 async def job_of(db_url: str, job_id: uuid.UUID, owner: str) -> dict[str, Any] | None:
     """The caller's job as a JobOut document, or None (no such job, or another tenant's)."""
     if direct.supports(db_url):
         row = await direct.fetch_one(db_url, _GET_JOB, (job_id, owner))
         return None if row is None else _row_document(row)
     job = await read(db_url, lambda s: job_store.get_job(s, job_id, owner))
-    return None if job is None else _orm_document(job)
+    return None if job is None else orm_job_document(job)
 
 
 @dataclass
@@ -64,7 +60,7 @@ async def jobs_page(db_url: str, owner: str, *, status: str | None, limit: int, 
     """A page of the caller's jobs, newest first. Raises ValueError for a cursor this API did not make."""
     if not direct.supports(db_url):
         page = await read(db_url, lambda s: job_store.list_jobs(s, owner, status=status, limit=limit, cursor=cursor))
-        return JobsPage([_orm_document(j) for j in page.items], page.next_cursor)
+        return JobsPage([orm_job_document(j) for j in page.items], page.next_cursor)
     params: list[Any] = [owner]
     if status:
         params.append(status)

@@ -60,13 +60,17 @@ class JobOut(BaseModel):
 
     @classmethod
     def from_job(cls, job: Job) -> "JobOut":
-        return cls.model_validate(job_document({c: getattr(job, c) for c in JOB_COLUMNS}))
+        return cls.model_validate(orm_job_document(job))
 
 
 #: The columns of `jobs` a JobOut is made of, in the order the direct reads select them.
 JOB_COLUMNS = ("id", "status", "stage", "progress", "progress_message", "method", "bits", "source_model",
                "source_revision", "priority", "attempt", "max_attempts", "worker", "cancel_requested", "created_at",
                "started_at", "finished_at", "updated_at", "timings", "error", "result", "request")
+
+
+def orm_job_document(job: Job) -> dict[str, Any]:
+    return job_document({c: getattr(job, c) for c in JOB_COLUMNS})
 
 
 def job_document(row: Mapping[str, Any]) -> dict[str, Any]:

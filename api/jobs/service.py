@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 
 from qaas.api.problems import Problem
 from qaas import job_store
-from qaas.api.jobs.schemas import JOB_COLUMNS, job_document
+from qaas.api.jobs.schemas import JOB_COLUMNS, job_document, orm_job_document
 from qaas.db import direct
-from qaas.db.models import Job, JobStatus, utcnow
+from qaas.db.models import JobStatus, utcnow
 from qaas.queue import send_run_job
 from qaas.api.webhook_urls import check_webhook_url
 from qaas.kit.webhook_signing import generate_secret
@@ -146,17 +146,13 @@ def prepare(settings: Settings, owner: str, req: JobRequest, idempotency_key: st
         webhook_secret_encrypted=webhook_secret_encrypted, generated_secret=generated_secret)
 
 
-def _orm_document(job: Job) -> dict:
-    return job_document({c: getattr(job, c) for c in JOB_COLUMNS})
-
-
 def submit(session: Session, settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> Submission:
     """Store and queue a job through the ORM session (embedded SQLite, the dashboard); blocking."""
     new = prepare(settings, owner, req, idempotency_key)
     if new.idempotency_key:
         existing = job_store.find_by_idempotency_key(session, owner, new.idempotency_key)
         if existing is not None:
-            return _replay(existing.request_hash, existing.id, _orm_document(existing), new.request_hash)
+            return _replay(existing.request_hash, existing.id, orm_job_document(existing), new.request_hash)
 
     job = job_store.create_job(
         session, owner=owner, request=new.request, request_hash=new.request_hash,
@@ -172,13 +168,13 @@ def submit(session: Session, settings: Settings, owner: str, req: JobRequest, id
         existing = job_store.find_by_idempotency_key(session, owner, new.idempotency_key or "")
         if existing is None:
             raise
-        return _replay(existing.request_hash, existing.id, _orm_document(existing), new.request_hash)
+        return _replay(existing.request_hash, existing.id, orm_job_document(existing), new.request_hash)
 
     # Only after the commit: a worker that gets the message must find the row.
     if send_run_job(settings, job.id, priority=job.priority):
         job_store.mark_dispatched(session, job.id)
         session.commit()
-    return Submission(job.id, _orm_document(job), replayed=False, webhook_secret=new.generated_secret)
+    return Submission(job.id, orm_job_document(job), replayed=False, webhook_secret=new.generated_secret)
 
 
 def _replay(stored_hash: str, job_id: uuid.UUID, document: dict, request_hash: str) -> Submission:

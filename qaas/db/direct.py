@@ -27,6 +27,10 @@ import psycopg
 from qaas.db.session import IDLE_PING_S
 
 
+#: Longest a hot-path statement may run on the server.
+STATEMENT_TIMEOUT_MS = 10_000
+
+
 class DatabaseUnavailable(Exception):
     """The database could not be reached or did not answer in time."""
 
@@ -53,8 +57,11 @@ class Pool:
 
     async def _connect(self) -> psycopg.AsyncConnection:
         try:
+            # statement_timeout: these are millisecond statements; one stuck behind a lock must not
+            # hold a request (and a pool slot) forever -- it fails, and the request answers 503.
             return await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, prepare_threshold=0,
-                                                         connect_timeout=5)
+                                                         connect_timeout=5,
+                                                         options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}")
         except psycopg.OperationalError as exc:
             raise DatabaseUnavailable(str(exc).splitlines()[0] if str(exc) else "cannot connect") from exc
 
@@ -96,6 +103,9 @@ class Pool:
                         out = await cur.fetchall()
                     else:
                         out = cur.rowcount
+                except psycopg.errors.QueryCanceled as exc:  # statement_timeout: the connection is fine
+                    self._checkin(conn)
+                    raise DatabaseUnavailable("statement timed out") from exc
                 except psycopg.OperationalError as exc:
                     await _close(conn)
                     if retry and reused and attempt == 1:

@@ -229,3 +229,18 @@ def test_submission_answers_even_when_the_broker_is_down_and_leaves_the_job_to_t
     with session_scope(clean_db) as s:
         job = s.get(Job, uuid.UUID(r.json()["id"]))
         assert job.status == "queued" and job.dispatched_at is None  # not marked: the sweeper sends it
+
+
+def test_a_stuck_statement_times_out_as_unavailable_and_the_connection_stays_usable(settings, monkeypatch):
+    db = settings.resolved_database_url
+    monkeypatch.setattr(direct, "STATEMENT_TIMEOUT_MS", 200)
+
+    async def scenario():
+        with pytest.raises(direct.DatabaseUnavailable, match="timed out"):
+            await direct.fetch_one(db, "SELECT pg_sleep(2)")
+        pool = direct.pool_for(db)
+        assert len(pool.idle) == 1  # kept: a cancelled statement does not break the connection
+        assert await direct.fetch_one(db, "SELECT 41 + 1") == (42,)
+        await direct.close_pools()
+
+    asyncio.run(scenario())
