@@ -394,6 +394,16 @@ def dequantize_reference(
 if _HAS_TRITON:
 
     @triton.jit
+    def _packed_field(lo_ptrs, hi_ptrs, off, m, BITS: tl.constexpr):
+        """The BITS-wide fields that start `off` bits into the int32 words at lo_ptrs; a field that spills
+        past bit 31 (3-bit packing) continues at the bottom of the next word, at hi_ptrs."""
+        lo = tl.load(lo_ptrs, mask=m, other=0).to(tl.int64) & 0xFFFFFFFF
+        spill = (off + BITS) > 32
+        hi = tl.load(hi_ptrs, mask=m & spill, other=0).to(tl.int64) & 0xFFFFFFFF
+        val = tl.where(spill, (lo >> off) | (hi << (32 - off)), lo >> off)
+        return val & ((1 << BITS) - 1)
+
+    @triton.jit
     def _dequant_kernel(
         QW, QZ, S, G, OUT, K, N, stride_qw, stride_qz, stride_s, stride_o,
         BITS: tl.constexpr, V1: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -405,30 +415,19 @@ if _HAS_TRITON:
         km = k < K
         nm = n < N
         m = km[:, None] & nm[None, :]
-        mask = (1 << BITS) - 1
-        # weight codes: packed along K
+        # weight codes: packed along K (32 codes in BITS words)
         start = (k % 32) * BITS
         word = (k // 32) * BITS + start // 32
-        off = start % 32
-        w0 = tl.load(QW + word[:, None] * stride_qw + n[None, :], mask=m, other=0).to(tl.int64) & 0xFFFFFFFF
-        val = w0 >> off[:, None]
-        spill = (off + BITS) > 32
-        w1 = tl.load(QW + (word + 1)[:, None] * stride_qw + n[None, :], mask=m & spill[:, None], other=0)
-        w1 = w1.to(tl.int64) & 0xFFFFFFFF
-        val = tl.where(spill[:, None], val | (w1 << (32 - off)[:, None]), val) & mask
+        w_at = QW + word[:, None] * stride_qw + n[None, :]
+        val = _packed_field(w_at, w_at + stride_qw, (start % 32)[:, None], m, BITS)
         # zeros: packed along N, one row per group
         g = tl.load(G + k, mask=km, other=0)
         zstart = (n % 32) * BITS
         zword = (n // 32) * BITS + zstart // 32
-        zoff = zstart % 32
-        z0 = tl.load(QZ + g[:, None] * stride_qz + zword[None, :], mask=m, other=0).to(tl.int64) & 0xFFFFFFFF
-        zv = z0 >> zoff[None, :]
-        zspill = (zoff + BITS) > 32
-        z1 = tl.load(QZ + g[:, None] * stride_qz + (zword + 1)[None, :], mask=m & zspill[None, :], other=0)
-        z1 = z1.to(tl.int64) & 0xFFFFFFFF
-        zv = tl.where(zspill[None, :], zv | (z1 << (32 - zoff)[None, :]), zv) & mask
+        z_at = QZ + g[:, None] * stride_qz + zword[None, :]
+        zv = _packed_field(z_at, z_at + 1, (zstart % 32)[None, :], m, BITS)
         if V1:
-            zv = (zv + 1) & mask
+            zv = (zv + 1) & ((1 << BITS) - 1)
         s = tl.load(S + g[:, None] * stride_s + n[None, :], mask=m, other=0.0).to(tl.float32)
         w = s * (val - zv).to(tl.float32)
         # output is [N, K] (nn.Linear layout)
