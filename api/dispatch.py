@@ -24,6 +24,7 @@ import anyio.to_thread
 
 from qaas.db import direct
 from qaas.db.models import utcnow
+from qaas.loop_local import LoopLocal
 from qaas.queue import send_run_jobs
 from qaas.settings import Settings
 
@@ -97,31 +98,19 @@ class Dispatcher:
                 p.done.set_result(i < sent)
 
 
-_dispatchers: dict[tuple[int, int], tuple[asyncio.AbstractEventLoop, Dispatcher]] = {}
+_dispatchers: LoopLocal[Dispatcher] = LoopLocal()
 
 
 def dispatcher_for(settings: Settings) -> Dispatcher:
-    """The dispatcher of the running event loop and these settings (its futures and task belong to the loop)."""
-    loop = asyncio.get_running_loop()
-    key = (id(loop), id(settings))
-    hit = _dispatchers.get(key)
-    if hit is not None and hit[0] is loop and hit[1].settings is settings:
-        return hit[1]
-    for k, (lp, _d) in list(_dispatchers.items()):
-        if lp.is_closed():
-            del _dispatchers[k]
-    d = Dispatcher(settings)
-    _dispatchers[key] = (loop, d)
-    return d
+    """The dispatcher of the running event loop for these settings (its futures and task belong to the
+    loop; it holds the settings, so their id cannot be reused while it exists)."""
+    return _dispatchers.get(id(settings), lambda: Dispatcher(settings))
 
 
 async def drain_dispatchers(timeout_s: float = 5.0) -> None:
     """At shutdown: send what is pending on this loop (bounded; the sweeper sends anything left)."""
     loop = asyncio.get_running_loop()
-    for key, (lp, d) in list(_dispatchers.items()):
-        if lp is not loop:
-            continue
-        del _dispatchers[key]
+    for d in _dispatchers.pop_running():
         if d.task is None:
             continue
         deadline = loop.time() + timeout_s

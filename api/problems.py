@@ -135,16 +135,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
+    @app.exception_handler(DatabaseUnavailable)  # the direct hot paths (qaas.db.direct)
     async def _db_down(request: Request, exc: Exception):
-        if not isinstance(exc, OperationalError) and not getattr(exc, "connection_invalidated", False):
+        if isinstance(exc, DBAPIError) and not isinstance(exc, OperationalError) \
+                and not exc.connection_invalidated:
             return await _internal(request, exc)  # a bug (bad SQL, schema drift), not an outage
         log.warning("database unavailable: %s", exc.__class__.__name__)
-        return problem_response(503, "Service unavailable", "the database is unavailable; retry shortly",
-                                slug="unavailable", headers={"Retry-After": "2"}, instance=request.url.path)
-
-    @app.exception_handler(DatabaseUnavailable)
-    async def _direct_db_down(request: Request, exc: DatabaseUnavailable):
-        log.warning("database unavailable: %s", exc)
         return problem_response(503, "Service unavailable", "the database is unavailable; retry shortly",
                                 slug="unavailable", headers={"Retry-After": "2"}, instance=request.url.path)
 

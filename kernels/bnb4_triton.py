@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from . import codebooks as cb
+from .triton_common import round_to_bf16
 
 _FLAVOR = {"cuda": 0, "cpu": 1}
 
@@ -291,15 +292,6 @@ def _double_quant_kernel(
 
 
 @triton.jit
-def _round_to_bf16(v):
-    # round-to-nearest-even to bfloat16 precision in float32 bits, so that the final cast is exact everywhere
-    # (the Triton interpreter truncates when it casts float32 to bfloat16).
-    u = v.to(tl.uint32, bitcast=True)
-    u = (u + (((u >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-    return u.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _dequantize4_kernel(
     packed_ptr,
     absmax_ptr,
@@ -329,7 +321,7 @@ def _dequantize4_kernel(
     lo = tl.load(code_ptr + (b & 15)) * a
     v = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))
     if out_ptr.dtype.element_ty == tl.bfloat16:
-        v = _round_to_bf16(v)
+        v = round_to_bf16(v)
     v = v.to(out_ptr.dtype.element_ty)
     o = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
     tl.store(out_ptr + o, v, mask=o < n)

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import round_to_bf16
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEQUANT_CONST = 7.874015718698502e-3
 
@@ -137,13 +139,6 @@ def _int8_quant_kernel(w_ptr, q_ptr, scb_ptr, cols, BLOCK: tl.constexpr, ONE_TIL
 
 
 @triton.jit
-def _round_to_bf16(v):
-    u = v.to(tl.uint32, bitcast=True)
-    u = (u + (((u >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-    return u.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _int8_dequant_kernel(q_ptr, scb_ptr, out_ptr, n, cols, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -152,7 +147,7 @@ def _int8_dequant_kernel(q_ptr, scb_ptr, out_ptr, n, cols, BLOCK: tl.constexpr):
     s = tl.load(scb_ptr + offs // cols, mask=m, other=0.0)
     v = (q * s) * 7.874015718698502e-3
     if out_ptr.dtype.element_ty == tl.bfloat16:
-        v = _round_to_bf16(v)
+        v = round_to_bf16(v)
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic_core import to_json
 
@@ -18,9 +17,7 @@ from qaas.api.jobs import reads, service
 from qaas.api.jobs.schemas import EventPage, JobCreated, JobOut, JobPage
 from qaas.api.problems import PROBLEM_JSON, Problem, ProblemDetails
 from qaas import job_store, outbox
-from qaas.db import direct
 from qaas.db.models import TERMINAL_STATUSES, JobStatus
-from qaas.db.session import get_sessionmaker
 from qaas.schemas.job_request import JobRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -51,20 +48,12 @@ async def create_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobCreated:
     """Accept a quantization job. The job is stored first, then queued; follow it at `Location`."""
-    if direct.supports(settings.resolved_database_url):
-        submission = await service.submit_direct(settings, caller.owner, body, idempotency_key)
-    else:  # embedded SQLite: the ORM path, blocking, in the thread pool
-        submission = await run_in_threadpool(_submit_in_session, settings, caller.owner, body, idempotency_key)
+    submission = await service.submit_async(settings, caller.owner, body, idempotency_key)
     headers = {"Location": f"/v1/jobs/{submission.job_id}"}
     if submission.replayed:
         headers["Idempotent-Replayed"] = "true"
     document = {**submission.document, "webhook_secret": submission.webhook_secret}
     return Response(to_json(document), status_code=202, media_type="application/json", headers=headers)
-
-
-def _submit_in_session(settings, owner: str, body: JobRequest, idempotency_key: str | None) -> service.Submission:
-    with get_sessionmaker(settings.resolved_database_url)() as session:
-        return service.submit(session, settings, owner, body, idempotency_key)
 
 
 @router.get("", response_model=JobPage, operation_id="list_jobs", responses=_ERRORS)

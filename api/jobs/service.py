@@ -16,6 +16,7 @@ from qaas import job_store
 from qaas.api.jobs.schemas import JOB_COLUMNS, job_document, orm_job_document
 from qaas.db import direct
 from qaas.db.models import JobStatus, utcnow
+from qaas.db.session import get_sessionmaker
 from qaas.queue import send_run_job
 from qaas.api.webhook_urls import check_webhook_url
 from qaas.kit.webhook_signing import generate_secret
@@ -200,6 +201,20 @@ _INSERT_SQL = (
 )
 _BY_IDEMPOTENCY_KEY_SQL = ("SELECT request_hash, " + ", ".join(JOB_COLUMNS)
                            + " FROM jobs WHERE owner = %s AND idempotency_key = %s")
+
+
+async def submit_async(settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> Submission:
+    """Store and queue a job from async code: directly on PostgreSQL, else (embedded SQLite) through the
+    ORM path in the thread pool."""
+    if direct.supports(settings.resolved_database_url):
+        return await submit_direct(settings, owner, req, idempotency_key)
+    from starlette.concurrency import run_in_threadpool
+
+    def in_session() -> Submission:
+        with get_sessionmaker(settings.resolved_database_url)() as session:
+            return submit(session, settings, owner, req, idempotency_key)
+
+    return await run_in_threadpool(in_session)
 
 
 async def submit_direct(settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> Submission:

@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 
 from qaas.db.session import IDLE_PING_S
+from qaas.loop_local import LoopLocal
 
 
 #: Longest a hot-path statement may run on the server.
@@ -131,23 +132,14 @@ async def _close(conn: psycopg.AsyncConnection) -> None:
         pass
 
 
-_pools: dict[tuple[str, int], tuple[asyncio.AbstractEventLoop, Pool]] = {}
+_pools: LoopLocal[Pool] = LoopLocal()
 
 
 def pool_for(url: str) -> Pool:
-    loop = asyncio.get_running_loop()
-    key = (url, id(loop))
-    hit = _pools.get(key)
-    if hit is not None and hit[0] is loop:
-        return hit[1]
-    for k, (lp, _pool) in list(_pools.items()):  # forget pools of loops that are gone
-        if lp.is_closed():
-            del _pools[k]
+    """The running loop's pool for this database."""
     from qaas.settings import get_settings
 
-    pool = Pool(url, size=get_settings().db_pool_size)
-    _pools[key] = (loop, pool)
-    return pool
+    return _pools.get(url, lambda: Pool(url, size=get_settings().db_pool_size))
 
 
 async def fetch_one(url: str, sql: str, params: tuple | list = ()) -> tuple | None:
@@ -171,8 +163,5 @@ async def execute(url: str, sql: str, params: tuple | list = ()) -> int:
 
 async def close_pools() -> None:
     """Close the pools of the running event loop (the API's shutdown)."""
-    loop = asyncio.get_running_loop()
-    for key, (lp, pool) in list(_pools.items()):
-        if lp is loop:
-            del _pools[key]
-            await pool.close()
+    for pool in _pools.pop_running():
+        await pool.close()

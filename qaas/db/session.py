@@ -14,6 +14,28 @@ from sqlalchemy.orm import Session, sessionmaker
 IDLE_PING_S = 2.0
 
 
+def install_idle_ping(engine: Engine) -> None:
+    """Pessimistic disconnect handling, but only for connections that sat idle: pool_pre_ping would add a
+    round trip to every checkout. A connection in constant use that the server dropped fails its
+    statement instead; SQLAlchemy then invalidates the whole pool, the request answers 503 (Retry-After)
+    and the next one connects afresh -- so a PostgreSQL restart still heals by itself, at the cost of at
+    most one 503 per process. (For an async engine, pass its `sync_engine`.)"""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn, record) -> None:
+        record.info["qaas_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn, record, _proxy) -> None:
+        since = record.info.get("qaas_idle_since")
+        if since is None or time.monotonic() - since < IDLE_PING_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)  # what pool_pre_ping runs (autocommit, SELECT 1)
+        except Exception as err:  # noqa: BLE001 - the pool retries with a fresh connection
+            raise exc.DisconnectionError() from err
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
@@ -34,25 +56,7 @@ def get_engine(url: str) -> Engine:
     settings = get_settings()
     engine = create_engine(url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow, pool_timeout=5)
 
-    # Pessimistic disconnect handling, but only for connections that sat idle: pool_pre_ping would add a
-    # round trip to every request (a third of a status read). A connection in constant use that the
-    # server dropped fails its statement instead; SQLAlchemy then invalidates the whole pool, the request
-    # answers 503 (Retry-After) and the next one connects afresh -- so a PostgreSQL restart still heals
-    # by itself, at the cost of at most one 503 per process.
-    @event.listens_for(engine, "checkin")
-    def _checked_in(_dbapi_conn, record) -> None:
-        record.info["qaas_idle_since"] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _ping_if_idle(dbapi_conn, record, _proxy) -> None:
-        since = record.info.get("qaas_idle_since")
-        if since is None or time.monotonic() - since < IDLE_PING_S:
-            return
-        try:
-            engine.dialect.do_ping(dbapi_conn)  # what pool_pre_ping runs (autocommit, SELECT 1)
-        except Exception as err:  # noqa: BLE001 - the pool retries with a fresh connection
-            raise exc.DisconnectionError() from err
-
+    install_idle_ping(engine)
     return engine
 
 

@@ -28,6 +28,17 @@ if TYPE_CHECKING:
     from ..progress import Reporter
     from ..source import ResolvedSource
 
+def config_bool(qc: dict[str, Any], key: str, default: bool) -> bool:
+    """A boolean field of a quantization_config: absent or null is the default; anything but a JSON
+    boolean is an InvalidConfig naming the field (transformers would accept "false" as truthy)."""
+    v = qc.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise InvalidConfig(f"{key} must be true or false", field=key)
+    return v
+
+
 #: quant_method -> "module:Class", imported on first use.
 METHODS: dict[str, str] = {
     "bitsandbytes": "qaas.worker.engine.methods.bitsandbytes:BitsAndBytesMethod",

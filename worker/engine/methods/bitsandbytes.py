@@ -25,7 +25,7 @@ import torch
 
 from ..errors import InvalidConfig, UnsupportedModel
 from ..evaluate import relative_error
-from .base import EngineContext, MethodResult
+from .base import EngineContext, MethodResult, config_bool
 
 BLOCKSIZE = 64  # bitsandbytes' Params4bit default (CUDA and CPU)
 #: bitsandbytes' CPU 4-bit inference packs weights in groups of 32 output rows (functional.py).
@@ -38,15 +38,6 @@ FIELDS = {
     "bnb_4bit_use_double_quant", "bnb_4bit_quant_storage",
 }
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _bool(qc: dict[str, Any], key: str, default: bool) -> bool:
-    v = qc.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise InvalidConfig(f"{key} must be true or false", field=key)
-    return v
 
 
 def bnb_config_dict(fields: dict[str, Any]) -> dict[str, Any]:
@@ -83,8 +74,8 @@ class BitsAndBytesMethod:
                 qc[key] = qc[f"_{key}"]
             if f"_{key}" in qc and qc[f"_{key}"] != qc.get(key):
                 raise InvalidConfig(f"_{key} and {key} disagree", field=key)
-        four = _bool(qc, "load_in_4bit", False)
-        eight = _bool(qc, "load_in_8bit", False)
+        four = config_bool(qc, "load_in_4bit", False)
+        eight = config_bool(qc, "load_in_8bit", False)
         if four and eight:
             raise InvalidConfig("load_in_4bit and load_in_8bit cannot both be true", field="load_in_4bit")
         if not (four or eight):
@@ -111,7 +102,7 @@ class BitsAndBytesMethod:
         skip = qc.get("llm_int8_skip_modules")
         if skip is not None and (not isinstance(skip, list) or not all(isinstance(s, str) and s for s in skip)):
             raise InvalidConfig("llm_int8_skip_modules must be a list of module names", field="llm_int8_skip_modules")
-        has_fp16 = _bool(qc, "llm_int8_has_fp16_weight", False)
+        has_fp16 = config_bool(qc, "llm_int8_has_fp16_weight", False)
         if eight and has_fp16:
             raise InvalidConfig(
                 "llm_int8_has_fp16_weight=true keeps 8-bit layers in float16 for training; an ahead-of-time "
@@ -123,11 +114,11 @@ class BitsAndBytesMethod:
             "load_in_8bit": eight,
             "llm_int8_threshold": float(threshold),
             "llm_int8_skip_modules": list(skip) if skip is not None else None,
-            "llm_int8_enable_fp32_cpu_offload": _bool(qc, "llm_int8_enable_fp32_cpu_offload", False),
+            "llm_int8_enable_fp32_cpu_offload": config_bool(qc, "llm_int8_enable_fp32_cpu_offload", False),
             "llm_int8_has_fp16_weight": has_fp16,
             "bnb_4bit_compute_dtype": compute,
             "bnb_4bit_quant_type": qtype,
-            "bnb_4bit_use_double_quant": _bool(qc, "bnb_4bit_use_double_quant", False),
+            "bnb_4bit_use_double_quant": config_bool(qc, "bnb_4bit_use_double_quant", False),
             "bnb_4bit_quant_storage": storage,
         }
         try:

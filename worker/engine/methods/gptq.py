@@ -45,7 +45,7 @@ from ..evaluate import default_seqlen, load_with_replaced_weights, relative_erro
 from ..gptq_algorithm import gptq_quantize
 from ..gptq_blocks import BlockInputCapture, BlockRunner, discover_input_groups, materialize_block
 from ..gptq_format import FORMATS, build_quantization_config, dequantize_layer, pack_layer, unsupported_reason
-from .base import EngineContext, MethodResult
+from .base import EngineContext, MethodResult, config_bool
 
 #: GPTQConfig fields this method uses.
 FIELDS = {
@@ -59,15 +59,6 @@ FIELDS = {
 #: GPTQConfig fields that only matter to a loader or to optimum's own pipeline: accepted and ignored.
 IGNORED = {"tokenizer", "pad_token_id", "max_input_length", "backend", "meta", "use_exllama", "exllama_config",
            "use_cuda_fp16", "disable_exllama", "lm_head", "quantizer", "dynamic"}
-
-
-def _get_bool(qc: dict[str, Any], key: str, default: bool) -> bool:
-    v = qc.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise InvalidConfig(f"{key} must be true or false", field=key)
-    return v
 
 
 def _get_int(qc: dict[str, Any], key: str, default: int | None) -> int | None:
@@ -106,8 +97,8 @@ class GPTQMethod:
         damp = qc.get("damp_percent", 0.1)
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
             raise InvalidConfig("damp_percent must be between 0 and 1", field="damp_percent")
-        desc_act = _get_bool(qc, "desc_act", False)
-        gar = _get_bool(qc, "act_group_aware", True) and not desc_act and group_size != -1
+        desc_act = config_bool(qc, "desc_act", False)
+        gar = config_bool(qc, "act_group_aware", True) and not desc_act and group_size != -1
         fmt = qc.get("format") or qc.get("checkpoint_format") or "gptq"
         if not isinstance(fmt, str) or fmt.lower() not in FORMATS:
             raise InvalidConfig(f"format must be one of {', '.join(FORMATS)}", field="format")
@@ -154,9 +145,9 @@ class GPTQMethod:
             "damp_percent": float(damp),
             "desc_act": desc_act,
             "act_group_aware": gar,
-            "sym": _get_bool(qc, "sym", True),
-            "true_sequential": _get_bool(qc, "true_sequential", True),
-            "static_groups": _get_bool(qc, "static_groups", False),
+            "sym": config_bool(qc, "sym", True),
+            "true_sequential": config_bool(qc, "true_sequential", True),
+            "static_groups": config_bool(qc, "static_groups", False),
             "format": fmt.lower(),
             "model_seqlen": seqlen,
             "batch_size": batch_size,
@@ -165,7 +156,7 @@ class GPTQMethod:
             "modules_in_block_to_quantize": mib,
             "block_name_to_quantize": qc.get("block_name_to_quantize"),
             "module_name_preceding_first_block": mp,
-            "cache_block_outputs": _get_bool(qc, "cache_block_outputs", True),
+            "cache_block_outputs": config_bool(qc, "cache_block_outputs", True),
         }
 
     def stages(self, quantization_config: dict[str, Any]) -> list[str]:
