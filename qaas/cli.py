@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qaas.kit.parent_death import die_with_parent
+
 
 def _settings():
     from qaas.settings import get_settings
@@ -92,6 +94,10 @@ def _ensure_first_key(settings) -> str | None:
         return create_key(s, settings, name="first key", owner="default")
 
 
+def _exit_on_sigterm(_signum, _frame) -> None:
+    raise SystemExit(0)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -102,7 +108,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings()
     upgrade(settings.resolved_database_url)
     key = _ensure_first_key(settings)
-    worker = subprocess.Popen([sys.executable, "-P", "-c", "from qaas.cli import main; main()", "worker"])
+    # SIGKILL if this process is killed outright: a worker left behind would keep taking jobs (the running
+    # one's lease lapses and it is retried, as for any lost worker).
+    worker = subprocess.Popen([sys.executable, "-P", "-c", "from qaas.cli import main; main()", "worker"],
+                              preexec_fn=die_with_parent(signal.SIGKILL))
     url = f"http://{args.host}:{args.port}"
     mode = "embedded (SQLite + filesystem broker)" if settings.embedded else "configured"
     print(f"\nqaas is starting at {url}  [{mode}; data in {settings.data_dir.resolve()}]", file=sys.stderr)
@@ -112,6 +121,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(key, flush=True)
     else:
         print("  API keys exist already; make another with `qaas keys create NAME`", file=sys.stderr)
+    # uvicorn handles SIGTERM itself (graceful shutdown), then restores the previous handler and raises
+    # the signal again: with the default handler that ends the process before `finally` could stop the
+    # worker. This handler turns it into SystemExit, so the worker below is stopped gracefully.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", log_config=None)
     finally:

@@ -8,7 +8,6 @@ The child dies with its parent (PR_SET_PDEATHSIG), so a killed worker leaves no 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import queue
@@ -20,15 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-
+from qaas.kit.parent_death import die_with_parent
 
 @dataclass
 class ChildProcess:
@@ -85,7 +76,7 @@ def start_child(spec: dict[str, Any], *, cwd: Path, log_path: Path, env_extra: d
         cwd=cwd,
         env=env,
         start_new_session=True,  # its own process group: SIGKILL reaches the whole tree
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent(signal.SIGKILL),
     )
     log_file.close()
     child = ChildProcess(proc)

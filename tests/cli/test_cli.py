@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import psutil
 import pytest
 from conftest import ASSETS, STORIES, WIKITEXT, auth
 
@@ -91,6 +92,37 @@ def test_qaas_up_embedded_mode_runs_a_job_end_to_end(tmp_path):
                 time.sleep(0.5)
         assert job["status"] == "succeeded", (job, err_path.read_text()[-3000:])
         assert job["result"]["evaluation"]["perplexity_after"] > 0
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 1
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    # SIGTERM stops the service and the worker it started (uvicorn re-raises the signal after its own
+    # shutdown; without qaas' handler the process died before it could stop the worker, leaving it running)
+    _assert_gone(workers[0], within_s=35)
+
+
+def _assert_gone(process, within_s: float) -> None:
+    import psutil
+
+    try:
+        process.wait(timeout=within_s)
+    except psutil.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"pid {process.pid} ({process.cmdline()}) outlived `qaas up`")
+
+
+def test_a_killed_qaas_up_takes_its_worker_with_it(tmp_path):
+    from support.processes import free_port, wait_http
+
+    port = free_port()
+    proc = subprocess.Popen([*QAAS, "up", "--port", str(port)], cwd=tmp_path, env=_clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 1
+    finally:
+        proc.kill()  # no clean-up code of its own runs
+        proc.wait(timeout=30)
+    _assert_gone(workers[0], within_s=10)  # PR_SET_PDEATHSIG
