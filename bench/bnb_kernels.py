@@ -1,6 +1,12 @@
 """Benchmark of qaas.kernels.bnb4 / int8 against bitsandbytes on one GPU, plus a whole-model conversion.
 
 Run on the GPU machine:  python -P bench/bnb_kernels.py --out bench/results/bnb_kernels   (writes .json and .md)
+Under Nsight Compute (`--ncu-target PLAN.json`: only the NF4 and NF4 + double-quant quantize calls, once per shape,
+so that `ncu --launch-count` covers exactly them; bench/gpu_session_profile.sh runs it, bench/ncu_summary.py reads
+the report):
+
+    ncu --clock-control none --set full -k regex:'quantize|reduce_kernel' --launch-count 12 -o nf4 \
+        python -P bench/bnb_kernels.py --ncu-target nf4-plan.json
 
 * fp16 weights 4096x4096, 14336x4096, 28672x8192; quantize NF4, NF4+double quant, int8; dequantize NF4 and int8;
   ours vs bitsandbytes in the same run; medians of triton.testing.do_bench; inputs rotated over > L2 bytes;
@@ -82,11 +88,43 @@ def copy_bw():
     return 2 * a.numel() * 2 / ms / 1e6  # GB/s
 
 
+#: the kernels one quantize call launches, in order, that `ncu -k regex:'quantize|reduce_kernel'` selects
+NCU_LAUNCHES = {"nf4": ["quantize"], "nf4+dq": ["quantize", "absmax mean (torch reduce)", "double quant"]}
+
+
+def ncu_target(plan_path: str) -> int:
+    """One NF4 and one NF4 + double-quant quantize per shape on random data, and the plan of the launches in order
+    (shape, call, kernel) for ncu_summary.py to label the report's rows (Triton's compilation launches nothing)."""
+    if not torch.cuda.is_available():
+        print("SUMMARY ncu target: skipped, it needs CUDA")
+        return 0
+    calls = {"nf4": {}, "nf4+dq": {"compress_statistics": True}}
+    plan = []
+    for shape in SHAPES:
+        x = torch.randn(shape, device="cuda", dtype=torch.float16)
+        for call, kw in calls.items():
+            bnb4.quantize_4bit(x, blocksize=64, quant_type="nf4", **kw)
+            plan += [{"shape": f"{shape[0]}x{shape[1]}", "call": call, "kernel": k} for k in NCU_LAUNCHES[call]]
+        torch.cuda.synchronize()
+        del x
+    with open(plan_path, "w") as f:
+        json.dump({"launches": plan, "bytes": {f"{a}x{b}": a * b for a, b in SHAPES}}, f, indent=1)
+    print(f"SUMMARY ncu target: {len(plan)} launches planned over {len(SHAPES)} shapes")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/bnb_kernels")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--ncu-target", metavar="PLAN.json", default=None,
+                    help="only the quantize calls to profile under Nsight Compute; writes the launch plan")
     args = ap.parse_args()
+    if args.ncu_target:
+        return ncu_target(args.ncu_target)
+    if not torch.cuda.is_available():
+        print("SUMMARY bnb kernels: skipped, they need CUDA")
+        return 0
     import bitsandbytes as bnb_pkg
     import bitsandbytes.functional as F
 
@@ -192,6 +230,9 @@ def main():
         json.dump(result, f, indent=1)
     write_md(result, args.out + ".md")
     print(open(args.out + ".md").read())
+    nf4 = [f"{r['op']} {r['shape'][0]}x{r['shape'][1]} {r['frac_copy']:.0%}" for r in rows
+           if r["impl"] == "qaas-graph" and r["op"] in ("quant_nf4", "quant_nf4_dq")]
+    print(f"SUMMARY bnb kernels (of copy, {bw:.0f} GB/s): " + ", ".join(nf4))
 
 
 def whole_model(n_blocks=32, hidden=4096, mlp=14336, kv=1024):

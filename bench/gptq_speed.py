@@ -1,32 +1,50 @@
-"""GPTQ speed on one GPU: per-linear time against the paper's per-column loop, and a streamed end-to-end run.
+"""GPTQ speed on one GPU: the whole job on Llama-3-shaped models, per phase and per block, its evaluation stage,
+a torch-profiler view of one block, and the per-linear comparison with the paper's loop.
 
-Run on the GPU machine from the repository root (after `pip install --no-deps -e .`):
+Run on the GPU machine from the repository root (`source bench/gpu_env.sh` first where the editable install
+does not work); every mode runs on the CPU too at `--shape tiny`, as a smoke test:
 
-    python bench/gptq_speed.py --out DIR [--blocks 32] [--skip-linear] [--skip-e2e]
+    python -P bench/gptq_speed.py --out DIR [--shape 8b|70b|tiny] [--blocks N] [--defaults] [--evaluate]
+    python -P bench/gptq_speed.py --out DIR --mode profile [--shape 8b|70b] [--defaults]
+    python -P bench/gptq_speed.py --out DIR --mode linear
 
-Part 1, per linear (4096->4096, 4096->14336, 14336->4096; Hessian of 128 x 2048 tokens; 4-bit, group 128,
-sym, no act-order, blocksize 128): Hessian accumulation and quantization time of
-`qaas.kernels.gptq_reference.fasterquant_reference` (the published loop: several launches per column) and of
-`qaas.worker.engine.gptq_algorithm.gptq_quantize` (Triton fused column loop) on the same W and H, with the
-output error tr(dW H dW^T) of each (equal error is part of the claim).
+e2e (default): a Llama-shaped checkpoint of N blocks with random fp16 weights (`random_llama`: only the N blocks
+  are written, plus the full-vocabulary embedding and head) is quantized from disk by the engine
+  (`pipeline.quantize`, GPTQ 4-bit g128 sym, true-sequential, no act-order, `--nsamples` x `--seqlen` calibration
+  tokens of random vocabulary words). Options: the fastest (damp 0.01, act_group_aware off) or, with `--defaults`,
+  GPTQConfig's defaults (damp 0.1, act_group_aware on). Reports the job's stages, the engine's own phase timers
+  (CUDA synchronized at their boundaries), each block's time, peak GPU memory (during quantization, and during
+  evaluation), and extrapolates to the real model's block count (32 or 80) from the median steady block.
+  `--evaluate` runs today's evaluation stage too (16 windows of 2048 tokens: the whole original model, then the
+  dequantized one, loaded onto the device) and times its parts against the quantization time.
+profile: a 3-block model; block 1 (the middle one: compiled kernels, a next block to feed) runs under
+  torch.profiler with CPU and CUDA activities, engine functions wrapped in named ranges (`engine_phases`);
+  `trace_summary` turns the trace into per-phase tables (host wall, device busy, device idle between launches,
+  top kernels, the longest gaps). Only the tables are kept, not the trace.
+linear: per linear (4096->4096, 4096->14336, 14336->4096; Hessian of 128 x 2048 tokens; 4-bit, group 128, sym,
+  blocksize 128): Hessian accumulation and quantization time of the paper's loop
+  (`qaas.kernels.gptq_reference.fasterquant_reference`) and of `gptq_quantize` on the same W and H, with the output
+  error tr(dW H dW^T) of each (equal error is part of the claim).
 
-Part 2, end to end: a Llama-3-8B-shaped checkpoint with random fp16 weights is written to local disk, then
-`qaas.worker.engine.pipeline.quantize` runs GPTQ 4-bit g128 on it from the checkpoint, one block at a time
-(128 x 2048 random calibration tokens, evaluation off). Reports wall time, where the time went, peak GPU memory.
+Writes DIR/gptq_speed-<tag>.json and .md; the last line printed starts with SUMMARY.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
+import signal
+import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+sys.path.append(str(Path(__file__).resolve().parent))  # the sibling bench modules (run with -P)
 
 
 def _import_root() -> None:
@@ -131,147 +149,354 @@ def bench_linear(results: dict, tokens: int, chunk: int) -> None:
     results["linear"] = rows
 
 
-def llama3_8b_config(blocks: int) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": blocks, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
-        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "float16", "dtype": "float16",
-        "bos_token_id": 1, "eos_token_id": 2, "attention_bias": False, "mlp_bias": False,
-    }
+def gptq_request(defaults: bool, dataset: str, nsamples: int, seqlen: int) -> dict:
+    """4-bit g128 sym, no act-order; GPTQConfig's defaults for damping and group-aware reordering, or the fastest."""
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 128, "dataset": dataset, "sym": True, "desc_act": False,
+          "model_seqlen": seqlen, "nsamples": nsamples}
+    if not defaults:
+        qc.update(damp_percent=0.01, act_group_aware=False)
+    return qc
 
 
-def write_random_checkpoint(path: Path, blocks: int) -> float:
-    from safetensors.torch import save_file
-
-    t = time.perf_counter()
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = llama3_8b_config(blocks)
-    (path / "config.json").write_text(json.dumps(cfg))
-    dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(0)
-    h, f, kv = 4096, 14336, 1024
-    weight_map = {}
-
-    def rnd(*shape, std=0.02):
-        return (torch.randn(*shape, device=dev, generator=g) * std).half().cpu()
-
-    def save(tensors, name):
-        save_file(tensors, str(path / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-
-    save({"model.embed_tokens.weight": rnd(128256, h)}, "pre.safetensors")
-    for i in range(blocks):
-        p = f"model.layers.{i}."
-        save({
-            p + "self_attn.q_proj.weight": rnd(h, h), p + "self_attn.k_proj.weight": rnd(kv, h),
-            p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, h),
-            p + "mlp.gate_proj.weight": rnd(f, h), p + "mlp.up_proj.weight": rnd(f, h),
-            p + "mlp.down_proj.weight": rnd(h, f),
-            p + "input_layernorm.weight": torch.ones(h, dtype=torch.float16),
-            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.float16),
-        }, f"block-{i:03d}.safetensors")
-    save({"model.norm.weight": torch.ones(h, dtype=torch.float16), "lm_head.weight": rnd(128256, h)},
-         "post.safetensors")
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return time.perf_counter() - t
+def _cuda() -> bool:
+    return torch.cuda.is_available()
 
 
-def bench_e2e(results: dict, blocks: int, nsamples: int, seqlen: int, workdir: Path) -> None:
-    from qaas.worker.engine.calibration import CalibrationSet
-    from qaas.worker.engine.methods import gptq as gptq_method
+def _peak() -> int | None:
+    return torch.cuda.max_memory_allocated() if _cuda() else None
+
+
+class JobClock:
+    """A reporter that keeps each stage's start, each block's end, and the quantization-stage GPU peak."""
+
+    def __init__(self, on_block=None, partial: dict | None = None) -> None:
+        from qaas.worker.engine.progress import NullReporter
+
+        self._null = NullReporter()
+        #: kept up to date while the job runs, so that a run stopped at its time limit still says how far it got
+        self.partial = partial if partial is not None else {}
+        self.t0 = time.perf_counter()
+        self.quantize_start: float | None = None
+        self.block_ends: list[float] = []
+        self.quantize_peak: int | None = None
+        self.on_block = on_block
+
+    def stage(self, name, *, total=None, message=""):
+        now = time.perf_counter()
+        if name == "quantize":
+            self.quantize_start = now
+        if name in ("evaluate", "export") and self.quantize_peak is None:
+            self.quantize_peak = _peak()
+            if _cuda():
+                torch.cuda.reset_peak_memory_stats()
+        self.partial.setdefault("stages_started_s", {})[name] = round(now - self.t0, 2)
+        print(f"  [{now - self.t0:7.1f}s] stage {name} {message}", flush=True)
+
+    def progress(self, done, total, *, message="", metrics=None):
+        if metrics and "layers" in metrics:  # the per-block event (after every block)
+            now = time.perf_counter()
+            self.block_ends.append(now)
+            self.partial["block_s"] = [round(b, 3) for b in self.block_s()]
+            print(f"  [{now - self.t0:7.1f}s] block {done}/{total} {self.block_s()[-1]:.2f}s"
+                  + (f" peak {_peak() / 2**30:.2f} GiB" if _cuda() else ""), flush=True)
+            if self.on_block:
+                self.on_block(done)
+
+    def log(self, message, *, level="info", data=None):
+        if level != "info":
+            print(f"  {level}: {message}", flush=True)
+
+    def check_cancelled(self):
+        self._null.check_cancelled()
+
+    def block_s(self) -> list[float]:
+        marks = [self.quantize_start, *self.block_ends]
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def steady_block_s(blocks: list[float]) -> float:
+    """Median block time without the first (kernel compilation) and, with 3+ blocks, the last (no next block to
+    feed: it skips the quantized forward)."""
+    if len(blocks) >= 4:
+        return statistics.median(blocks[1:-1])
+    if len(blocks) >= 2:
+        return statistics.median(blocks[1:])
+    return blocks[0]
+
+
+@contextmanager
+def method_context():
+    """The EngineContext of the job run inside the block (its state holds the method's phase timers)."""
+    from qaas.worker.engine import pipeline
+
+    seen: dict = {}
+    real = pipeline.get_method
+
+    def get_method(name):
+        method = real(name)
+        inner = method.quantize
+
+        def quantize(ctx):
+            seen["ctx"] = ctx
+            return inner(ctx)
+
+        method.quantize = quantize
+        return method
+
+    pipeline.get_method = get_method
+    try:
+        yield seen
+    finally:
+        pipeline.get_method = real
+
+
+def run_job(model, args, out_dir: Path, *, evaluate: bool, reporter: JobClock) -> tuple[dict, dict, float]:
+    """The engine's whole job on `model`; returns (result, method state, wall seconds)."""
+    from random_llama import random_text
+
     from qaas.worker.engine.options import EngineOptions
     from qaas.worker.engine.pipeline import quantize
-    from qaas.worker.engine.progress import NullReporter
 
-    src = workdir / "llama3-8b-random"
-    out = workdir / "llama3-8b-random-gptq"
-    shutil.rmtree(src, ignore_errors=True)
-    shutil.rmtree(out, ignore_errors=True)
-    t_write = write_random_checkpoint(src, blocks)
-    print(f"random checkpoint of {blocks} blocks written in {t_write:.1f}s", flush=True)
-
-    state = {}
-
-    def random_calibration(self, ctx, seqlen_):
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, 128256, (nsamples, seqlen), generator=g)
-        state["ctx"] = ctx
-        return CalibrationSet(ids, "random token ids (benchmark)", 0)
-
-    gptq_method.GPTQMethod.calibration = random_calibration
-
-    class Rep(NullReporter):
-        def progress(self, done, total, *, message="", metrics=None):
-            if done in (1, total) or done % 8 == 0:
-                print(f"  {message}  t={time.perf_counter() - t0:.1f}s  "
-                      f"peak={torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
-
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    workdir = model.path.parent
+    calib = random_text(workdir / f"calibration-{model.shape.vocab}-{args.nsamples * args.seqlen}.txt",
+                        model.shape.vocab, 2 * args.nsamples * args.seqlen, seed=10)
+    options = EngineOptions(device="cuda" if _cuda() else "cpu", evaluate=evaluate, allowed_roots=(str(workdir),),
+                            eval_max_windows=args.eval_windows, eval_seqlen=args.seqlen)
+    if evaluate:
+        text = random_text(workdir / f"eval-{model.shape.vocab}-{args.eval_windows * args.seqlen}.txt",
+                           model.shape.vocab, args.eval_windows * args.seqlen + 16, seed=11)
+        options.eval_text_path = str(text)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if _cuda():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    request = gptq_request(args.defaults, str(calib), args.nsamples, args.seqlen)
     t0 = time.perf_counter()
-    res = quantize({"path": str(src)},
-                   {"quant_method": "gptq", "bits": 4, "group_size": 128, "dataset": ["unused"], "sym": True,
-                    "desc_act": False, "act_group_aware": False, "damp_percent": 0.01, "model_seqlen": seqlen,
-                    "nsamples": nsamples},
-                   out, options=EngineOptions(device="cuda", evaluate=False, allowed_roots=(str(workdir),)),
-                   reporter=Rep())
+    with method_context() as seen:
+        res = quantize({"path": str(model.path)}, request, out_dir, options=options, reporter=reporter)
     wall = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated()
-    timings = state["ctx"].state["gptq"]["timings"]
-    results["e2e"] = {
-        "blocks": blocks, "nsamples": nsamples, "seqlen": seqlen, "wall_s": wall,
-        "per_block_s": wall / blocks, "extrapolated_32_blocks_s": wall / blocks * 32 if blocks != 32 else wall,
-        "peak_gpu_bytes": peak, "peak_gpu_gib": peak / 2**30, "phases_s": timings,
-        "pipeline_timings": res["timings"], "quantized_modules": res["quantized_modules"],
-        "layer_rel_error_mean": res["layer_errors"]["mean"], "size_after_bytes": res["size_after_bytes"],
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return res, seen["ctx"].state.get("gptq", {}), wall
+
+
+def job_figures(model, res: dict, state: dict, wall: float, clock: JobClock) -> dict:
+    blocks = clock.block_s()
+    steady = steady_block_s(blocks)
+    stages = res["timings"]
+    quant_wall = wall - stages.get("evaluate", 0.0)
+    full = model.shape.full_blocks
+    out = {
+        "model": model.describe(), "quantization_config": res["quantization_config"],
+        "wall_s": round(wall, 2), "job_without_evaluation_s": round(quant_wall, 2), "stages_s": stages,
+        "phases_s": {k: round(v, 2) for k, v in state.get("timings", {}).items()},
+        "block_s": [round(b, 3) for b in blocks], "first_block_s": round(blocks[0], 3),
+        "steady_block_s": round(steady, 3),
+        "peak_gpu_gib_quantize": round(clock.quantize_peak / 2**30, 2) if clock.quantize_peak else None,
+        "layer_rel_error_mean": res["layer_errors"]["mean"], "quantized_modules": res["quantized_modules"],
+        "size_after_bytes": res["size_after_bytes"], "notes": res.get("notes"),
     }
-    print(json.dumps(results["e2e"], indent=1), flush=True)
-    shutil.rmtree(src, ignore_errors=True)
-    shutil.rmtree(out, ignore_errors=True)
+    if model.blocks < full:
+        out["extrapolated_full_model"] = {
+            "blocks": full, "job_without_evaluation_s": round(quant_wall + steady * (full - model.blocks), 1),
+            "how": f"this job + {full - model.blocks} x the steady block ({steady:.2f} s)"}
+    return out
 
 
-def main() -> None:
+def bench_e2e(args, results: dict) -> None:
+    from engine_phases import EVAL_PHASES, PhaseTimer, instrument
+    from random_llama import random_model
+
+    model = random_model(Path(args.workdir), args.shape, args.blocks)
+    print(f"model {model.path}: {model.blocks} blocks, {model.written_bytes / 1e9:.2f} GB of new shards written in "
+          f"{model.write_s:.1f}s", flush=True)
+    clock = JobClock(partial=results.setdefault("partial", {}))
+    timer = PhaseTimer()
+    with instrument(EVAL_PHASES if args.evaluate else {}, timer.wrap):
+        res, state, wall = run_job(model, args, Path(args.workdir) / "out", evaluate=args.evaluate, reporter=clock)
+    fig = job_figures(model, res, state, wall, clock)
+    if args.evaluate:
+        ev = res.get("evaluation") or {}
+        t_eval = res["timings"].get("evaluate", 0.0)
+        fig["evaluation"] = {
+            "windows": ev.get("windows"), "seqlen": ev.get("seqlen"), "stage_s": t_eval,
+            "parts_s": {k: round(v, 2) for k, v in timer.seconds.items()},
+            "peak_gpu_gib": round(_peak() / 2**30, 2) if _cuda() else None,
+            "fraction_of_quantization": round(t_eval / fig["job_without_evaluation_s"], 3),
+            "perplexity_before": ev.get("perplexity_before"), "perplexity_after": ev.get("perplexity_after"),
+            "loaded_with": ev.get("quantized_loaded_with")}
+    results["e2e"] = fig
+    results.pop("partial")
+    print(json.dumps(fig, indent=1), flush=True)
+
+
+def bench_profile(args, results: dict) -> None:
+    from engine_phases import GPTQ_PHASES, instrument, ranged
+    from random_llama import random_model
+    from trace_summary import summarize
+
+    model = random_model(Path(args.workdir), args.shape, 3)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if _cuda():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(activities=activities)
+
+    def on_block(done: int) -> None:
+        if _cuda():
+            torch.cuda.synchronize()
+        if done == 1:
+            prof.start()
+        elif done == 2:
+            prof.stop()
+
+    clock = JobClock(on_block=on_block, partial=results.setdefault("partial", {}))
+    with instrument(GPTQ_PHASES, ranged):
+        res, state, wall = run_job(model, args, Path(args.workdir) / "out", evaluate=False, reporter=clock)
+    trace = Path(args.workdir) / "profile-trace.json"
+    prof.export_chrome_trace(str(trace))
+    t0 = time.perf_counter()
+    summary = summarize(trace)
+    trace.unlink()
+    ops = "(unavailable)"
+    for sort in ("self_device_time_total", "self_cuda_time_total") if _cuda() else ("self_cpu_time_total",):
+        try:
+            ops = prof.key_averages().table(sort_by=sort, row_limit=25)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    results["profile"] = {"profiled_block": 1, "job": job_figures(model, res, state, wall, clock),
+                          "summary": summary, "analysis_s": round(time.perf_counter() - t0, 1)}
+    results["profile_ops_table"] = ops
+    results.pop("partial")
+    print(json.dumps(summary["phases"], indent=1), flush=True)
+
+
+def write_md(results: dict, path: Path) -> None:
+    from trace_summary import markdown
+
+    L = [f"# GPTQ speed: {results['tag']}", "",
+         f"Measured {results['date']} on {results['device']}, torch {results['torch']}, Triton {results['triton']}, "
+         f"transformers {results['transformers']}, Python {results['python']}.", "",
+         f"Command: `{results['command']}`", ""]
+    jobs = [("Whole job", results.get("e2e")), ("Profile run (block 1 under the profiler)",
+                                                (results.get("profile") or {}).get("job"))]
+    for title, e in jobs:
+        if not e:
+            continue
+        m, qc = e["model"], e["quantization_config"]
+        L += [f"## {title}", "",
+              f"{m['shape']} shape (hidden {m['hidden']}, MLP {m['intermediate']}, {m['heads']}/{m['kv_heads']} heads, "
+              f"vocab {m['vocab']}), {m['blocks']} of {m['full_blocks']} blocks, random fp16 weights from safetensors "
+              f"on local disk; GPTQ {qc.get('bits')}-bit g{qc.get('group_size')}, damp {qc.get('damp_percent')}, "
+              f"act_group_aware {qc.get('act_group_aware')}, desc_act {qc.get('desc_act')}.", "",
+              "| figure | value |", "|---|---|",
+              f"| job without evaluation | **{e['job_without_evaluation_s']:.1f} s** |"]
+        if e.get("extrapolated_full_model"):
+            x = e["extrapolated_full_model"]
+            L.append(f"| extrapolated to {x['blocks']} blocks | **{x['job_without_evaluation_s']:.0f} s** ({x['how']}) |")
+        L += [f"| first block / steady block | {e['first_block_s']:.2f} s / **{e['steady_block_s']:.2f} s** |",
+              f"| every block (s) | {', '.join(f'{b:.2f}' for b in e['block_s'])} |",
+              f"| peak GPU memory while quantizing | {e['peak_gpu_gib_quantize']} GiB |",
+              f"| stages (s) | {', '.join(f'{k} {v:.1f}' for k, v in e['stages_s'].items())} |",
+              f"| engine phases (s, all blocks) | {', '.join(f'{k} {v:.1f}' for k, v in e['phases_s'].items())} |",
+              f"| mean layer relative error | {e['layer_rel_error_mean']:.4f} ({e['quantized_modules']} layers) |"]
+        ev = e.get("evaluation")
+        if ev:
+            L += [f"| evaluation stage ({ev['windows']} x {ev['seqlen']} tokens) | **{ev['stage_s']:.1f} s** = "
+                  f"{ev['fraction_of_quantization']:.0%} of the job without it (goal < 15 %); "
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in ev["parts_s"].items())
+                  + f"; peak GPU memory {ev['peak_gpu_gib']} GiB |"]
+        L.append("")
+    prof = results.get("profile")
+    if prof:
+        L += ["## Profile of one block", "", markdown(prof["summary"], f"Block {prof['profiled_block']}"),
+              "Top operators (torch.profiler key_averages):", "", "```", results["profile_ops_table"], "```", ""]
+    if results.get("linear"):
+        L += ["## Per linear layer (paper's loop vs ours, same W and H)", "",
+              "| in -> out | ref quant s | fast quant s | speed-up | error fast/ref | act-order ref s | fast s | "
+              "speed-up | error fast/ref | Hessian ref s | fast s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results["linear"]:
+            L.append(f"| {r['shape']} | {r['quant_ref_s_plain']:.3f} | {r['quant_fast_s_plain']:.3f} | "
+                     f"{r['speedup_plain']:.1f}x | {r['err_ratio_plain']:.6f} | {r['quant_ref_s_actorder']:.3f} | "
+                     f"{r['quant_fast_s_actorder']:.3f} | {r['speedup_actorder']:.1f}x | {r['err_ratio_actorder']:.6f} "
+                     f"| {r['hessian_ref_s']:.3f} | {r['hessian_fast_s']:.3f} |")
+    path.write_text("\n".join(L) + "\n")
+
+
+def summary_line(results: dict) -> str:
+    parts = [results["tag"]]
+    for key in ("e2e", "profile"):
+        e = results.get(key)
+        e = e.get("job") if key == "profile" and e else e
+        if e:
+            x = e.get("extrapolated_full_model")
+            parts.append(f"job {e['job_without_evaluation_s']:.1f}s, steady {e['steady_block_s']:.2f}s/block"
+                         + (f", {x['blocks']} blocks ~{x['job_without_evaluation_s']:.0f}s" if x else "")
+                         + f", peak {e['peak_gpu_gib_quantize']} GiB")
+            if e.get("evaluation"):
+                ev = e["evaluation"]
+                parts.append(f"eval {ev['stage_s']:.1f}s = {ev['fraction_of_quantization']:.0%} of the job")
+    if results.get("profile"):
+        s = results["profile"]["summary"]
+        parts.append(f"profiled block: device busy {s['device_busy_ms']:.0f} ms of {s['window_ms']:.0f} ms")
+    for r in results.get("linear", []):
+        parts.append(f"{r['shape']} {r['speedup_plain']:.1f}x")
+    return "SUMMARY " + "; ".join(parts)
+
+
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
-    ap.add_argument("--blocks", type=int, default=32)
+    ap.add_argument("--mode", choices=("e2e", "profile", "linear"), default="e2e")
+    ap.add_argument("--shape", choices=("8b", "70b", "tiny"), default="8b")
+    ap.add_argument("--blocks", type=int, default=None, help="blocks of the model (default: all of the real model's)")
+    ap.add_argument("--defaults", action="store_true",
+                    help="GPTQConfig's defaults (damp 0.1, act_group_aware on) instead of the fastest options")
+    ap.add_argument("--evaluate", action="store_true", help="run (and time) the evaluation stage too")
+    ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--workdir", default="/tmp/gptq-bench")
-    ap.add_argument("--skip-linear", action="store_true")
-    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--workdir", default="/tmp/gptq-bench", help="checkpoints (kept and reused) and outputs")
+    ap.add_argument("--tag", default=None, help="name of the results files (default: from the options)")
     a = ap.parse_args()
     import triton
     import transformers
 
+    from random_llama import SHAPES
+
+    if a.mode == "linear" and not _cuda():
+        print("SUMMARY linear: skipped, it needs CUDA (the reference loop and the Triton kernels on the GPU)")
+        return 0
+    if a.blocks is None:
+        a.blocks = SHAPES[a.shape].full_blocks
+    opts = "defaults" if a.defaults else "fastest"
+    tag = a.tag or {"linear": "linear", "profile": f"profile-{a.shape}-{opts}"}.get(
+        a.mode, f"{a.shape}-{opts}-{a.blocks}b" + ("-eval" if a.evaluate else ""))
     results = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name(),
+        "tag": tag, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": torch.cuda.get_device_name() if _cuda() else platform.processor() or "cpu",
         "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(),
+        "python": platform.python_version(), "command": "python -P bench/gptq_speed.py " + " ".join(sys.argv[1:]),
+        "options": vars(a),
     }
     print(json.dumps(results), flush=True)
+    # a time limit's SIGTERM ends the run through the `finally` below, which keeps what was measured so far
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        if not a.skip_linear:
+        if a.mode == "linear":
             bench_linear(results, a.nsamples * a.seqlen, a.seqlen)
-            (out / "gptq_speed.json").write_text(json.dumps(results, indent=1))
-        if not a.skip_e2e:
-            bench_e2e(results, a.blocks, a.nsamples, a.seqlen, Path(a.workdir))
+        elif a.mode == "profile":
+            bench_profile(a, results)
+        else:
+            bench_e2e(a, results)
     finally:
-        (out / "gptq_speed.json").write_text(json.dumps(results, indent=1))
-    print("\nshape            ref quant   fast quant  speedup  err ratio | act-order: ref   fast  speedup err ratio")
-    for r in results.get("linear", []):
-        print(f"{r['shape']:14s} {r['quant_ref_s_plain']:9.3f}s {r['quant_fast_s_plain']:9.3f}s "
-              f"{r['speedup_plain']:7.1f}x {r['err_ratio_plain']:8.4f} | {r['quant_ref_s_actorder']:7.3f}s "
-              f"{r['quant_fast_s_actorder']:6.3f}s {r['speedup_actorder']:6.1f}x {r['err_ratio_actorder']:8.4f}"
-              f"   H: ref {r['hessian_ref_s']:.3f}s fast {r['hessian_fast_s']:.3f}s")
-    if "e2e" in results:
-        e = results["e2e"]
-        print(f"e2e {e['blocks']} blocks: {e['wall_s']:.1f}s ({e['per_block_s']:.2f}s/block, 32-block "
-              f"{e['extrapolated_32_blocks_s']:.1f}s), peak {e['peak_gpu_gib']:.2f} GiB; phases "
-              + ", ".join(f"{k} {v:.1f}s" for k, v in e["phases_s"].items()))
+        (out / f"gptq_speed-{tag}.json").write_text(json.dumps(results, indent=1, default=str))
+        if "partial" in results:
+            print(f"SUMMARY {tag}: stopped early; so far {json.dumps(results['partial'])}", flush=True)
+    write_md(results, out / f"gptq_speed-{tag}.md")
+    print(summary_line(results), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,17 +2,23 @@
 
     .venv/bin/python -P bench/load/run.py [--api-workers 2] [--duration 20] [--connections 32] [--profile]
 
+Absolute rates do not carry across machines, so every figure is also given as a fraction of a yardstick
+measured in the same run: uvicorn answering a constant JSON document (`trivial_app.py`: a bare ASGI route,
+same worker count, same uvicorn and wrk settings, the same bytes as a real status answer), run at the start
+and at the end (their spread is the run's noise).
+
 What it does, in order (everything on loopback; the load generator is wrk, a separate C process):
   1. creates a throw-away database on the shared PostgreSQL, migrates it, makes 20 API keys and 2,000 jobs;
   2. starts `uvicorn qaas.api.main:app --workers N` with production-like settings (JSON logs, no access
-     log, rate limiting ON through Redis with a limit high enough not to trigger);
-  3. runs wrk per scenario: POST /v1/jobs, GET /v1/jobs/{id}, GET /v1/jobs as fast as 32 connections go
-     (closed loop); POST and GET /v1/jobs/{id} again paced at the target rates (300/s, 1,500/s offered),
-     for the latency at exactly that load; and GET /v1/jobs/{id} while 200 SSE streams are open (held by
-     a Python asyncio client in another process);
-  4. optionally (--profile) samples the API processes with py-spy during a mixed run;
-  5. writes bench/results/load.json and prints a Markdown table.
-Not a test: run on demand; results are committed (bench/results/load.md).
+     log, rate limiting ON through Redis with a limit high enough not to trigger), and the yardstick servers;
+  3. per scenario (the yardstick; POST /v1/jobs; GET /v1/jobs/{id}; GET /v1/jobs): wrk as fast as 32
+     connections go (closed loop: the most the service does), then paced at half that rate (an open-loop
+     send schedule: the latency a client sees at that load); then GET /v1/jobs/{id} while 200 SSE streams are
+     open (held by a Python asyncio client in another process); the yardstick again;
+  4. optionally (--profile) samples the API processes with py-spy during a status and a submission run and
+     says which packages the samples fall in;
+  5. writes bench/results/load.json and bench/results/load.md (the table against the goals).
+Not a test: run on demand; results are committed.
 """
 
 from __future__ import annotations
@@ -121,6 +127,8 @@ function request()
 end
 """,
 }
+# the yardstick gets exactly a status read's request line and headers (trivial_app.py answers any path)
+LUA["trivial"] = LUA["status"]
 
 
 def free_port() -> int:
@@ -190,17 +198,15 @@ def prepare(n_keys: int, n_jobs: int) -> tuple[str, list[str], list[str], str]:
     return url, keys, ids, name
 
 
-def start_api(url: str, port: int, workers: int, log: Path, rate_limit: bool = True) -> subprocess.Popen:
-    env = {**os.environ, "QAAS_ENV": "production", "QAAS_DATABASE_URL": url, "QAAS_BROKER_URL": REDIS,
-           "QAAS_SECRET_KEY": SECRET, "QAAS_LOCAL_MODEL_ROOTS": str(STORIES.parent), "QAAS_LOG_FORMAT": "json",
-           "QAAS_RATE_LIMIT_PER_MINUTE": "10000000" if rate_limit else "0", "QAAS_RATE_LIMIT_BURST": "100000",
-           "QAAS_DATA_DIR": tempfile.mkdtemp(prefix="qaas-bench-data-"), "PYTHONUNBUFFERED": "1",
-           "QAAS_GPU_QUEUE": "bench-gpu", "QAAS_IO_QUEUE": "bench-io"}
+def start_server(app: str, port: int, workers: int, log: Path, env: dict[str, str],
+                 app_dir: str | None = None) -> subprocess.Popen:
+    """`uvicorn.run(app, workers=N)` in its own process group, with the settings every server here shares
+    (uvloop + httptools as uvicorn picks them, no access log, JSON logs at WARNING); waits for /healthz."""
     code = ("import logging, uvicorn; from qaas.logging_setup import setup_logging; setup_logging('json', 'WARNING'); "
-            f"uvicorn.run('qaas.api.main:app', host='127.0.0.1', port={port}, workers={workers}, "
+            f"uvicorn.run({app!r}, host='127.0.0.1', port={port}, workers={workers}, app_dir={app_dir!r}, "
             "log_config=None, access_log=False, log_level='warning')")
-    proc = subprocess.Popen([sys.executable, "-P", "-c", code], env=env, stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-P", "-c", code], env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     import httpx
 
     deadline = time.monotonic() + 60
@@ -210,8 +216,25 @@ def start_api(url: str, port: int, workers: int, log: Path, rate_limit: bool = T
                 return proc
         except httpx.HTTPError:
             pass
+        if proc.poll() is not None:
+            break
         time.sleep(0.2)
-    raise RuntimeError("API did not start: " + log.read_text()[-2000:])
+    raise RuntimeError(f"{app} did not start: " + log.read_text()[-2000:])
+
+
+def start_api(url: str, port: int, workers: int, log: Path, rate_limit: bool = True) -> subprocess.Popen:
+    env = {"QAAS_ENV": "production", "QAAS_DATABASE_URL": url, "QAAS_BROKER_URL": REDIS,
+           "QAAS_SECRET_KEY": SECRET, "QAAS_LOCAL_MODEL_ROOTS": str(STORIES.parent), "QAAS_LOG_FORMAT": "json",
+           "QAAS_RATE_LIMIT_PER_MINUTE": "10000000" if rate_limit else "0", "QAAS_RATE_LIMIT_BURST": "100000",
+           "QAAS_DATA_DIR": tempfile.mkdtemp(prefix="qaas-bench-data-"),
+           "QAAS_GPU_QUEUE": "bench-gpu", "QAAS_IO_QUEUE": "bench-io"}
+    return start_server("qaas.api.main:app", port, workers, log, env)
+
+
+def start_yardstick(app: str, body: Path, port: int, workers: int, log: Path) -> subprocess.Popen:
+    """trivial_app.py's `app` (bare ASGI) or `fastapi_app`, answering the bytes in `body`."""
+    return start_server(f"trivial_app:{app}", port, workers, log, {"QAAS_BENCH_TRIVIAL_BODY": str(body)},
+                        app_dir=str(HERE))
 
 
 def wrk(scenario: str, base: str, work: Path, *, duration: int, connections: int, threads: int = 2,
@@ -288,57 +311,126 @@ def api_pids(root: int) -> list[int]:
     return [root, *kids, *grand]
 
 
+def _sample(scenario: str, base: str, work: Path, pids: list[int], **kw) -> dict:
+    """One wrk run with the server's CPU use over it (cores, and ms of CPU per answered request)."""
+    c0 = cpu_seconds(pids)
+    r = wrk(scenario, base, work, **kw)
+    cpu = cpu_seconds(pids) - c0
+    r["server_cpu_s_per_s"] = round(cpu / (r["duration_us"] / 1e6), 2)
+    r["server_cpu_ms_per_request"] = round(1e3 * cpu / max(r["requests"], 1), 3)
+    return r
+
+
+def closed_and_half(scenario: str, base: str, work: Path, pids: list[int], *, duration: int, connections: int,
+                    half: bool = True) -> dict:
+    """The closed-loop run, then (half=True) a run paced at half the rate it reached."""
+    out = {"closed": _sample(scenario, base, work, pids, duration=duration, connections=connections)}
+    print(scenario, "closed", json.dumps(out["closed"]), flush=True)
+    if half:
+        rate = out["closed"]["rps"] / 2
+        h = _sample(scenario, base, work, pids, duration=duration, connections=64, rate=rate)
+        h["offered_rps"] = round(rate, 1)
+        out["half_rate"] = h
+        print(scenario, "half rate", json.dumps(h), flush=True)
+    return out
+
+
+def py_spy() -> str | None:
+    """py-spy on PATH, or the one installed beside this Python (the venv's bin is often not on PATH)."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+
+
+def profile_api(scenario: str, base: str, work: Path, worker_pids: list[int], *, duration: int,
+                connections: int) -> dict:
+    """py-spy on every API worker during one closed-loop run; the samples summarized by package."""
+    from pyspy_summary import summarize
+
+    files, procs = [], []
+    for pid in worker_pids:
+        out = work / f"profile-{scenario}-{pid}.txt"
+        files.append(out)
+        procs.append(subprocess.Popen([py_spy(), "record", "-p", str(pid), "-d", str(duration + 1), "-f", "raw",
+                                       "-o", str(out), "--nonblocking", "--full-filenames"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+    time.sleep(0.5)
+    wrk(scenario, base, work, duration=duration, connections=connections)
+    for p in procs:
+        p.wait(timeout=duration + 30)
+    summary = summarize([f for f in files if f.exists()])
+    summary["files"] = [str(f) for f in files]
+    print("profile", scenario, json.dumps(summary), flush=True)
+    return summary
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--api-workers", type=int, default=2)
     ap.add_argument("--duration", type=int, default=20)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--sse", type=int, default=200)
-    ap.add_argument("--profile", action="store_true", help="py-spy the API processes during a mixed run")
-    ap.add_argument("--label", default="")
+    ap.add_argument("--profile", action="store_true", help="py-spy the API workers during a status and a submit run")
+    ap.add_argument("--label", default="", help="results go to load-LABEL.json/.md instead of load.json/.md")
     ap.add_argument("--no-rate-limit", action="store_true", help="measure without the Redis token bucket")
     ap.add_argument("--only", default="",
-                    help="comma-separated scenarios (submit,status,list,submit_paced,status_paced,sse)")
-    ap.add_argument("--submit-rate", type=float, default=300.0, help="offered rate of the paced submission run")
-    ap.add_argument("--status-rate", type=float, default=1500.0, help="offered rate of the paced status run")
+                    help="comma-separated scenarios among submit,status,list,sse,trivial_fastapi (the yardstick "
+                         "always runs)")
+    ap.add_argument("--submit-rate", type=float, default=0.0,
+                    help="also pace submissions at this absolute rate (0: no such run)")
+    ap.add_argument("--status-rate", type=float, default=0.0,
+                    help="also pace status reads at this absolute rate (0: no such run)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed (apt-get install wrk)")
+    if args.profile and not py_spy():
+        sys.exit("--profile needs py-spy (pip install -c constraints.txt -e '.[bench]')")
+    sys.path.append(str(HERE))  # the sibling modules (run with -P, the script's folder is not on the path)
+    from load_report import write_md
+
     url, keys, ids, dbname = prepare(n_keys=20, n_jobs=2000)
     work = Path(tempfile.mkdtemp(prefix="qaas-load-"))
     (work / "keys.txt").write_text("\n".join(keys) + "\n")
     # ids[i] belongs to tenant i % 20, which the status script pairs with keys[(i-1) % 20] in Lua's 1-based terms
     (work / "ids.txt").write_text("\n".join(ids) + "\n")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    api = start_api(url, port, args.api_workers, work / "api.log", rate_limit=not args.no_rate_limit)
+    port, ys_port, yf_port = free_port(), free_port(), free_port()
+    base, ys_base, yf_base = (f"http://127.0.0.1:{p}" for p in (port, ys_port, yf_port))
+    servers = [start_api(url, port, args.api_workers, work / "api.log", rate_limit=not args.no_rate_limit)]
     only = set(filter(None, args.only.split(",")))
     results: dict = {"machine": machine(), "api_workers": args.api_workers, "duration_s": args.duration,
+                     "connections": args.connections,
                      "command": " ".join(["python -P bench/load/run.py", *sys.argv[1:]]), "label": args.label,
                      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "scenarios": {}}
     try:
+        import httpx
+
+        # the yardstick answers the bytes of a real status answer
+        body = httpx.get(f"{base}/v1/jobs/{ids[0]}", headers={"Authorization": f"Bearer {keys[0]}"}).content
+        (work / "status-body.json").write_bytes(body)
+        servers.append(start_yardstick("app", work / "status-body.json", ys_port, args.api_workers, work / "ys.log"))
+        if not only or "trivial_fastapi" in only:
+            servers.append(start_yardstick("fastapi_app", work / "status-body.json", yf_port, args.api_workers,
+                                           work / "yf.log"))
         # warm-up: imports, pools, prepared statements, caches, the broker connection
         wrk("status", base, work, duration=3, connections=8)
         wrk("submit", base, work, duration=2, connections=4)
-        pids = api_pids(api.pid)
+        wrk("trivial", ys_base, work, duration=2, connections=8)
+        pids = api_pids(servers[0].pid)
+        ys_pids = api_pids(servers[1].pid)
+        kw = {"duration": args.duration, "connections": args.connections}
+        yardstick = {"body_bytes": len(body), "runs": [closed_and_half("trivial", ys_base, work, ys_pids, **kw)]}
+        results["yardstick"] = yardstick
+        if len(servers) > 2:
+            yardstick["trivial_fastapi"] = closed_and_half("trivial", yf_base, work, api_pids(servers[2].pid),
+                                                           half=False, **kw)
         for scenario in ("submit", "status", "list"):
-            if only and scenario not in only:
-                continue
-            c0 = cpu_seconds(pids)
-            r = wrk(scenario, base, work, duration=args.duration, connections=args.connections)
-            r["api_cpu_s_per_s"] = round((cpu_seconds(pids) - c0) / (r["duration_us"] / 1e6), 2)
-            results["scenarios"][scenario] = r
-            print(scenario, json.dumps(r), flush=True)
-        # At the target rates, paced: the latency a client sees when the service carries exactly that load.
+            if not only or scenario in only:
+                results["scenarios"][scenario] = closed_and_half(scenario, base, work, pids, **kw)
         for scenario, rate in (("submit", args.submit_rate), ("status", args.status_rate)):
-            if (only and f"{scenario}_paced" not in only) or rate <= 0:
-                continue
-            c0 = cpu_seconds(pids)
-            r = wrk(scenario, base, work, duration=args.duration, connections=64, rate=rate)
-            r["api_cpu_s_per_s"] = round((cpu_seconds(pids) - c0) / (r["duration_us"] / 1e6), 2)
-            r["offered_rps"] = rate
-            results["scenarios"][f"{scenario}_paced"] = r
-            print(f"{scenario}_paced", json.dumps(r), flush=True)
+            if rate > 0:
+                r = _sample(scenario, base, work, pids, duration=args.duration, connections=64, rate=rate)
+                r["offered_rps"] = rate
+                results["scenarios"][f"{scenario}_fixed_rate"] = r
+                print(f"{scenario} paced at {rate}/s", json.dumps(r), flush=True)
         if not only or "sse" in only:
             holder = sse_holder(base, keys, ids, args.sse, hold_s=args.duration + 10, out=work / "sse.json")
             time.sleep(5)  # streams open
@@ -346,29 +438,22 @@ def main() -> int:
             idle = time.monotonic()
             time.sleep(3)
             sse_cpu = (cpu_seconds(pids) - c0) / (time.monotonic() - idle)
-            r = wrk("status", base, work, duration=args.duration, connections=args.connections)
+            r = closed_and_half("status", base, work, pids, half=False, **kw)
             r["sse_streams_open"] = args.sse
-            r["api_cpu_s_per_s_of_sse_alone"] = round(sse_cpu, 2)
+            r["server_cpu_s_per_s_of_sse_alone"] = round(sse_cpu, 2)
             results["scenarios"]["status_with_sse"] = r
             holder.wait(timeout=args.duration + 60)
             results["scenarios"]["sse"] = json.loads((work / "sse.json").read_text())
             print("sse", results["scenarios"]["sse"], flush=True)
-        if args.profile and shutil.which("py-spy"):
-            prof = []
-            for pid in pids[1:] or pids:
-                out = work / f"profile-{pid}.txt"
-                prof.append(subprocess.Popen(["py-spy", "record", "-p", str(pid), "-d", str(args.duration), "-f", "raw",
-                                              "-o", str(out), "--nonblocking"], stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.DEVNULL))
-            time.sleep(1)
-            wrk("submit", base, work, duration=args.duration // 2, connections=args.connections)
-            wrk("status", base, work, duration=args.duration // 2, connections=args.connections)
-            for p in prof:
-                p.wait()
-            results["profile_files"] = [str(p) for p in work.glob("profile-*.txt")]
+        # the yardstick again: how much the machine's speed moved during the run
+        yardstick["runs"].append(closed_and_half("trivial", ys_base, work, ys_pids, half=False, **kw))
+        if args.profile:
+            workers = pids[1:] or pids
+            results["profile"] = {s: profile_api(s, base, work, workers, **kw) for s in ("status", "submit")}
     finally:
-        os.killpg(api.pid, signal.SIGTERM)
-        api.wait(timeout=30)
+        for proc in servers:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
         import psycopg
 
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
@@ -377,9 +462,10 @@ def main() -> int:
 
         redis.Redis.from_url(REDIS).flushdb()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"load{('-' + args.label) if args.label else ''}.json"
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}; work dir {work}")
+    stem = f"load{('-' + args.label) if args.label else ''}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    print(write_md(results, RESULTS / f"{stem}.md"))
+    print(f"wrote {RESULTS / stem}.json/.md; work dir {work}")
     return 0
 
 
