@@ -40,8 +40,12 @@ def _value(raw: str, unit: str) -> float | None:
 
 def read_raw(ncu: str, report: Path) -> list[dict[str, float | str | None]]:
     """Every profiled launch of the report as {metric: value}, from `ncu --import --page raw --csv`."""
-    text = subprocess.run([ncu, "--import", str(report), "--page", "raw", "--csv"], check=True, capture_output=True,
-                          text=True).stdout
+    return parse_raw(subprocess.run([ncu, "--import", str(report), "--page", "raw", "--csv"], check=True,
+                                    capture_output=True, text=True).stdout)
+
+
+def parse_raw(text: str) -> list[dict[str, float | str | None]]:
+    """The raw page's CSV: a row of metric names, a row of units, then one row per launch."""
     rows = list(csv.reader(io.StringIO(text)))
     if len(rows) < 3:
         return []

@@ -9,7 +9,7 @@ with the same correlation id). Per phase:
     waited for the host to launch the next piece of work. A phase whose idle time is close to its host wall
     is launch- or host-bound (many small kernels, a host sync, Python work between launches).
 Also: the top kernels by device time (overall and per phase) and the longest device gaps with what the host
-thread was doing meanwhile (the innermost host operation overlapping the gap).
+was doing meanwhile (the host operation overlapping the gap the most).
 
 Without CUDA (CPU smoke tests) host operations stand in for device work, so the same tables come out.
 """
@@ -48,8 +48,9 @@ def short(name: str, width: int = 90) -> str:
 
 def _innermost(ranges: list[tuple[float, float, str]], items: list[tuple[float, object]]) -> dict[object, str]:
     """For each (time, key) item, the label of the innermost range open at that time (ranges are nested)."""
+    # at equal times: ranges before items, and the outer (longer) of two ranges that open together first
     events = sorted([(s, 0, e, lab) for s, e, lab in ranges] + [(t, 1, k, None) for t, k in items],
-                    key=lambda x: (x[0], x[1]))
+                    key=lambda x: (x[0], x[1], -x[2] if x[1] == 0 else 0))
     stack: list[tuple[float, str]] = []
     out: dict[object, str] = {}
     for t, kind, a, lab in events:
@@ -170,22 +171,20 @@ def summarize(trace_path: str | Path, top: int = 15) -> dict:
 
 
 def _explain_gaps(gaps: list[tuple[float, float, float, str]], xs: list[dict]) -> list[dict]:
-    """For each device gap, the innermost host operation (cpu_op, runtime call) overlapping it the most."""
-    host = sorted((e for e in xs if e.get("cat") in ({"cpu_op", "user_annotation"} | LAUNCH_CATS)),
-                  key=lambda e: e["ts"])
+    """For each device gap, the host operation (cpu_op or runtime call) that overlaps it the most: what the host
+    was doing while the device waited."""
+    host = sorted((e for e in xs if e.get("cat") in ({"cpu_op"} | LAUNCH_CATS)), key=lambda e: e["ts"])
     starts = [e["ts"] for e in host]
     out = []
     for length, a, b, phase in gaps:
         best, best_key = None, None
         for e in host[: bisect.bisect_right(starts, b)]:
             overlap = min(b, e["ts"] + e["dur"]) - max(a, e["ts"])
-            if overlap <= 0:
-                continue
-            key = (overlap > 0.5 * length, -e["dur"])  # covers most of the gap, and the innermost such
-            if best_key is None or key > best_key:
-                best, best_key = e, key
+            if overlap > 0 and (best_key is None or (overlap, -e["dur"]) > best_key):
+                best, best_key = e, (overlap, -e["dur"])
         out.append({"gap_ms": round(length / 1e3, 2), "before_phase": phase,
-                    "host_was_in": short(best["name"], 60) if best else None})
+                    "host_was_in": short(best["name"], 60) if best else None,
+                    "of_the_gap": round(best_key[0] / length, 2) if best else None})
     return out
 
 
@@ -206,5 +205,7 @@ def markdown(s: dict, title: str) -> str:
             L.append(f"- {p}: " + "; ".join(f"`{r['kernel']}` {r['device_ms']:.1f} ms × {r['calls']}" for r in rows))
     if s["longest_gaps"]:
         L += ["", "Longest device gaps: " + "; ".join(
-            f"{g['gap_ms']:.1f} ms before {g['before_phase']} (host in `{g['host_was_in']}`)" for g in s["longest_gaps"])]
+            f"{g['gap_ms']:.1f} ms before {g['before_phase']} (host in `{g['host_was_in']}` for {g['of_the_gap']:.0%} of it)"
+            if g["host_was_in"] else f"{g['gap_ms']:.1f} ms before {g['before_phase']} (no host operation)"
+            for g in s["longest_gaps"])]
     return "\n".join(L) + "\n"

@@ -1,0 +1,190 @@
+"""The benchmark tooling that one GPU call depends on, checked on the CPU: the engine functions the profiler names
+still exist (a renamed engine function must fail here, not silently drop out of a profile), the trace analysis
+attributes work to the innermost phase, the Nsight Compute and py-spy summaries parse their inputs, the load
+report judges the goals, and gptq_speed.py's e2e and profile modes run the real engine end to end at a tiny shape.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.append(str(BENCH))
+sys.path.append(str(BENCH / "load"))
+
+import engine_phases  # noqa: E402
+import load_report  # noqa: E402
+import ncu_summary  # noqa: E402
+import pyspy_summary  # noqa: E402
+import trace_summary  # noqa: E402
+
+
+def _qaas_objects():
+    """Every function and class attribute reachable from a loaded qaas module."""
+    for name, mod in list(sys.modules.items()):
+        if mod is None or not (name == "qaas" or name.startswith("qaas.")):
+            continue
+        for obj in list(vars(mod).values()):
+            yield obj
+            if isinstance(obj, type):
+                yield from list(vars(obj).values())
+
+
+def test_every_named_engine_phase_is_wrapped_then_restored():
+    labels = []
+
+    def wrap(label, fn):
+        labels.append(label)
+
+        def inner(*a, **k):
+            return fn(*a, **k)
+
+        inner.bench_phase = label
+        return inner
+
+    phases = {**engine_phases.GPTQ_PHASES, **engine_phases.EVAL_PHASES}
+    with engine_phases.instrument(phases, wrap):
+        wrapped = {getattr(o, "bench_phase", None) for o in _qaas_objects()} - {None}
+        from qaas.worker.engine.methods.gptq import GPTQMethod
+
+        assert getattr(GPTQMethod.load_for_evaluation, "bench_phase", None) == "eval: load quantized model"
+    assert sorted(set(labels)) == sorted(set(phases.values()))
+    assert wrapped == set(phases.values())
+    assert not any(hasattr(o, "bench_phase") for o in _qaas_objects())
+
+
+def test_an_unknown_engine_function_is_an_error():
+    with pytest.raises(LookupError, match="no_such_engine_function"):
+        with engine_phases.instrument({"no_such_engine_function": "x"}, lambda label, fn: fn):
+            pass
+
+
+def _x(cat, name, ts, dur, tid=1, corr=None):
+    e = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "pid": 1}
+    if corr is not None:
+        e["args"] = {"correlation": corr}
+    return e
+
+
+def test_trace_summary_attributes_device_work_to_the_innermost_phase_open_at_launch(tmp_path):
+    p = engine_phases.PREFIX
+    events = [
+        _x("user_annotation", p + "outer", 0, 100),
+        _x("user_annotation", p + "inner", 0, 50),  # opens together with outer: still the innermost
+        _x("cuda_runtime", "cudaLaunchKernel", 10, 2, corr=1),
+        _x("cuda_driver", "cuLaunchKernel", 60, 2, corr=2),
+        _x("cpu_op", "aten::item", 62, 30),
+        _x("cuda_runtime", "cudaMemcpyAsync", 120, 2, corr=3),
+        _x("kernel", "void gemm<float, 128>(int)", 20, 30, tid=7, corr=1),
+        _x("kernel", "_triton_kernel", 80, 10, tid=7, corr=2),  # 30 µs after the last kernel ended
+        _x("gpu_memcpy", "Memcpy DtoH", 125, 5, tid=7, corr=3),
+    ]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    s = trace_summary.summarize(path)
+    rows = {r["phase"]: r for r in s["phases"]}
+    assert rows["inner"]["device_busy_ms"] == pytest.approx(0.030)
+    assert rows["outer"]["device_busy_ms"] == pytest.approx(0.010)
+    assert rows["outer"]["device_idle_before_ms"] == pytest.approx(0.030)
+    assert rows[trace_summary.OUTSIDE]["launches"] == 1
+    assert rows["inner"]["host_wall_ms"] == pytest.approx(0.050)
+    assert rows["outer"]["host_wall_ms"] == pytest.approx(0.050)  # its 100 µs less the nested 50
+    assert s["top_kernels"][0]["kernel"] == "void gemm<…>"
+    gap = next(g for g in s["longest_gaps"] if g["before_phase"] == "outer")
+    assert gap["host_was_in"] == "aten::item"
+    assert "| inner |" in trace_summary.markdown(s, "t")
+
+
+def test_ncu_summary_reads_units_labels_launches_and_ranks_stalls():
+    text = "\n".join([
+        '"ID","Kernel Name","gpu__time_duration.sum","dram__bytes_read.sum","dram__bytes_write.sum",'
+        '"sm__warps_active.avg.pct_of_peak_sustained_active",'
+        '"smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",'
+        '"smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"',
+        '"","","usecond","Mbyte","Mbyte","%","",""',
+        '"0","_quantize4_pairs_kernel","100","400","100","61.5","4.5","7.25"',
+    ])
+    rec = ncu_summary.parse_raw(text)
+    assert rec[0]["gpu__time_duration.sum"] == pytest.approx(100e-6)
+    d = ncu_summary.describe(rec[0], copy_gbps=5000)
+    assert d["achieved_GBps"] == pytest.approx(5000)
+    assert d["of_copy"] == pytest.approx(1.0)
+    assert [k for k, _ in d["stalls"]] == ["wait", "long_scoreboard"]
+    table, labelled = ncu_summary.summary_text([d], {"launches": [{"shape": "4096x4096", "call": "nf4",
+                                                                    "kernel": "quantize"}]})
+    assert labelled[0]["shape"] == "4096x4096" and labelled[0]["planned"] == "quantize"
+    assert "| 4096x4096 | nf4 | quantize | 100.0 |" in table
+    _, unlabelled = ncu_summary.summary_text([d, d], {"launches": [{"shape": "a", "call": "b", "kernel": "c"}]})
+    assert unlabelled[0]["shape"] == "?"  # the report does not hold the planned launches: no guessing
+
+
+def test_pyspy_summary_charges_self_time_to_the_leaf_package(tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    site = "/venv/lib/python3.11/site-packages"
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        f"process 1;<module> ({repo}/api/jobs/endpoints.py:10);execute ({site}/psycopg/cursor.py:5) 3\n"
+        f"process 1;<module> ({repo}/api/jobs/endpoints.py:10);run (/usr/lib/python3.11/asyncio/runners.py:1) 1\n")
+    s = pyspy_summary.summarize([raw])
+    assert s["samples"] == 4
+    assert s["self_by_package"][0] == ["psycopg", 75.0]
+    assert ["asyncio", 25.0] in s["self_by_package"]
+    assert s["inclusive_ours"] == [["api/jobs/endpoints.py:<module>", 100.0]]
+
+
+def _run(rps, p99=10.0, half_p99=5.0):
+    r = {"rps": rps, "p50_ms": 1.0, "p99_ms": p99, "non2xx": 0, "errors": 0, "server_cpu_ms_per_request": 0.5}
+    return {"closed": r, "half_rate": {**r, "rps": rps / 2, "offered_rps": rps / 2, "p99_ms": half_p99}}
+
+
+def test_load_report_judges_each_scenario_against_the_yardstick(tmp_path):
+    results = {
+        "machine": {"cpus": 2, "cpu_model": "x", "memory_bytes": 2**30, "kernel": "k", "python": "3", "postgresql": "15",
+                    "redis": "7", "wrk": "wrk"},
+        "date": "now", "command": "run.py", "api_workers": 2, "connections": 32, "duration_s": 5,
+        "yardstick": {"body_bytes": 900, "runs": [_run(10_000), _run(12_000)]},
+        "scenarios": {"status": _run(4_500), "submit": _run(1_000, half_p99=150.0), "list": _run(2_000)},
+    }
+    v = load_report.verdicts(results)
+    assert v["status"]["fraction"] == pytest.approx(4_500 / 11_000)
+    assert v["status"]["rate_met"] and v["status"]["p99_met"]
+    assert not v["submit"]["rate_met"] and not v["submit"]["p99_met"]  # 9.1 % < 10 %, 150 ms > 100 ms
+    md = load_report.write_md(results, tmp_path / "load.md")
+    assert "missed by POST /v1/jobs (rate and p99)" in md
+    assert "GET /v1/jobs/{id} (" not in md.split("**Goals**")[1]
+
+
+def _gptq_speed(tmp_path, *args):
+    out = subprocess.run(
+        [sys.executable, "-P", str(BENCH / "gptq_speed.py"), "--out", str(tmp_path / "res"), "--workdir",
+         str(tmp_path / "work"), "--shape", "tiny", "--nsamples", "2", "--seqlen", "32", "--tag", "t", *args],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("SUMMARY t")
+    return json.loads((tmp_path / "res" / "gptq_speed-t.json").read_text())
+
+
+def test_gptq_speed_e2e_times_blocks_phases_and_the_evaluation(tmp_path):
+    r = _gptq_speed(tmp_path, "--blocks", "2", "--evaluate", "--eval-windows", "2")
+    e = r["e2e"]
+    assert len(e["block_s"]) == 2 and all(b > 0 for b in e["block_s"])
+    assert {"forward + Hessians", "gptq", "pack + write"} <= set(e["phases_s"])
+    assert e["extrapolated_full_model"]["blocks"] == 4
+    assert set(e["evaluation"]["parts_s"]) == {"eval: load original model", "eval: perplexity",
+                                               "eval: load quantized model"}
+    assert e["evaluation"]["windows"] == 2 and e["evaluation"]["perplexity_after"] > 1
+    assert "partial" not in r
+
+
+def test_gptq_speed_profile_puts_every_phase_of_one_block_in_the_tables(tmp_path):
+    r = _gptq_speed(tmp_path, "--mode", "profile")
+    rows = {x["phase"]: x for x in r["profile"]["summary"]["phases"]}
+    for label in set(engine_phases.GPTQ_PHASES.values()):
+        assert rows[label]["launches"] > 0, label
+    assert len(r["profile"]["job"]["block_s"]) == 3
+    assert "## Profile of one block" in (tmp_path / "res" / "gptq_speed-t.md").read_text()
