@@ -4,17 +4,17 @@
 
 Absolute rates do not carry across machines, so every figure is also given as a fraction of a yardstick
 measured in the same run: uvicorn answering a constant JSON document (`trivial_app.py`: a bare ASGI route,
-same worker count, same uvicorn and wrk settings, the same bytes as a real status answer), run at the start
-and at the end (their spread is the run's noise).
+same worker count, same uvicorn and wrk settings, the same bytes as a real status answer), run right before
+each scenario (the spread of those runs is the run's noise).
 
 What it does, in order (everything on loopback; the load generator is wrk, a separate C process):
   1. creates a throw-away database on the shared PostgreSQL, migrates it, makes 20 API keys and 2,000 jobs;
   2. starts `uvicorn qaas.api.main:app --workers N` with production-like settings (JSON logs, no access
      log, rate limiting ON through Redis with a limit high enough not to trigger), and the yardstick servers;
-  3. per scenario (the yardstick; POST /v1/jobs; GET /v1/jobs/{id}; GET /v1/jobs): wrk as fast as 32
-     connections go (closed loop: the most the service does), then paced at half that rate (an open-loop
-     send schedule: the latency a client sees at that load); then GET /v1/jobs/{id} while 200 SSE streams are
-     open (held by a Python asyncio client in another process); the yardstick again;
+  3. per scenario (POST /v1/jobs; GET /v1/jobs/{id}; GET /v1/jobs), each right after a yardstick run: wrk as
+     fast as 32 connections go (closed loop: the most the service does), then paced at half that rate (an
+     open-loop send schedule: the latency a client sees at that load); then GET /v1/jobs/{id} while 200 SSE
+     streams are open (held by a Python asyncio client in another process), and the yardstick once more;
   4. optionally (--profile) samples the API processes with py-spy during a status and a submission run and
      says which packages the samples fall in;
   5. writes bench/results/load.json and bench/results/load.md (the table against the goals).
@@ -417,14 +417,24 @@ def main() -> int:
         pids = api_pids(servers[0].pid)
         ys_pids = api_pids(servers[1].pid)
         kw = {"duration": args.duration, "connections": args.connections}
-        yardstick = {"body_bytes": len(body), "runs": [closed_and_half("trivial", ys_base, work, ys_pids, **kw)]}
+        yardstick = {"body_bytes": len(body), "runs": []}
         results["yardstick"] = yardstick
         if len(servers) > 2:
             yardstick["trivial_fastapi"] = closed_and_half("trivial", yf_base, work, api_pids(servers[2].pid),
                                                            half=False, **kw)
+
+        def yardstick_now() -> float:
+            """A yardstick run right before a scenario (on a shared machine the speed moves within a run, so each
+            scenario is compared with the yardstick measured next to it); the first one also at half rate."""
+            yardstick["runs"].append(closed_and_half("trivial", ys_base, work, ys_pids, half=not yardstick["runs"],
+                                                     **kw))
+            return yardstick["runs"][-1]["closed"]["rps"]
+
         for scenario in ("submit", "status", "list"):
             if not only or scenario in only:
+                paired = yardstick_now()
                 results["scenarios"][scenario] = closed_and_half(scenario, base, work, pids, **kw)
+                results["scenarios"][scenario]["yardstick_rps"] = paired
         for scenario, rate in (("submit", args.submit_rate), ("status", args.status_rate)):
             if rate > 0:
                 r = _sample(scenario, base, work, pids, duration=args.duration, connections=64, rate=rate)
@@ -439,14 +449,13 @@ def main() -> int:
             time.sleep(3)
             sse_cpu = (cpu_seconds(pids) - c0) / (time.monotonic() - idle)
             r = closed_and_half("status", base, work, pids, half=False, **kw)
+            r["yardstick_rps"] = yardstick_now()  # the streams are still open: the yardstick shares the machine
             r["sse_streams_open"] = args.sse
             r["server_cpu_s_per_s_of_sse_alone"] = round(sse_cpu, 2)
             results["scenarios"]["status_with_sse"] = r
             holder.wait(timeout=args.duration + 60)
             results["scenarios"]["sse"] = json.loads((work / "sse.json").read_text())
             print("sse", results["scenarios"]["sse"], flush=True)
-        # the yardstick again: how much the machine's speed moved during the run
-        yardstick["runs"].append(closed_and_half("trivial", ys_base, work, ys_pids, half=False, **kw))
         if args.profile:
             workers = pids[1:] or pids
             results["profile"] = {s: profile_api(s, base, work, workers, **kw) for s in ("status", "submit")}
