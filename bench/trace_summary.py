@@ -63,6 +63,22 @@ def _innermost(ranges: list[tuple[float, float, str]], items: list[tuple[float, 
     return out
 
 
+def _by_launch(device: list[dict], launch_phase: dict[object, str]) -> tuple[list[tuple[dict, str]], int]:
+    """(event, phase) for each device event by its launch's correlation id. An event whose launch the trace does
+    not hold (a launch path the profiler did not record) takes the phase of the event before it on its stream
+    (a stream runs its work in launch order); returns how many were placed that way."""
+    out, inferred, last = [], 0, {}
+    for e in sorted(device, key=lambda e: e["ts"]):
+        stream = (e.get("pid"), e.get("tid"))
+        phase = launch_phase.get(e.get("args", {}).get("correlation"))
+        if phase is None:
+            phase = last.get(stream, OUTSIDE)
+            inferred += 1
+        last[stream] = phase
+        out.append((e, phase))
+    return out, inferred
+
+
 def _outermost(ops: list[dict]) -> list[dict]:
     """The operations not nested in another operation of the same thread."""
     out = []
@@ -110,8 +126,9 @@ def summarize(trace_path: str | Path, top: int = 15) -> dict:
             by_tid[e["tid"]].append((e["ts"], e["args"]["correlation"]))
         for tid, items in by_tid.items():
             launch_phase.update(_innermost(ranges_by_tid.get(tid, []), items))
-        work = [(e, launch_phase.get(e.get("args", {}).get("correlation"), OUTSIDE)) for e in device]
+        work, inferred = _by_launch(device, launch_phase)
     else:  # CPU: the outermost host operations are the work
+        inferred = 0
         ops = _outermost([e for e in xs if e.get("cat") == "cpu_op"])
         phase_of: dict[object, str] = {}
         by_tid = defaultdict(list)
@@ -147,8 +164,8 @@ def summarize(trace_path: str | Path, top: int = 15) -> dict:
         end_prev = e["ts"] + e["dur"] if end_prev is None else max(end_prev, e["ts"] + e["dur"])
 
     phases = sorted(set(wall) | set(busy), key=lambda p: -(busy.get(p, 0) + wall.get(p, 0)))
-    table = [{"phase": p, "host_wall_ms": round(wall.get(p, 0) / 1e3, 2), "device_busy_ms": round(busy.get(p, 0) / 1e3, 2),
-              "device_idle_before_ms": round(idle.get(p, 0) / 1e3, 2), "launches": len(lengths.get(p, [])),
+    table = [{"phase": p, "host_wall_ms": round(wall.get(p, 0) / 1e3, 3), "device_busy_ms": round(busy.get(p, 0) / 1e3, 3),
+              "device_idle_before_ms": round(idle.get(p, 0) / 1e3, 3), "launches": len(lengths.get(p, [])),
               "median_us": round(statistics.median(lengths[p]), 1) if lengths.get(p) else None} for p in phases]
     by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for (phase, name), (t, n) in kernels.items():
@@ -165,6 +182,7 @@ def summarize(trace_path: str | Path, top: int = 15) -> dict:
         "window_ms": round((t_last - t_first) / 1e3, 1),
         "device_busy_ms": round(sum(busy.values()) / 1e3, 1),
         "device_idle_ms": round(sum(idle.values()) / 1e3, 1),
+        "placed_by_stream_order": inferred,
         "phases": table, "top_kernels": top_overall, "top_kernels_per_phase": per_phase,
         "longest_gaps": _explain_gaps(sorted(gaps, reverse=True)[:10], xs),
     }
@@ -191,7 +209,9 @@ def _explain_gaps(gaps: list[tuple[float, float, float, str]], xs: list[dict]) -
 def markdown(s: dict, title: str) -> str:
     L = [f"### {title}", "",
          f"Profiled window {s['window_ms']:.0f} ms; device busy {s['device_busy_ms']:.0f} ms, idle between "
-         f"launches {s['device_idle_ms']:.0f} ms ({s['device']}).", "",
+         f"launches {s['device_idle_ms']:.0f} ms ({s['device']})"
+         + (f"; {s['placed_by_stream_order']} device events without a recorded launch placed by stream order"
+            if s.get("placed_by_stream_order") else "") + ".", "",
          "| phase | host wall ms | device busy ms | device idle before its launches ms | launches | median µs |",
          "|---|---:|---:|---:|---:|---:|"]
     for r in s["phases"]:

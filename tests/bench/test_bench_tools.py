@@ -81,16 +81,18 @@ def test_trace_summary_attributes_device_work_to_the_innermost_phase_open_at_lau
         _x("cpu_op", "aten::item", 62, 30),
         _x("cuda_runtime", "cudaMemcpyAsync", 120, 2, corr=3),
         _x("kernel", "void gemm<float, 128>(int)", 20, 30, tid=7, corr=1),
-        _x("kernel", "_triton_kernel", 80, 10, tid=7, corr=2),  # 30 µs after the last kernel ended
+        _x("kernel", "orphan", 52, 3, tid=7, corr=99),  # no launch recorded: the phase before it on its stream
+        _x("kernel", "_triton_kernel", 80, 10, tid=7, corr=2),  # 25 µs after the last kernel ended
         _x("gpu_memcpy", "Memcpy DtoH", 125, 5, tid=7, corr=3),
     ]
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": events}))
     s = trace_summary.summarize(path)
     rows = {r["phase"]: r for r in s["phases"]}
-    assert rows["inner"]["device_busy_ms"] == pytest.approx(0.030)
+    assert rows["inner"]["launches"] == 2  # the gemm and the orphan after it
+    assert s["placed_by_stream_order"] == 1
     assert rows["outer"]["device_busy_ms"] == pytest.approx(0.010)
-    assert rows["outer"]["device_idle_before_ms"] == pytest.approx(0.030)
+    assert rows["outer"]["device_idle_before_ms"] == pytest.approx(0.025)
     assert rows[trace_summary.OUTSIDE]["launches"] == 1
     assert rows["inner"]["host_wall_ms"] == pytest.approx(0.050)
     assert rows["outer"]["host_wall_ms"] == pytest.approx(0.050)  # its 100 µs less the nested 50
