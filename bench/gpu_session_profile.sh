@@ -7,6 +7,7 @@
 #                                                bitsandbytes for bnb_kernels.py); results under $OUT
 #   SMOKE=1 bash bench/gpu_session_profile.sh    the same steps on the CPU at tiny shapes (CUDA-only steps say so
 #                                                and exit cleanly)
+#   ONLY=bnb-kernels,profile-8b-defaults bash ... only the steps named (e.g. those a first call had no time for)
 #
 # Fail-soft: each step runs under its own time limit (and within BUDGET_S for the whole script, default 540 s);
 # a step that fails or times out is logged and the next one runs. Steps are ordered by what they are worth, so a
@@ -39,6 +40,9 @@ export PY R W
 step() {  # step NAME MAX_SECONDS COMMAND...
   local name=$1 max=$2
   shift 2
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then
+    return
+  fi
   local left=$((BUDGET_S - ($(date +%s) - START) - 20))
   if [ "$left" -lt 20 ]; then
     printf '%s\tskipped: budget spent\t0\t\n' "$name" >>"$STEPS"
