@@ -442,7 +442,8 @@ def main() -> int:
                 results["scenarios"][f"{scenario}_fixed_rate"] = r
                 print(f"{scenario} paced at {rate}/s", json.dumps(r), flush=True)
         if not only or "sse" in only:
-            holder = sse_holder(base, keys, ids, args.sse, hold_s=args.duration + 10, out=work / "sse.json")
+            # held through the status run and the yardstick run after it
+            holder = sse_holder(base, keys, ids, args.sse, hold_s=2 * args.duration + 15, out=work / "sse.json")
             time.sleep(5)  # streams open
             c0 = cpu_seconds(pids)
             idle = time.monotonic()
@@ -453,7 +454,7 @@ def main() -> int:
             r["sse_streams_open"] = args.sse
             r["server_cpu_s_per_s_of_sse_alone"] = round(sse_cpu, 2)
             results["scenarios"]["status_with_sse"] = r
-            holder.wait(timeout=args.duration + 60)
+            holder.wait(timeout=2 * args.duration + 75)
             results["scenarios"]["sse"] = json.loads((work / "sse.json").read_text())
             print("sse", results["scenarios"]["sse"], flush=True)
         if args.profile:
