@@ -217,11 +217,9 @@ class JobClock:
 def steady_block_s(blocks: list[float]) -> float:
     """Median block time without the first (kernel compilation) and, with 3+ blocks, the last (no next block to
     feed: it skips the quantized forward)."""
-    if len(blocks) >= 4:
+    if len(blocks) >= 3:
         return statistics.median(blocks[1:-1])
-    if len(blocks) >= 2:
-        return statistics.median(blocks[1:])
-    return blocks[0]
+    return blocks[-1]
 
 
 @contextmanager
