@@ -23,6 +23,7 @@ from sqlalchemy import select
 from qaas import job_store
 from qaas.db.models import HubCredential, Job, JobStatus
 from qaas.db.retry import with_db_retry
+from qaas.kit.file_digest import sha256_file
 from qaas.logging_setup import job_context, set_attempt
 from qaas.queue import send_publish, send_run_job
 from qaas.security import decrypt_secret, redact
@@ -256,6 +257,8 @@ def _succeed(settings: Settings, job_id: uuid.UUID, attempt: int, state: _State,
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(source_dir), str(final_dir))
     result.pop("out_dir", None)  # an internal path; not part of the public result
+    # Digests once, here, while the files are fresh in the page cache: the API's listing serves them.
+    result["files"] = [{**f, "sha256": sha256_file(final_dir / f["name"])} for f in result.get("files") or []]
     # Peak memory: host RSS as the supervisor saw it; GPU peak when the engine reports one.
     resources = {"peak_rss_bytes": state.peak_rss or None}
     gpu_peak = result.get("gpu_peak_memory_bytes") or (result.get("memory") or {}).get("gpu_peak_bytes")

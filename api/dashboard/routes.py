@@ -471,7 +471,7 @@ def job_events(request: Request, job_id: str, db: SessionDep, settings: Settings
     start = max(after, int(last)) if last.isdigit() else after
     db.close()
     # The same generator as GET /v1/jobs/{id}/events: one format for the API and the page.
-    gen = job_endpoints._sse(settings.resolved_database_url, job.id, start, request)
+    gen = job_endpoints._sse(settings.resolved_database_url, job.id, owner=dash.owner, after=start, request=request)
     return _secure(StreamingResponse(gen, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}))
 

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic_core import to_json
 
 from qaas.api.deps import CallerDep, SessionDep, SettingsDep
-from qaas.api.jobs import reads, service
+from qaas.api.jobs import files, reads, service
 from qaas.api.jobs.schemas import EventPage, JobCreated, JobOut, JobPage
 from qaas.api.problems import PROBLEM_JSON, Problem, ProblemDetails
 from qaas import job_store, outbox
@@ -104,6 +104,27 @@ def cancel_job(job_id: str, caller: CallerDep, session: SessionDep, settings: Se
     return JobOut.from_job(job)
 
 
+@router.get("/{job_id}/files", response_model=files.FileListing, operation_id="list_job_files", responses=_ERRORS)
+def list_files(job_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> files.FileListing:
+    """The output files of a succeeded job: name, size, sha256, URL; and the archive of them all."""
+    job = job_store.get_job(session, _parse_id(job_id), caller.owner)
+    return files.listing(job, files.output_files(settings, job), f"/v1/jobs/{job_id}")
+
+
+@router.get(
+    "/{job_id}/files.tar",
+    operation_id="download_job_archive",
+    responses={**_ERRORS, 200: {"content": {"application/x-tar": {}}, "description": "every output file, one tar"}},
+)
+def download_archive(job_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep):
+    """The whole output as one tar archive, streamed as it is written."""
+    job = job_store.get_job(session, _parse_id(job_id), caller.owner)
+    out, root = files.output_files(settings, job), files.archive_root(job)
+    return StreamingResponse(files.archive_chunks(root, out), media_type="application/x-tar", headers={
+        "Content-Length": str(files.archive_size(root, out)),
+        "Content-Disposition": f'attachment; filename="{root}.tar"'})
+
+
 @router.get(
     "/{job_id}/files/{name}",
     operation_id="download_job_file",
@@ -112,17 +133,8 @@ def cancel_job(job_id: str, caller: CallerDep, session: SessionDep, settings: Se
 def download_file(job_id: str, name: str, caller: CallerDep, session: SessionDep, settings: SettingsDep):
     """Download one output file of a succeeded job (streamed)."""
     job = job_store.get_job(session, _parse_id(job_id), caller.owner)
-    if job is None or job.status != JobStatus.succeeded.value or not job.result:
-        raise _not_found()
-    # Only names the result lists are served: no path from the URL ever reaches the filesystem.
-    names = {f["name"] for f in job.result.get("files", [])}
-    if name not in names:
-        raise Problem(404, "Not found", "no such file in this job's output", slug="not-found")
-    root = (settings.artifacts_dir / str(job.id)).resolve()
-    path = (root / name).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
-        raise Problem(404, "Not found", "the file is no longer available", slug="not-found")
-    return FileResponse(path, filename=Path(name).name, media_type="application/octet-stream")
+    f = files.output_file(settings, job, name)
+    return FileResponse(f.path, filename=Path(f.name).name, media_type="application/octet-stream")
 
 
 def _wants_sse(request: Request, stream: bool) -> bool:

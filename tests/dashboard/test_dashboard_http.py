@@ -3,6 +3,7 @@ sign-in and its cookie, CSRF, tenant isolation, the submit form's validation, no
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 
@@ -177,3 +178,21 @@ def test_list_filters_and_paginates(client, api_key):
     assert client.get("/dashboard/jobs?status=succeeded").text.count('class="job-row') == 0
     data = client.get("/dashboard/jobs.json?since=2000-01-01T00:00:00Z").json()
     assert len(data["rows"]) == 27 and all("html" in r for r in data["rows"])
+
+
+def test_job_page_event_stream_is_server_sent_events(client, api_key):
+    """The job page's live stream (EventSource on /dashboard/jobs/{id}/events) answers SSE, ending with `end`."""
+    jid = client.post("/v1/jobs", json={"model": {"path": str(STORIES)}, "quantization_config": NF4},
+                      headers=auth(api_key)).json()["id"]
+    assert client.post(f"/v1/jobs/{jid}/cancel", headers=auth(api_key)).json()["status"] == "cancelled"
+    sign_in(client, api_key)
+    r = client.get(f"/dashboard/jobs/{jid}/events", headers={"Accept": "text/event-stream"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    frames = [dict(line.split(": ", 1) for line in f.split("\n") if ": " in line and not line.startswith(":"))
+              for f in r.text.split("\n\n") if "event:" in f]
+    assert [f["event"] for f in frames] == ["status", "status", "end"], r.text
+    assert [json.loads(f["data"])["data"]["status"] for f in frames[:2]] == ["queued", "cancelled"]
+    # resumed after the first event (as the browser does with Last-Event-ID), only what followed comes
+    r = client.get(f"/dashboard/jobs/{jid}/events", headers={"Accept": "text/event-stream", "Last-Event-ID": frames[0]["id"]})
+    assert [line for line in r.text.split("\n") if line.startswith("event:")] == ["event: status", "event: end"]
