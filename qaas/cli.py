@@ -202,14 +202,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         evaluate=not args.no_eval,
         eval_text_path=args.eval_text or os.environ.get("QAAS_EVAL_TEXT") or None,
     )
-    reporter = TerminalReporter(sys.stderr)
     try:
-        result = quantize(source, qc, args.out, options=options, reporter=reporter)
+        with TerminalReporter(sys.stderr) as reporter:
+            result = quantize(source, qc, args.out, options=options, reporter=reporter)
     except EngineError as exc:
-        reporter.close()
         print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
         return 2
-    reporter.close()
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -10,13 +10,15 @@ Where the service is, and the key:
   $XDG_CONFIG_HOME is honoured; QAAS_CLIENT_CONFIG names another file). `--url` overrides the URL.
   The key is never taken from the command line (it would show in `ps` and shell history).
 
-Exit codes (for scripts):
-  0  success: the job succeeded (when followed), or the command did what it was asked
-  1  the job failed or was cancelled (submit --follow, status --follow), or cancel of a finished job
+Exit codes (for scripts), the same for every command:
+  0  success: the job succeeded, is still queued or running (status without --follow), was submitted or
+     cancelled, or the list was printed
+  1  the job failed or was cancelled (status, with or without --follow; submit --follow), or cancel of a
+     job that had already finished
   2  usage or validation error: bad arguments, unreadable config, the service refused the request (422), no such job
   3  authentication error: no API key, or the service refused it (401/403)
   4  the service is unreachable (connection refused, timeout, DNS) or answered with a server error (5xx)
-  130  interrupted (Ctrl-C) while following: the job itself goes on
+  130  interrupted (Ctrl-C); a job being followed goes on
 
 Progress is drawn on stderr (bars on a terminal, plain lines otherwise) from the job's event stream,
 `GET /v1/jobs/{id}/events` with `Accept: text/event-stream`, resumed with Last-Event-ID when the
@@ -28,12 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
+
+from qaas.kit.stage_bars import StageBars
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_AUTH, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -190,79 +193,41 @@ def sse_events(api: Api, job_id: str, *, after: int = 0, max_reconnects: int = 2
 
 
 class Progress:
-    """A bar per stage on a terminal; on a pipe or file, one line per stage and throttled progress lines."""
+    """A job's event stream drawn as StageBars: a bar per stage on a terminal, plain lines on a pipe or file."""
 
     def __init__(self, stream: TextIO = sys.stderr) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.stage: str | None = None
-        self.stage_started = time.monotonic()
-        self.last_line = 0.0
-        self.drawn = False
-
-    def _end_bar(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.drawn = False
-
-    def line(self, text: str) -> None:
-        self._end_bar()
-        print(text, file=self.stream, flush=True)
+        self.bars = StageBars(stream)
 
     def on_event(self, kind: str, e: dict) -> None:
         stage, message, data = e.get("stage"), e.get("message") or "", e.get("data") or {}
         if kind == "stage":
-            if self.stage:
-                self._stage_done()
-            self.stage, self.stage_started = stage, time.monotonic()
-            self.line(f"[{stage}] started" + (f": {message}" if message and message != stage else ""))
+            self.bars.start(stage or "", message=message)
         elif kind == "progress":
-            done, total = data.get("done"), data.get("total")
-            self.bar(stage or self.stage or "", done, total, message, data.get("metrics"))
+            self.bars.update(data.get("done"), data.get("total"), message, _error_summary(data.get("metrics")))
         elif kind == "status":
             status = data.get("status") or message
-            if status in TERMINAL and self.stage:
-                self._stage_done()
-                self.stage = None
-            self.line(f"status: {message}")
+            if status in TERMINAL:
+                self.bars.end(failed=status != "succeeded")
+            self.bars.note(f"status: {message}")
         elif kind == "log":
             level = data.get("level", "info")
             if level in ("warning", "error"):
-                self.line(f"  {level}: {message}")
-
-    def _stage_done(self) -> None:
-        self.line(f"[{self.stage}] done in {time.monotonic() - self.stage_started:.1f}s")
-
-    def bar(self, stage: str, done: Any, total: Any, message: str, metrics: Any) -> None:
-        extra = ""
-        if isinstance(metrics, dict):
-            if isinstance(metrics.get("max_rel_error"), (int, float)):
-                extra = f" max rel err {metrics['max_rel_error']:.4f}"
-            elif isinstance(metrics.get("layers"), dict):
-                errs = [m.get("rel_error") for m in metrics["layers"].values() if isinstance(m, dict)]
-                errs = [x for x in errs if isinstance(x, (int, float))]
-                if errs:
-                    extra = f" max rel err {max(errs):.4f}"
-        if not isinstance(done, int) or not isinstance(total, int) or total <= 0:
-            if not self.tty:
-                self.line(f"[{stage}] {message}{extra}")
-            return
-        frac = max(0.0, min(1.0, done / total))
-        if self.tty:
-            width = max(10, min(40, shutil.get_terminal_size((80, 20)).columns - 50))
-            fill = int(frac * width)
-            text = f"\r{stage:>9} |{'█' * fill}{' ' * (width - fill)}| {done}/{total} {message[:30]}{extra}"
-            self.stream.write(text[: shutil.get_terminal_size((120, 20)).columns + 1] + "\x1b[K")
-            self.stream.flush()
-            self.drawn = True
-        else:
-            now = time.monotonic()
-            if done >= total or now - self.last_line >= 1.0:
-                self.last_line = now
-                self.line(f"[{stage}] {done}/{total} {int(frac * 100):3d}% {message}{extra}")
+                self.bars.note(f"  {level}: {message}")
 
     def close(self) -> None:
-        self._end_bar()
+        self.bars.end()
+
+
+def _error_summary(metrics: Any) -> str:
+    """' max rel err 0.0123' from a progress event's per-layer metrics (both methods' shapes)."""
+    if not isinstance(metrics, dict):
+        return ""
+    if isinstance(metrics.get("max_rel_error"), (int, float)):
+        return f" max rel err {metrics['max_rel_error']:.4f}"
+    layers = metrics.get("layers")
+    errs = [m.get("rel_error") for m in layers.values() if isinstance(m, dict)] if isinstance(layers, dict) else []
+    errs = [x for x in errs if isinstance(x, (int, float))]
+    return f" max rel err {max(errs):.4f}" if errs else ""
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -314,7 +279,8 @@ def describe(job: dict, out: TextIO) -> None:
 
 
 def exit_for(job: dict) -> int:
-    return EXIT_OK if job["status"] == "succeeded" else EXIT_JOB_FAILED
+    """1 for a job that failed or was cancelled; 0 for one that succeeded or has not finished yet."""
+    return EXIT_JOB_FAILED if job["status"] in ("failed", "cancelled") else EXIT_OK
 
 
 def follow(api: Api, job_id: str, *, quiet: bool = False) -> dict:
@@ -438,10 +404,9 @@ def cmd_status(args: argparse.Namespace, api: Api) -> int:
         print(json.dumps(job, indent=2))
     else:
         describe(job, sys.stdout)
-    if args.follow:
+    if args.follow or job["status"] in TERMINAL:
         finish_message(job)
-        return exit_for(job)
-    return EXIT_OK
+    return exit_for(job)
 
 
 def cmd_cancel(args: argparse.Namespace, api: Api) -> int:
@@ -467,15 +432,18 @@ def _run(handler):
         except ClientError as exc:
             print(f"error: {exc.message}", file=sys.stderr)
             return exc.code
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
         finally:
             if api is not None:
                 api.close()
     return run
 
 
-EPILOG = ("exit codes: 0 success; 1 job failed or cancelled; 2 usage or validation error; 3 authentication "
-          "error; 4 service unreachable. Service URL and key: QAAS_URL and QAAS_API_KEY, or url/api_key in "
-          "~/.config/qaas/client.toml (or client.json).")
+EPILOG = ("exit codes: 0 success (the job succeeded or has not finished); 1 the job failed or was cancelled; "
+          "2 usage or validation error; 3 authentication error; 4 service unreachable. Service URL and key: "
+          "QAAS_URL and QAAS_API_KEY, or url/api_key in ~/.config/qaas/client.toml (or client.json).")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -26,7 +26,8 @@ def live(pg_url, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("client")
     try:
         with running_service(tmp, "client", database_url=pg_url, broker_url=fresh_redis_url()) as (settings, stack, url):
-            yield type("Live", (), {"url": url, "tmp": tmp, "key": new_key(settings, "alice"), "stack": stack})
+            yield type("Live", (), {"url": url, "tmp": tmp, "key": new_key(settings, "alice"), "stack": stack,
+                                    "settings": settings})
     finally:
         truncate_all(pg_url)
 
@@ -136,3 +137,85 @@ def test_url_and_key_from_the_config_file(live):
         assert p.returncode == 0, p.stderr
     finally:
         (cfg / "client.toml").unlink()
+
+
+def _job_in_state(live, status: str) -> str:
+    """A job of alice's brought straight to `status` in the database (never sent to the worker)."""
+    from qaas import job_store
+    from qaas.db.models import JobStatus
+    from qaas.db.session import session_scope
+
+    with session_scope(live.settings.resolved_database_url) as s:
+        job = job_store.create_job(s, owner="alice", request={"model": {"path": str(STORIES)}, "quantization_config": NF4},
+                                   request_hash="h", idempotency_key=None, method="bitsandbytes", bits=4,
+                                   source_model=str(STORIES), priority=0, max_attempts=1)
+        s.commit()
+        if status == "queued":
+            return str(job.id)
+        job = job_store.claim(s, job.id, worker="test-worker", lease_s=600)
+        if status != "running":
+            error = {"code": "oom", "message": "out of memory", "stage": "quantize"} if status == "failed" else None
+            assert job_store.finish(s, job.id, job.attempt, JobStatus(status), error=error,
+                                    result={"files": []} if status == "succeeded" else None)
+        return str(job.id)
+
+
+def _server_answering(status: int):
+    """An HTTP server on loopback that answers every request with `status` (a broken service)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            body = b'{"title": "Internal Server Error", "status": %d}' % status
+            self.send_response(status)
+            self.send_header("Content-Type", "application/problem+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_every_command_keeps_the_documented_exit_codes(live):
+    """README: 0 succeeded, 1 job failed/cancelled, 2 usage, 3 auth, 4 unreachable -- for every client command."""
+    jobs = {s: _job_in_state(live, s) for s in ("queued", "running", "succeeded", "failed", "cancelled")}
+    config = _config(live, "nf4.json", NF4)
+    by_job_state = [
+        (("status", jobs["succeeded"]), 0), (("status", jobs["queued"]), 0), (("status", jobs["running"]), 0),
+        (("status", jobs["failed"]), 1), (("status", jobs["cancelled"]), 1),
+        (("status", jobs["failed"], "--json"), 1), (("status", jobs["failed"], "--follow"), 1),
+        (("status", jobs["succeeded"], "--follow"), 0),
+        (("cancel", jobs["succeeded"]), 1), (("cancel", jobs["queued"]), 0), (("status", jobs["queued"]), 1),
+        (("jobs",), 0), (("jobs", "--status", "failed"), 0),
+    ]
+    for args, code in by_job_state:
+        p = qaas(live, *args)
+        assert p.returncode == code, (args, p.returncode, p.stderr)
+    assert "failed in stage quantize (oom)" in qaas(live, "status", jobs["failed"]).stderr
+
+    every_command = [("submit", str(STORIES), "--config", config), ("jobs",), ("status", jobs["succeeded"]),
+                     ("cancel", jobs["running"])]
+    broken = _server_answering(500)
+    try:
+        for args in every_command:
+            assert qaas(live, *args, key="qaas_not-a-real-key").returncode == 3, args  # refused key
+            assert qaas(live, *args, key=None).returncode == 3, args  # no key at all
+            assert qaas(live, *args, url=f"http://127.0.0.1:{free_port()}").returncode == 4, args  # nothing there
+            p = qaas(live, *args, url=f"http://127.0.0.1:{broken.server_address[1]}")  # a server error
+            assert p.returncode == 4 and "answered 500" in p.stderr, (args, p.stderr)
+            assert qaas(live, *args, "--no-such-option").returncode == 2, args
+    finally:
+        broken.shutdown()
+    for args in [("submit", str(STORIES)), ("status",), ("cancel",), ("jobs", "--status", "bogus"),
+                 ("jobs", "--limit", "0"), ("status", "not-a-job-id"), ("cancel", "00000000-0000-0000-0000-000000000000"),
+                 ("submit", str(STORIES), "--config", _config(live, "bad.json", {**NF4, "bits": 3}))]:
+        assert qaas(live, *args).returncode == 2, args
+    assert qaas(live, "status", jobs["running"]).returncode == 0  # untouched by the refused cancels

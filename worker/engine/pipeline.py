@@ -144,7 +144,8 @@ def quantize(
             options=options, work_dir=staged.path,
         )
 
-        clock.stage(method_stages[0], total=layout.num_blocks)
+        # quantize counts blocks; an earlier method stage (GPTQ's calibrate) reports a count of its own
+        clock.stage(method_stages[0], total=layout.num_blocks if method_stages[0] == "quantize" else None)
         result = method.quantize(ctx)
         weight_files = [f.name for f in writer.close()]
         ctx.state["quantized_modules"] = result.quantized_modules

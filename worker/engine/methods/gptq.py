@@ -198,6 +198,7 @@ class GPTQMethod:
             calib = self.calibration(ctx, seqlen)
         calib_info = calib.describe()
         rep.log(f"calibration: {calib.nsamples} samples x {calib.seqlen} tokens from {calib.source}", data=calib_info)
+        rep.progress(1, 2, message="calibration data tokenized")
         cache_outputs = cfg["cache_block_outputs"]
         layer_types = getattr(layout.hf_config.get_text_config(), "layer_types", None)
         if cache_outputs and isinstance(layer_types, (list, tuple)) and len(set(layer_types)) > 1:
@@ -223,6 +224,7 @@ class GPTQMethod:
             capture = BlockInputCapture(meta, layout.block_name, pre, device=device, dtype=dtype)
             blocks = capture.blocks
             hidden, rest = capture.capture(batches, [], 0, store)
+        rep.progress(2, 2, message="first-block inputs captured")
         for name, t in pre.items():
             ctx.writer.add(name, _fp16(t))
         del meta, pre
