@@ -18,6 +18,8 @@ import termios
 import pytest
 from conftest import SHAKESPEARE, STORIES, WIKITEXT
 
+from support.terminal import screen
+
 pytestmark = pytest.mark.slow
 
 QAAS = [sys.executable, "-P", "-c", "from qaas.cli import main; main()"]
@@ -48,34 +50,6 @@ def run_on_a_pty(args: list[str], columns: int = 120) -> tuple[int, str, str]:
     os.close(master)
     out = proc.stdout.read().decode()
     return proc.wait(timeout=300), out, received.decode()
-
-
-def screen(raw: str) -> list[str]:
-    """The lines left on a terminal after `raw` (\\r returns to column 0, ESC[K erases to the line's end)."""
-    lines: list[str] = []
-    cur: list[str] = []
-    col = i = 0
-    while i < len(raw):
-        if raw.startswith("\x1b[K", i):
-            del cur[col:]
-            i += 3
-            continue
-        ch = raw[i]
-        if ch == "\r":
-            col = 0
-        elif ch == "\n":
-            lines.append("".join(cur).rstrip())
-            cur, col = [], 0
-        else:
-            if col < len(cur):
-                cur[col] = ch
-            else:
-                cur.append(ch)
-            col += 1
-        i += 1
-    if cur:
-        lines.append("".join(cur).rstrip())
-    return lines
 
 
 def check_bars(raw: str, stages: list[str]) -> list[str]:

@@ -149,8 +149,10 @@ def _job_in_state(live, status: str) -> str:
         job = job_store.create_job(s, owner="alice", request={"model": {"path": str(STORIES)}, "quantization_config": NF4},
                                    request_hash="h", idempotency_key=None, method="bitsandbytes", bits=4,
                                    source_model=str(STORIES), priority=0, max_attempts=1)
-        s.commit()
         if status == "queued":
+            # marked as sent: the sweeper leaves it alone for QAAS_REDISPATCH_AFTER_S (30 s), so the worker
+            # does not take it in the meantime
+            job_store.mark_dispatched(s, job.id)
             return str(job.id)
         job = job_store.claim(s, job.id, worker="test-worker", lease_s=600)
         if status != "running":
@@ -186,14 +188,17 @@ def _server_answering(status: int):
 
 def test_every_command_keeps_the_documented_exit_codes(live):
     """README: 0 succeeded, 1 job failed/cancelled, 2 usage, 3 auth, 4 unreachable -- for every client command."""
-    jobs = {s: _job_in_state(live, s) for s in ("queued", "running", "succeeded", "failed", "cancelled")}
+    queued = _job_in_state(live, "queued")  # first: within the 30 s before the sweeper would send it
+    for args, code in [(("status", queued), 0), (("cancel", queued), 0), (("status", queued), 1)]:
+        p = qaas(live, *args)
+        assert p.returncode == code, (args, p.returncode, p.stderr)
+    jobs = {s: _job_in_state(live, s) for s in ("running", "succeeded", "failed", "cancelled")}
     config = _config(live, "nf4.json", NF4)
     by_job_state = [
-        (("status", jobs["succeeded"]), 0), (("status", jobs["queued"]), 0), (("status", jobs["running"]), 0),
+        (("status", jobs["succeeded"]), 0), (("status", jobs["running"]), 0),
         (("status", jobs["failed"]), 1), (("status", jobs["cancelled"]), 1),
         (("status", jobs["failed"], "--json"), 1), (("status", jobs["failed"], "--follow"), 1),
-        (("status", jobs["succeeded"], "--follow"), 0),
-        (("cancel", jobs["succeeded"]), 1), (("cancel", jobs["queued"]), 0), (("status", jobs["queued"]), 1),
+        (("status", jobs["succeeded"], "--follow"), 0), (("cancel", jobs["succeeded"]), 1),
         (("jobs",), 0), (("jobs", "--status", "failed"), 0),
     ]
     for args, code in by_job_state:
