@@ -37,7 +37,6 @@ HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.globals["version"] = __version__
 templates.env.filters["duration"] = views.duration
-templates.env.filters["short_model"] = views.short_model
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
@@ -100,7 +99,38 @@ def _job_or_404(db, job_id: str, owner: str) -> Job | None:
 
 
 def _not_found(request: Request, dash: auth.DashboardSession) -> Response:
-    return render(request, "not_found.html", {"title": "Not found"}, dash=dash, status=404)
+    return render(request, "not_found.html", {"title": "Not found", "what": "job"}, dash=dash, status=404)
+
+
+def is_page_request(request: Request) -> bool:
+    """A browser navigating to a dashboard page (not the page script asking for JSON or a stream)."""
+    accept = request.headers.get("accept", "")
+    return (request.url.path.startswith("/dashboard") and not request.url.path.startswith("/dashboard/static/")
+            and "application/json" not in accept and "text/event-stream" not in accept)
+
+
+ERROR_TITLES = {404: "Not found", 409: "Not available", 413: "Too large", 422: "Not valid", 429: "Too many requests",
+                503: "Unavailable"}
+
+
+def error_page(request: Request, status: int, headers: dict[str, str] | None = None) -> Response:
+    """The HTML page for an error of a dashboard URL (signed in: with the navigation)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from qaas.db.session import get_sessionmaker
+
+    settings = request.app.state.settings
+    try:
+        with get_sessionmaker(settings.resolved_database_url)() as db:
+            dash = auth.current_session(request, db, settings)
+    except SQLAlchemyError:  # the database is what failed (a 503): the page still says so, without the menu
+        dash = None
+    # A wrong method on a page URL is, for a person, a page that is not there.
+    status = 404 if status == 405 else status
+    resp = render(request, "not_found.html", {"title": ERROR_TITLES.get(status, "Error"), "what": "page",
+                                              "path": request.url.path, "status": status}, dash=dash, status=status)
+    resp.headers.update(headers or {})
+    return resp
 
 
 def _row_html(r: views.Row, csrf: str) -> str:
@@ -182,7 +212,7 @@ def jobs_page(request: Request, db: SessionDep, settings: SettingsDep,
         page = job_store.list_jobs(db, dash.owner, status=status, limit=PAGE_SIZE, cursor=None)
     counts = job_store_counts(db, dash.owner)
     return render(request, "jobs.html", {
-        "title": "Jobs", "rows": views.rows(db, page.items), "next_cursor": page.next_cursor,
+        "title": "Jobs", "rows": views.rows(db, page.items, settings.model_roots), "next_cursor": page.next_cursor,
         "status": status, "statuses": views.STATUSES, "counts": counts, "first_page": cursor is None,
         "since": views.iso(now), "bad_cursor": bad_cursor,
     }, dash=dash)
@@ -207,14 +237,14 @@ def _parse_since(raw: str | None) -> dt.datetime:
     return utcnow()
 
 
-def _changes(db_url: str, owner: str, key_id: str, since: dt.datetime, csrf: str) -> tuple[list[dict], dt.datetime, bool]:
-    with session_scope(db_url) as s:
+def _changes(settings, owner: str, key_id: str, since: dt.datetime, csrf: str) -> tuple[list[dict], dt.datetime, bool]:
+    with session_scope(settings.resolved_database_url) as s:
         if not auth.key_still_valid(s, owner, key_id):
             return [], since, False
         jobs = views.changed_jobs(s, owner, since)
         out = []
         counts = job_store_counts(s, owner) if jobs else None
-        for r, j in zip(views.rows(s, jobs), jobs):
+        for r, j in zip(views.rows(s, jobs, settings.model_roots), jobs):
             out.append({**r.as_json(), "html": _row_html(r, csrf), "counts": counts})
             since = max(since, j.updated_at)
         return out, since, True
@@ -224,7 +254,7 @@ def _changes(db_url: str, owner: str, key_id: str, since: dt.datetime, csrf: str
 def jobs_json(request: Request, db: SessionDep, settings: SettingsDep, since: str | None = None) -> Response:
     """Polling fallback of the live list: the caller's jobs changed since `since`, with their rows."""
     dash = _require(request, db, settings, api=True)
-    rows, now, _ = _changes(settings.resolved_database_url, dash.owner, dash.key_id, _parse_since(since), dash.csrf_token)
+    rows, now, _ = _changes(settings, dash.owner, dash.key_id, _parse_since(since), dash.csrf_token)
     return _secure(JSONResponse({"since": views.iso(now), "rows": rows}))
 
 
@@ -234,18 +264,18 @@ def jobs_stream(request: Request, db: SessionDep, settings: SettingsDep, since: 
     dash = _require(request, db, settings, api=True)
     start = _parse_since(request.headers.get("last-event-id") or since)
     db.close()  # the stream opens short sessions of its own
-    gen = _list_stream(settings.resolved_database_url, dash, start, request)
+    gen = _list_stream(settings, dash, start, request)
     return _secure(StreamingResponse(gen, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}))
 
 
-async def _list_stream(db_url: str, dash: auth.DashboardSession, since: dt.datetime, request: Request):
+async def _list_stream(settings, dash: auth.DashboardSession, since: dt.datetime, request: Request):
     yield "retry: 2000\n\n"
     sent: dict[str, tuple] = {}
     started = asyncio.get_running_loop().time()
     idle = 0.0
     while True:
-        rows, since, ok = await run_in_threadpool(_changes, db_url, dash.owner, dash.key_id, since, dash.csrf_token)
+        rows, since, ok = await run_in_threadpool(_changes, settings, dash.owner, dash.key_id, since, dash.csrf_token)
         if not ok:
             yield "event: signed-out\ndata: {}\n\n"
             return
@@ -415,11 +445,10 @@ async def submit_job(request: Request, db: SessionDep, settings: SettingsDep) ->
 EVENTS_SHOWN = 300
 
 
-def _job_context(db, job: Job, dash) -> dict[str, Any]:
+def _job_context(db, job: Job, roots) -> dict[str, Any]:
     events = job_store.list_events(db, job.id, limit=20000)
     now = utcnow()
-    starts = views.stage_starts(db, [job.id]) if job.status == "running" else {}
-    r = views.row(job, starts.get(job.id), now)
+    (r,) = views.rows(db, [job], roots)
     return {
         "job": job, "r": r, "events": [EventOut.from_event(e) for e in events[-EVENTS_SHOWN:]],
         "events_total": len(events), "last_event_id": events[-1].id if events else 0,
@@ -439,7 +468,7 @@ def job_page(request: Request, job_id: str, db: SessionDep, settings: SettingsDe
     job = _job_or_404(db, job_id, dash.owner)
     if job is None:
         return _not_found(request, dash)
-    ctx = _job_context(db, job, dash)
+    ctx = _job_context(db, job, settings.model_roots)
     return render(request, "job.html", {"title": f"Job {str(job.id)[:8]}", **ctx}, dash=dash)
 
 
@@ -450,7 +479,7 @@ def job_live(request: Request, job_id: str, db: SessionDep, settings: SettingsDe
     job = _job_or_404(db, job_id, dash.owner)
     if job is None:
         return _secure(HTMLResponse("not found", status_code=404))
-    ctx = _job_context(db, job, dash)
+    ctx = _job_context(db, job, settings.model_roots)
     html = templates.get_template("_live.html").render(csrf=dash.csrf_token, **ctx)
     return _secure(HTMLResponse(html, headers={"X-Job-Status": job.status}))
 
@@ -474,6 +503,12 @@ def job_events(request: Request, job_id: str, db: SessionDep, settings: Settings
     gen = job_endpoints._sse(settings.resolved_database_url, job.id, owner=dash.owner, after=start, request=request)
     return _secure(StreamingResponse(gen, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}))
+
+
+@router.get("/jobs/{job_id}/files.tar")
+def job_archive(request: Request, job_id: str, db: SessionDep, settings: SettingsDep):
+    dash = _require(request, db, settings)
+    return job_endpoints.download_archive(job_id, Caller(dash.owner, dash.key_id), db, settings)
 
 
 @router.get("/jobs/{job_id}/files/{name}")
@@ -516,7 +551,7 @@ def retry_job(request: Request, job_id: str, db: SessionDep, settings: SettingsD
         submission = service.submit(db, settings, dash.owner, req, None)
     except (ValidationError, Problem) as exc:
         errors = validation_errors(exc) if isinstance(exc, ValidationError) else (exc.errors or [])
-        ctx = _job_context(db, job, dash)
+        ctx = _job_context(db, job, settings.model_roots)
         return render(request, "job.html", {"title": f"Job {str(job.id)[:8]}", "retry_errors": errors, **ctx},
                       dash=dash, status=422)
     return _redirect(f"/dashboard/jobs/{submission.job_id}?notice=retried")

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from qaas.api.dashboard import eta
 from qaas.db.models import TERMINAL_STATUSES, Job, JobEvent, utcnow
 
 log = logging.getLogger("qaas.api.dashboard")
@@ -23,12 +26,14 @@ STAGES = ("resolve", "load", "calibrate", "quantize", "evaluate", "export", "pub
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
-def short_model(name: str) -> str:
-    """A long local path as its last two parts ('…/models/stories260K'); Hub ids as they are."""
-    if name.startswith("/") and len(name) > 32:
-        parts = [p for p in name.split("/") if p]
-        return "…/" + "/".join(parts[-2:])
-    return name
+def model_label(name: str, roots: list[Path]) -> str:
+    """What tells a job's model apart: a Hub id as it is; a local directory by its path under the allowed root
+    that holds it ('models/stories260K'), or as a normalised path outside them (no `..` from old rows)."""
+    if not name.startswith("/"):
+        return name
+    path = Path(os.path.normpath(name))
+    under = [path.relative_to(r) for r in roots if path.is_relative_to(r) and path != r]
+    return str(min(under, key=lambda p: len(p.parts))) if under else str(path)
 
 
 def method_label(job: Job) -> str:
@@ -100,12 +105,26 @@ def elapsed_s(job: Job, now: dt.datetime) -> float | None:
     return ((job.finished_at or now) - job.started_at).total_seconds()
 
 
-def eta_s(status: str, progress: float, stage_started: dt.datetime | None, now: dt.datetime) -> float | None:
-    """Time left in the current stage at the rate seen so far in it (the same formula runs in the page)."""
-    if status != "running" or stage_started is None or not (0.01 <= progress < 1.0):
-        return None
-    spent = (now - stage_started).total_seconds()
-    return spent * (1.0 - progress) / progress
+def ratio_text(result: dict[str, Any]) -> str:
+    ratio = result.get("compression_ratio")
+    return f"{ratio:.2f}×" if isinstance(ratio, (int, float)) else "–"
+
+
+def perplexity_change(result: dict[str, Any]) -> str | None:
+    """'+2.31 %': how much the perplexity grew from the original model to the quantized one."""
+    ev = result.get("evaluation") or {}
+    before, after = ev.get("perplexity_before"), ev.get("perplexity_after")
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)) and before:
+        return f"{(after / before - 1) * 100:+.2f} %"
+    return None
+
+
+def recent_history(session: Session, owner: str, method: str) -> list[eta.Past]:
+    """The owner's latest succeeded jobs of a method, for the ETA (the caller's own jobs only)."""
+    stmt = (select(Job.source_model, Job.timings)
+            .where(Job.owner == owner, Job.method == method, Job.status == "succeeded")
+            .order_by(Job.created_at.desc()).limit(eta.HISTORY_JOBS))
+    return [eta.Past(m, dict(t or {})) for m, t in session.execute(stmt)]
 
 
 @dataclass
@@ -127,8 +146,15 @@ class Row:
     finished_iso: str | None
     stage_started_iso: str | None
     elapsed: str
+    #: The whole job's time left, and the two parts the page ticks it from (see eta.py).
     eta: str
+    eta_typical_s: float | None
+    eta_rest_s: float | None
     error_code: str | None
+    model_label: str
+    size_after: str
+    compression: str
+    ppl_change: str
 
     @property
     def terminal(self) -> bool:
@@ -138,24 +164,36 @@ class Row:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def row(job: Job, stage_started: dt.datetime | None, now: dt.datetime | None = None) -> Row:
-    now = now or utcnow()
-    eta = eta_s(job.status, job.progress or 0.0, stage_started, now)
+def row(job: Job, stage_started: dt.datetime | None, now: dt.datetime, roots: list[Path],
+        history: list[eta.Past] | None = None) -> Row:
+    est = eta.Estimate(None, None)
+    left = None
+    if job.status == "running" and history is not None:
+        spent = eta.in_stage_s(stage_started, now)
+        progress = float(job.progress or 0.0)
+        est = eta.estimate(job.request or {}, job.source_model, job.stage, progress, spent, job.timings or {}, history)
+        left = eta.remaining_s(est, progress, spent)
+    result = (job.result or {}) if job.status == "succeeded" else {}
     return Row(
         id=str(job.id), status=job.status, stage=job.stage, progress=float(job.progress or 0.0),
         progress_message=job.progress_message, model=job.source_model, method=method_label(job), worker=job.worker,
         cancel_requested=bool(job.cancel_requested), created=shown_time(job.created_at), created_iso=iso(job.created_at),
         started_iso=iso(job.started_at), finished_iso=iso(job.finished_at),
         stage_started_iso=iso(stage_started) if job.status == "running" else None,
-        elapsed=duration(elapsed_s(job, now)), eta=f"~{duration(eta)}" if eta is not None else "–",
-        error_code=(job.error or {}).get("code"),
+        elapsed=duration(elapsed_s(job, now)), eta=f"~{duration(left)}" if left is not None else "–",
+        eta_typical_s=est.stage_typical_s, eta_rest_s=est.rest_s,
+        error_code=(job.error or {}).get("code"), model_label=model_label(job.source_model, roots),
+        size_after=size(result.get("size_after_bytes")) if result else "–", compression=ratio_text(result),
+        ppl_change=perplexity_change(result) or "–",
     )
 
 
-def rows(session: Session, jobs: list[Job]) -> list[Row]:
-    starts = stage_starts(session, [j.id for j in jobs if j.status == "running"])
+def rows(session: Session, jobs: list[Job], roots: list[Path]) -> list[Row]:
+    running = [j for j in jobs if j.status == "running"]
+    starts = stage_starts(session, [j.id for j in running])
+    history = {(j.owner, j.method): recent_history(session, j.owner, j.method) for j in running}
     now = utcnow()
-    return [row(j, starts.get(j.id), now) for j in jobs]
+    return [row(j, starts.get(j.id), now, roots, history.get((j.owner, j.method))) for j in jobs]
 
 
 def changed_jobs(session: Session, owner: str, since: dt.datetime, limit: int = 200) -> list[Job]:
@@ -261,7 +299,7 @@ def result_view(job: Job) -> dict[str, Any] | None:
     if not r or job.status != "succeeded":
         return None
     ev = r.get("evaluation") or {}
-    files = [{"name": f.get("name"), "size": size(f.get("size")), "bytes": f.get("size"),
+    files = [{"name": f.get("name"), "size": size(f.get("size")), "bytes": f.get("size"), "sha256": f.get("sha256"),
               "url": f"/dashboard/jobs/{job.id}/files/{f.get('name')}"} for f in r.get("files") or []]
     hub = r.get("hub") or None
     hub_view = None
@@ -275,13 +313,13 @@ def result_view(job: Job) -> dict[str, Any] | None:
     le = r.get("layer_errors") or {}
     return {
         "files": files,
+        "archive_url": f"/dashboard/jobs/{job.id}/files.tar",
         "size_before": size(r.get("size_before_bytes")),
         "size_after": size(r.get("size_after_bytes")),
-        "ratio": (f"{r['compression_ratio']:.2f}×" if isinstance(r.get("compression_ratio"), (int, float)) else "–"),
+        "ratio": ratio_text(r),
         "ppl_before": f"{before:.3f}" if isinstance(before, (int, float)) else "–",
         "ppl_after": f"{after:.3f}" if isinstance(after, (int, float)) else "–",
-        "ppl_change": (f"{(after / before - 1) * 100:+.2f} %" if isinstance(before, (int, float))
-                       and isinstance(after, (int, float)) and before else None),
+        "ppl_change": perplexity_change(r),
         "eval_windows": ev.get("windows"),
         "eval_skipped": ev.get("skipped"),
         "mean_error": f"{le['mean']:.4f}" if isinstance(le.get("mean"), (int, float)) else "–",

@@ -54,6 +54,14 @@ def check_local_path(settings: Settings, raw: str) -> Path:
     return resolved
 
 
+def with_resolved_model_path(settings: Settings, req: JobRequest) -> JobRequest:
+    """The request with a local model's path checked and stored as the directory it resolves to: the job's
+    model is then named the same however it was written (`../models/x`, a symlink, a trailing slash)."""
+    if not isinstance(req.model, LocalModel):
+        return req
+    return req.model_copy(update={"model": LocalModel(path=str(check_local_path(settings, req.model.path)))})
+
+
 def check_calibration_file(settings: Settings, dataset: object) -> None:
     """A `dataset` naming a file on the worker's disk must be under the allowed roots, like model.path.
 
@@ -125,8 +133,7 @@ def prepare(settings: Settings, owner: str, req: JobRequest, idempotency_key: st
     """Every check a submission must pass before anything is stored, and the row it becomes."""
     if idempotency_key is not None and (not idempotency_key.strip() or len(idempotency_key) > 255):
         raise _invalid("Idempotency-Key", "must be 1 to 255 characters")
-    if isinstance(req.model, LocalModel):
-        check_local_path(settings, req.model.path)
+    req = with_resolved_model_path(settings, req)
     if req.webhook is not None:
         check_webhook_url(settings, str(req.webhook.url), field="webhook.url")
     check_calibration_file(settings, getattr(req.quantization_config, "dataset", None))

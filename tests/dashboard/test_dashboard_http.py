@@ -9,7 +9,10 @@ import uuid
 
 from conftest import STORIES, auth
 
+from qaas import job_store
 from qaas.api.dashboard import auth as dash_auth
+from qaas.db.models import JobStatus
+from qaas.db.session import session_scope
 
 NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
        "bnb_4bit_compute_dtype": "float32"}
@@ -196,3 +199,77 @@ def test_job_page_event_stream_is_server_sent_events(client, api_key):
     # resumed after the first event (as the browser does with Last-Event-ID), only what followed comes
     r = client.get(f"/dashboard/jobs/{jid}/events", headers={"Accept": "text/event-stream", "Last-Event-ID": frames[0]["id"]})
     assert [line for line in r.text.split("\n") if line.startswith("event:")] == ["event: status", "event: end"]
+
+
+def test_local_paths_are_stored_resolved_and_shown_by_the_part_that_differs(client, api_key):
+    messy = f"{STORIES}/../{STORIES.name}/"
+    r = client.post("/v1/jobs", json={"model": {"path": messy}, "quantization_config": NF4}, headers=auth(api_key))
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["model"] == str(STORIES.resolve()) == job["request"]["model"]["path"]
+    sign_in(client, api_key)
+    listing = client.get("/dashboard/jobs").text
+    page = client.get(f"/dashboard/jobs/{job['id']}").text
+    label = f"{STORIES.parent.name}/{STORIES.name}"  # under the allowed root ../shared/assets
+    assert f'title="{STORIES}">{label}</a>' in listing
+    assert f"<h1>{label}</h1>" in page and "/../" not in listing + page and "…/" not in listing
+
+
+def _finish(settings, jid: str, status: JobStatus, **kw) -> None:
+    with session_scope(settings.resolved_database_url) as s:
+        job = job_store.claim(s, uuid.UUID(jid), worker="w", lease_s=600)
+        assert job_store.finish(s, job.id, job.attempt, status, **kw)
+
+
+def _row_cells(html: str, jid: str) -> dict[str, str]:
+    """{column label: text} of the numeric cells of a job's row in the list."""
+    row = html.split(f'id="job-{jid}"')[1].split("</tr>")[0]
+    return dict(re.findall(r'<td class="num" data-label="([^"]+)"[^>]*>([^<]*)<', row))
+
+
+def test_the_list_shows_each_jobs_result_and_an_eta_for_the_whole_job(client, settings, api_key):
+    def submit() -> str:
+        return client.post("/v1/jobs", json={"model": {"path": str(STORIES)}, "quantization_config": NF4},
+                           headers=auth(api_key)).json()["id"]
+
+    done = submit()
+    _finish(settings, done, JobStatus.succeeded,
+            timings={"resolve": 1.0, "load": 1.0, "quantize": 100.0, "evaluate": 40.0, "export": 20.0},
+            result={"files": [], "size_before_bytes": 7 * 2**20, "size_after_bytes": 2 * 2**20, "compression_ratio": 3.5,
+                    "evaluation": {"perplexity_before": 10.0, "perplexity_after": 10.2}})
+    running = submit()
+    with session_scope(settings.resolved_database_url) as s:
+        job = job_store.claim(s, uuid.UUID(running), worker="w", lease_s=600)
+        job_store.record_stage(s, job.id, job.attempt, "quantize", message="quantize", timings={"resolve": 1.0, "load": 1.0})
+        job_store.record_progress(s, job.id, job.attempt, stage="quantize", fraction=0.5, message="block 1/2",
+                                  data={"done": 1, "total": 2})
+    sign_in(client, api_key)
+    html = client.get("/dashboard/jobs").text
+    shown = _row_cells(html, done)
+    assert (shown["Size after"], shown["Compression"], shown["Perplexity Δ"]) == ("2.0 MiB", "3.50×", "+2.00 %")
+    assert shown["ETA"] == "–"  # finished
+    # quantize half done a moment after it started: the rest of it at that rate (a moment), then evaluate and
+    # export as long as they took on the same model last time: a minute for the whole job
+    assert re.fullmatch(r"~1 min 0\d s", _row_cells(html, running)["ETA"]), _row_cells(html, running)
+    assert re.search(rf'id="job-{running}"[^>]*data-eta-rest="60.0"', html.replace("\n", " "))
+
+
+def test_a_mistyped_dashboard_url_is_an_html_page_and_the_api_keeps_problem_json(client, api_key):
+    for signed_in in (False, True):
+        if signed_in:
+            sign_in(client, api_key)
+        r = client.get("/dashboard/no/such/page", headers={"Accept": "text/html"})
+        assert r.status_code == 404 and r.headers["content-type"].startswith("text/html"), r.text
+        assert "There is no page at" in r.text and "/dashboard/no/such/page" in r.text
+        assert ("Sign out" in r.text) is signed_in  # the menu when signed in
+    r = client.post("/dashboard/jobs/new", headers={"Accept": "text/html"})  # a wrong method: a missing page too
+    assert r.status_code == 404 and r.headers["content-type"].startswith("text/html")
+    jid = client.post("/v1/jobs", json={"model": {"path": str(STORIES)}, "quantization_config": NF4},
+                      headers=auth(api_key)).json()["id"]
+    r = client.get(f"/dashboard/jobs/{jid}/files/config.json", headers={"Accept": "text/html"})
+    assert r.status_code == 409 and r.headers["content-type"].startswith("text/html") and "Not available" in r.text
+    r = client.get("/v1/no-such-route", headers={"Accept": "text/html"})
+    assert r.status_code == 404 and r.headers["content-type"].startswith("application/problem+json")
+    # the page script's JSON and stream requests keep machine-readable answers
+    r = client.get(f"/dashboard/jobs/{uuid.uuid4()}/events", headers={"Accept": "application/json"})
+    assert r.status_code == 404 and r.headers["content-type"].startswith("application/json")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
-from qaas.api.dashboard import views
+from qaas.api.dashboard import eta, views
 
 T0 = dt.datetime(2026, 11, 22, 10, 0, 0, tzinfo=dt.UTC)
 
@@ -51,11 +52,64 @@ def test_labels_and_eta():
     assert views.method_label(job) == "bitsandbytes NF4 4-bit +DQ"
     job = SimpleNamespace(method="gptq", bits=4, request={"quantization_config": {"group_size": 128}})
     assert views.method_label(job) == "GPTQ 4-bit g128"
-    assert views.eta_s("running", 0.25, T0, T0 + dt.timedelta(seconds=10)) == 30.0
-    assert views.eta_s("running", 0.0, T0, T0) is None and views.eta_s("queued", 0.5, T0, T0) is None
     assert views.duration(75) == "1 min 15 s" and views.size(2048) == "2.0 KiB"
-    assert views.short_model("/work/shared/assets/models/stories260K") == "…/models/stories260K"
-    assert views.short_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_model_label_is_the_part_that_tells_local_models_apart():
+    roots = [Path("/srv/models"), Path("/data/uploads")]
+    assert views.model_label("/srv/models/llama/7b", roots) == "llama/7b"
+    assert views.model_label("/srv/models/mistral/7b", roots) == "mistral/7b"
+    assert views.model_label("/data/uploads/alice/stories260K", roots) == "alice/stories260K"
+    # rows stored before paths were resolved at submission still read well
+    assert views.model_label("/srv/models/tmp/../llama/7b/", roots) == "llama/7b"
+    assert views.model_label("/elsewhere/x/../model", roots) == "/elsewhere/model"  # outside every root: the path
+    assert views.model_label("/srv/models", roots) == "/srv/models"
+    assert views.model_label("HuggingFaceTB/SmolLM2-135M", roots) == "HuggingFaceTB/SmolLM2-135M"
+
+
+GPTQ_REQ = {"quantization_config": {"quant_method": "gptq"}, "options": {"evaluate": True}}
+NF4_REQ = {"quantization_config": {"quant_method": "bitsandbytes"}, "options": {"evaluate": False},
+           "push_to_hub": {"repo_id": "me/x"}}
+PAST = {"resolve": 1.0, "load": 2.0, "calibrate": 4.0, "quantize": 20.0, "evaluate": 10.0, "export": 3.0}
+
+
+def test_planned_stages_follow_the_request():
+    assert eta.planned_stages(GPTQ_REQ) == ["resolve", "load", "calibrate", "quantize", "evaluate", "export"]
+    assert eta.planned_stages(NF4_REQ) == ["resolve", "load", "quantize", "export", "publish"]
+
+
+def test_eta_of_the_same_model_adds_the_stages_to_come_at_their_typical_durations():
+    history = [eta.Past("m", PAST), eta.Past("m", {**PAST, "quantize": 30.0, "evaluate": 14.0}),
+               eta.Past("m", {**PAST, "quantize": 40.0, "evaluate": 12.0})]
+    # in load (no progress): the rest of load by its typical time, then calibrate, quantize, evaluate, export
+    est = eta.estimate(GPTQ_REQ, "m", "load", 0.0, 0.5, {"resolve": 1.0}, history)
+    assert est == eta.Estimate(2.0, 4.0 + 30.0 + 12.0 + 3.0)
+    assert eta.remaining_s(est, 0.0, 0.5) == 1.5 + 49.0
+    # in quantize, a quarter done after 10 s: 30 s more at that rate, then evaluate and export
+    est = eta.estimate(GPTQ_REQ, "m", "quantize", 0.25, 10.0, {}, history)
+    assert eta.remaining_s(est, 0.25, 10.0) == 30.0 + 12.0 + 3.0
+    # the page ticks from the same two figures: a stage slower than its typical time is not "done"
+    assert eta.remaining_s(eta.Estimate(2.0, 5.0), 0.0, 9.0) == 5.0
+
+
+def test_eta_from_other_models_scales_by_this_jobs_quantize_time():
+    history = [eta.Past("small", PAST)]  # quantize 20 s, evaluate 10 s, export 3 s
+    # before this job's quantize says how big it is, nothing to scale by
+    assert eta.estimate(GPTQ_REQ, "big", "calibrate", 0.5, 2.0, {}, history) == eta.Estimate(None, None)
+    # quantize 10 % done after 20 s: 200 s projected, 10x the past model -> evaluate 100 s, export 30 s
+    est = eta.estimate(GPTQ_REQ, "big", "quantize", 0.1, 20.0, {}, history)
+    assert est.rest_s == 130.0 and eta.remaining_s(est, 0.1, 20.0) == 180.0 + 130.0
+    # after quantize, its real duration is the scale
+    est = eta.estimate(GPTQ_REQ, "big", "evaluate", 0.0, 0.0, {"quantize": 40.0}, history)
+    assert est == eta.Estimate(20.0, 6.0)
+
+
+def test_no_eta_without_history_or_for_a_stage_no_past_job_ran():
+    assert eta.estimate(GPTQ_REQ, "m", "quantize", 0.5, 5.0, {}, []) == eta.Estimate(None, None)
+    assert eta.remaining_s(eta.Estimate(None, None), 0.5, 5.0) is None
+    # NF4 with publishing, but no past job published: the stages to come are not known
+    est = eta.estimate(NF4_REQ, "m", "quantize", 0.5, 5.0, {}, [eta.Past("m", PAST)])
+    assert est.rest_s is None and eta.remaining_s(est, 0.5, 5.0) is None
 
 
 def test_deliveries_placeholder_is_empty_without_deliveries(settings):

@@ -27,8 +27,12 @@
     return h + " h " + (m < 10 ? "0" : "") + m + " min";
   }
 
-  /* Elapsed time and stage ETA, from the data-* attributes of a row or the job summary. The ETA is
-   * the time left in the current stage at the rate seen so far in it (the same formula as the server). */
+  function optFloat(s) { return s === null || s === "" ? null : parseFloat(s); }
+
+  /* Elapsed time and ETA, from the data-* attributes of a row or the job summary. The ETA is the whole
+   * job's time left: the current stage's rest at the rate seen so far in it (or its typical duration less
+   * the time spent, before it reports progress), plus the typical durations of the stages after it -- the
+   * same formula as the server's (api/dashboard/eta.py), which renders the two typical figures. */
   function tickHolder(holder) {
     var started = parseTime(holder.getAttribute("data-started"));
     var finished = parseTime(holder.getAttribute("data-finished"));
@@ -39,9 +43,17 @@
     $all("[data-tick=elapsed]", holder).forEach(function (el) {
       el.textContent = started ? duration(((finished || t) - started) / 1000) : "–";
     });
+    var typical = optFloat(holder.getAttribute("data-eta-typical"));
+    var rest = optFloat(holder.getAttribute("data-eta-rest"));
     $all("[data-tick=eta]", holder).forEach(function (el) {
       var eta = null;
-      if (status === "running" && stageStarted && p >= 0.01 && p < 1) eta = (t - stageStarted) / 1000 * (1 - p) / p;
+      if (status === "running" && rest !== null) {
+        var spent = stageStarted ? Math.max(0, (t - stageStarted) / 1000) : 0;
+        var left = null;
+        if (p >= 0.01 && p < 1) left = spent * (1 - p) / p;
+        else if (typical !== null) left = Math.max(0, typical - spent);
+        if (left !== null) eta = left + rest;
+      }
       el.textContent = eta === null ? "–" : "~" + duration(eta);
     });
   }
