@@ -46,7 +46,7 @@ LIST_STREAM_MAX_S = 300.0  # the browser reconnects (with Last-Event-ID) after t
 KEEPALIVE_S = 15.0
 
 NOTICES = {
-    "submitted": "Job submitted. It is queued and will start when a worker is free.",
+    "submitted": "Job submitted.",  # true however far the job has got when the page is seen again
     "cancel-requested": "Cancellation requested: a queued job stops at once, a running one as soon as its worker stops it.",
     "already-finished": "That job had already finished; nothing to cancel.",
     "retried": "Submitted again as a new job with the same request.",

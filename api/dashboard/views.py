@@ -141,6 +141,7 @@ class Row:
     worker: str | None
     cancel_requested: bool
     created: str
+    created_short: str
     created_iso: str | None
     started_iso: str | None
     finished_iso: str | None
@@ -177,7 +178,8 @@ def row(job: Job, stage_started: dt.datetime | None, now: dt.datetime, roots: li
     return Row(
         id=str(job.id), status=job.status, stage=job.stage, progress=float(job.progress or 0.0),
         progress_message=job.progress_message, model=job.source_model, method=method_label(job), worker=job.worker,
-        cancel_requested=bool(job.cancel_requested), created=shown_time(job.created_at), created_iso=iso(job.created_at),
+        cancel_requested=bool(job.cancel_requested), created=shown_time(job.created_at),
+        created_short=job.created_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M"), created_iso=iso(job.created_at),
         started_iso=iso(job.started_at), finished_iso=iso(job.finished_at),
         stage_started_iso=iso(stage_started) if job.status == "running" else None,
         elapsed=duration(elapsed_s(job, now)), eta=f"~{duration(left)}" if left is not None else "–",

@@ -4,8 +4,10 @@ stack: API process + Celery worker process + Redis + PostgreSQL.
 One stack serves the whole module (the worker runs one job at a time, so jobs run in turn):
 sign in, submit an NF4 job on stories260K through the form and watch it progress and succeed
 without a reload, see a failed job's error, cancel a running job, and check that another tenant
-sees nothing and that the API key never reaches a page or a cookie. Screenshots of the list and of
-a job page are saved under the test artefacts.
+sees nothing and that the API key never reaches a page or a cookie. Every response of every page is
+watched (none may be a 5xx) and every EventSource is recorded, so a live stream that fails cannot hide
+behind the polling fallback. At 390 px wide every column of the list stays on screen. Screenshots at
+1280 and 390 px are saved under the test artefacts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,32 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHOTS = ARTIFACTS / "dashboard"
 TIMEOUT_MS = 90_000
+WIDE, NARROW = {"width": 1280, "height": 900}, {"width": 390, "height": 844}
+
+# Every EventSource a page opens, with what happened on it: window.__sse = [{url, opened, errors, events}].
+RECORD_EVENT_SOURCES = """(() => {
+  const Native = window.EventSource;
+  if (!Native) return;
+  window.__sse = [];
+  class Recorded extends Native {
+    constructor(url, options) {
+      super(url, options);
+      const rec = { url: String(url), opened: 0, errors: 0, events: {} };
+      window.__sse.push(rec);
+      super.addEventListener("open", () => { rec.opened += 1; });
+      super.addEventListener("error", () => { rec.errors += 1; });
+      this.__rec = rec;
+    }
+    addEventListener(type, listener, options) {
+      const rec = this.__rec;
+      return super.addEventListener(type, function (ev) {
+        if (type !== "open" && type !== "error") rec.events[type] = (rec.events[type] || 0) + 1;
+        return listener.call(this, ev);
+      }, options);
+    }
+  }
+  window.EventSource = Recorded;
+})();"""
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +88,12 @@ def browser():
 class Session:
     """A signed-in browser context; remembers every page's HTML to check for the key at the end."""
 
-    def __init__(self, browser, base: str, key: str) -> None:
-        self.context = browser.new_context(base_url=base, viewport={"width": 1366, "height": 900})
+    def __init__(self, browser, base: str, key: str, viewport: dict = WIDE) -> None:
+        self.context = browser.new_context(base_url=base, viewport=viewport)
         self.context.set_default_timeout(TIMEOUT_MS)
+        self.context.add_init_script(RECORD_EVENT_SOURCES)
+        self.server_errors: list[str] = []
+        self.context.on("response", lambda r: r.status >= 500 and self.server_errors.append(f"{r.status} {r.url}"))
         self.key = key
         self.html: list[str] = []
         self.page = self.context.new_page()
@@ -75,6 +106,9 @@ class Session:
 
     def keep(self, page=None) -> None:
         self.html.append((page or self.page).content())
+
+    def assert_no_server_errors(self) -> None:
+        assert not self.server_errors, f"requests of the pages answered 5xx: {self.server_errors}"
 
     def assert_key_never_exposed(self) -> None:
         for html in self.html:
@@ -111,6 +145,46 @@ def _shot(page, name: str) -> Path:
 
 def _status(page) -> str:
     return page.locator("#job-status").inner_text().strip()
+
+
+def _streams(page, path: str) -> list[dict]:
+    return [r for r in page.evaluate("window.__sse || []") if path in r["url"]]
+
+
+def assert_followed_live(page, path: str, kinds: tuple[str, ...]) -> None:
+    """The page's EventSource on `path` opened, delivered events of `kinds`, and never failed over to polling."""
+    streams = _streams(page, path)
+    assert streams, f"no EventSource on {path}: {page.evaluate('window.__sse || []')}"
+    assert all(r["opened"] >= 1 and r["errors"] == 0 for r in streams), streams
+    assert sum(r["events"].get(k, 0) for r in streams for k in kinds) > 0, streams
+    assert "polling" not in page.locator("#live-state").inner_text()
+
+
+def assert_fits(page, width: int) -> dict:
+    """No sideways scrolling, and every cell of the jobs list shown whole on screen under its label."""
+    got = page.evaluate("""(width) => {
+      const out = {overflow: document.documentElement.scrollWidth - width, rows: 0, off: [], unlabelled: [], wide: []};
+      for (const el of document.querySelectorAll('body *')) {  // what sticks out, for the message
+        const r = el.getBoundingClientRect();
+        if (r.right > width + 0.5 && out.wide.length < 8)
+          out.wide.push(el.tagName.toLowerCase() + (el.id ? '#' + el.id : '') + '.' + el.className + ' ' + Math.round(r.right));
+      }
+      for (const tr of document.querySelectorAll('tr.job-row')) {
+        out.rows += 1;
+        for (const td of tr.querySelectorAll('td')) {
+          if (!td.textContent.trim() && !td.querySelector('button, progress')) continue;
+          const r = td.getBoundingClientRect();
+          if (r.width === 0 || r.height === 0 || r.left < 0 || r.right > width + 0.5)
+            out.off.push([td.dataset.label, Math.round(r.left), Math.round(r.right)]);
+          const label = getComputedStyle(td, '::before').content;
+          if (td.dataset.label && label !== '"' + td.dataset.label + '"') out.unlabelled.push(td.dataset.label);
+        }
+      }
+      return out;
+    }""", width)
+    assert got["overflow"] <= 0, f"the page scrolls sideways by {got['overflow']} px: {got['wide']}"
+    assert not got["off"], f"cells outside the {width} px screen: {got['off'][:10]}"
+    return got
 
 
 def test_submit_watch_progress_live_and_see_the_result(browser, live):
@@ -159,24 +233,41 @@ def test_submit_watch_progress_live_and_see_the_result(browser, live):
         assert page.locator(".timeline li").count() >= 4
         assert page.locator("#error-chart rect.bar").count() > 0, "no per-layer error chart"
         assert page.evaluate("window.__notReloaded === true")
+        # It all arrived through the job's live stream, not the polling fallback.
+        assert_followed_live(page, f"/dashboard/jobs/{jid}/events", ("status", "stage", "progress"))
         alice.keep()
         page.reload()  # a fresh render shows the same result (and makes a clean screenshot)
         page.locator("#error-chart rect.bar").first.wait_for()
         alice.keep()
         _shot(page, "job-succeeded.png")
+        assert page.locator("h1").inner_text() == f"{STORIES.parent.name}/{STORIES.name}"
+
 
         # The list, opened before the job existed, got the row and its final state live.
         row = listing.locator(f"#job-{jid}")
         row.wait_for()
         row.locator(".badge-succeeded").wait_for()
         assert listing.evaluate("window.__notReloaded === true"), "the list reloaded"
+        assert_followed_live(listing, "/dashboard/jobs/stream", ("job",))
+        assert_fits(listing, WIDE["width"])
+        for cell, shown in (("Size after", "KiB"), ("Compression", "×"), ("Perplexity Δ", "%")):
+            assert shown in row.locator(f"td[data-label='{cell}']").inner_text(), cell
         alice.keep(listing)
 
         # A downloaded file is the engine's output.
         with page.expect_download() as dl:
             page.locator("#result").get_by_role("link", name="config.json", exact=True).click()
         assert b"quantization_config" in Path(dl.value.path()).read_bytes()
+        # ... and so is the archive of them all
+        with page.expect_download() as dl:
+            page.locator("#download-all").click()
+        import tarfile
+
+        with tarfile.open(dl.value.path()) as tar:
+            names = {m.name.split("/", 1)[1] for m in tar.getmembers()}
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
         alice.assert_key_never_exposed()
+        alice.assert_no_server_errors()
     finally:
         alice.close()
 
@@ -202,6 +293,7 @@ def test_submit_form_shows_validation_errors_by_their_fields(browser, live):
         alice.keep()
         _shot(page, "submit-errors.png")
         alice.assert_key_never_exposed()
+        alice.assert_no_server_errors()
     finally:
         alice.close()
 
@@ -224,6 +316,7 @@ def test_failed_job_shows_its_error_and_stage(browser, live):
         alice.keep()
         _shot(page, "job-failed.png")
         alice.assert_key_never_exposed()
+        alice.assert_no_server_errors()
     finally:
         alice.close()
 
@@ -251,6 +344,9 @@ def test_cancel_a_running_job_and_the_live_list(browser, live):
             time.sleep(0.2)
         assert page.evaluate("window.__notReloaded === true")
         assert row.locator("[data-tick=elapsed]").inner_text() not in ("", "–")
+        # a finished NF4 job of the same model went before: the whole job's time left is estimated
+        assert row.locator("[data-tick=eta]").inner_text().startswith("~")
+        assert_fits(page, WIDE["width"])
         alice.keep()
         _shot(page, "jobs-list.png")
 
@@ -282,7 +378,9 @@ def test_cancel_a_running_job_and_the_live_list(browser, live):
         alice.keep()
         with httpx.Client(base_url=live.url, headers=auth(live.alice)) as c:
             assert c.get(f"/v1/jobs/{jid}").json()["status"] == "cancelled"
+        assert_followed_live(page, f"/dashboard/jobs/{jid}/events", ("status",))
         alice.assert_key_never_exposed()
+        alice.assert_no_server_errors()
     finally:
         alice.close()
 
@@ -305,10 +403,38 @@ def test_another_tenant_sees_none_of_these_jobs(browser, live):
         mallory.assert_key_never_exposed()
         for c in mallory.context.cookies():
             assert live.alice not in c["value"]
+        resp = page.goto("/dashboard/jobz")  # mistyped: a page saying so, not JSON
+        assert resp.status == 404 and resp.headers["content-type"].startswith("text/html")
+        assert page.get_by_text("There is no page at").is_visible()
         page.goto("/dashboard/jobs")
         page.get_by_role("button", name="Sign out").click()
         page.wait_for_url("**/dashboard/login?notice=signed-out")
         page.goto("/dashboard/jobs")
         assert "/dashboard/login" in page.url
+        mallory.assert_no_server_errors()
     finally:
         mallory.close()
+
+
+def test_at_390_px_every_column_is_on_screen(browser, live):
+    """A phone: the list is one card per job with every column's content, and no page scrolls sideways."""
+    alice = Session(browser, live.url, live.alice, viewport=NARROW)
+    try:
+        page = alice.page
+        page.goto("/dashboard/jobs")
+        got = assert_fits(page, NARROW["width"])
+        assert got["rows"] >= 3 and not got["unlabelled"], got  # the jobs of the tests before, each labelled
+        _shot(page, "jobs-list-390.png")
+        with httpx.Client(base_url=live.url, headers=auth(live.alice)) as c:
+            jobs = c.get("/v1/jobs").json()["items"]
+        for status in ("succeeded", "failed", "cancelled"):
+            job = next(j for j in jobs if j["status"] == status)
+            page.goto(f"/dashboard/jobs/{job['id']}")
+            assert_fits(page, NARROW["width"])
+            if status == "succeeded":
+                _shot(page, "job-succeeded-390.png")
+        page.goto("/dashboard/jobs/new")
+        assert_fits(page, NARROW["width"])
+        alice.assert_no_server_errors()
+    finally:
+        alice.close()
