@@ -193,7 +193,7 @@ def row(job: Job, stage_started: dt.datetime | None, now: dt.datetime, roots: li
 def rows(session: Session, jobs: list[Job], roots: list[Path]) -> list[Row]:
     running = [j for j in jobs if j.status == "running"]
     starts = stage_starts(session, [j.id for j in running])
-    history = {(j.owner, j.method): recent_history(session, j.owner, j.method) for j in running}
+    history = {key: recent_history(session, *key) for key in {(j.owner, j.method) for j in running}}
     now = utcnow()
     return [row(j, starts.get(j.id), now, roots, history.get((j.owner, j.method))) for j in jobs]
 
