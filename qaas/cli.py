@@ -31,12 +31,12 @@ def _settings():
     return settings
 
 
-def _setup_logging(level: str | None = None) -> None:
+def _setup_logging(level: str | None = None, log_file: str | None = None) -> None:
     from qaas.logging_setup import setup_logging
     from qaas.settings import get_settings
 
     settings = get_settings()
-    setup_logging(settings.log_format, level or settings.log_level)
+    setup_logging(settings.log_format, level or settings.log_level, log_file=log_file)
 
 
 # --- service processes ----------------------------------------------------------------------------
@@ -68,14 +68,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import socket
 
     from celery.signals import setup_logging as celery_setup_logging
+    from celery.signals import worker_ready
 
+    # before the tasks module is imported: what it logs while it loads goes to the same place
+    _setup_logging(args.loglevel, args.log_file)
     from qaas.worker.tasks import app, settings
 
-    _setup_logging(args.loglevel)
     # A receiver on this signal tells Celery to leave logging alone: our JSON handler stays the only one.
     celery_setup_logging.connect(lambda **_: None, weak=False)
+    if args.ready_file:
+        ready_file = Path(args.ready_file)
+        worker_ready.connect(lambda **_: ready_file.touch(), weak=False)
     queues = args.queues or f"{settings.gpu_queue},{settings.io_queue}"
-    argv = ["worker", "-Q", queues, "-c", "1", "-P", "solo", "--loglevel", args.loglevel,
+    # --quiet: no banner on stdout; what it says (queues, transport) is in the log lines.
+    argv = ["--quiet", "worker", "-Q", queues, "-c", "1", "-P", "solo", "--loglevel", args.loglevel,
             "-n", f"qaas-{os.getpid()}@{socket.gethostname()}", "--without-gossip", "--without-mingle"]
     app.worker_main(argv)
     return 0
@@ -98,42 +104,85 @@ def _exit_on_sigterm(_signum, _frame) -> None:
     raise SystemExit(0)
 
 
+#: How long `qaas up` waits for its worker to report ready before it says so and prints the key anyway.
+WORKER_READY_TIMEOUT_S = 180.0
+
+
+def _announce_when_ready(server, worker: subprocess.Popen, ready_file: Path, settings, url: str, log_file: Path) -> None:
+    """Once the API listens and the worker is ready: the summary, then the URL and the first key as the
+    last lines (the key alone on stdout). Everything else the service says goes to `log_file`."""
+    import time
+
+    deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+    while not (server.started and ready_file.exists()):
+        if server.should_exit:
+            return  # the API did not start: uvicorn has logged why (an error, so on the terminal)
+        if worker.poll() is not None:
+            print(f"error: the worker exited with status {worker.returncode} before it was ready; see {log_file}",
+                  file=sys.stderr, flush=True)
+            server.should_exit = True
+            return
+        if time.monotonic() > deadline:
+            print(f"warning: the worker has not reported ready after {WORKER_READY_TIMEOUT_S:.0f} s; jobs wait "
+                  f"until it is (see {log_file})", file=sys.stderr)
+            break
+        time.sleep(0.1)
+    key = _ensure_first_key(settings)  # made only now, so a start that failed never swallows it
+    mode = "embedded: SQLite + filesystem broker" if settings.embedded else "configured database and broker"
+    lines = [
+        f"qaas is running ({mode}; data in {settings.data_dir.resolve()})",
+        f"  API docs   {url}/docs",
+        f"  dashboard  {url}/dashboard",
+        f"  logs       {log_file}",
+        f"  URL        {url}",
+    ]
+    lines.append("  API key    (the first one, shown once: keep it)" if key else
+                 "  API key    keys exist already; make another with `qaas keys create NAME`")
+    print("\n" + "\n".join(lines), file=sys.stderr, flush=True)
+    if key:
+        print(key, flush=True)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    import threading
+
     import uvicorn
 
     from qaas.api.app import create_app
     from qaas.db.migrate import upgrade
 
-    _setup_logging()
     settings = _settings()
+    log_file = (settings.data_dir / "qaas-up.log").resolve()
+    _setup_logging(log_file=str(log_file))
     upgrade(settings.resolved_database_url)
-    key = _ensure_first_key(settings)
+    ready_file = settings.data_dir / f".worker-ready-{os.getpid()}"
+    ready_file.unlink(missing_ok=True)
+    # The worker logs to the same file (its stdout too: Celery prints its shutdown notices there).
     # SIGKILL if this process is killed outright: a worker left behind would keep taking jobs (the running
     # one's lease lapses and it is retried, as for any lost worker).
-    worker = subprocess.Popen([sys.executable, "-P", "-c", "from qaas.cli import main; main()", "worker"],
-                              preexec_fn=die_with_parent(signal.SIGKILL))
+    with open(log_file, "ab") as worker_stdout:
+        worker = subprocess.Popen([sys.executable, "-P", "-c", "from qaas.cli import main; main()", "worker",
+                                   "--log-file", str(log_file), "--ready-file", str(ready_file)],
+                                  stdout=worker_stdout, preexec_fn=die_with_parent(signal.SIGKILL))
     url = f"http://{args.host}:{args.port}"
-    mode = "embedded (SQLite + filesystem broker)" if settings.embedded else "configured"
-    print(f"\nqaas is starting at {url}  [{mode}; data in {settings.data_dir.resolve()}]", file=sys.stderr)
-    print(f"  API docs: {url}/docs", file=sys.stderr)
-    if key:
-        print("  your first API key (shown once, keep it):", file=sys.stderr)
-        print(key, flush=True)
-    else:
-        print("  API keys exist already; make another with `qaas keys create NAME`", file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info",
+                                           log_config=None))
+    threading.Thread(target=_announce_when_ready, args=(server, worker, ready_file, settings, url, log_file),
+                     name="announce", daemon=True).start()
     # uvicorn handles SIGTERM itself (graceful shutdown), then restores the previous handler and raises
     # the signal again: with the default handler that ends the process before `finally` could stop the
     # worker. This handler turns it into SystemExit, so the worker below is stopped gracefully.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", log_config=None)
+        server.run()
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
-    return 0
+        ready_file.unlink(missing_ok=True)
+    return 0 if server.started else 1
 
 
 # --- keys -----------------------------------------------------------------------------------------
@@ -233,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a worker (one job at a time)")
     worker.add_argument("--queues", default=None, help="comma-separated queues (default: gpu,io)")
     worker.add_argument("--loglevel", default="INFO")
+    # used by `qaas up`: its log file, and a file to touch once the worker takes jobs
+    worker.add_argument("--log-file", default=None, help="log to this file; only errors on stderr")
+    worker.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
 
     mig = sub.add_parser("migrate", help="upgrade the database schema")
@@ -269,9 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command in ("up", "api", "worker"):
-        _setup_logging()  # service processes: the configured format (JSON lines by default)
-    elif args.command not in ("quantize",):
+    # service processes (api, worker, up) set up their logging themselves: the configured format, JSON
+    # lines by default; `quantize` draws progress bars
+    if args.command not in ("api", "worker", "up", "quantize"):
         from qaas.logging_setup import setup_logging
 
         setup_logging("text", "INFO")

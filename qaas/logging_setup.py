@@ -85,18 +85,36 @@ class TextFormatter(logging.Formatter):
         return f"{line} [job {record.job_id}]" if getattr(record, "job_id", None) else line
 
 
-def setup_logging(fmt: str = "json", level: str = "INFO") -> None:
-    """Configure the root logger once: one handler on stderr; library loggers propagate to it."""
+def setup_logging(fmt: str = "json", level: str = "INFO", *, log_file: str | None = None) -> None:
+    """Configure the root logger once: one handler on stderr; library loggers propagate to it.
+
+    With `log_file` (`qaas up` in a terminal) every record goes to that file in `fmt`, and only errors
+    reach stderr, as plain text: the service's routine lines would otherwise bury what the user must read.
+    Python warnings (`warnings.warn`, e.g. Celery's) become log records either way, so they keep the
+    format of the stream instead of writing raw text into it.
+    """
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_qaas", False):
             root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._qaas = True  # type: ignore[attr-defined]
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(ContextFilter())
-    root.addHandler(handler)
+            h.close()
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(formatter)
+    if log_file is not None:
+        console.setLevel(logging.ERROR)
+        console.setFormatter(TextFormatter())
+        to_file = logging.FileHandler(log_file, encoding="utf-8")
+        to_file.setFormatter(formatter)
+        handlers: list[logging.Handler] = [console, to_file]
+    else:
+        handlers = [console]
+    for handler in handlers:
+        handler._qaas = True  # type: ignore[attr-defined]
+        handler.addFilter(ContextFilter())
+        root.addHandler(handler)
     root.setLevel(getattr(logging, str(level).upper(), logging.INFO))
+    logging.captureWarnings(True)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery"):
         lg = logging.getLogger(name)
         lg.handlers.clear()

@@ -31,12 +31,15 @@ def _celery_app_for(broker_url: str, broker_folder: str, gpu_queue: str, io_queu
         # Embedded mode: kombu's filesystem transport needs no server; in and out share one folder.
         # (made once per process: this function is cached)
         Path(broker_folder).mkdir(parents=True, exist_ok=True)
-        Path(broker_folder + "-processed").mkdir(parents=True, exist_ok=True)
+        for suffix in ("-processed", "-control"):
+            Path(broker_folder + suffix).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": broker_folder,
             "data_folder_out": broker_folder,
             "processed_folder": broker_folder + "-processed",
             "store_processed": False,
+            # its exchange tables; kombu's default is ./control, a folder in whatever the cwd is
+            "control_folder": broker_folder + "-control",
         }
     else:
         # Fail fast when Redis is down: the job is already committed and the sweeper retries.

@@ -116,7 +116,8 @@ class Settings(BaseSettings):
 
     @property
     def resolved_broker_url(self) -> str:
-        return self.broker_url or "filesystem://"
+        # The filesystem transport ignores the host, but kombu warns on every connection without one.
+        return self.broker_url or "filesystem://localhost/"
 
     @property
     def broker_folder(self) -> Path:
