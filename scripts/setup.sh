@@ -28,24 +28,11 @@ GPTQMODEL_VERSION=$(pinned gptqmodel)
 # AVX2 variant, so the cached wheel runs on any x86-64 host of that level rather than only this CPU.
 LLAMA_CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF -DGGML_NATIVE=OFF"
 
-LOG_DIR=$(mktemp -d -t qaas-setup.XXXXXX)
-trap 'rm -rf "$LOG_DIR"' EXIT
-
-# step "what" command...: run quietly; on failure show what it printed and stop.
-step() {
-  local what=$1 log
-  shift
-  log="$LOG_DIR/$(printf '%s' "$what" | tr -c 'A-Za-z0-9' '_').log"
-  if ! "$@" >"$log" 2>&1; then
-    echo "setup: $what failed; its output:" >&2
-    cat "$log" >&2
-    exit 1
-  fi
-}
-say() { echo "setup: $*" >&2; }
+STEP_PREFIX=setup
+. scripts/lib.sh
 
 stamp_of_inputs() {
-  cat pyproject.toml setup.py constraints.txt scripts/setup.sh | sha256sum | cut -c1-16
+  cat pyproject.toml setup.py constraints.txt scripts/setup.sh scripts/lib.sh | sha256sum | cut -c1-16
   "$PY" -c 'import sys; print(sys.version)'
 }
 
