@@ -33,7 +33,7 @@ STEP_PREFIX=setup
 
 stamp_of_inputs() {
   cat pyproject.toml setup.py constraints.txt scripts/setup.sh scripts/lib.sh | sha256sum | cut -c1-16
-  "$PY" -c 'import sys; print(sys.version)'
+  "$PY" -c 'import sys; print(sys.version)' 2>/dev/null
 }
 
 if [ ! -x "$PY" ]; then
@@ -65,6 +65,7 @@ if [ -z "$(ls "$LLAMA_WHEELS"/*.whl 2>/dev/null)" ] || [ ! -d "$CACHE/llama-cpp-
 fi
 if [ -z "$(ls "$LLAMA_WHEELS"/*.whl 2>/dev/null)" ]; then
   say "building llama-cpp-python $LLAMA_CPP_VERSION from source (once per machine: about 5 minutes on 2 cores)"
+  rm -rf "$LLAMA_WHEELS.partial" && mkdir -p "$LLAMA_WHEELS.partial"
   step "building llama-cpp-python" env CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     "${PIP[@]}" wheel --no-deps -w "$LLAMA_WHEELS.partial" "$(llama_sdist)"
   mv "$LLAMA_WHEELS.partial" "$LLAMA_WHEELS"

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-from conftest import ASSETS, STORIES, WIKITEXT, auth
+from conftest import ASSETS, REPO, STORIES, WIKITEXT, auth
 
 QAAS = [sys.executable, "-P", "-c", "from qaas.cli import main; main()"]
 
@@ -75,10 +77,8 @@ def test_qaas_up_embedded_mode_runs_a_job_end_to_end(tmp_path):
                                 start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/healthz", timeout=60)
-        key = out_path.read_text().strip().splitlines()[0]
-        assert key.startswith("qaas_")
-        assert f"qaas is starting at {url}" in err_path.read_text()
+        key = _wait_for_first_key(out_path, proc)
+        assert f"  URL        {url}" in err_path.read_text()
         assert (tmp_path / "qaas-data" / "qaas.db").exists()  # embedded defaults, under the cwd
         with httpx.Client(base_url=url, headers=auth(key), timeout=30) as c:
             assert c.get("/readyz").json()["checks"] == {"database": "ok", "broker": "ok"}
@@ -100,6 +100,64 @@ def test_qaas_up_embedded_mode_runs_a_job_end_to_end(tmp_path):
     # SIGTERM stops the service and the worker it started (uvicorn re-raises the signal after its own
     # shutdown; without qaas' handler the process died before it could stop the worker, leaving it running)
     _assert_gone(workers[0], within_s=35)
+
+
+def _wait_for_first_key(stdout_path, proc, timeout: float = 180) -> str:
+    """`qaas up` prints the first key alone on stdout once the API and the worker are ready."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = stdout_path.read_text().splitlines()
+        if lines:
+            assert len(lines) == 1 and KEY.fullmatch(lines[0]), lines
+            return lines[0]
+        assert proc.poll() is None, f"qaas up exited with {proc.returncode}"
+        time.sleep(0.2)
+    raise TimeoutError("qaas up printed no key")
+
+
+KEY = re.compile(r"qaas_[A-Za-z0-9_-]{40,}")
+
+
+def test_the_first_command_prints_the_url_and_key_last_with_no_warning_above(tmp_path):
+    """The README's first command, `./scripts/up.sh` (setup, then `qaas up`): what the terminal shows is
+    the summary, ending in the URL and the one-time key; no installer output, no warnings. Everything
+    else the service says is in its log file, which holds no warning of the project's making either."""
+    from support.processes import free_port
+
+    port = free_port()
+    data = tmp_path / "data"
+    # the test's own venv stands for .venv: setup.sh finds it installed from these inputs and does nothing
+    env = _clean_env(QAAS_LOCAL_MODEL_ROOTS=str(ASSETS), QAAS_DATA_DIR=str(data),
+                     QAAS_VENV=str(Path(sys.executable).parent.parent))
+    terminal = tmp_path / "terminal.txt"
+    with open(terminal, "w") as out:  # stdout and stderr in one stream, in order, as a terminal shows them
+        proc = subprocess.Popen(["bash", str(REPO / "scripts" / "up.sh"), "--port", str(port)], cwd=tmp_path, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(KEY.fullmatch(line) for line in terminal.read_text().splitlines()):
+            assert proc.poll() is None, terminal.read_text()
+            assert time.monotonic() < deadline, terminal.read_text()
+            time.sleep(0.2)
+        time.sleep(2)  # anything printed right after the key would show here
+        lines = [line for line in terminal.read_text().splitlines() if line.strip()]
+        assert KEY.fullmatch(lines[-1]), lines
+        assert lines[-2] == "  API key    (the first one, shown once: keep it)", lines
+        assert lines[-3] == f"  URL        http://127.0.0.1:{port}", lines
+        first = next(i for i, line in enumerate(lines) if line.startswith("qaas is running (embedded: SQLite"))
+        assert all(line.startswith("setup: ") for line in lines[:first]), lines  # at most a line per install step
+        assert not [line for line in lines if "warn" in line.lower() or "error" in line.lower()], lines
+        log = (data / "qaas-up.log").read_text()
+        records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+        assert any(r["logger"] == "celery.apps.worker" and r["msg"].endswith("ready.") for r in records)
+        # running as root, Celery says it is not recommended; any other warning would be the project's
+        warned = [r for r in records if r["level"] in ("warning", "error", "critical")
+                  and not (os.getuid() == 0 and "SecurityWarning: You're running the worker with superuser" in r["msg"])]
+        assert not warned, warned
+        assert not (tmp_path / "control").exists()  # kombu's exchange tables live under the data dir
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def _assert_gone(process, within_s: float) -> None:
