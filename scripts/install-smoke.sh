@@ -23,11 +23,13 @@ step "creating a venv" "$PYTHON" -m venv "$WORK/venv"
 step "upgrading pip" "$VPY" -m pip install --disable-pip-version-check --upgrade pip
 step "installing torch 2.13.0" "$VPY" -m pip install --disable-pip-version-check "torch==2.13.0"
 if [ "${1:-}" = "--lowest" ]; then
-  # uv resolves each direct dependency to the lowest version its range allows (torch stays at 2.13.0)
+  # uv resolves each direct dependency to the lowest version its range allows; torch stays the installed
+  # CPU build (uv reads no pip.conf: the local wheel's folder is named here, its metadata has no CUDA deps)
   step "installing uv" "$VPY" -m pip install --disable-pip-version-check uv
+  TORCH=$("$VPY" -c 'import importlib.metadata as m; print(m.version("torch"))')
   step "resolving the lowest versions" "$WORK/venv/bin/uv" pip compile --quiet --resolution lowest-direct \
     --python "$VPY" --no-header -o "$WORK/lowest.txt" "$WORK/src/pyproject.toml" \
-    --constraint <(echo "torch==2.13.0")
+    ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} --constraint <(echo "torch==$TORCH")
   say "lowest versions: $(grep -E '^[a-z]' "$WORK/lowest.txt" | tr '\n' ' ')"
   step "installing the lowest versions" "$VPY" -m pip install --disable-pip-version-check -r "$WORK/lowest.txt"
 fi

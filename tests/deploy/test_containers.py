@@ -7,6 +7,7 @@ against the compose schema and resolves anchors and variables, as `docker compos
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -66,4 +67,8 @@ def test_dockerfile_builds_the_whole_package_on_a_cuda_base():
     for folder in package_roots().values():
         assert any(line.startswith(f"COPY {folder} ./{folder}") for line in lines), folder
     assert any(line.startswith("USER ") and "root" not in line for line in lines)
-    assert 'pip install ".[bnb]"' in text
+    assert 'pip install ".[bnb,consumers]"' in text
+    # llama-cpp-python builds from source: the toolchain is there, with the flags scripts/setup.sh builds it with
+    assert "cmake" in next(line for line in lines if "apt-get install" in line)
+    setup_flags = re.search(r'^LLAMA_CMAKE_ARGS="([^"]+)"', (REPO / "scripts" / "setup.sh").read_text(), re.M).group(1)
+    assert f'ENV CMAKE_ARGS="{setup_flags}"' in lines

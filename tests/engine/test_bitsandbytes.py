@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("bitsandbytes")
+from support.consumers import require
+
+require("bitsandbytes")  # a missing consumer fails in CI
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 

@@ -10,7 +10,9 @@ import random
 import pytest
 import torch
 
-bnb = pytest.importorskip("bitsandbytes")
+from support.consumers import require
+
+bnb = require("bitsandbytes")  # a missing consumer fails in CI
 import bitsandbytes.functional as F  # noqa: E402
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
 

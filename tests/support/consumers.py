@@ -22,7 +22,7 @@ def missing(reason: str) -> None:
     """Fail in CI, skip elsewhere, naming what is missing."""
     if os.environ.get("CI"):
         pytest.fail(f"{reason} -- CI must have it: {INSTALL_HINT}", pytrace=False)
-    pytest.skip(f"{reason}; {INSTALL_HINT}")
+    pytest.skip(f"{reason}; {INSTALL_HINT}", allow_module_level=True)
 
 
 def require(module: str) -> ModuleType:
