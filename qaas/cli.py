@@ -176,13 +176,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
+        worker_died = worker.poll() is not None  # before it is told to stop
         worker.send_signal(signal.SIGTERM)
         try:
             worker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker.kill()
         ready_file.unlink(missing_ok=True)
-    return 0 if server.started else 1
+    return 0 if server.started and not worker_died else 1
 
 
 # --- keys -----------------------------------------------------------------------------------------
