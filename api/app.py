@@ -14,10 +14,11 @@ from qaas.api import problems
 from qaas.api.body_limit import BodySizeLimit
 from qaas.api.dashboard import install as install_dashboard
 from qaas.api.dispatch import drain_dispatchers
+from qaas.api.hub_token.endpoints import router as hub_token_router
 from qaas.api.jobs.endpoints import router as jobs_router
 from qaas.api.metrics import router as metrics_router
 from qaas.api.rate_limit import RateLimit
-from qaas.api.webhooks.endpoints import router as delivery_router
+from qaas.api.webhooks.endpoints import router as webhooks_router
 from qaas import __version__
 from qaas.db import direct
 from qaas.db.session import get_engine
@@ -61,7 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router)
     if settings.metrics_enabled:
         app.include_router(metrics_router)
-    app.include_router(delivery_router)
+    app.include_router(webhooks_router)
+    app.include_router(hub_token_router)
     install_dashboard(app)
 
     @app.get("/healthz", tags=["health"], operation_id="healthz")
@@ -76,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         def check_db() -> bool:
             try:
-                with get_engine(settings.resolved_database_url).connect() as conn:
+                with get_engine(settings.database).connect() as conn:
                     conn.execute(text("SELECT 1"))
                 return True
             except Exception:

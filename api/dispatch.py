@@ -6,7 +6,7 @@ blocking I/O, and with Redis down it blocks for its connect timeout; run on the 
 stall every request of the process, and a thread hop per submission was a large part of a
 submission's cost. So accepted jobs are handed to one `Dispatcher` per event loop, which publishes
 whatever has accumulated in one worker thread call (one broker connection, one producer) and then
-marks the whole batch dispatched with one UPDATE.
+marks the whole batch dispatched with one UPDATE (`job_store.mark_dispatched_direct`).
 
 `dispatch()` waits for its job's batch -- normally a millisecond or two -- so a client that gets its
 202 finds the message already queued; but never longer than `wait_s`: the broker being slow or down
@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import anyio.to_thread
 
-from qaas.db import direct
-from qaas.db.models import utcnow
+from qaas import job_store
 from qaas.loop_local import LoopLocal
 from qaas.queue import send_run_jobs
 from qaas.settings import Settings
@@ -34,8 +33,6 @@ log = logging.getLogger("qaas.api.dispatch")
 BATCH = 256
 #: Jobs waiting beyond this are left to the sweeper (a broker outage must not grow memory without bound).
 MAX_PENDING = 10_000
-
-_MARK_SQL = "UPDATE jobs SET dispatched_at = %s WHERE id = ANY(%s) AND status = 'queued'"
 
 
 @dataclass
@@ -92,7 +89,7 @@ class Dispatcher:
         sent_ids = [p.job_id for p in batch[:sent]]
         if sent_ids:
             # Only what really went out is marked; a job the broker refused stays NULL for the sweeper.
-            await direct.execute(self.settings.resolved_database_url, _MARK_SQL, (utcnow(), sent_ids))
+            await job_store.mark_dispatched_direct(self.settings.database, sent_ids)
         for i, p in enumerate(batch):
             if not p.done.done():
                 p.done.set_result(i < sent)

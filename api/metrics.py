@@ -23,6 +23,6 @@ router = APIRouter(tags=["health"])
 async def metrics(request: Request) -> Response:
     """Jobs by state, stage durations, queue depth and age, workers, webhook outcomes, peak memory."""
     settings = request.app.state.settings
-    registry = registry_for(get_sessionmaker(settings.resolved_database_url))
+    registry = registry_for(get_sessionmaker(settings.database))
     body = await run_in_threadpool(generate_latest, registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

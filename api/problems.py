@@ -62,6 +62,12 @@ class Problem(Exception):
         self.headers = headers or {}
 
 
+def invalid_field(field: str, message: str) -> Problem:
+    """The 422 of a request whose `field` is wrong, naming it."""
+    return Problem(422, "Invalid request", f"{field}: {message}", slug="validation-error",
+                   errors=[{"field": field, "message": message}])
+
+
 def problem_response(
     status: int, title: str, detail: str | None = None, *, slug: str | None = None,
     errors: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None, instance: str | None = None,

@@ -3,8 +3,8 @@
 Every record carries the context of the work it belongs to: `job_context(job_id, attempt)` sets
 context variables that a filter copies onto each record, so every line a worker writes while it runs
 a job -- its own, SQLAlchemy's, Celery's -- has `job_id` (and `attempt`) without each call passing it.
-A second filter scrubs anything shaped like an API key or a Hub token from messages, as a last line of
-defence (the code already redacts secrets where it knows them).
+Every message is passed through `qaas.kit.redaction.redact`, which cuts anything shaped like an API key
+or a Hub token, as a last line of defence (the code already redacts secrets where it knows them).
 """
 
 from __future__ import annotations
@@ -13,21 +13,16 @@ import contextvars
 import datetime as dt
 import json
 import logging
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from qaas.kit.redaction import redact
+
 job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("qaas_job_id", default=None)
 attempt_var: contextvars.ContextVar[int | None] = contextvars.ContextVar("qaas_attempt", default=None)
 
-#: API keys (qaas_ + 43 urlsafe chars) and Hub tokens (hf_...) -- never written to a log.
-_SECRET = re.compile(r"\b(qaas_[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9_]{16,})")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
-
-
-def scrub(text: str) -> str:
-    return _SECRET.sub(lambda m: m.group(0)[:5] + "***", text)
 
 
 @contextmanager
@@ -61,7 +56,7 @@ class JsonFormatter(logging.Formatter):
             "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": scrub(record.getMessage()),
+            "msg": redact(record.getMessage()),
             "pid": record.process,
         }
         if getattr(record, "job_id", None):
@@ -72,7 +67,7 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and key not in out and key not in ("job_id", "attempt") and not key.startswith("_"):
                 out[key] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
         if record.exc_info:
-            out["exc"] = scrub(self.formatException(record.exc_info))
+            out["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(out, default=str)
 
 
@@ -81,7 +76,7 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = scrub(super().format(record))
+        line = redact(super().format(record))
         return f"{line} [job {record.job_id}]" if getattr(record, "job_id", None) else line
 
 

@@ -43,11 +43,3 @@ def decrypt_secret(token: bytes, secret_key: str) -> str:
         return _fernet(secret_key).decrypt(token).decode()
     except InvalidToken as exc:  # the server secret changed since it was stored
         raise ValueError("stored secret cannot be decrypted with the current QAAS_SECRET_KEY") from exc
-
-
-def redact(text: str, *secrets_: str | None) -> str:
-    """Remove every given secret from a message before it is logged or stored."""
-    for s in secrets_:
-        if s:
-            text = text.replace(s, "***")
-    return text

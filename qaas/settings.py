@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from qaas.db.config import Database
+
 DEV_SECRET_KEY = "qaas-development-secret-key-do-not-use-in-production"
 
 
@@ -113,6 +115,11 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'qaas.db').resolve()}"
+
+    @property
+    def database(self) -> Database:
+        """The database and this process's pool sizes, for whatever opens connections."""
+        return Database(self.resolved_database_url, pool_size=self.db_pool_size, max_overflow=self.db_max_overflow)
 
     @property
     def resolved_broker_url(self) -> str:

@@ -18,18 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from qaas import job_store
-from qaas.db.models import HubCredential, Job, JobStatus
+from qaas.db.config import Database
+from qaas.db.models import JobStatus
 from qaas.db.retry import with_db_retry
 from qaas.kit.file_digest import sha256_file
+from qaas.kit.redaction import redact
 from qaas.logging_setup import job_context, set_attempt
 from qaas.queue import send_publish, send_run_job
-from qaas.security import decrypt_secret, redact
+from qaas.security import decrypt_secret
 from qaas.settings import Settings
 from qaas.worker.child import ChildProcess, start_child
-from qaas.worker.publishing import hand_over
 from qaas.worker.verdict import finish_job
 
 log = logging.getLogger("qaas.worker")
@@ -94,7 +93,7 @@ def run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
 
 
 def _run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
-    db = settings.resolved_database_url
+    db = settings.database
     me = worker_name()
     job = with_db_retry(db, lambda s: _claim_snapshot(s, job_id, me, settings.lease_s))
     if job is None:
@@ -130,7 +129,8 @@ def _run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
     log.info("job %s attempt %d: child pid %d", job_id, attempt, child.pid)
     with_db_retry(db, lambda s: job_store.add_event(s, job_id, "log", message="engine started",
                                                      data={"pid": child.pid, "worker": me, "attempt": attempt}))
-    outcome = _supervise(settings, job_id, attempt, child, time_limit, token, out_dir, bool(job["request"].get("push_to_hub")))
+    outcome = _supervise(settings, job_id, attempt, child, time_limit, token, out_dir,
+                         bool(job["request"].get("push_to_hub")), job["priority"])
     shutil.rmtree(work, ignore_errors=True)
     if outcome in ("failed", "cancelled"):
         shutil.rmtree(settings.artifacts_dir / str(job_id), ignore_errors=True)
@@ -141,16 +141,15 @@ def _claim_snapshot(session, job_id: uuid.UUID, me: str, lease_s: float) -> dict
     job = job_store.claim(session, job_id, worker=me, lease_s=lease_s)
     if job is None:
         return None
-    # The job's own token first, else the owner's saved Hub credential (gated or private sources).
-    saved = session.scalar(select(HubCredential.token_encrypted).where(HubCredential.owner == job.owner))
-    return {"attempt": job.attempt, "request": job.request, "hf_token_encrypted": job.hf_token_encrypted or saved}
+    return {"attempt": job.attempt, "request": job.request, "priority": job.priority,
+            "hf_token_encrypted": job_store.hub_token_encrypted(session, job)}
 
 
 def _supervise(
     settings: Settings, job_id: uuid.UUID, attempt: int, child: ChildProcess, time_limit: float, token: str | None,
-    out_dir: Path, push_requested: bool,
+    out_dir: Path, push_requested: bool, priority: int,
 ) -> str:
-    db = settings.resolved_database_url
+    db = settings.database
     state = _State()
     started = time.monotonic()
     next_beat = started + settings.heartbeat_interval_s
@@ -208,13 +207,13 @@ def _supervise(
     reason = f"the engine process died (exit status {code}) during stage {state.stage or 'start-up'}"
     requeued = with_db_retry(db, lambda s: job_store.requeue_for_retry(s, job_id, attempt, reason))
     if requeued:
-        _redispatch(settings, job_id)
+        _redispatch(settings, job_id, priority)
         return "requeued"
     return _fail(settings, job_id, attempt, {"code": "engine_crashed", "message": reason + "; no attempts left",
                                               "stage": state.stage}, state.timings)
 
 
-def _handle_event(db: str, job_id: uuid.UUID, attempt: int, state: _State, event: dict[str, Any], token: str | None) -> None:
+def _handle_event(db: Database, job_id: uuid.UUID, attempt: int, state: _State, event: dict[str, Any], token: str | None) -> None:
     kind = event.get("type")
     clean = lambda text: redact(str(text or ""), token)[:2000]  # noqa: E731 - never let a token reach the database
     if kind == "stage":
@@ -247,7 +246,7 @@ def _handle_event(db: str, job_id: uuid.UUID, attempt: int, state: _State, event
 
 
 def _succeed(settings: Settings, job_id: uuid.UUID, attempt: int, state: _State, out_dir: Path, push_requested: bool) -> str:
-    db = settings.resolved_database_url
+    db = settings.database
     final_dir = settings.artifacts_dir / str(job_id)
     result = dict(state.result or {})
     source_dir = out_dir if out_dir and out_dir.is_dir() else None
@@ -269,8 +268,8 @@ def _succeed(settings: Settings, job_id: uuid.UUID, attempt: int, state: _State,
     revision = (result.get("source") or {}).get("revision")
     if push_requested:
         # The GPU is done: the upload runs on the I/O queue so a slow network never holds it.
-        ok = with_db_retry(db, lambda s: hand_over(s, job_id, attempt, result=result, timings=state.timings,
-                                                    source_revision=revision))
+        ok = with_db_retry(db, lambda s: job_store.hand_over_to_publish(s, job_id, attempt, result=result,
+                                                                        timings=state.timings, source_revision=revision))
         if ok:
             send_publish(settings, job_id)
             return "publishing"
@@ -286,7 +285,6 @@ def _fail(settings: Settings, job_id: uuid.UUID, attempt: int, error: dict[str, 
     return "failed" if ok else "lost"
 
 
-def _redispatch(settings: Settings, job_id: uuid.UUID) -> None:
-    priority = with_db_retry(settings.resolved_database_url, lambda s: s.scalar(select(Job.priority).where(Job.id == job_id)))
-    if send_run_job(settings, job_id, priority=priority or 0):
-        with_db_retry(settings.resolved_database_url, lambda s: job_store.mark_dispatched(s, job_id))
+def _redispatch(settings: Settings, job_id: uuid.UUID, priority: int) -> None:
+    if send_run_job(settings, job_id, priority=priority):
+        with_db_retry(settings.database, lambda s: job_store.mark_dispatched(s, [job_id]))

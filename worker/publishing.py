@@ -8,64 +8,33 @@ commit), streams byte progress into the job's events, and writes the job's verdi
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 import time
 import uuid
 from typing import Any
 
-from sqlalchemy import or_, select, update
-
 from qaas import __version__, job_store
-from qaas.db.models import HubCredential, Job, JobStatus, utcnow
+from qaas.db.models import JobStatus
 from qaas.db.retry import with_db_retry
-from qaas.security import decrypt_secret, redact
+from qaas.job_store import PUBLISH_STAGE
+from qaas.kit.redaction import redact
 from qaas.queue import send_publish
+from qaas.security import decrypt_secret
 from qaas.settings import Settings
 from qaas.worker.verdict import finish_job
 
 log = logging.getLogger("qaas.publish")
-
-PUBLISH_STAGE = "publish"
 _ERROR_CODES = {"HubAuthError": "hub_auth", "HubPermissionError": "hub_forbidden", "HubNotFoundError": "hub_not_found",
                 "HubConflictError": "hub_conflict", "HubRequestError": "hub_rejected"}
 
 
-def hand_over(
-    session, job_id: uuid.UUID, attempt: int, *, result: dict[str, Any], timings: dict[str, float],
-    source_revision: str | None = None,
-) -> bool:
-    """GPU side: the model is on disk; park the job in stage `publish` for an I/O worker."""
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.attempt == attempt)
-        .values(stage=PUBLISH_STAGE, progress=0.0, progress_message="waiting for an upload worker", result=result,
-                timings=timings, worker=None, lease_expires_at=None, dispatched_at=utcnow(), updated_at=utcnow(),
-                **({"source_revision": source_revision} if source_revision else {}))
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount == 1:
-        job_store.add_event(session, job_id, "stage", stage=PUBLISH_STAGE, message="publishing to the Hub")
-    return res.rowcount == 1
-
-
 def _claim(session, job_id: uuid.UUID, me: str, lease_s: float) -> dict[str, Any] | None:
-    now = utcnow()
-    res = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.stage == PUBLISH_STAGE,
-               or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now))
-        .values(worker=me, heartbeat_at=now, lease_expires_at=now + dt.timedelta(seconds=lease_s),
-                publish_attempts=Job.publish_attempts + 1, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:
+    job = job_store.claim_publish(session, job_id, worker=me, lease_s=lease_s)
+    if job is None:
         return None
-    job = session.get(Job, job_id, populate_existing=True)
-    saved = session.scalar(select(HubCredential.token_encrypted).where(HubCredential.owner == job.owner))
     return {"attempt": job.attempt, "request": job.request, "result": dict(job.result or {}), "owner": job.owner,
-            "token_encrypted": job.hf_token_encrypted or saved, "publish_attempts": job.publish_attempts,
+            "token_encrypted": job_store.hub_token_encrypted(session, job), "publish_attempts": job.publish_attempts,
             "source": job.source_model, "source_revision": job.source_revision, "timings": dict(job.timings or {}),
             "cancel": job.cancel_requested}
 
@@ -91,7 +60,7 @@ def run_publish(settings: Settings, job_id: uuid.UUID, *, worker: str) -> str:
     from qaas.worker.publish.hub import PublishError, default_repo_id, publish_folder
     from qaas.worker.publish.model_card import method_and_bits, render_model_card
 
-    db = settings.resolved_database_url
+    db = settings.database
     job = with_db_retry(db, lambda s: _claim(s, job_id, worker, settings.lease_s))
     if job is None:
         return "duplicate"
@@ -135,14 +104,10 @@ def run_publish(settings: Settings, job_id: uuid.UUID, *, worker: str) -> str:
 
     def keep_lease() -> None:
         while not stop.wait(settings.heartbeat_interval_s):
-            def beat(s):
-                now = utcnow()
-                return s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running.value,
-                                                   Job.attempt == attempt, Job.worker == worker)
-                                 .values(heartbeat_at=now, lease_expires_at=now + dt.timedelta(seconds=settings.lease_s))
-                                 .execution_options(synchronize_session=False)).rowcount
+            def beat(s) -> bool:
+                return job_store.heartbeat(s, job_id, attempt, lease_s=settings.lease_s, worker=worker)[0]
             try:
-                if with_db_retry(db, beat, deadline_s=settings.lease_s) != 1:
+                if not with_db_retry(db, beat, deadline_s=settings.lease_s):
                     lost.set()
             except Exception:  # noqa: BLE001 - the database is down; the upload goes on, the verdict will retry
                 pass
@@ -171,14 +136,8 @@ def run_publish(settings: Settings, job_id: uuid.UUID, *, worker: str) -> str:
         message = redact(str(exc), token)
         if exc.retryable and job["publish_attempts"] < settings.publish_max_attempts:
             delay = min(300.0, 5.0 * 2 ** (job["publish_attempts"] - 1))
-            def release(s):
-                s.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.worker == worker)
-                          .values(lease_expires_at=None, worker=None, dispatched_at=utcnow(),
-                                  progress_message=f"publish failed, retrying in {delay:.0f}s: {message}"[:500])
-                          .execution_options(synchronize_session=False))
-                job_store.add_event(s, job_id, "log", stage=PUBLISH_STAGE, message=f"publish attempt failed, will retry: {message}",
-                                    data={"level": "warning", "retry_in_s": delay})
-            with_db_retry(db, release)
+            with_db_retry(db, lambda s: job_store.release_publish(s, job_id, attempt, worker=worker, message=message,
+                                                                  retry_in_s=delay))
             send_publish(settings, job_id, countdown=delay)
             return "retrying"
         return fail(_ERROR_CODES.get(type(exc).__name__, "hub_error"), f"publishing to {repo_id} failed: {message}")

@@ -14,29 +14,27 @@ from __future__ import annotations
 import logging
 import threading
 
-from sqlalchemy import update
-
-from qaas import job_store, outbox
-from qaas.db.models import Job, JobStatus, utcnow
+from qaas import job_store
+from qaas.db.models import JobStatus
 from qaas.db.session import session_scope
 from qaas.queue import gpu_queue_depth, send_delivery, send_publish, send_run_job
 from qaas.settings import Settings
+from qaas.webhooks import outbox
 
 log = logging.getLogger("qaas.sweeper")
 
 
 def sweep_once(settings: Settings) -> dict[str, int]:
-    db = settings.resolved_database_url
+    db = settings.database
     counts = {"dispatched": 0, "requeued": 0, "failed": 0, "publishes": 0, "deliveries": 0}
     with session_scope(db) as s:
-        expired = [(j, a) for j, a, stage in job_store.expired_leases(s) if stage != "publish"]
+        expired = [(j, a) for j, a, stage in job_store.expired_leases(s) if stage != job_store.PUBLISH_STAGE]
         publishes = job_store.stale_publishes(s, redispatch_after_s=settings.redispatch_after_s)
         deliveries = outbox.claim_due_deliveries(s)
     for job_id in publishes:
         # a lost upload worker or message: the publish (not the quantization) runs again
         with session_scope(db) as s:
-            s.execute(update(Job).where(Job.id == job_id, Job.stage == "publish", Job.status == "running")
-                      .values(dispatched_at=utcnow()))
+            job_store.mark_publish_dispatched(s, job_id)
         if send_publish(settings, job_id):
             counts["publishes"] += 1
     for delivery_id in deliveries:
@@ -64,7 +62,7 @@ def sweep_once(settings: Settings) -> dict[str, int]:
         if not send_run_job(settings, job_id, priority=priority):
             break  # broker still down; try again next sweep
         with session_scope(db) as s:
-            job_store.mark_dispatched(s, job_id)
+            job_store.mark_dispatched(s, [job_id])
         counts["dispatched"] += 1
     if any(counts.values()):
         log.info("sweep: %s", counts)

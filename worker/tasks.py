@@ -42,7 +42,7 @@ def publish_job(job_id: str) -> str:
 
 @app.task(name=DELIVER_TASK, ignore_result=True)
 def deliver_webhook(delivery_id: str) -> str:
-    from qaas.worker.deliveries import deliver
+    from qaas.webhooks.sender import deliver
 
     did = _uuid(delivery_id)
     return (deliver(settings, did) or "not-due") if did else "bad-id"

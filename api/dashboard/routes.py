@@ -210,7 +210,7 @@ def jobs_page(request: Request, db: SessionDep, settings: SettingsDep,
     except (ValueError, UnicodeDecodeError):
         bad_cursor, cursor = True, None
         page = job_store.list_jobs(db, dash.owner, status=status, limit=PAGE_SIZE, cursor=None)
-    counts = job_store_counts(db, dash.owner)
+    counts = status_counts(db, dash.owner)
     return render(request, "jobs.html", {
         "title": "Jobs", "rows": views.rows(db, page.items, settings.model_roots), "next_cursor": page.next_cursor,
         "status": status, "statuses": views.STATUSES, "counts": counts, "first_page": cursor is None,
@@ -218,13 +218,9 @@ def jobs_page(request: Request, db: SessionDep, settings: SettingsDep,
     }, dash=dash)
 
 
-def job_store_counts(db, owner: str) -> dict[str, int]:
-    from sqlalchemy import func, select
-
-    rows = db.execute(select(Job.status, func.count()).where(Job.owner == owner).group_by(Job.status))
-    counts = {s: 0 for s in views.STATUSES}
-    counts.update({s: n for s, n in rows})
-    return counts
+def status_counts(db, owner: str) -> dict[str, int]:
+    """The owner's jobs per state, every state listed."""
+    return {**{s: 0 for s in views.STATUSES}, **job_store.status_counts(db, owner)}
 
 
 def _parse_since(raw: str | None) -> dt.datetime:
@@ -243,7 +239,7 @@ def _changes(settings, owner: str, key_id: str, since: dt.datetime, csrf: str) -
             return [], since, False
         jobs = views.changed_jobs(s, owner, since)
         out = []
-        counts = job_store_counts(s, owner) if jobs else None
+        counts = status_counts(s, owner) if jobs else None
         for r, j in zip(views.rows(s, jobs, settings.model_roots), jobs):
             out.append({**r.as_json(), "html": _row_html(r, csrf), "counts": counts})
             since = max(since, j.updated_at)
@@ -523,15 +519,18 @@ def cancel_job(request: Request, job_id: str, db: SessionDep, settings: Settings
                back: Annotated[str, Form(max_length=2000)] = "") -> Response:
     dash = _require(request, db, settings)
     auth.check_csrf(request, dash, csrf_token)
-    job = _job_or_404(db, job_id, dash.owner)
-    if job is None:
+    try:
+        jid = uuid.UUID(job_id)
+    except ValueError:
         return _not_found(request, dash)
-    dest = auth.safe_next(back) if back else f"/dashboard/jobs/{job.id}"
+    dest = auth.safe_next(back) if back else f"/dashboard/jobs/{jid}"
     sep = "&" if "?" in dest else "?"
-    if job.status in TERMINAL_STATUSES:
+    try:
+        service.cancel(db, settings, dash.owner, jid)  # the API's cancel: one path
+    except Problem as exc:
+        if exc.status == 404:
+            return _not_found(request, dash)
         return _redirect(f"{dest}{sep}notice=already-finished")
-    job_store.request_cancel(db, job)
-    db.commit()
     return _redirect(f"{dest}{sep}notice=cancel-requested")
 
 

@@ -340,6 +340,7 @@ def result_view(job: Job) -> dict[str, Any] | None:
 
 def list_deliveries(session: Session, job_id: uuid.UUID) -> list[dict[str, Any]]:
     """The job's webhook deliveries as GET /v1/jobs/{id}/deliveries gives them (the caller checks ownership)."""
-    from qaas.api.webhooks.service import job_deliveries
+    from qaas.api.webhooks.schemas import DeliveryOut
+    from qaas.webhooks.service import job_deliveries
 
-    return [d.model_dump() for d in job_deliveries(session, job_id)]
+    return [DeliveryOut.of(d).model_dump() for d in job_deliveries(session, job_id)]

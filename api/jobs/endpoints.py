@@ -16,7 +16,8 @@ from qaas.api.deps import CallerDep, SessionDep, SettingsDep
 from qaas.api.jobs import files, reads, service
 from qaas.api.jobs.schemas import EventPage, JobCreated, JobOut, JobPage
 from qaas.api.problems import PROBLEM_JSON, Problem, ProblemDetails
-from qaas import job_store, outbox
+from qaas.db.config import Database
+from qaas import job_store
 from qaas.db.models import TERMINAL_STATUSES, JobStatus
 from qaas.schemas.job_request import JobRequest
 
@@ -66,7 +67,7 @@ async def list_jobs(
 ) -> JobPage:
     """Your jobs, newest first, a page at a time."""
     try:
-        page = await reads.jobs_page(settings.resolved_database_url, caller.owner,
+        page = await reads.jobs_page(settings.database, caller.owner,
                                      status=status.value if status else None, limit=limit, cursor=cursor)
     except (ValueError, UnicodeDecodeError):
         raise Problem(422, "Invalid request", "cursor: not a cursor from this API", slug="validation-error",
@@ -83,7 +84,7 @@ def _json(document) -> Response:
 
 @router.get("/{job_id}", response_model=JobOut, operation_id="get_job", responses=_ERRORS)
 async def get_job(job_id: str, caller: CallerDep, settings: SettingsDep) -> JobOut:
-    doc = await reads.job_of(settings.resolved_database_url, _parse_id(job_id), caller.owner)
+    doc = await reads.job_of(settings.database, _parse_id(job_id), caller.owner)
     if doc is None:
         raise _not_found()
     return _json(doc)
@@ -92,16 +93,7 @@ async def get_job(job_id: str, caller: CallerDep, settings: SettingsDep) -> JobO
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, operation_id="cancel_job", responses=_ERRORS)
 def cancel_job(job_id: str, caller: CallerDep, session: SessionDep, settings: SettingsDep) -> JobOut:
     """Cancel: a queued job at once, a running one as soon as its worker stops it."""
-    job = job_store.get_job(session, _parse_id(job_id), caller.owner)
-    if job is None:
-        raise _not_found()
-    if job.status in TERMINAL_STATUSES:
-        raise Problem(409, "Conflict", f"the job already finished ({job.status})", slug="job-finished")
-    job = job_store.request_cancel(session, job)
-    session.commit()
-    if job.status == JobStatus.cancelled.value:
-        outbox.send_job_deliveries(settings, job.id)
-    return JobOut.from_job(job)
+    return JobOut.from_job(service.cancel(session, settings, caller.owner, _parse_id(job_id)))
 
 
 @router.get("/{job_id}/files", response_model=files.FileListing, operation_id="list_job_files", responses=_ERRORS)
@@ -158,7 +150,7 @@ async def job_events(
 ):
     """The job's timeline. As Server-Sent Events it follows the job live until it ends; resume with Last-Event-ID."""
     jid = _parse_id(job_id)
-    db = settings.resolved_database_url
+    db = settings.database
     if not _wants_sse(request, stream):
         got = await reads.events_after(db, jid, caller.owner, after)
         if got is None:
@@ -176,12 +168,12 @@ async def job_events(
     )
 
 
-async def _sse(db_url: str, job_id: uuid.UUID, owner: str, after: int, request: Request,
+async def _sse(db: Database | str, job_id: uuid.UUID, owner: str, after: int, request: Request,
                keepalive_s: float = 15.0):
     yield "retry: 2000\n\n"
     idle = since_keepalive = 0.0
     while True:
-        got = await reads.events_after(db_url, job_id, owner, after, limit=500)
+        got = await reads.events_after(db, job_id, owner, after, limit=500)
         status, events = got if got is not None else (None, [])
         for e in events:
             after = e["id"]

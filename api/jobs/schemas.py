@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from qaas.db.models import Job, JobEvent
+from qaas.job_store import EVENT_COLUMNS, event_row_of, row_of
 
 
 class JobError(BaseModel):
@@ -63,18 +64,12 @@ class JobOut(BaseModel):
         return cls.model_validate(orm_job_document(job))
 
 
-#: The columns of `jobs` a JobOut is made of, in the order the direct reads select them.
-JOB_COLUMNS = ("id", "status", "stage", "progress", "progress_message", "method", "bits", "source_model",
-               "source_revision", "priority", "attempt", "max_attempts", "worker", "cancel_requested", "created_at",
-               "started_at", "finished_at", "updated_at", "timings", "error", "result", "request")
-
-
 def orm_job_document(job: Job) -> dict[str, Any]:
-    return job_document({c: getattr(job, c) for c in JOB_COLUMNS})
+    return job_document(row_of(job))
 
 
 def job_document(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A job row (column name -> value) as the JobOut document, fields in schema order.
+    """A job row (`job_store.JOB_COLUMNS` -> value) as the JobOut document, fields in schema order.
 
     The one place the API's job shape is made: the ORM paths (JobOut.from_job) and the direct SQL reads
     of the hot paths (`reads.py`, serialized with pydantic_core.to_json without building a model) both
@@ -118,11 +113,7 @@ class EventOut(BaseModel):
 
     @classmethod
     def from_event(cls, e: JobEvent) -> "EventOut":
-        return cls.model_validate(event_document({c: getattr(e, c) for c in EVENT_COLUMNS}))
-
-
-#: The columns of `job_events` an EventOut is made of, in schema order.
-EVENT_COLUMNS = ("id", "created_at", "kind", "stage", "message", "data")
+        return cls.model_validate(event_document(event_row_of(e)))
 
 
 def event_document(row: Mapping[str, Any]) -> dict[str, Any]:

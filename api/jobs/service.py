@@ -1,4 +1,8 @@
-"""Submitting and cancelling jobs: the rules, with the session passed in (no logic in routers)."""
+"""Submitting and cancelling jobs: the rules, with the session passed in (no logic in routers).
+
+The API's routes and the dashboard's forms both come through here; the rows themselves are written by
+`qaas.job_store` only.
+"""
 
 from __future__ import annotations
 
@@ -11,25 +15,21 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from qaas.api.problems import Problem
 from qaas import job_store
-from qaas.api.jobs.schemas import JOB_COLUMNS, job_document, orm_job_document
-from qaas.db import direct
-from qaas.db.models import JobStatus, utcnow
+from qaas.api.jobs.schemas import job_document, orm_job_document
+from qaas.api.problems import Problem
+from qaas.api.problems import invalid_field as _invalid
+from qaas.db.models import TERMINAL_STATUSES, Job, JobStatus
 from qaas.db.session import get_sessionmaker
 from qaas.queue import send_run_job
-from qaas.api.webhook_urls import check_webhook_url
-from qaas.kit.webhook_signing import generate_secret
 from qaas.schemas.job_request import JobRequest, LocalModel
 from qaas.security import encrypt_secret
 from qaas.settings import Settings
+from qaas.webhooks import outbox
+from qaas.webhooks.signing import generate_secret
+from qaas.webhooks.urls import RefusedUrl, check_webhook_url
 
 log = logging.getLogger("qaas.api.jobs")
-
-
-def _invalid(field: str, message: str) -> Problem:
-    return Problem(422, "Invalid request", f"{field}: {message}", slug="validation-error",
-                   errors=[{"field": field, "message": message}])
 
 
 def check_local_path(settings: Settings, raw: str) -> Path:
@@ -102,21 +102,20 @@ def fingerprint(req: JobRequest) -> str:
 
 @dataclass
 class NewJob:
-    """A validated submission: the values of the row to insert (secrets already encrypted)."""
+    """A validated submission: the fields of the row to store (`job_store.new_job_row`; secrets already
+    encrypted), and a webhook secret generated for it."""
 
-    owner: str
-    request: dict
-    request_hash: str
-    idempotency_key: str | None
-    method: str
-    bits: int | None
-    source_model: str
-    priority: int
-    max_attempts: int
-    hf_token_encrypted: bytes | None
-    webhook_secret_encrypted: bytes | None
+    fields: dict
     #: Generated for a webhook given without a secret; shown to the caller once.
     generated_secret: str | None
+
+    @property
+    def request_hash(self) -> str:
+        return self.fields["request_hash"]
+
+    @property
+    def idempotency_key(self) -> str | None:
+        return self.fields["idempotency_key"]
 
 
 @dataclass
@@ -135,7 +134,10 @@ def prepare(settings: Settings, owner: str, req: JobRequest, idempotency_key: st
         raise _invalid("Idempotency-Key", "must be 1 to 255 characters")
     req = with_resolved_model_path(settings, req)
     if req.webhook is not None:
-        check_webhook_url(settings, str(req.webhook.url), field="webhook.url")
+        try:
+            check_webhook_url(str(req.webhook.url), settings.webhook_allowlist)
+        except RefusedUrl as exc:
+            raise _invalid("webhook.url", exc.reason)
     check_calibration_file(settings, getattr(req.quantization_config, "dataset", None))
 
     token = req.hf_token.get_secret_value() if req.hf_token else None
@@ -147,11 +149,12 @@ def prepare(settings: Settings, owner: str, req: JobRequest, idempotency_key: st
         if secret is None:
             secret = generated_secret = generate_secret()
         webhook_secret_encrypted = encrypt_secret(secret, key)
-    return NewJob(
+    fields = dict(
         owner=owner, request=req.public_dict(), request_hash=fingerprint(req), idempotency_key=idempotency_key or None,
         method=req.method, bits=req.bits, source_model=req.source_label, priority=req.options.priority,
         max_attempts=settings.job_max_attempts, hf_token_encrypted=encrypt_secret(token, key) if token else None,
-        webhook_secret_encrypted=webhook_secret_encrypted, generated_secret=generated_secret)
+        webhook_secret_encrypted=webhook_secret_encrypted)  # in the INSERT, not a later UPDATE
+    return NewJob(fields, generated_secret)
 
 
 def submit(session: Session, settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> Submission:
@@ -162,12 +165,7 @@ def submit(session: Session, settings: Settings, owner: str, req: JobRequest, id
         if existing is not None:
             return _replay(existing.request_hash, existing.id, orm_job_document(existing), new.request_hash)
 
-    job = job_store.create_job(
-        session, owner=owner, request=new.request, request_hash=new.request_hash,
-        idempotency_key=new.idempotency_key, method=new.method, bits=new.bits, source_model=new.source_model,
-        priority=new.priority, max_attempts=new.max_attempts, hf_token_encrypted=new.hf_token_encrypted,
-        webhook_secret_encrypted=new.webhook_secret_encrypted,  # in the INSERT, not a later UPDATE
-    )
+    job = job_store.create_job(session, **new.fields)
     try:
         session.commit()
     except IntegrityError:
@@ -180,7 +178,7 @@ def submit(session: Session, settings: Settings, owner: str, req: JobRequest, id
 
     # Only after the commit: a worker that gets the message must find the row.
     if send_run_job(settings, job.id, priority=job.priority):
-        job_store.mark_dispatched(session, job.id)
+        job_store.mark_dispatched(session, [job.id])
         session.commit()
     return Submission(job.id, orm_job_document(job), replayed=False, webhook_secret=new.generated_secret)
 
@@ -192,71 +190,62 @@ def _replay(stored_hash: str, job_id: uuid.UUID, document: dict, request_hash: s
     return Submission(job_id, document, replayed=True)
 
 
-# The job and its first event in one statement: one round trip, its own transaction (autocommit), and
-# the stored row comes back as the answer. A conflicting Idempotency-Key inserts nothing and returns no row.
-_INSERT_COLUMNS = ("id", "owner", "status", "cancel_requested", "priority", "request", "request_hash",
-                   "idempotency_key", "method", "bits", "source_model", "progress", "timings", "attempt",
-                   "max_attempts", "hf_token_encrypted", "webhook_secret_encrypted", "publish_attempts",
-                   "created_at", "updated_at")
-_INSERT_SQL = (
-    "WITH j AS (INSERT INTO jobs (" + ", ".join(_INSERT_COLUMNS) + ") VALUES ("
-    + ", ".join(["%s"] * len(_INSERT_COLUMNS)) + ")"
-    " ON CONFLICT (owner, idempotency_key) DO NOTHING RETURNING " + ", ".join(JOB_COLUMNS) + "),"
-    " e AS (INSERT INTO job_events (job_id, created_at, kind, stage, message, data)"
-    " SELECT id, created_at, 'status', NULL, 'queued', %s FROM j)"
-    " SELECT * FROM j"
-)
-_BY_IDEMPOTENCY_KEY_SQL = ("SELECT request_hash, " + ", ".join(JOB_COLUMNS)
-                           + " FROM jobs WHERE owner = %s AND idempotency_key = %s")
-
-
 async def submit_async(settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> Submission:
     """Store and queue a job from async code: directly on PostgreSQL, else (embedded SQLite) through the
     ORM path in the thread pool."""
-    if direct.supports(settings.resolved_database_url):
+    if settings.database.direct:
         return await submit_direct(settings, owner, req, idempotency_key)
     from starlette.concurrency import run_in_threadpool
 
     def in_session() -> Submission:
-        with get_sessionmaker(settings.resolved_database_url)() as session:
+        with get_sessionmaker(settings.database)() as session:
             return submit(session, settings, owner, req, idempotency_key)
 
     return await run_in_threadpool(in_session)
 
 
 async def submit_direct(settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> Submission:
-    """Store and queue a job on PostgreSQL without the ORM: one INSERT statement, then the message is
-    handed to this process's dispatcher (batched publishing, off the event loop)."""
-    from psycopg.types.json import Jsonb
-
+    """`submit` on PostgreSQL without the ORM: one INSERT statement (`job_store.insert_job_direct`), then
+    the message is handed to this process's dispatcher (batched publishing, off the event loop)."""
     from qaas.api.dispatch import dispatcher_for
 
-    db = settings.resolved_database_url
+    db = settings.database
     new = prepare(settings, owner, req, idempotency_key)
     if new.idempotency_key:
         replay = await _direct_replay(db, owner, new)
         if replay is not None:
             return replay
-    now = utcnow()
-    job_id = uuid.uuid4()
-    values = (job_id, owner, JobStatus.queued.value, False, new.priority, Jsonb(new.request), new.request_hash,
-              new.idempotency_key, new.method, new.bits, new.source_model, 0.0, Jsonb({}), 0, new.max_attempts,
-              new.hf_token_encrypted, new.webhook_secret_encrypted, 0, now, now, Jsonb({"status": "queued"}))
-    row = await direct.write_returning(db, _INSERT_SQL, values)
+    row = await job_store.insert_job_direct(db, **new.fields)
     if row is None:  # the same Idempotency-Key won a race with this request
         replay = await _direct_replay(db, owner, new)
         if replay is None:
             raise RuntimeError("idempotency conflict without a stored job")
         return replay
     # Only after the INSERT committed: a worker that gets the message must find the row.
-    await dispatcher_for(settings).dispatch(job_id, new.priority)
-    return Submission(job_id, job_document(dict(zip(JOB_COLUMNS, row))), replayed=False,
-                      webhook_secret=new.generated_secret)
+    await dispatcher_for(settings).dispatch(row["id"], row["priority"])
+    return Submission(row["id"], job_document(row), replayed=False, webhook_secret=new.generated_secret)
 
 
-async def _direct_replay(db: str, owner: str, new: NewJob) -> Submission | None:
-    row = await direct.fetch_one(db, _BY_IDEMPOTENCY_KEY_SQL, (owner, new.idempotency_key))
-    if row is None:
+async def _direct_replay(db, owner: str, new: NewJob) -> Submission | None:
+    found = await job_store.fetch_by_idempotency_key(db, owner, new.idempotency_key)
+    if found is None:
         return None
-    doc = job_document(dict(zip(JOB_COLUMNS, row[1:])))
-    return _replay(row[0], doc["id"], doc, new.request_hash)
+    stored_hash, row = found
+    return _replay(stored_hash, row["id"], job_document(row), new.request_hash)
+
+
+def cancel(session: Session, settings: Settings, owner: str, job_id: uuid.UUID) -> Job:
+    """Cancel the owner's job: a queued one at once, a running one as soon as its worker stops it. The one
+    cancel of the service (the API's route and the dashboard's button): after the commit, the webhook
+    deliveries announcing a cancellation go to the I/O queue right away. Raises a 404 Problem for a job
+    that is not the owner's, 409 for one that already finished."""
+    job = job_store.get_job(session, job_id, owner)
+    if job is None:
+        raise Problem(404, "Not found", "no such job", slug="not-found")
+    if job.status in TERMINAL_STATUSES:
+        raise Problem(409, "Conflict", f"the job already finished ({job.status})", slug="job-finished")
+    job = job_store.request_cancel(session, job)
+    session.commit()
+    if job.status == JobStatus.cancelled.value:
+        outbox.send_job_deliveries(settings, job.id)
+    return job

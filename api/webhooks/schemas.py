@@ -1,4 +1,4 @@
-"""Shapes of the webhook, delivery and Hub-credential routes."""
+"""Shapes of the webhook and delivery routes."""
 
 from __future__ import annotations
 
@@ -6,16 +6,19 @@ import datetime as dt
 import uuid
 from typing import Literal
 
-from pydantic import AnyHttpUrl, BaseModel, Field, SecretStr, field_validator
+from pydantic import AnyHttpUrl, BaseModel, Field
 
+from qaas.db.models import WebhookEndpoint
 from qaas.schemas.base import RequestModel
+from qaas.webhooks.outbox import DEFAULT_EVENT_TYPES, EVENT_TYPES
+from qaas.webhooks.service import DeliveryLog
 
-EventType = Literal["job.succeeded", "job.failed", "job.cancelled", "job.started", "job.progress"]
+EventType = Literal[EVENT_TYPES]
 
 
 class WebhookEndpointIn(RequestModel):
     url: AnyHttpUrl
-    event_types: list[EventType] = Field(default_factory=lambda: ["job.succeeded", "job.failed", "job.cancelled"],
+    event_types: list[EventType] = Field(default_factory=lambda: list(DEFAULT_EVENT_TYPES),
                                          min_length=1, description="job.started and job.progress are opt-in")
     description: str | None = Field(default=None, max_length=255)
 
@@ -29,6 +32,12 @@ class WebhookEndpointOut(BaseModel):
     disabled_at: dt.datetime | None
     disabled_reason: str | None
     flagged_at: dt.datetime | None = Field(description="set when deliveries ran out of retries")
+
+    @classmethod
+    def of(cls, ep: WebhookEndpoint, **extra):
+        return cls(id=ep.id, url=ep.url, event_types=ep.event_types, description=ep.description,
+                   created_at=ep.created_at, disabled_at=ep.disabled_at, disabled_reason=ep.disabled_reason,
+                   flagged_at=ep.flagged_at, **extra)
 
 
 class WebhookEndpointCreated(WebhookEndpointOut):
@@ -63,19 +72,13 @@ class DeliveryOut(BaseModel):
     delivered_at: dt.datetime | None
     attempt_log: list[DeliveryAttemptOut]
 
-
-class HubTokenIn(RequestModel):
-    token: SecretStr
-
-    @field_validator("token")
     @classmethod
-    def _token(cls, v: SecretStr) -> SecretStr:
-        raw = v.get_secret_value()
-        if not raw or len(raw) > 512 or any(c.isspace() for c in raw):
-            raise ValueError("not a valid token")
-        return v
-
-
-class HubTokenStatus(BaseModel):
-    configured: bool
-    updated_at: dt.datetime | None
+    def of(cls, log: DeliveryLog) -> "DeliveryOut":
+        d = log.delivery
+        return cls(
+            id=d.id, webhook_id=d.msg_id, endpoint_id=d.endpoint_id, url=d.url, event_type=d.event_type,
+            status=d.status, attempts=d.attempts, next_attempt_at=d.next_attempt_at,
+            last_status_code=d.last_status_code, last_error=d.last_error, created_at=d.created_at,
+            delivered_at=d.delivered_at,
+            attempt_log=[DeliveryAttemptOut(attempted_at=a.attempted_at, outcome=a.outcome, status_code=a.status_code,
+                                            duration_ms=a.duration_ms, error=a.error) for a in log.attempts])

@@ -6,7 +6,8 @@ CPU per request. Here a statement runs on a pooled psycopg `AsyncConnection` in 
 (a single statement is its own transaction) and is prepared on the server the first time it is seen
 (`prepare_threshold=0`), so a status read is one Bind/Execute and the row comes back as a tuple.
 
-Only PostgreSQL: embedded mode (SQLite) keeps the ORM paths (`supports(url)` says which).
+Only PostgreSQL: embedded mode (SQLite) keeps the ORM paths (`Database.direct` says which). The
+statements themselves live beside the ORM functions they must equal (`qaas.job_store`, `qaas.keys`).
 
 Connections belong to the event loop that opened them (a server has one loop; tests make one per
 TestClient), so there is one pool per (URL, loop). A connection that sat idle longer than
@@ -24,6 +25,7 @@ from typing import Any
 
 import psycopg
 
+from qaas.db.config import Database, as_database
 from qaas.db.session import IDLE_PING_S
 from qaas.loop_local import LoopLocal
 
@@ -34,10 +36,6 @@ STATEMENT_TIMEOUT_MS = 10_000
 
 class DatabaseUnavailable(Exception):
     """The database could not be reached or did not answer in time."""
-
-
-def supports(url: str) -> bool:
-    return url.startswith(("postgresql+psycopg://", "postgresql://"))
 
 
 def _conninfo(url: str) -> str:
@@ -135,30 +133,29 @@ async def _close(conn: psycopg.AsyncConnection) -> None:
 _pools: LoopLocal[Pool] = LoopLocal()
 
 
-def pool_for(url: str) -> Pool:
+def pool_for(db: Database | str) -> Pool:
     """The running loop's pool for this database."""
-    from qaas.settings import get_settings
+    db = as_database(db)
+    return _pools.get(db, lambda: Pool(db.url, size=db.pool_size))
 
-    return _pools.get(url, lambda: Pool(url, size=get_settings().db_pool_size))
 
-
-async def fetch_one(url: str, sql: str, params: tuple | list = ()) -> tuple | None:
+async def fetch_one(db: Database | str, sql: str, params: tuple | list = ()) -> tuple | None:
     """One row of a read-only statement (retried once on a fresh connection after a server restart)."""
-    return await pool_for(url).run(sql, params, fetch="one", retry=True)
+    return await pool_for(db).run(sql, params, fetch="one", retry=True)
 
 
-async def fetch_all(url: str, sql: str, params: tuple | list = ()) -> list[tuple]:
-    return await pool_for(url).run(sql, params, fetch="all", retry=True)
+async def fetch_all(db: Database | str, sql: str, params: tuple | list = ()) -> list[tuple]:
+    return await pool_for(db).run(sql, params, fetch="all", retry=True)
 
 
-async def write_returning(url: str, sql: str, params: tuple | list = ()) -> tuple | None:
+async def write_returning(db: Database | str, sql: str, params: tuple | list = ()) -> tuple | None:
     """One writing statement (its own transaction) and the row it returns; never retried."""
-    return await pool_for(url).run(sql, params, fetch="one", retry=False)
+    return await pool_for(db).run(sql, params, fetch="one", retry=False)
 
 
-async def execute(url: str, sql: str, params: tuple | list = ()) -> int:
+async def execute(db: Database | str, sql: str, params: tuple | list = ()) -> int:
     """One writing statement; the number of rows it touched. Never retried."""
-    return await pool_for(url).run(sql, params, fetch="none", retry=False)
+    return await pool_for(db).run(sql, params, fetch="none", retry=False)
 
 
 async def close_pools() -> None:

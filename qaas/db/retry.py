@@ -13,19 +13,20 @@ from typing import TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from qaas.db.config import Database
 from qaas.db.session import session_scope
 
 T = TypeVar("T")
 log = logging.getLogger("qaas.db")
 
 
-def with_db_retry(db_url: str, fn: Callable, *, deadline_s: float = 120.0, first_delay_s: float = 0.2) -> T:
+def with_db_retry(db: Database | str, fn: Callable, *, deadline_s: float = 120.0, first_delay_s: float = 0.2) -> T:
     """Run fn(session) in its own transaction, retrying connection errors until the deadline."""
     delay = first_delay_s
     give_up = time.monotonic() + deadline_s
     while True:
         try:
-            with session_scope(db_url) as session:
+            with session_scope(db) as session:
                 return fn(session)
         except (OperationalError, DBAPIError) as exc:
             connection_problem = isinstance(exc, OperationalError) or getattr(exc, "connection_invalidated", False)

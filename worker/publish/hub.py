@@ -33,6 +33,8 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, co
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.hf_api import RepoFile
 
+from qaas.kit.redaction import redact
+
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
@@ -40,7 +42,6 @@ ProgressCallback = Callable[[int, int], None]
 # Remote files that a new publish replaces when the folder no longer has them (a re-quantization with a
 # different shard count must not leave stale shards behind next to a new index).
 STALE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "quantize_config.json")
-_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -85,12 +86,6 @@ class HubConnectionError(PublishError):
     """The connection failed, timed out or dropped mid-transfer: transient."""
 
     retryable = True
-
-
-def redact(text: str, token: str | None) -> str:
-    if token:
-        text = text.replace(token, "***")
-    return _TOKEN_RE.sub("hf_***", text)
 
 
 def _server_message(err: HfHubHTTPError) -> str:

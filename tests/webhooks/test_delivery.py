@@ -10,7 +10,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from qaas.kit import ssrf
-from qaas.kit.webhook_delivery import (
+from qaas.webhooks.delivery import (
     EXHAUSTED,
     FAILED,
     GONE,
@@ -25,7 +25,7 @@ from qaas.kit.webhook_delivery import (
     retry_delay,
     total_schedule_s,
 )
-from qaas.kit.webhook_signing import generate_secret
+from qaas.webhooks.signing import generate_secret
 
 EVENT_TIME = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 PAYLOAD = {"job_id": "job_1", "status": "succeeded", "result": {"repo_id": "alice/m", "commit_sha": "abc"}}

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import uuid
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from qaas.db.models import Job, WebhookDelivery, WebhookEndpoint, utcnow
+from qaas.db.session import session_scope
+from qaas.queue import send_delivery
+from qaas.settings import Settings
+
+log = logging.getLogger("qaas.webhooks")
 
 TERMINAL_EVENTS = {"succeeded": "job.succeeded", "failed": "job.failed", "cancelled": "job.cancelled"}
 #: Event types an account endpoint may subscribe to; the last two are opt-in.
 EVENT_TYPES = ("job.succeeded", "job.failed", "job.cancelled", "job.started", "job.progress")
-DEFAULT_EVENT_TYPES = ["job.succeeded", "job.failed", "job.cancelled"]
+DEFAULT_EVENT_TYPES = tuple(TERMINAL_EVENTS.values())
 
 
 def job_payload(job: Job) -> dict[str, Any]:
@@ -87,8 +93,6 @@ REDISPATCH_S = 60.0
 
 def claim_due_deliveries(session: Session, limit: int = 200) -> list[uuid.UUID]:
     """Due deliveries with no message on its way (or one sent long ago and lost); marks them sent."""
-    from sqlalchemy import update
-
     now = utcnow()
     stmt = (
         select(WebhookDelivery.id)
@@ -108,8 +112,6 @@ def claim_due_deliveries(session: Session, limit: int = 200) -> list[uuid.UUID]:
 
 def claim_due_deliveries_of_job(session: Session, job_id: uuid.UUID) -> list[uuid.UUID]:
     """Like claim_due_deliveries, for one job's new deliveries (sent right after its verdict commits)."""
-    from sqlalchemy import update
-
     now = utcnow()
     ids = list(session.scalars(select(WebhookDelivery.id).where(
         WebhookDelivery.job_id == job_id, WebhookDelivery.status == "pending", WebhookDelivery.dispatched_at.is_(None))))
@@ -119,21 +121,16 @@ def claim_due_deliveries_of_job(session: Session, job_id: uuid.UUID) -> list[uui
     return ids
 
 
-def send_job_deliveries(settings, job_id: uuid.UUID) -> None:
+def send_job_deliveries(settings: Settings, job_id: uuid.UUID) -> None:
     """Hand a job's new deliveries to the I/O queue right after the event committed (best effort:
     the sweeper sends whatever is due anyway)."""
-    import logging
-
-    from qaas.db.session import session_scope
-    from qaas.queue import send_delivery
-
     try:
-        with session_scope(settings.resolved_database_url) as s:
+        with session_scope(settings.database) as s:
             ids = claim_due_deliveries_of_job(s, job_id)
         for delivery_id in ids:
             send_delivery(settings, delivery_id)
     except Exception as exc:  # noqa: BLE001 - the database or broker blinked; the sweeper catches up
-        logging.getLogger("qaas.webhooks").warning("could not send the deliveries of %s now: %s", job_id,
+        log.warning("could not send the deliveries of %s now: %s", job_id,
                                                    exc.__class__.__name__)
 
 
@@ -152,8 +149,6 @@ LOCK_S = 60.0
 
 def lock_for_attempt(session: Session, delivery_id: uuid.UUID) -> WebhookDelivery | None:
     """Take a due delivery for one attempt; None if another sender has it or it is not due."""
-    from sqlalchemy import update
-
     now = utcnow()
     res = session.execute(
         update(WebhookDelivery)

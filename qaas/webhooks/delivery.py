@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from qaas.kit import ssrf
-from qaas.kit.webhook_signing import signature_headers
+from qaas.webhooks.signing import signature_headers
 
 SUCCESS, GONE, RETRY, EXHAUSTED, FAILED = "success", "gone", "retry", "exhausted", "failed"
 
