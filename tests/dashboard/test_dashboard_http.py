@@ -7,12 +7,16 @@ import json
 import re
 import uuid
 
+import pytest
+import redis
 from conftest import STORIES, auth
+from sqlalchemy import select
 
 from qaas import job_store
 from qaas.api.dashboard import auth as dash_auth
-from qaas.db.models import JobStatus
+from qaas.db.models import JobStatus, WebhookDelivery
 from qaas.db.session import session_scope
+from qaas.queue import DELIVER_TASK
 
 NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
        "bnb_4bit_compute_dtype": "float32"}
@@ -151,6 +155,33 @@ def test_submit_cancel_and_retry_through_forms(client, api_key):
     assert new_id != jid
     again = client.get(f"/v1/jobs/{new_id}", headers=auth(api_key)).json()
     assert again["request"] == job["request"] and again["status"] == "queued"
+
+
+@pytest.mark.parametrize("via", ["api", "dashboard"])
+def test_cancel_hands_the_webhook_deliveries_over_at_once_from_the_api_and_the_dashboard(client, settings, api_key, via):
+    """One cancel path: cancelling a queued job commits its `job.cancelled` deliveries and sends them to the
+    I/O queue right away, whichever door the cancel came through (no worker or sweeper runs here)."""
+    client.post("/v1/webhooks", json={"url": "https://hooks.example.com/a", "event_types": ["job.cancelled"]},
+                headers=auth(api_key))
+    jid = client.post("/v1/jobs", json={"model": {"path": str(STORIES)}, "quantization_config": NF4,
+                                        "webhook": {"url": "https://hooks.example.com/own"}},
+                      headers=auth(api_key)).json()["id"]
+    if via == "api":
+        assert client.post(f"/v1/jobs/{jid}/cancel", headers=auth(api_key)).status_code == 202
+    else:
+        sign_in(client, api_key)
+        page = client.get(f"/dashboard/jobs/{jid}")
+        r = client.post(f"/dashboard/jobs/{jid}/cancel", data={"csrf_token": _csrf(page.text)}, headers=ORIGIN,
+                        follow_redirects=False)
+        assert r.status_code == 303 and "notice=cancel-requested" in r.headers["location"]
+    with session_scope(settings.resolved_database_url) as s:
+        deliveries = s.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == uuid.UUID(jid))).all()
+        ids = sorted(str(d.id) for d in deliveries)
+        assert sorted(d.url for d in deliveries) == ["https://hooks.example.com/a", "https://hooks.example.com/own"]
+        assert all(d.event_type == "job.cancelled" and d.dispatched_at is not None for d in deliveries)
+    queued = [json.loads(m) for m in redis.Redis.from_url(settings.broker_url).lrange(settings.io_queue, 0, -1)]
+    assert sorted(m["headers"]["argsrepr"].strip("[]'") for m in queued
+                  if m["headers"]["task"] == DELIVER_TASK) == ids
 
 
 def test_other_tenants_jobs_are_not_found(client, settings, api_key, other_key):
