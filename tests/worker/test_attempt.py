@@ -64,7 +64,9 @@ def test_build_spec_names_the_source_the_method_and_the_service_options(settings
 
 
 def test_an_attempt_runs_the_engine_to_a_verdict_and_a_second_message_finds_nothing(tmp_path, clean_db, redis_db):
-    settings = make_settings(tmp_path, database_url=clean_db, broker_url=redis_db, fake_engine=True)
+    # steps of 50 ms: the engine lives long enough for the supervisor to read its memory high-water mark
+    settings = make_settings(tmp_path, database_url=clean_db, broker_url=redis_db, fake_engine=True,
+                             fake_engine_step_s=0.05)
     job_id = _job(settings)
     assert attempt.run_attempt(settings, job_id) == "succeeded"
     job = _row(settings, job_id)
