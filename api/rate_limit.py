@@ -10,9 +10,10 @@ Why not the `limits` package (measured with `bench/rate_limit.py`, results in be
 it has no token bucket -- its strategies are fixed, moving and sliding windows, and a window of `burst`
 requests per `burst / rate` seconds gives the burst but then refills all at once, not one token per
 1/rate s as documented for QAAS_RATE_LIMIT_BURST -- and it makes one Redis call per request: 160-185 µs
-of API CPU per request against 24 µs here (a status read costs the API about 410 µs of CPU in
-bench/results/load.md, so it would lose about a quarter of its rate). The saving is the lease below, not
-the script: the same script called once per request costs 207 µs.
+of API CPU per request against 24 µs here (a status read cost the API about 410 µs of CPU in the
+2026-11-22 round of bench/results/load-notes.md -- 1.54 cores at 3,752/s -- so it would lose about a
+quarter of its rate). The saving is the lease below, not the script: the same script called once per
+request costs 207 µs.
 """
 
 from __future__ import annotations
