@@ -12,6 +12,7 @@ import os
 import queue
 import shutil
 import socket
+import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -187,7 +188,8 @@ def _supervise(
         if state.ended:
             break
 
-    code = child.proc.wait()
+    code, why = _wait_for_exit(settings, job_id, attempt, child, started + time_limit)
+    stop_reason = stop_reason or why
     state.close_stage()
     if stop_reason is None and code < 0:
         log.warning("job %s attempt %d: engine killed by signal %d in stage %s", job_id, attempt, -code, state.stage)
@@ -211,6 +213,26 @@ def _supervise(
         return "requeued"
     return _fail(settings, job_id, attempt, {"code": "engine_crashed", "message": reason + "; no attempts left",
                                               "stage": state.stage}, state.timings)
+
+
+def _wait_for_exit(settings: Settings, job_id: uuid.UUID, attempt: int, child: ChildProcess,
+                   deadline: float) -> tuple[int, str | None]:
+    """(the engine's exit status, a stop reason) once its output stream has ended. It may take a while to
+    exit after its last line (interpreter shutdown, a loaded machine): the lease is kept meanwhile, or the
+    sweeper would hand a finished job to another worker. The engine is killed if the lease is lost
+    ("lost") or the job's time limit passes ("time_limit") first."""
+    while True:
+        try:
+            return child.proc.wait(timeout=settings.heartbeat_interval_s), None
+        except subprocess.TimeoutExpired:
+            pass
+        ours, _cancel = with_db_retry(settings.database,
+                                      lambda s: job_store.heartbeat(s, job_id, attempt, lease_s=settings.lease_s))
+        why = "lost" if not ours else "time_limit" if time.monotonic() > deadline else None
+        if why is not None:
+            log.warning("job %s attempt %d: the engine did not exit after its output ended (%s)", job_id, attempt, why)
+            child.kill()
+            return child.proc.wait(), why
 
 
 def _handle_event(db: Database, job_id: uuid.UUID, attempt: int, state: _State, event: dict[str, Any], token: str | None) -> None:

@@ -178,3 +178,36 @@ def test_cancelling_a_running_attempt_stops_the_engine_and_removes_its_output(tm
     job = _row(settings, job_id)
     assert job.status == JobStatus.cancelled.value and job.cancel_requested
     assert not (settings.artifacts_dir / str(job_id)).exists() and not (settings.work_dir / str(job_id) / "attempt-1").exists()
+
+
+LINGERING_ENGINE = """
+    import json, os, sys, time
+    from pathlib import Path
+    spec = json.loads(sys.stdin.read())
+    out = Path(spec["out_dir"])
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    result = {"files": [{"name": "config.json", "size": 2}], "out_dir": str(out)}
+    print(json.dumps({"type": "result", "result": result}), flush=True)
+    os.close(1)  # the output stream ends here...
+    time.sleep(2.5)  # ...but the process takes longer than the lease to go (a slow interpreter shutdown)
+"""
+
+
+def test_the_lease_is_kept_while_an_engine_that_has_answered_takes_its_time_to_exit(
+        tmp_path, clean_db, redis_db, monkeypatch):
+    from qaas.worker.sweeper import sweep_once
+
+    settings = make_settings(tmp_path, database_url=clean_db, broker_url=redis_db, lease_s=1.0,
+                             heartbeat_interval_s=0.2)
+    _script_engine(tmp_path, monkeypatch, LINGERING_ENGINE)
+    job_id = _job(settings)
+    outcome: list[str] = []
+    runner = threading.Thread(target=lambda: outcome.append(attempt.run_attempt(settings, job_id)))
+    runner.start()
+    while runner.is_alive():  # a sweeper re-queues any running job whose lease lapses
+        sweep_once(settings)
+        time.sleep(0.2)
+    assert outcome == ["succeeded"]
+    job = _row(settings, job_id)
+    assert job.status == "succeeded" and job.attempt == 1
