@@ -110,7 +110,13 @@ def test_flaky_receiver_gets_one_logical_event_and_a_down_receiver_gets_it_later
             ids = {g.headers["webhook-id"] for g in got}
             assert len(ids) == 1  # the same logical event every time
             assert all(_verify(hook["secret"], g)["type"] == "job.succeeded" for g in got)
-            deliveries = {d["url"]: d for d in c.get(f"/v1/jobs/{jid}/deliveries").json()}
+            # the receiver has the third request before the sender has recorded its answer: wait for that
+            deadline = time.monotonic() + 30
+            while True:
+                deliveries = {d["url"]: d for d in c.get(f"/v1/jobs/{jid}/deliveries").json()}
+                if deliveries[flaky.url]["status"] != "pending" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             assert deliveries[flaky.url]["status"] == "delivered" and deliveries[flaky.url]["attempts"] == 3
             own = deliveries[f"http://127.0.0.1:{down_port.port}/hook"]
             assert own["status"] == "pending" and own["last_error"]
