@@ -302,12 +302,12 @@ async def fetch_events_after(db: Database, job_id: uuid.UUID, owner: str, after:
 # --- dispatch bookkeeping -------------------------------------------------------------------------
 
 
-def mark_dispatched(session: Session, job_ids: Sequence[uuid.UUID]) -> dt.datetime:
+def mark_dispatched(session: Session, *job_ids: uuid.UUID) -> dt.datetime:
     """The jobs' messages went out to the broker (those still queued are marked; the sweeper skips them).
     Bookkeeping, not a change anyone watches: `updated_at` stays (the 202's document stays current)."""
     now = utcnow()
     session.execute(
-        update(Job).where(Job.id.in_(list(job_ids)), Job.status == JobStatus.queued.value)
+        update(Job).where(Job.id.in_(job_ids), Job.status == JobStatus.queued.value)
         .values(dispatched_at=now, updated_at=Job.updated_at).execution_options(synchronize_session=False)
     )
     return now

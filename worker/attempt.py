@@ -309,4 +309,4 @@ def _fail(settings: Settings, job_id: uuid.UUID, attempt: int, error: dict[str, 
 
 def _redispatch(settings: Settings, job_id: uuid.UUID, priority: int) -> None:
     if send_run_job(settings, job_id, priority=priority):
-        with_db_retry(settings.database, lambda s: job_store.mark_dispatched(s, [job_id]))
+        with_db_retry(settings.database, lambda s: job_store.mark_dispatched(s, job_id))

@@ -62,7 +62,7 @@ def sweep_once(settings: Settings) -> dict[str, int]:
         if not send_run_job(settings, job_id, priority=priority):
             break  # broker still down; try again next sweep
         with session_scope(db) as s:
-            job_store.mark_dispatched(s, [job_id])
+            job_store.mark_dispatched(s, job_id)
         counts["dispatched"] += 1
     if any(counts.values()):
         log.info("sweep: %s", counts)

@@ -178,7 +178,7 @@ def submit(session: Session, settings: Settings, owner: str, req: JobRequest, id
 
     # Only after the commit: a worker that gets the message must find the row.
     if send_run_job(settings, job.id, priority=job.priority):
-        job_store.mark_dispatched(session, [job.id])
+        job_store.mark_dispatched(session, job.id)
         session.commit()
     return Submission(job.id, orm_job_document(job), replayed=False, webhook_secret=new.generated_secret)
 

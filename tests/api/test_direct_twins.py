@@ -143,7 +143,7 @@ def test_mark_dispatched_direct_changes_what_mark_dispatched_changes(settings):
     with session_scope(db) as s:
         before = {i: _columns(s, i) for i in orm_ids + twin_ids}
     with session_scope(db) as s:
-        job_store.mark_dispatched(s, orm_ids)
+        job_store.mark_dispatched(s, *orm_ids)
     _run(job_store.mark_dispatched_direct(db, twin_ids))
     with session_scope(db) as s:
         changed = {i: {k for k, v in _columns(s, i).items() if v != before[i][k]} for i in before}

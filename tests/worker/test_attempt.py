@@ -190,7 +190,7 @@ LINGERING_ENGINE = """
     result = {"files": [{"name": "config.json", "size": 2}], "out_dir": str(out)}
     print(json.dumps({"type": "result", "result": result}), flush=True)
     os.close(1)  # the output stream ends here...
-    time.sleep(2.5)  # ...but the process takes longer than the lease to go (a slow interpreter shutdown)
+    time.sleep(6)  # ...but the process takes longer than two leases to go (a slow interpreter shutdown)
 """
 
 
@@ -198,7 +198,7 @@ def test_the_lease_is_kept_while_an_engine_that_has_answered_takes_its_time_to_e
         tmp_path, clean_db, redis_db, monkeypatch):
     from qaas.worker.sweeper import sweep_once
 
-    settings = make_settings(tmp_path, database_url=clean_db, broker_url=redis_db, lease_s=1.0,
+    settings = make_settings(tmp_path, database_url=clean_db, broker_url=redis_db, lease_s=2.5,
                              heartbeat_interval_s=0.2)
     _script_engine(tmp_path, monkeypatch, LINGERING_ENGINE)
     job_id = _job(settings)
