@@ -197,20 +197,18 @@ def main():
         torch.cuda.empty_cache()
 
     # sweep of the fast quantize kernel on the largest shape (graph-timed; the default is what the table used)
-    from qaas.kernels import bnb4_triton
-
     xs = make_inputs(SHAPES[-1])
     n = xs[0].numel()
     sweep = []
-    default = dict(bnb4_triton.FAST_TILE)
+    default = dict(bnb4.FAST_TILE)
     for mode, bpp, warps, per_sm in [(1, 32, 4, 0), (1, 64, 8, 0), (1, 16, 4, 0), (1, 32, 4, 8), (0, 32, 4, 0)]:
-        bnb4_triton.FAST_TILE.update(mode=mode, bpp=bpp, warps=warps, per_sm=per_sm)
+        bnb4.FAST_TILE.update(mode=mode, bpp=bpp, warps=warps, per_sm=per_sm)
         ms = bench_graph(lambda x: bnb4.quantize_4bit(x, blocksize=64), xs)
         gbps = (2 * n + n // 2 + 4 * (n // 64)) / ms / 1e6
         sweep.append({"mode": "bins" if mode else "tree", "bpp": bpp, "warps": warps, "per_sm": per_sm, "ms": ms,
                       "GBps": gbps, "frac_copy": gbps / bw})  # fmt: skip
         print(f"sweep {sweep[-1]}", flush=True)
-    bnb4_triton.FAST_TILE.update(default)
+    bnb4.FAST_TILE.update(default)
     x = xs[0][:64, :64].contiguous()
     info["host_us_per_call"] = {
         "qaas quantize_4bit nf4": host_us(lambda t: bnb4.quantize_4bit(t), x),

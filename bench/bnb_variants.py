@@ -68,7 +68,7 @@ def main():
                 if mode == 0 and (bpp, warps) not in ((32, 4), (64, 8)):
                     continue
                 configs.append(dict(fast=True, mode=mode, per_sm=per_sm, bpp=bpp, warps=warps))
-    saved = dict(bnb4_triton.FAST_TILE)
+    saved = dict(bnb4.FAST_TILE)
     for shape in SHAPES:
         n = shape[0] * shape[1]
         k = min(8, max(2, -(-256 * 2**20 // (2 * n))))
@@ -76,14 +76,14 @@ def main():
         nbytes = 2 * n + n // 2 + 4 * (n // 64)
         ref = F.quantize_4bit(xs[0], blocksize=64, quant_type="nf4")[0]
         for cfg in (configs if shape == SHAPES[0] else [c for c in configs if c.get("per_sm", 0) in (0, 8)]):
-            bnb4_triton.FAST_TILE.update(saved)
-            bnb4_triton.FAST_TILE.update({k2: v for k2, v in cfg.items() if k2 != "fast"})
+            bnb4.FAST_TILE.update(saved)
+            bnb4.FAST_TILE.update({k2: v for k2, v in cfg.items() if k2 != "fast"})
             fast = cfg["fast"]
-            f = lambda x: bnb4_triton.quantize_4bit_triton(x, 64, "nf4", False, "cuda", fast=fast)  # noqa: E731
+            f = lambda x: bnb4.quantize_4bit_triton(x, 64, "nf4", False, "cuda", fast=fast)  # noqa: E731
             p = f(xs[0])[0]
             ok = torch.equal(p, ref)
             ms = bench(f, xs)
-            kern = bnb4_triton._quantize4_pairs_kernel if fast else bnb4_triton._quantize4_kernel
+            kern = bnb4_triton.quantize4_pairs_kernel if fast else bnb4_triton.quantize4_kernel
             regs = spills = "?"
             try:
                 for c in kern.device_caches[0][0].values():
@@ -96,7 +96,7 @@ def main():
                   f"regs={regs} spills={spills}", flush=True)
         bnb_ms = bench(lambda x: F.quantize_4bit(x, blocksize=64, quant_type="nf4"), xs)
         print(f"{str(shape):14s} bitsandbytes {bnb_ms * 1e3:8.1f} us", flush=True)
-        bnb4_triton.FAST_TILE.update(saved)
+        bnb4.FAST_TILE.update(saved)
         # public API with/without DQ (host overhead + DQ)
         for dq in (False, True):
             ms = bench(lambda x: bnb4.quantize_4bit(x, blocksize=64, compress_statistics=dq), xs)
@@ -104,7 +104,7 @@ def main():
         del xs
         torch.cuda.empty_cache()
     # dump the compile report of the default variant: registers per kernel from the last compiled entries
-    for kern in (bnb4_triton._quantize4_pairs_kernel,):
+    for kern in (bnb4_triton.quantize4_pairs_kernel,):
         try:
             for key, c in kern.device_caches[0][0].items():
                 ptx = c.asm.get("ptx") or ""

@@ -32,7 +32,7 @@ GPTQ_PHASES = {
     "gptq_quantize": "column loop (GPTQ)",
     "inverse_hessian_factor": "Cholesky + inverse",
     "relative_error": "layer metrics",
-    "_sq_error": "layer metrics",
+    "output_error": "layer metrics",
     "pack_layer": "pack + write",
     "ShardedWriter.add": "pack + write",
     "BlockRunner.forward_all": "forward (quantized block)",

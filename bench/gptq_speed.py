@@ -23,7 +23,7 @@ profile: a 3-block model; block 1 (the middle one: compiled kernels, a next bloc
   top kernels, the longest gaps). Only the tables are kept, not the trace.
 linear: per linear (4096->4096, 4096->14336, 14336->4096; Hessian of 128 x 2048 tokens; 4-bit, group 128, sym,
   blocksize 128): Hessian accumulation and quantization time of the paper's loop
-  (`qaas.kernels.gptq_reference.fasterquant_reference`) and of `gptq_quantize` on the same W and H, with the output
+  (`tests/support/gptq_paper.fasterquant_reference`) and of `gptq_quantize` on the same W and H, with the output
   error tr(dW H dW^T) of each (equal error is part of the claim).
 
 Writes DIR/gptq_speed-<tag>.json and .md; the last line printed starts with SUMMARY.
@@ -71,6 +71,9 @@ def _import_root() -> None:
 
 
 _import_root()
+# The paper's loop, the yardstick, lives with the tests (`tests/support/gptq_paper.py`); appended, so that
+# nothing under tests/ shadows an installed package.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def sync():
@@ -93,9 +96,9 @@ def reference_hessian(X: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def bench_linear(results: dict, tokens: int, chunk: int) -> None:
-    from qaas.kernels.gptq_reference import fasterquant_reference, layer_error
-    from qaas.worker.engine.gptq_algorithm import gptq_quantize
-    from qaas.worker.engine.gptq_hessian import HessianAccumulator
+    from qaas.worker.engine.methods.gptq.algorithm import gptq_quantize
+    from qaas.worker.engine.methods.gptq.hessian import HessianAccumulator
+    from support.gptq_paper import fasterquant_reference, layer_error
 
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cuda")
@@ -255,7 +258,7 @@ def run_job(model, args, out_dir: Path, *, evaluate: bool, reporter: JobClock) -
     from qaas.worker.engine.options import EngineOptions
     from qaas.worker.engine.pipeline import quantize
 
-    workdir = model.path.parent
+    workdir = model.path.parent.resolve()  # a calibration file is named by its absolute path
     calib = random_text(workdir / f"calibration-{model.shape.vocab}-{args.nsamples * args.seqlen}.txt",
                         model.shape.vocab, 2 * args.nsamples * args.seqlen, seed=10)
     options = EngineOptions(device="cuda" if _cuda() else "cpu", evaluate=evaluate, allowed_roots=(str(workdir),),

@@ -1,6 +1,8 @@
 """bitsandbytes-compatible 4-bit (NF4 / FP4) blockwise quantization, byte-exact with bitsandbytes 0.50.
 
-Public API: ``QuantState4bit``, ``quantize_4bit``, ``dequantize_4bit``.
+Public API: ``QuantState4bit``, ``quantize_4bit``, ``dequantize_4bit``. This module is the launcher: it checks the
+arguments, then runs the Triton kernels of ``bnb4_triton.py`` (tiles and grid chosen here) or the torch references of
+``bnb4_reference.py`` they are tested against, by the one rule of ``qaas.kernels.dispatch.use_triton``.
 
 bitsandbytes quantizes with different arithmetic on its two devices, and we follow the device of the input:
 
@@ -24,12 +26,16 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import triton
 
+from . import bnb4_reference as R
+from . import bnb4_triton as T
 from . import codebooks as cb
+from .dispatch import interpreting, use_triton
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -108,19 +114,7 @@ QuantState4bit.offset = property(_get_offset, _set_offset)  # the dataclass fiel
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# validation / dispatch
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-
-
-def _use_triton(t: torch.Tensor, backend: str) -> bool:
-    _check_backend(backend)
-    if backend == "auto":
-        return t.is_cuda
-    return backend == "triton"
+# argument checks
 
 
 def _flavor(t: torch.Tensor) -> str:
@@ -145,153 +139,164 @@ def _validate_quantize(x: torch.Tensor, blocksize: int, quant_type: str) -> None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# torch references
+# launchers (grid and tile choice for the kernels in bnb4_triton.py)
 
-_RCP_CODE = """
-template <typename T> T qaas_rcp_approx_ftz(T x) {
-    float r;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(static_cast<float>(x)));
-    return static_cast<T>(r);
-}
-"""
-_rcp_fn: list = []
+_FLAVOR = {"cuda": 0, "cpu": 1}
 
 
-def _rcp_cuda_ref(a: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes' CUDA ``1.0f / a`` (MUFU.RCP, rcp.approx.ftz.f32) for float32 `a`. On a CUDA tensor through
-    torch's jiterator (NVRTC, inline PTX); elsewhere the IEEE quotient (the CPU emulation of the CUDA rules)."""
-    if a.is_cuda:
-        if not _rcp_fn:
-            try:
-                fn = torch.cuda.jiterator._create_jit_fn(_RCP_CODE)
-                fn(torch.ones(1, device=a.device))
-                _rcp_fn.append(fn)
-            except Exception as e:  # pragma: no cover - depends on NVRTC being usable
-                warnings.warn(f"jiterator unavailable ({e}); the CUDA torch reference uses the IEEE reciprocal")
-                _rcp_fn.append(None)
-        if _rcp_fn[0] is not None:
-            return _rcp_fn[0](a.contiguous())
-    return 1.0 / a
+def _use_asm() -> bool:
+    """Inline PTX only when Triton compiles (not in the interpreter)."""
+    return not interpreting()
+
+_tables: dict = {}
 
 
-def _codes_cuda_ref(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """CUDA decision trees, as counts over the sorted float32 thresholds (NaN -> 0)."""
-    thr = torch.tensor(cb.cuda_4bit_thresholds(quant_type), dtype=torch.float32, device=scaled.device)
-    if quant_type == "nf4":
-        return (scaled.unsqueeze(-1) > thr).sum(-1).to(torch.uint8)
-    sign = (scaled < 0).to(torch.uint8) * 8
-    c = (scaled.abs().unsqueeze(-1) > thr).sum(-1)
-    leaf = torch.tensor(cb.FP4_CUDA_LEAF, dtype=torch.uint8, device=scaled.device)
-    return leaf[c] | sign
+def _thr_tables(quant_type: str, flavor: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (quant_type, flavor, str(device))
+    if key not in _tables:
+        if flavor == "cuda":
+            thr = torch.tensor(cb.cuda_4bit_thresholds(quant_type), dtype=torch.float32)
+            mp = torch.arange(16, dtype=torch.int32)
+        else:
+            mid, order = cb.cpu_4bit_bounds(quant_type, "cpu")
+            thr, mp = mid.clone(), order.to(torch.int32)
+        _tables[key] = (thr.to(device), mp.to(device))
+    return _tables[key]
 
 
-def _quantize_4bit_codes_ref(x: torch.Tensor, blocksize: int, quant_type: str, flavor: str):
-    """Returns (packed uint8 [ceil(n/2), 1], absmax float32 [n_blocks])."""
-    a = x.reshape(-1).float()
-    n = a.numel()
+# Tile of the general quantize kernel (CPU rule set, fp32 inputs, odd lengths): elements per program and warps.
+QUANT_TILE = {"elems": 1024, "warps": 4}  # sweep on H100: 1024/4w 412 us vs 2048/4w 488 us (28672x8192)
+# Fast path (CUDA rule set, fp16/bf16, even length): blocks per tile, warps, programs per SM for the persistent
+# grid (0: one program per tile), NF4 code mode (1: bin table, 0: immediate tree). See bench/NOTES-bnb.md.
+FAST_TILE = {"bpp": 32, "warps": 4, "per_sm": 0, "mode": 1}
+
+
+def _bpp(blocksize: int) -> int:
+    return max(1, QUANT_TILE["elems"] // blocksize)
+
+
+def nf4_bin_table() -> np.ndarray:
+    """int64 [35], (base << 32) | bits(thr) per entry: entry 0 for s < -1, entry b + 1 for the bin
+    [-1 + b/16, -1 + (b+1)/16) (b = 32: s >= 1), entry 34 for NaN. base = number of NF4 CUDA thresholds below the
+    bin, thr = the threshold inside the bin (+inf if none)."""
+    thr = np.array(cb.NF4_CUDA_THRESHOLDS, dtype=np.float64)
+    out = np.zeros(35, dtype=np.int64)
+    for i in range(35):
+        b = i - 1
+        if b == -1 or b == 33:  # s < -1, NaN (all-zero block): code 0
+            base, t = 0, np.inf
+        else:
+            lo, hi = -1.0 + b / 16, (-1.0 + (b + 1) / 16) if b < 32 else np.inf
+            inside = thr[(thr >= lo) & (thr < hi)]
+            assert len(inside) <= 1
+            # no threshold within 1e-3 of a bin edge: s + 3.0 rounds by < 2.4e-7 and cannot cross a threshold
+            assert np.all(np.abs(thr - lo) > 1e-3)
+            base = int((thr < lo).sum())
+            t = inside[0] if len(inside) else np.inf
+        bits = int(np.array([t], dtype=np.float32).view(np.uint32)[0])
+        out[i] = (base << 32) | bits
+    return out
+
+
+def _bin_table(device) -> torch.Tensor:
+    key = ("nf4bins", str(device))
+    if key not in _tables:
+        _tables[key] = torch.from_numpy(nf4_bin_table()).to(device)
+    return _tables[key]
+
+
+_sm_count: dict = {}
+
+
+def _sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _sm_count:
+        _sm_count[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _sm_count[i]
+
+
+def fast_path_ok(x: torch.Tensor, flavor: str) -> bool:
+    return (
+        flavor == "cuda"
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.numel() % 2 == 0
+        and x.data_ptr() % 4 == 0
+    )
+
+
+def _launch_fast(x, packed, absmax, blocksize, quant_type, nb):
+    cfg = FAST_TILE
+    wpb = blocksize // 2
+    bpp = max(1, cfg["bpp"] * 64 // blocksize) if blocksize <= 64 else max(1, 2048 // blocksize)
+    n_words = x.numel() // 2
+    n_tiles = triton.cdiv(nb, bpp)
+    per_sm = cfg["per_sm"] if _use_asm() else 0  # the interpreter cannot loop over tl.program_id()
+    grid = (min(n_tiles, _sms(x.device) * per_sm),) if per_sm else (n_tiles,)
+    tab = _bin_table(x.device)
+    T.quantize4_pairs_kernel[grid](
+        x.reshape(-1).view(torch.int32), packed, absmax, tab, n_words, nb, n_tiles,
+        WPB=wpb, BPP=bpp, IS_BF16=x.dtype == torch.bfloat16, QT=0 if quant_type == "nf4" else 1,
+        MODE=cfg["mode"], USE_ASM=_use_asm(), PERSIST=bool(per_sm),
+        num_warps=cfg["warps"], enable_fp_fusion=False,
+    )  # fmt: skip
+
+
+def quantize_4bit_triton(x: torch.Tensor, blocksize: int, quant_type: str, compress_statistics: bool, flavor: str,
+                         fast: bool | None = None):  # fmt: skip
+    """Returns (packed, absmax, qabsmax, offset (0-dim float32 tensor on x's device), nested_absmax); the last three
+    are None without double quant. Nothing here waits for the device."""
+    n = x.numel()
     nb = -(-n // blocksize)
-    rem = n % blocksize
-    full = n - rem
-    if flavor == "cpu":
-        # bitsandbytes/backends/default/ops.py quantize_4bit, step for step
-        bounds, order = cb.cpu_4bit_bounds(quant_type, a.device)
-        blocks = full // blocksize
-        a_com = a[:full].reshape(blocks, blocksize)
-        absmax = a_com.abs().max(dim=-1)[0]
-        scaled = torch.clamp(a_com * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-        if rem:
-            am = a[full:].abs().max().clamp(min=1e-38)
-            absmax = torch.cat([absmax, am.unsqueeze(0)])
-            scaled = torch.cat([scaled, torch.clamp(a[full:] / am, -1, 1)])
-        if scaled.numel() % 2:
-            scaled = torch.nn.functional.pad(scaled, (0, 1))
-        q = torch.bucketize(scaled, bounds, out_int32=True)
-        if quant_type != "nf4":
-            q = order[q]
-        q8 = q.to(torch.uint8)
+    dev = x.device
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
+    absmax = torch.empty(nb, dtype=torch.float32, device=dev)
+    if fast is None:
+        fast = fast_path_ok(x, flavor)
+    if fast:
+        _launch_fast(x, packed, absmax, blocksize, quant_type, nb)
     else:
-        padded = torch.zeros(nb * blocksize, dtype=torch.float32, device=a.device)
-        padded[:n] = a
-        blocks = padded.view(nb, blocksize)
-        absmax = blocks.abs().amax(dim=1)
-        inv = _rcp_cuda_ref(absmax)  # rcp(0) = inf -> 0*inf = NaN -> code 0, as on CUDA
-        scaled = (blocks * inv[:, None]).reshape(-1)
-        q8 = _codes_cuda_ref(scaled, quant_type)[: n + (n % 2)]
-    packed = ((q8[::2] << 4) | q8[1::2]).unsqueeze(1)
-    return packed, absmax
+        thr, mp = _thr_tables(quant_type, flavor, dev)
+        bpp = _bpp(blocksize)
+        tile = bpp * blocksize
+        grid = (triton.cdiv(nb, bpp),)
+        T.quantize4_kernel[grid](
+            x, packed, absmax, thr, mp, n, nb,
+            BS=blocksize, BPP=bpp, QT=0 if quant_type == "nf4" else 1, FLAVOR=_FLAVOR[flavor], USE_ASM=_use_asm(),
+            num_warps=max(QUANT_TILE["warps"], 8 if tile >= 8192 else 1), enable_fp_fusion=False,
+        )  # fmt: skip
+    if not compress_statistics:
+        return packed, absmax, None, None, None
+    offset = absmax.mean()  # the same torch reduction bitsandbytes uses (bit-identical offset)
+    nnb = -(-nb // 256)
+    q = torch.empty(nb, dtype=torch.uint8, device=dev)
+    nab = torch.empty(nnb, dtype=torch.float32, device=dev)
+    code8 = cb.on_device("dynamic", dev)
+    lut = cb.dynamic_lut(dev) if flavor == "cpu" else code8
+    T.double_quant_kernel[(nnb,)](absmax, offset, q, nab, code8, lut, nb, FLAVOR=_FLAVOR[flavor], USE_ASM=_use_asm(),
+                                 num_warps=2, enable_fp_fusion=False)  # fmt: skip
+    return packed, absmax, q, offset, nab
 
 
-def _dq8_cuda_ref(a: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """csrc dQuantize<0>: binary search over the 256-entry map, midpoint rule. a: normalised float32 values."""
-    pivot = torch.full_like(a, 127, dtype=torch.int64)
-    upper_pivot = torch.full_like(pivot, 255)
-    lower_pivot = torch.zeros_like(pivot)
-    lower = torch.full_like(a, -1.0)
-    upper = torch.full_like(a, 1.0)
-    val = code[pivot]
-    i = 64
-    while i > 0:
-        gt = a > val
-        lower_pivot = torch.where(gt, pivot, lower_pivot)
-        lower = torch.where(gt, val, lower)
-        upper_pivot = torch.where(gt, upper_pivot, pivot)
-        upper = torch.where(gt, upper, val)
-        pivot = torch.where(gt, pivot + i, pivot - i)
-        val = code[pivot]
-        i >>= 1
-    upper = torch.where(upper_pivot == 255, code[255], upper)
-    lower = torch.where(lower_pivot == 0, code[0], lower)
-    gt = a > val
-    mid_up = (upper + val) * 0.5
-    mid_lo = (lower + val) * 0.5
-    r = torch.where(gt, torch.where(a > mid_up, upper_pivot, pivot), torch.where(a < mid_lo, lower_pivot, pivot))
-    return r.to(torch.uint8)
-
-
-def _double_quant_ref(absmax: torch.Tensor, flavor: str):
-    """bitsandbytes: offset = absmax.mean(); quantize_blockwise(absmax - offset, blocksize=256) with the dynamic map.
-    Returns (qabsmax uint8 [nb], offset 0-dim float32 tensor, nested_absmax float32 [ceil(nb/256)])."""
-    offset = absmax.mean()
-    a = absmax - offset
-    nb = a.numel()
-    bs = cb.NESTED_BLOCKSIZE
-    nnb = -(-nb // bs)
-    padded = torch.zeros(nnb * bs, dtype=torch.float32, device=a.device)
-    padded[:nb] = a
-    blocks = padded.view(nnb, bs)
-    nab = blocks.abs().amax(dim=1)
-    inv = _rcp_cuda_ref(nab) if flavor == "cuda" else 1.0 / nab
-    v = blocks * inv[:, None]
-    if flavor == "cpu":
-        lut = cb.dynamic_lut(a.device)
-        v = torch.where((nab == 0)[:, None], torch.zeros_like(v), v)
-        t = (((v.clamp(-1.0, 1.0) + 1.0) * 0.5) * 65535.0) + 0.5
-        q = lut[t.to(torch.int32).long()]
-        q = torch.where((nab == 0)[:, None], torch.zeros_like(q), q)
-    else:
-        q = _dq8_cuda_ref(v, cb.on_device("dynamic", a.device))
-    return q.reshape(-1)[:nb].contiguous(), offset, nab
-
-
-def _dequantize_4bit_ref(packed: torch.Tensor, state: QuantState4bit) -> torch.Tensor:
+def dequantize_4bit_triton(packed: torch.Tensor, state) -> torch.Tensor:
     n = math.prod(state.shape)
-    absmax = _absmax_f32_ref(state)
-    p = packed.reshape(-1)
-    q = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:n].long()
-    vals = state.code.to(p.device)[q]
-    nb = absmax.numel()
-    scale = absmax.repeat_interleave(state.blocksize)[:n] if nb * state.blocksize >= n else None
-    out = vals * scale
-    return out.to(state.dtype).reshape(state.shape)
-
-
-def _absmax_f32_ref(state: QuantState4bit) -> torch.Tensor:
-    if not state.nested:
-        return state.absmax.float()
-    code8 = state.nested_code
-    nab = state.nested_absmax.repeat_interleave(state.nested_blocksize)[: state.absmax.numel()]
-    a = code8[state.absmax.long()] * nab
-    return a + state._offset_tensor(a.device)
+    dev = packed.device
+    out = torch.empty(state.shape, dtype=state.dtype, device=dev)
+    code = state.code.to(device=dev, dtype=torch.float32).contiguous()
+    block = 2048
+    grid = (triton.cdiv((n + 1) // 2, block),)
+    if state.nested:
+        code8 = state.nested_code.to(dev).contiguous()
+        nab = state.nested_absmax.to(dev).contiguous()
+        off = state._offset_tensor(dev)
+    else:
+        code8 = nab = off = code
+    T.dequantize4_kernel[grid](
+        packed, state.absmax.contiguous(), out, code, code8, nab, off, n,
+        BS=state.blocksize, BLOCK=block, NESTED=state.nested, num_warps=8, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,16 +315,14 @@ def quantize_4bit(
     quant_type=..., compress_statistics=...) on the same device."""
     _validate_quantize(x, blocksize, quant_type)
     flavor = _flavor(x)
-    if _use_triton(x, backend):
-        from . import bnb4_triton as tk
-
-        packed, absmax, qabsmax, offset_t, nab = tk.quantize_4bit_triton(
+    if use_triton(backend, x):
+        packed, absmax, qabsmax, offset_t, nab = quantize_4bit_triton(
             x, blocksize, quant_type, compress_statistics, flavor
         )
     else:
-        packed, absmax = _quantize_4bit_codes_ref(x, blocksize, quant_type, flavor)
+        packed, absmax = R.quantize_4bit_codes_reference(x, blocksize, quant_type, flavor)
         if compress_statistics:
-            qabsmax, offset_t, nab = _double_quant_ref(absmax, flavor)
+            qabsmax, offset_t, nab = R.double_quant_reference(absmax, flavor)
     code = cb.on_device(quant_type, x.device)
     nested = {}
     if compress_statistics:
@@ -361,8 +364,6 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState4bit, *, backend: str
         raise ValueError(f"absmax has {state.absmax.numel()} entries, expected {nb}")
     if state.nested and state.absmax.dtype != torch.uint8:
         raise ValueError("with double quant, absmax must be uint8")
-    if _use_triton(packed, backend):
-        from . import bnb4_triton as tk
-
-        return tk.dequantize_4bit_triton(packed, state)
-    return _dequantize_4bit_ref(packed, state)
+    if use_triton(backend, packed):
+        return dequantize_4bit_triton(packed, state)
+    return R.dequantize_4bit_reference(packed, state)

@@ -1,9 +1,9 @@
-"""Triton kernels of ``qaas.kernels.bnb4`` (the torch references live in bnb4.py).
+"""Triton kernels of ``qaas.kernels.bnb4`` (launched there; the torch references are in bnb4_reference.py).
 
-* ``_quantize4_kernel``: one pass over the weight: per-block absmax, scaling, 4-bit code, nibble packing.
-* ``_double_quant_kernel``: reads only the absmax vector (n/blocksize floats): subtract the mean, per-256 absmax,
+* ``quantize4_kernel``: one pass over the weight: per-block absmax, scaling, 4-bit code, nibble packing.
+* ``double_quant_kernel``: reads only the absmax vector (n/blocksize floats): subtract the mean, per-256 absmax,
   8-bit code of the signed dynamic map (CUDA binary search or CPU lookup table).
-* ``_dequantize4_kernel``: one pass: unpack, code table, absmax (optionally reconstructed from the double quant),
+* ``dequantize4_kernel``: one pass: unpack, code table, absmax (optionally reconstructed from the double quant),
   cast.
 
 All kernels are launched with ``enable_fp_fusion=False``: bitsandbytes rounds every product and sum separately,
@@ -14,7 +14,7 @@ bitsandbytes' CUDA library is built with ``--use_fast_math``: its ``1.0f / absma
 rule set issues the same instruction through inline PTX; in the Triton interpreter (CPU tests) there is no PTX, and
 the CUDA rule set falls back to the IEEE quotient (the torch reference does the same on CPU tensors).
 
-* ``_quantize4_pairs_kernel``: the fast path for CUDA tensors (fp16/bf16, even length): the weight is read as
+* ``quantize4_pairs_kernel``: the fast path for CUDA tensors (fp16/bf16, even length): the weight is read as
   32-bit words (an element pair = one output byte), [BPP, blocksize/2] words per tile with 16-byte loads, the row
   max over both halves, and the byte is ``(code(lo) << 4) | code(hi)`` in the same thread: no reshape/split, no
   shared memory but the warp shuffles of the row max. NF4 codes come from a 34-bin table on ``s + 3.0`` (one
@@ -23,28 +23,16 @@ the CUDA rule set falls back to the IEEE quotient (the torch reference does the 
 
 from __future__ import annotations
 
-import math
-import os
-
-import numpy as np
-import torch
 import triton
 import triton.language as tl
 
 from . import codebooks as cb
 from .triton_common import round_to_bf16
 
-_FLAVOR = {"cuda": 0, "cpu": 1}
-
 _N0, _N1, _N2, _N3, _N4, _N5, _N6, _N7, _N8, _N9, _N10, _N11, _N12, _N13, _N14 = (
     tl.constexpr(t) for t in cb.NF4_CUDA_THRESHOLDS
 )
 _F0, _F1, _F2, _F3, _F4, _F5, _F6 = (tl.constexpr(t) for t in cb.FP4_CUDA_THRESHOLDS)
-
-
-def _use_asm() -> bool:
-    """Inline PTX only when Triton compiles (not in the interpreter)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True")
 
 
 @triton.jit
@@ -117,7 +105,7 @@ def _code4(s, thr_ptr, map_ptr, QT: tl.constexpr, FLAVOR: tl.constexpr):
 
 
 @triton.jit
-def _quantize4_kernel(
+def quantize4_kernel(
     x_ptr,
     packed_ptr,
     absmax_ptr,
@@ -228,7 +216,7 @@ def _pairs_tile(w_ptr, packed_ptr, absmax_ptr, tab_ptr, tile, n_words, n_blocks,
 
 
 @triton.jit
-def _quantize4_pairs_kernel(w_ptr, packed_ptr, absmax_ptr, tab_ptr, n_words, n_blocks, n_tiles,
+def quantize4_pairs_kernel(w_ptr, packed_ptr, absmax_ptr, tab_ptr, n_words, n_blocks, n_tiles,
                             WPB: tl.constexpr, BPP: tl.constexpr, IS_BF16: tl.constexpr, QT: tl.constexpr,
                             MODE: tl.constexpr, USE_ASM: tl.constexpr, PERSIST: tl.constexpr):  # fmt: skip
     """CUDA rule set, fp16/bf16 input read as int32 words (element pairs). PERSIST: grid-stride loop over tiles."""
@@ -242,7 +230,7 @@ def _quantize4_pairs_kernel(w_ptr, packed_ptr, absmax_ptr, tab_ptr, n_words, n_b
 
 
 @triton.jit
-def _double_quant_kernel(
+def double_quant_kernel(
     absmax_ptr, offset_ptr, q_ptr, nab_ptr, code_ptr, lut_ptr, nb, FLAVOR: tl.constexpr, USE_ASM: tl.constexpr
 ):
     pid = tl.program_id(0)
@@ -292,7 +280,7 @@ def _double_quant_kernel(
 
 
 @triton.jit
-def _dequantize4_kernel(
+def dequantize4_kernel(
     packed_ptr,
     absmax_ptr,
     out_ptr,
@@ -325,157 +313,3 @@ def _dequantize4_kernel(
     v = v.to(out_ptr.dtype.element_ty)
     o = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
     tl.store(out_ptr + o, v, mask=o < n)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# launchers
-
-_tables: dict = {}
-
-
-def _thr_tables(quant_type: str, flavor: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (quant_type, flavor, str(device))
-    if key not in _tables:
-        if flavor == "cuda":
-            thr = torch.tensor(cb.cuda_4bit_thresholds(quant_type), dtype=torch.float32)
-            mp = torch.arange(16, dtype=torch.int32)
-        else:
-            mid, order = cb.cpu_4bit_bounds(quant_type, "cpu")
-            thr, mp = mid.clone(), order.to(torch.int32)
-        _tables[key] = (thr.to(device), mp.to(device))
-    return _tables[key]
-
-
-# Tile of the general quantize kernel (CPU rule set, fp32 inputs, odd lengths): elements per program and warps.
-QUANT_TILE = {"elems": 1024, "warps": 4}  # sweep on H100: 1024/4w 412 us vs 2048/4w 488 us (28672x8192)
-# Fast path (CUDA rule set, fp16/bf16, even length): blocks per tile, warps, programs per SM for the persistent
-# grid (0: one program per tile), NF4 code mode (1: bin table, 0: immediate tree). See bench/NOTES-bnb.md.
-FAST_TILE = {"bpp": 32, "warps": 4, "per_sm": 0, "mode": 1}
-
-
-def _bpp(blocksize: int) -> int:
-    return max(1, QUANT_TILE["elems"] // blocksize)
-
-
-def nf4_bin_table() -> np.ndarray:
-    """int64 [35], (base << 32) | bits(thr) per entry: entry 0 for s < -1, entry b + 1 for the bin
-    [-1 + b/16, -1 + (b+1)/16) (b = 32: s >= 1), entry 34 for NaN. base = number of NF4 CUDA thresholds below the
-    bin, thr = the threshold inside the bin (+inf if none)."""
-    thr = np.array(cb.NF4_CUDA_THRESHOLDS, dtype=np.float64)
-    out = np.zeros(35, dtype=np.int64)
-    for i in range(35):
-        b = i - 1
-        if b == -1 or b == 33:  # s < -1, NaN (all-zero block): code 0
-            base, t = 0, np.inf
-        else:
-            lo, hi = -1.0 + b / 16, (-1.0 + (b + 1) / 16) if b < 32 else np.inf
-            inside = thr[(thr >= lo) & (thr < hi)]
-            assert len(inside) <= 1
-            # no threshold within 1e-3 of a bin edge: s + 3.0 rounds by < 2.4e-7 and cannot cross a threshold
-            assert np.all(np.abs(thr - lo) > 1e-3)
-            base = int((thr < lo).sum())
-            t = inside[0] if len(inside) else np.inf
-        bits = int(np.array([t], dtype=np.float32).view(np.uint32)[0])
-        out[i] = (base << 32) | bits
-    return out
-
-
-def _bin_table(device) -> torch.Tensor:
-    key = ("nf4bins", str(device))
-    if key not in _tables:
-        _tables[key] = torch.from_numpy(nf4_bin_table()).to(device)
-    return _tables[key]
-
-
-_sm_count: dict = {}
-
-
-def _sms(device) -> int:
-    if device.type != "cuda":
-        return 4
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _sm_count:
-        _sm_count[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _sm_count[i]
-
-
-def _fast_path_ok(x: torch.Tensor, flavor: str) -> bool:
-    return (
-        flavor == "cuda"
-        and x.dtype in (torch.float16, torch.bfloat16)
-        and x.numel() % 2 == 0
-        and x.data_ptr() % 4 == 0
-    )
-
-
-def _launch_fast(x, packed, absmax, blocksize, quant_type, nb):
-    cfg = FAST_TILE
-    wpb = blocksize // 2
-    bpp = max(1, cfg["bpp"] * 64 // blocksize) if blocksize <= 64 else max(1, 2048 // blocksize)
-    n_words = x.numel() // 2
-    n_tiles = triton.cdiv(nb, bpp)
-    per_sm = cfg["per_sm"] if _use_asm() else 0  # the interpreter cannot loop over tl.program_id()
-    grid = (min(n_tiles, _sms(x.device) * per_sm),) if per_sm else (n_tiles,)
-    tab = _bin_table(x.device)
-    _quantize4_pairs_kernel[grid](
-        x.reshape(-1).view(torch.int32), packed, absmax, tab, n_words, nb, n_tiles,
-        WPB=wpb, BPP=bpp, IS_BF16=x.dtype == torch.bfloat16, QT=0 if quant_type == "nf4" else 1,
-        MODE=cfg["mode"], USE_ASM=_use_asm(), PERSIST=bool(per_sm),
-        num_warps=cfg["warps"], enable_fp_fusion=False,
-    )  # fmt: skip
-
-
-def quantize_4bit_triton(x: torch.Tensor, blocksize: int, quant_type: str, compress_statistics: bool, flavor: str,
-                         fast: bool | None = None):  # fmt: skip
-    """Returns (packed, absmax, qabsmax, offset (0-dim float32 tensor on x's device), nested_absmax); the last three
-    are None without double quant. Nothing here waits for the device."""
-    n = x.numel()
-    nb = -(-n // blocksize)
-    dev = x.device
-    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev)
-    absmax = torch.empty(nb, dtype=torch.float32, device=dev)
-    if fast is None:
-        fast = _fast_path_ok(x, flavor)
-    if fast:
-        _launch_fast(x, packed, absmax, blocksize, quant_type, nb)
-    else:
-        thr, mp = _thr_tables(quant_type, flavor, dev)
-        bpp = _bpp(blocksize)
-        tile = bpp * blocksize
-        grid = (triton.cdiv(nb, bpp),)
-        _quantize4_kernel[grid](
-            x, packed, absmax, thr, mp, n, nb,
-            BS=blocksize, BPP=bpp, QT=0 if quant_type == "nf4" else 1, FLAVOR=_FLAVOR[flavor], USE_ASM=_use_asm(),
-            num_warps=max(QUANT_TILE["warps"], 8 if tile >= 8192 else 1), enable_fp_fusion=False,
-        )  # fmt: skip
-    if not compress_statistics:
-        return packed, absmax, None, None, None
-    offset = absmax.mean()  # the same torch reduction bitsandbytes uses (bit-identical offset)
-    nnb = -(-nb // 256)
-    q = torch.empty(nb, dtype=torch.uint8, device=dev)
-    nab = torch.empty(nnb, dtype=torch.float32, device=dev)
-    code8 = cb.on_device("dynamic", dev)
-    lut = cb.dynamic_lut(dev) if flavor == "cpu" else code8
-    _double_quant_kernel[(nnb,)](absmax, offset, q, nab, code8, lut, nb, FLAVOR=_FLAVOR[flavor], USE_ASM=_use_asm(),
-                                 num_warps=2, enable_fp_fusion=False)  # fmt: skip
-    return packed, absmax, q, offset, nab
-
-
-def dequantize_4bit_triton(packed: torch.Tensor, state) -> torch.Tensor:
-    n = math.prod(state.shape)
-    dev = packed.device
-    out = torch.empty(state.shape, dtype=state.dtype, device=dev)
-    code = state.code.to(device=dev, dtype=torch.float32).contiguous()
-    block = 2048
-    grid = (triton.cdiv((n + 1) // 2, block),)
-    if state.nested:
-        code8 = state.nested_code.to(dev).contiguous()
-        nab = state.nested_absmax.to(dev).contiguous()
-        off = state._offset_tensor(dev)
-    else:
-        code8 = nab = off = code
-    _dequantize4_kernel[grid](
-        packed, state.absmax.contiguous(), out, code, code8, nab, off, n,
-        BS=state.blocksize, BLOCK=block, NESTED=state.nested, num_warps=8, enable_fp_fusion=False,
-    )  # fmt: skip
-    return out

@@ -1,111 +1,150 @@
-"""The GPTQ paper's Algorithm 1, written plainly in torch, as the published `fasterquant` does it.
+"""Plain-torch references of the GPTQ kernels (`qaas.kernels.gptq`): what the Triton kernels are tested
+against, and what runs for tensors off CUDA.
 
-This is the yardstick for the fast path (`qaas.worker.engine.gptq_algorithm`) and the baseline of
-`bench/gptq_speed.py`: lazy batch updates of `blocksize` columns, the upper Cholesky factor of the
-inverse Hessian, one small update per column (several kernel launches per column on a GPU).
-
-Quirks of the published code kept on purpose, since the fast path must match it:
-  * with groups, a group's scale/zero are computed from `W` when its first column is reached, where `W`
-    still holds the values at the start of the current lazy block (the intra-block updates live in `W1`);
-  * with `group_size == -1` the scale/zero come from the weight before dead columns are zeroed.
+Conventions (GPTQ paper / FORMATS.md §1):
+  * a weight is `[rows=out_features, cols=in_features]`; GPTQ walks the columns (input channels);
+  * `q = clamp(round_half_even(w / scale) + zero, 0, maxq)`, `w_hat = scale * (q - zero)`;
+  * scales are rounded to float16 before use (`round_scale=True`) so that the float16 scales stored in the
+    checkpoint reproduce the quantizer's weights bit for bit;
+  * packing is a little-endian bit stream: value j of a run of 32 sits at stream bit `bits * j`, stream
+    bit b lives in word `b // 32` at bit `b % 32` (for 2/4/8 bits that is "value j at bit bits*j"; for 3 bits
+    it is exactly FORMATS.md's three-word layout).
 """
 
 from __future__ import annotations
 
 import torch
 
-from qaas.kernels.gptq import find_params_reference, quantize_reference
+SUPPORTED_BITS = (2, 3, 4, 8)
 
 
-def fasterquant_reference(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    *,
-    bits: int = 4,
-    group_size: int = -1,
-    sym: bool = True,
-    damp_percent: float = 0.01,
-    desc_act: bool = False,
-    static_groups: bool = False,
-    blocksize: int = 128,
-    round_scale: bool = True,
-) -> dict:
-    """Quantize `W` (`[out, in]`) against the Hessian `H` (`[in, in]`); returns dict(Q=..., codes=..., ...).
+def find_params_reference(
+    x: torch.Tensor, bits: int, sym: bool, *, round_scale: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero over the last dimension of `x` (`[..., n]`), as the GPTQ quantizer does.
 
-    `Q` is the dequantized weight in the original column order (float32).
+    The range always contains 0; an all-zero row gets the range [-1, 1]. Returns float32 tensors
+    of shape `x.shape[:-1]`.
     """
     maxq = 2**bits - 1
-    W = W.clone().float()
-    H = H.clone().float()
-    rows, columns = W.shape
-
-    def params(x):
-        return find_params_reference(x, bits, sym, round_scale=round_scale)
-
-    scale, zero = params(W)  # per row over all columns (used when group_size == -1)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
-    groups = None
-    if static_groups and group_size != -1:
-        groups = [params(W[:, i : i + group_size]) for i in range(0, columns, group_size)]
-
-    perm = None
-    if desc_act:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
-        invperm = torch.argsort(perm)
-
-    Q = torch.zeros_like(W)
-    codes = torch.zeros(rows, columns, dtype=torch.int32, device=W.device)
-
-    damp = damp_percent * torch.mean(torch.diag(H))
-    diag = torch.arange(columns, device=W.device)
-    H[diag, diag] += damp
-    H = torch.linalg.cholesky(H)
-    H = torch.cholesky_inverse(H)
-    H = torch.linalg.cholesky(H, upper=True)
-    Hinv = H
-
-    for i1 in range(0, columns, blocksize):
-        i2 = min(i1 + blocksize, columns)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        C1 = torch.zeros(rows, count, dtype=torch.int32, device=W.device)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(count):
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if group_size != -1:
-                if not static_groups:
-                    if (i1 + i) % group_size == 0:
-                        scale, zero = params(W[:, (i1 + i) : (i1 + i + group_size)])
-                else:
-                    idx = i1 + i
-                    if desc_act:
-                        idx = int(perm[idx])
-                    scale, zero = groups[idx // group_size]
-            c, q = quantize_reference(w, scale, zero, maxq)
-            Q1[:, i] = q
-            C1[:, i] = c.to(torch.int32)
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        Q[:, i1:i2] = Q1
-        codes[:, i1:i2] = C1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-
-    if desc_act:
-        Q = Q[:, invperm]
-        codes = codes[:, invperm]
-    return {"Q": Q, "codes": codes, "perm": perm}
+    x = x.float()
+    xmin = torch.clamp(x.amin(dim=-1), max=0.0)
+    xmax = torch.clamp(x.amax(dim=-1), min=0.0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    both_zero = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(both_zero, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(both_zero, torch.full_like(xmax, 1.0), xmax)
+    scale = (xmax - xmin) / maxq
+    if round_scale:
+        # Round to the storage dtype, never to zero or infinity.
+        scale = scale.clamp(min=2.0**-24, max=65504.0).half().float()
+    if sym:
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
 
 
-def layer_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
-    """Squared output error of replacing W by Q on the calibration inputs: tr((W-Q) H (W-Q)^T)."""
-    D = (W.double() - Q.double())
-    return float(torch.einsum("ri,ij,rj->", D, H.double(), D))
+def quantize_reference(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and dequantized values; `scale`/`zero` broadcast against `x`."""
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return q, scale * (q - zero)
+
+
+def group_params_reference(
+    w: torch.Tensor, bits: int, sym: bool, group_size: int, *, round_scale: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero `[R, NG]` of each row over consecutive groups of `group_size` columns of `w` `[R, NG * gs]`."""
+    R, C = w.shape
+    return find_params_reference(w.reshape(R, C // group_size, group_size), bits, sym, round_scale=round_scale)
+
+
+def gptq_block_reference(
+    w1: torch.Tensor,
+    hinv1: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    col_group: torch.Tensor,
+    maxq: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One lazy-batch block of GPTQ, column by column (Algorithm 1's inner loop).
+
+    w1: `[R, B]` float32 (modified in place), hinv1: `[B, B]` upper Cholesky factor of the inverse Hessian
+    block, scale/zero: `[R, NG]`, col_group: `[B]` index into scale/zero for each column.
+    Returns (dequantized `[R, B]`, scaled errors `[R, B]`, codes `[R, B]` int32).
+    """
+    R, B = w1.shape
+    q1 = torch.empty_like(w1)
+    err1 = torch.empty_like(w1)
+    codes = torch.empty((R, B), dtype=torch.int32, device=w1.device)
+    cg = col_group.tolist()
+    for i in range(B):
+        w = w1[:, i]
+        d = hinv1[i, i]
+        c, q = quantize_reference(w, scale[:, cg[i]], zero[:, cg[i]], maxq)
+        e = (w - q) / d
+        w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+        q1[:, i] = q
+        err1[:, i] = e
+        codes[:, i] = c.to(torch.int32)
+    return q1, err1, codes
+
+
+def _to_int32_bits(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) → int32 with the same bits."""
+    words = words & 0xFFFFFFFF
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_rows_reference(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack `[K, N]` codes along dim 0 into `[K * bits / 32, N]` int32 (K a multiple of 32)."""
+    K, N = codes.shape
+    v = codes.to(torch.int64).reshape(K // 32, 32, N) & (2**bits - 1)
+    out = torch.zeros((K // 32, bits, N), dtype=torch.int64, device=codes.device)
+    for j in range(32):
+        start = bits * j
+        k0, off = divmod(start, 32)
+        out[:, k0] |= (v[:, j] << off) & 0xFFFFFFFF
+        if off + bits > 32:  # spills into the next word (3-bit only)
+            out[:, k0 + 1] |= v[:, j] >> (32 - off)
+    return _to_int32_bits(out.reshape(K // 32 * bits, N))
+
+
+def unpack_rows_reference(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `pack_rows_reference`: `[K * bits / 32, N]` int32 → `[K, N]` int32 codes."""
+    W, N = packed.shape
+    words = packed.to(torch.int64).reshape(W // bits, bits, N) & 0xFFFFFFFF
+    mask = 2**bits - 1
+    out = torch.empty((W // bits, 32, N), dtype=torch.int64, device=packed.device)
+    for j in range(32):
+        k0, off = divmod(bits * j, 32)
+        val = words[:, k0] >> off
+        if off + bits > 32:
+            val = val | (words[:, k0 + 1] << (32 - off))
+        out[:, j] = val & mask
+    return out.reshape(W // bits * 32, N).to(torch.int32)
+
+
+def dequantize_reference(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    *,
+    v1: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """qweight/qzeros/scales/g_idx → weight `[out, in]` (`nn.Linear` layout)."""
+    mask = 2**bits - 1
+    codes = unpack_rows_reference(qweight, bits).to(torch.int64)  # [in, out]
+    zeros = unpack_rows_reference(qzeros.t().contiguous(), bits).t().to(torch.int64)  # [G, out]
+    if v1:
+        zeros = (zeros + 1) & mask
+    g = g_idx.to(torch.int64)
+    w = scales.float()[g] * (codes - zeros[g]).float()
+    return w.t().contiguous().to(dtype)

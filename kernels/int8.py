@@ -9,26 +9,21 @@
 
 Dequantization is bitsandbytes' ``int8_vectorwise_dequant``: ``q * SCB[:, None] * 7.874015718698502e-3`` in
 float32, then cast to ``dtype``.
+
+This module is the launcher: it checks the arguments, then runs the Triton kernels of ``int8_triton.py`` (grid
+chosen here) or the torch references of ``int8_reference.py``, by the rule of ``qaas.kernels.dispatch.use_triton``.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
-from .triton_common import round_to_bf16
+from . import int8_reference as R
+from . import int8_triton as T
+from .dispatch import use_triton
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-DEQUANT_CONST = 7.874015718698502e-3
-
-
-def _use_triton(t: torch.Tensor, backend: str) -> bool:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        return t.is_cuda
-    return backend == "triton"
 
 
 def _validate(w: torch.Tensor) -> None:
@@ -44,27 +39,13 @@ def _validate(w: torch.Tensor) -> None:
         raise ValueError("w must have at least one element")
 
 
-def _quantize_int8_ref(w: torch.Tensor, flavor: str) -> tuple[torch.Tensor, torch.Tensor]:
-    scb = w.abs().amax(dim=1).float()
-    if flavor == "cpu":
-        # bitsandbytes/backends/default/ops.py int8_vectorwise_quant (threshold=0)
-        scale = 127.0 / scb.unsqueeze(-1)
-    else:
-        # __fdividef(127, x): 127 * rcp.approx(x) is what div.approx.f32 computes; torch has no such op, so the
-        # reference uses the IEEE quotient (can differ in the last bit of `scale`; the Triton kernel is exact).
-        scale = 127.0 / scb.unsqueeze(-1)
-    q = torch.round(w * scale)
-    q = torch.nan_to_num(q, nan=0.0)  # zero row: 0 * inf -> NaN -> 0
-    return q.to(torch.int8), scb
-
-
 def quantize_int8_rowwise(w: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """int8 [out, in] and SCB float32 [out]; equal to bitsandbytes.functional.int8_vectorwise_quant(w)[:2]."""
     _validate(w)
     flavor = "cuda" if w.is_cuda else "cpu"
-    if _use_triton(w, backend):
+    if use_triton(backend, w):
         return _quantize_int8_triton(w, flavor)
-    return _quantize_int8_ref(w, flavor)
+    return R.quantize_int8_reference(w, flavor)
 
 
 def dequantize_int8_rowwise(
@@ -80,75 +61,9 @@ def dequantize_int8_rowwise(
         raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     if not q.is_contiguous() or not scb.is_contiguous():
         raise ValueError("q and scb must be contiguous")
-    if _use_triton(q, backend):
+    if use_triton(backend, q):
         return _dequantize_int8_triton(q, scb, dtype)
-    return (q * scb.view(-1, 1) * DEQUANT_CONST).to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Triton kernels
-
-
-@triton.jit
-def _fdividef(a, b):
-    # CUDA's __fdividef(a, b) is PTX div.approx.f32.
-    return tl.inline_asm_elementwise(
-        "div.approx.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1
-    )
-
-
-@triton.jit
-def _rint(v):
-    # round half to even for |v| < 2**22 (exact with IEEE float32 adds; fused adds are disabled at launch)
-    return (v + 12582912.0) - 12582912.0
-
-
-@triton.jit
-def _int8_quant_kernel(w_ptr, q_ptr, scb_ptr, cols, BLOCK: tl.constexpr, ONE_TILE: tl.constexpr,
-                       FLAVOR: tl.constexpr):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    base = row * cols
-    r = tl.arange(0, BLOCK)
-    if ONE_TILE:
-        m = r < cols
-        w = tl.load(w_ptr + base + r, mask=m, other=0.0).to(tl.float32)
-        am = tl.max(tl.abs(w), axis=0)
-    else:
-        acc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, cols, BLOCK):
-            m = start + r < cols
-            acc = tl.maximum(acc, tl.abs(tl.load(w_ptr + base + start + r, mask=m, other=0.0).to(tl.float32)))
-        am = tl.max(acc, axis=0)
-    tl.store(scb_ptr + row, am)
-    if FLAVOR == 0:
-        scale = _fdividef(tl.full([BLOCK], 127.0, tl.float32), tl.full([BLOCK], 1.0, tl.float32) * am)
-    else:
-        # torch evaluates `127.0 / t` as reciprocal(t) * 127 (Tensor.__rtruediv__), so does bitsandbytes' CPU op
-        scale = tl.math.div_rn(tl.full([BLOCK], 1.0, tl.float32), tl.full([BLOCK], 1.0, tl.float32) * am) * 127.0
-    if ONE_TILE:
-        qv = _rint(w * scale)
-        qv = tl.where(am == 0.0, 0.0, qv)
-        tl.store(q_ptr + base + r, qv.to(tl.int8), mask=m)
-    else:
-        for start in range(0, cols, BLOCK):
-            m = start + r < cols
-            w = tl.load(w_ptr + base + start + r, mask=m, other=0.0).to(tl.float32)
-            qv = _rint(w * scale)
-            qv = tl.where(am == 0.0, 0.0, qv)
-            tl.store(q_ptr + base + start + r, qv.to(tl.int8), mask=m)
-
-
-@triton.jit
-def _int8_dequant_kernel(q_ptr, scb_ptr, out_ptr, n, cols, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    q = tl.load(q_ptr + offs, mask=m, other=0).to(tl.float32)
-    s = tl.load(scb_ptr + offs // cols, mask=m, other=0.0)
-    v = (q * s) * 7.874015718698502e-3
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        v = round_to_bf16(v)
-    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
+    return R.dequantize_int8_reference(q, scb, dtype)
 
 
 def _quantize_int8_triton(w: torch.Tensor, flavor: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +76,7 @@ def _quantize_int8_triton(w: torch.Tensor, flavor: str) -> tuple[torch.Tensor, t
     one = p2 <= 16384
     block = p2 if one else 4096
     nw = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    _int8_quant_kernel[(rows,)](w, q, scb, cols, BLOCK=block, ONE_TILE=one, FLAVOR=0 if flavor == "cuda" else 1,
+    T.int8_quant_kernel[(rows,)](w, q, scb, cols, BLOCK=block, ONE_TILE=one, FLAVOR=0 if flavor == "cuda" else 1,
                                 num_warps=nw, enable_fp_fusion=False)  # fmt: skip
     return q, scb
 
@@ -170,6 +85,6 @@ def _dequantize_int8_triton(q: torch.Tensor, scb: torch.Tensor, dtype: torch.dty
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     n = q.numel()
     block = 4096
-    _int8_dequant_kernel[(triton.cdiv(n, block),)](q, scb, out, n, q.shape[1], BLOCK=block, num_warps=8,
+    T.int8_dequant_kernel[(triton.cdiv(n, block),)](q, scb, out, n, q.shape[1], BLOCK=block, num_warps=8,
                                                     enable_fp_fusion=False)  # fmt: skip
     return out

@@ -15,7 +15,8 @@ require("bitsandbytes")  # a missing consumer fails in CI
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 
 from qaas.worker.engine.errors import InvalidConfig  # noqa: E402
-from qaas.worker.engine.methods.bitsandbytes import BitsAndBytesMethod, cpu_runnable_4bit  # noqa: E402
+from qaas.worker.engine.methods.bitsandbytes import BitsAndBytesMethod  # noqa: E402
+from qaas.worker.engine.methods.bitsandbytes.planning import cpu_runnable_4bit  # noqa: E402
 
 from .conftest import VARIANTS  # noqa: E402
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from qaas.kernels.gptq_reference import fasterquant_reference, layer_error
-from qaas.worker.engine.calibration import load_calibration, resolve_text
+from support.gptq_paper import fasterquant_reference, layer_error
+from qaas.worker.engine.calibration_data import load_calibration, resolve_text
 from qaas.worker.engine.errors import CalibrationDataError, InvalidConfig
 from qaas.worker.engine.evaluate import load_eval_data, perplexity
-from qaas.worker.engine.gptq_algorithm import gptq_quantize
-from qaas.worker.engine.gptq_format import pack_layer
+from qaas.worker.engine.methods.gptq.algorithm import gptq_quantize
+from qaas.worker.engine.methods.gptq.format import pack_layer
 from qaas.worker.engine.methods.gptq import GPTQMethod
 from qaas.worker.engine.options import EngineOptions
 from qaas.worker.engine.pipeline import quantize

@@ -219,7 +219,7 @@ def test_block_input_capture_gives_each_block_its_own_mask(tmp_path):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from qaas.worker.engine.architecture import build_meta_model
-    from qaas.worker.engine.gptq_blocks import BlockInputCapture, materialize_block
+    from qaas.worker.engine.blockwise import BlockInputCapture, materialize_block
 
     cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

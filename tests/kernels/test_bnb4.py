@@ -16,7 +16,7 @@ bnb = require("bitsandbytes")  # a missing consumer fails in CI
 import bitsandbytes.functional as F  # noqa: E402
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
 
-from qaas.kernels import bnb4, codebooks  # noqa: E402
+from qaas.kernels import bnb4, bnb4_reference, codebooks  # noqa: E402
 from qaas.kernels.bnb4 import QuantState4bit, dequantize_4bit, quantize_4bit  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -114,22 +114,20 @@ def test_cuda_rules_triton_equals_reference(seed):
     """The CUDA rule set (decision trees, binary search of the 8-bit map) checked on the CPU: the Triton kernels
     (the general one, and the fast pair-word one with the NF4 bin table and with the immediate tree) against the
     torch reference, all forced to the CUDA flavor."""
-    from qaas.kernels import bnb4_triton
-
     x, blocksize, quant_type, _ = _case(1000 + seed, "cpu")
-    p1, a1 = bnb4._quantize_4bit_codes_ref(x, blocksize, quant_type, "cuda")
-    q1, o1, n1 = bnb4._double_quant_ref(a1, "cuda")
-    fast_ok = bnb4_triton._fast_path_ok(x, "cuda")
+    p1, a1 = bnb4_reference.quantize_4bit_codes_reference(x, blocksize, quant_type, "cuda")
+    q1, o1, n1 = bnb4_reference.double_quant_reference(a1, "cuda")
+    fast_ok = bnb4.fast_path_ok(x, "cuda")
     variants = [(False, 1)] + ([(True, 1), (True, 0)] if fast_ok else [])
-    saved = dict(bnb4_triton.FAST_TILE)
+    saved = dict(bnb4.FAST_TILE)
     try:
         for fast, mode in variants:
-            bnb4_triton.FAST_TILE.update(mode=mode, per_sm=seed % 2)
-            p2, a2, q2, o2, n2 = bnb4_triton.quantize_4bit_triton(x, blocksize, quant_type, True, "cuda", fast=fast)
+            bnb4.FAST_TILE.update(mode=mode, per_sm=seed % 2)
+            p2, a2, q2, o2, n2 = bnb4.quantize_4bit_triton(x, blocksize, quant_type, True, "cuda", fast=fast)
             assert torch.equal(p1, p2) and torch.equal(a1, a2), (fast, mode)
             assert torch.equal(q1, q2) and torch.equal(n1, n2) and o1.item() == o2.item()
     finally:
-        bnb4_triton.FAST_TILE.update(saved)
+        bnb4.FAST_TILE.update(saved)
 
 
 def test_nf4_bin_table_equals_threshold_count():
@@ -138,9 +136,7 @@ def test_nf4_bin_table_equals_threshold_count():
     can overshoot by an ulp or two), at +-0, and NaN (-> 0)."""
     import numpy as np
 
-    from qaas.kernels import bnb4_triton
-
-    tab = bnb4_triton.nf4_bin_table()
+    tab = bnb4.nf4_bin_table()
     thr = np.array(codebooks.NF4_CUDA_THRESHOLDS, dtype=np.float32)
     pts = [np.linspace(-1, 1, 200001, dtype=np.float32), np.float32([-1, 1, 0, -0.0])]
     for c in list(thr) + [np.float32(-1 + b / 16) for b in range(33)]:
@@ -162,8 +158,8 @@ def test_nf4_bin_table_equals_threshold_count():
 def test_cuda_rules_agree_with_cpu_rules_mostly():
     """Sanity: both rule sets give the same codes except at a handful of ties near thresholds."""
     x = torch.randn(64, 256)
-    p1, a1 = bnb4._quantize_4bit_codes_ref(x, 64, "nf4", "cuda")
-    p2, a2 = bnb4._quantize_4bit_codes_ref(x, 64, "nf4", "cpu")
+    p1, a1 = bnb4_reference.quantize_4bit_codes_reference(x, 64, "nf4", "cuda")
+    p2, a2 = bnb4_reference.quantize_4bit_codes_reference(x, 64, "nf4", "cpu")
     assert torch.equal(a1, a2)
     assert (p1 != p2).float().mean() < 1e-3
 

@@ -14,7 +14,6 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -316,7 +315,3 @@ class ShardedWriter:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is None:
             self.close()
-
-
-def tensor_nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
-    return prod(shape) * torch.empty((), dtype=dtype).element_size()

@@ -25,15 +25,7 @@ from .methods.base import EngineContext, get_method
 from .options import EngineOptions
 from .progress import NullReporter, Reporter
 from .source import resolve_source
-
-
-def engine_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return f"qaas {version('qaas')}"
-    except Exception:
-        return "qaas (unknown version)"
+from .version import package_version
 
 
 class _StageClock:
@@ -178,7 +170,7 @@ def quantize(
 
     errs = result.layer_errors
     return {
-        "engine_version": engine_version(),
+        "engine_version": f"qaas {package_version()}",
         "method": method.name,
         "out_dir": str(staged.final_dir),
         "files": files,

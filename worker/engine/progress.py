@@ -8,6 +8,9 @@ library user may pass nothing at all.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 
@@ -55,3 +58,35 @@ class NullReporter:
     def check_cancelled(self) -> None:
         if self._cancelled.is_set():
             raise JobCancelled("cancelled")
+
+
+class PhaseTimer:
+    """Wall time per named phase of a stage, summed over its repetitions (reported as a job's timings).
+
+    On CUDA the device is synchronized at each boundary, so each phase is charged for its own kernels rather
+    than for whatever was still queued when it began."""
+
+    def __init__(self, device: Any, into: dict[str, float]) -> None:
+        self.device, self.into, self._started = device, into, {}
+
+    def _sync(self) -> None:
+        if getattr(self.device, "type", None) == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def start(self, name: str) -> None:
+        self._sync()
+        self._started[name] = time.perf_counter()
+
+    def stop(self, name: str) -> None:
+        self._sync()
+        self.into[name] = self.into.get(name, 0.0) + time.perf_counter() - self._started.pop(name)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop(name)

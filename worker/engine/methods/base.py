@@ -5,9 +5,18 @@ output directory and its sharded writer, config.json, tokenizer files, evaluatio
 A method owns one thing: turning the source tensors into quantized tensors, written through
 `ctx.writer`, one decoder block at a time, and saying what config it produced.
 
-Adding a method: create `methods/<name>.py` with a class implementing `QuantizationMethod`, and add it to
-`METHODS` below (imported lazily, so a method whose module or dependencies are missing only fails the jobs
-that ask for it, with InvalidConfig).
+Adding a method: create the package `methods/<name>/` holding everything that is only this method's:
+  * `method.py`: a class implementing `QuantizationMethod` (validate, stages, quantize, load_for_evaluation),
+    with `quantize` reading as the method's steps in order;
+  * the algorithm, the planning of which layers are converted, and `format.py`: the checkpoint layout the
+    method writes and the reader that loads it back (for evaluation and the interoperability tests);
+  * `__init__.py`: what the method does, in words, and `from .method import <Class>`;
+then add one line to `METHODS` below. What several methods need lives beside `methods/` in the engine and
+is imported from there, never from another method's package: the source and checkpoint streaming
+(`source`, `checkpoint`, `architecture`), calibration text and token windows (`calibration_data`),
+block-by-block forward passes on calibration data (`blockwise`), evaluation, export, progress and options.
+Methods are imported lazily, so a method whose module or dependencies are missing only fails the jobs that
+ask for it, with InvalidConfig.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Calibration data for GPTQ: what `GPTQConfig.dataset` names, turned into token windows.
+"""Calibration data for every method that calibrates: what a request's `dataset` names, turned into token windows.
+
+GPTQ's `dataset` uses it today; AWQ's calibration set, SmoothQuant's activation ranges, an importance matrix
+and fine-tuning text take the same kinds of value, so this module is shared: a method chooses only how many
+windows of how many tokens it wants (`load_calibration`).
 
 Accepted `dataset` values:
   * a list of strings (the text itself);

@@ -1,6 +1,7 @@
-"""Running a causal LM one decoder block at a time, for GPTQ.
+"""Running a causal LM one decoder block at a time on calibration data: what every calibrated method needs
+(GPTQ's Hessians today; activation statistics for AWQ, SmoothQuant or an importance matrix alike).
 
-* `BlockInputCapture` / `capture_block_inputs`: the model with its blocks replaced by a catcher runs the
+* `BlockInputCapture`: the model with its blocks replaced by a catcher runs the
   calibration batches up to the first block (embeddings, position embeddings, masks exactly as the model
   computes them) and keeps the block's positional and keyword inputs; with real blocks in front of the
   catcher it yields the inputs of any later block the same way (`cache_block_outputs=false`).
@@ -8,23 +9,29 @@
   modules (whose buffers are computed, not stored) are rebuilt on the device.
 * `discover_input_groups`: which Linear layers see the same input tensor (they share one Hessian), in the
   order they run: for Llama [q,k,v], [o], [gate,up], [down] — the paper's true-sequential groups.
-* `BlockRunner.collect`/`forward`: forward passes over all batches with hooks that accumulate Hessians,
-  stopping a pass as soon as every hooked layer has seen its input.
+* `BlockRunner.collect`: forward passes over all batches with hooks that feed each shared input to one
+  accumulator per input class (GPTQ: a Hessian), stopping a pass as soon as every hooked layer has seen its
+  input; `BlockRunner.forward_all`: the block's outputs, the next block's inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import torch
 
 from .errors import UnsupportedModel
-from .gptq_hessian import HessianAccumulator
 
 
 class _StopForward(Exception):
     pass
+
+
+class InputAccumulator(Protocol):
+    """What `BlockRunner.collect` feeds a layer's input to (e.g. GPTQ's HessianAccumulator)."""
+
+    def add(self, x: torch.Tensor) -> None: ...
 
 
 class _Catcher(torch.nn.Module):
@@ -73,11 +80,6 @@ def _rebuild_rotary(module: torch.nn.Module, device: torch.device) -> None:
                 setattr(p, attr, fresh)
             else:  # pragma: no cover - a rotary module is never the root here
                 raise UnsupportedModel("rotary module at the root")
-
-
-def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    p = prefix + "." if prefix else ""
-    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
 
 
 def _load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
@@ -157,26 +159,6 @@ class BlockInputCapture:
         return [h for h, _, _ in sink], [(a, kw) for _, a, kw in sink]
 
 
-@torch.no_grad()
-def capture_block_inputs(
-    model: torch.nn.Module,
-    block_name: str,
-    pre_tensors: dict[str, torch.Tensor],
-    batches: Iterable[torch.Tensor],
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    store: torch.device,
-) -> tuple[list[torch.Tensor], list[tuple[tuple, dict[str, Any]]], torch.nn.ModuleList]:
-    """Inputs of the first decoder block for each calibration batch (see `BlockInputCapture`).
-
-    Returns (hidden states per batch, (other args, kwargs) per batch, the original blocks).
-    """
-    cap = BlockInputCapture(model, block_name, pre_tensors, device=device, dtype=dtype)
-    hidden, rest = cap.capture(batches, [], 0, store)
-    return hidden, rest, cap.blocks
-
-
 def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -246,16 +228,18 @@ class BlockRunner:
         self.device = device
 
     @torch.no_grad()
-    def collect(self, classes: list[list[str]]) -> dict[str, torch.Tensor]:
-        """Hessian of the input of each class (linears sharing an input), keyed by the class's first name."""
-        accs: dict[str, HessianAccumulator] = {}
+    def collect(self, classes: list[list[str]], accumulator: Callable[[int], InputAccumulator]
+                ) -> dict[str, InputAccumulator]:
+        """Every calibration input of each class (linears sharing an input) fed to one accumulator made by
+        `accumulator(in_features)`, keyed by the class's first name."""
+        accs: dict[str, InputAccumulator] = {}
         fired: set[str] = set()
         hooks = []
         for cls in classes:
             rep = cls[0]
             mod = self.block.get_submodule(rep)
             in_f = mod.weight.shape[0] if type(mod).__name__ == "Conv1D" else mod.in_features
-            accs[rep] = HessianAccumulator(in_f, self.device)
+            accs[rep] = accumulator(in_f)
 
             def hook(m, inp, out, rep=rep):
                 accs[rep].add(inp[0].detach())
@@ -274,7 +258,7 @@ class BlockRunner:
         finally:
             for hk in hooks:
                 hk.remove()
-        return {rep: acc.finalize() for rep, acc in accs.items()}
+        return accs
 
     @torch.no_grad()
     def forward_all(self) -> list[torch.Tensor]:

@@ -1,6 +1,6 @@
 """GPTQ on one linear layer: the paper's algorithm, fast.
 
-Same arithmetic as `qaas.kernels.gptq_reference.fasterquant_reference` (the published loop), organised
+Same arithmetic as the published loop (the tests' oracle, `tests/support/gptq_paper.py`), organised
 for a GPU: per lazy block of 128 columns, one launch computes the scales/zeros of the groups that start
 in the block, one launch runs the whole column loop (`qaas.kernels.gptq.gptq_block`), one matmul applies the
 lazy update to the remaining columns. The result carries everything the v1/v2 export needs.
@@ -15,6 +15,9 @@ from typing import Callable
 import torch
 
 from qaas.kernels import gptq as K
+from qaas.kernels.gptq_reference import SUPPORTED_BITS, find_params_reference, quantize_reference
+
+from .hessian import tf32_matmuls
 
 
 @dataclass
@@ -101,8 +104,8 @@ def gptq_quantize(
     log: Callable[[str], None] | None = None,
 ) -> GPTQResult:
     """Quantize `W` (`[out, in]`) given the Hessian `H` (`[in, in]`, = 2/n X X^T). Inputs are not modified."""
-    if bits not in K.SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {K.SUPPORTED_BITS}")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}")
     maxq = 2**bits - 1
     W = W.detach().float().clone()
     H = H.detach().float().clone()
@@ -114,7 +117,7 @@ def gptq_quantize(
         act_group_aware = False
 
     if not grouped:
-        s_all, z_all = K.find_params_reference(W, bits, sym)  # before dead columns, as the paper's code
+        s_all, z_all = find_params_reference(W, bits, sym)  # before dead columns, as the paper's code
 
     dead = torch.diag(H) == 0
     n_dead = int(dead.sum())
@@ -132,7 +135,7 @@ def gptq_quantize(
             ss.append(s)
             zz.append(z)
         if ncol % gs:
-            s, z = K.find_params_reference(x[:, nfull * gs :], bits, sym)
+            s, z = find_params_reference(x[:, nfull * gs :], bits, sym)
             ss.append(s[:, None])
             zz.append(z[:, None])
         return torch.cat(ss, 1), torch.cat(zz, 1)
@@ -232,7 +235,18 @@ def rtn_quantize(W: torch.Tensor, *, bits: int, group_size: int, sym: bool = Tru
     out = torch.empty_like(W)
     for g0 in range(0, C, gs):
         x = W[:, g0 : g0 + gs]
-        s, z = K.find_params_reference(x, bits, sym)
-        _, q = K.quantize_reference(x, s[:, None], z[:, None], 2**bits - 1)
+        s, z = find_params_reference(x, bits, sym)
+        _, q = quantize_reference(x, s[:, None], z[:, None], 2**bits - 1)
         out[:, g0 : g0 + gs] = q
     return out
+
+
+def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T): the squared error of the layer's outputs on the calibration inputs (GPTQ's
+    objective, with H = 2/n X X^T undamped).
+
+    A progress figure: on CUDA the [out, in] x [in, in] product may run on TF32 tensor cores (precise enough
+    for a chart, several times cheaper than float32 for the largest layers)."""
+    D = W.float() - Q.to(W.device, torch.float32)
+    with tf32_matmuls(D.is_cuda):
+        return float(((D @ H.float()) * D).sum())

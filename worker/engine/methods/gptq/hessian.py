@@ -7,7 +7,24 @@ fp16 has the same 10-bit mantissa as TF32, so the operands are exact and accumul
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool = True) -> Iterator[None]:
+    """Let float32 CUDA matmuls inside the block run on TF32 tensor cores (the global flag is restored after)."""
+    if not enabled:
+        yield
+        return
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 class HessianAccumulator:
@@ -22,14 +39,7 @@ class HessianAccumulator:
             x = x.to(self.sum.device)
         exact_tf32 = x.is_cuda and x.dtype == torch.float16
         x = x.float()
-        if exact_tf32:
-            prev = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
-            try:
-                self.sum.addmm_(x.t(), x)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = prev
-        else:
+        with tf32_matmuls(exact_tf32):
             self.sum.addmm_(x.t(), x)
         self.n += x.shape[0]
 

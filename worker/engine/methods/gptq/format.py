@@ -1,4 +1,5 @@
-"""GPTQ checkpoint format (FORMATS.md §1): which layers it can hold, the tensors of one layer, the config.
+"""GPTQ checkpoint format (FORMATS.md §1): which layers it can hold, the tensors of one layer, the config,
+and the reader that puts a saved checkpoint back into the original architecture.
 
 Every format quirk lives here: v1 stores zero minus one (masked per field, so an asymmetric zero of 0 is
 stored as 2^bits - 1 and a per-field `(stored + 1) & mask` recovers it), v2 stores the true zero, codes
@@ -15,15 +16,25 @@ modules (decided by module type, never by shape: attn.c_proj is square).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from qaas.kernels import gptq as K
 
-from .gptq_algorithm import GPTQResult
+from ...checkpoint import CheckpointReader
+from .algorithm import GPTQResult
 
 FORMATS = ("gptq", "gptq_v2")
+#: The tensors of one quantized layer, by suffix of its module name.
+LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def stored_float(t: torch.Tensor) -> torch.Tensor:
+    """A tensor the checkpoint keeps unquantized (embeddings, norms, skipped layers): float16, as GPTQ loaders
+    expect; integer tensors unchanged."""
+    return t.to(torch.float16) if t.is_floating_point() else t
 
 
 def unsupported_reason(in_features: int, out_features: int, bits: int, group_size: int) -> str | None:
@@ -112,3 +123,31 @@ def build_quantization_config(
     if skipped_modules:
         out["dynamic"] = {skip_regex(m): {} for m in skipped_modules}
     return out
+
+
+@torch.no_grad()
+def load_saved_weights(model: torch.nn.Module, out_dir: Path, *, bits: int, fmt: str) -> list[str]:
+    """Copy every tensor of a saved GPTQ checkpoint into `model`, dequantizing quantized layers.
+
+    Returns the names of the dequantized modules.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    reader = CheckpointReader(out_dir)
+    state = model.state_dict()
+    modules = dict(model.named_modules())
+    names = reader.names()
+    qmods = sorted({n[: -len(".qweight")] for n in names if n.endswith(".qweight")})
+    for m in qmods:
+        w = dequantize_layer({s: reader.load(f"{m}.{s}") for s in LAYER_TENSORS}, bits, fmt=fmt)
+        target = state[m + ".weight"]
+        if isinstance(modules.get(m), Conv1D):  # GPT-2's Conv1D holds [in, out]; the checkpoint is Linear-oriented
+            w = w.t()
+        target.copy_(w.to(target.dtype))
+    for n in names:
+        if n.rpartition(".")[2] in LAYER_TENSORS:
+            continue
+        if n in state:
+            state[n].copy_(reader.load(n).to(state[n].dtype))
+    reader.close()
+    return qmods
