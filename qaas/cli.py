@@ -223,35 +223,45 @@ def _load_config(raw: str) -> dict:
         raise SystemExit(f"--config: not JSON and not a readable JSON file: {exc}")
 
 
+def _config_errors(exc) -> int:
+    for e in exc.errors:
+        print(f"error: quantization_config.{e.field}: {e.message}", file=sys.stderr)
+    return 2
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from pydantic import TypeAdapter, ValidationError
+    from qaas import quantization_rules
+    from qaas.quantization_rules import InvalidQuantizationConfig
 
-    from qaas.schemas.job_request import QuantizationConfig
-
-    config = _load_config(args.config)
     try:
-        validated = TypeAdapter(QuantizationConfig).validate_python(config)
-    except ValidationError as exc:
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"] if p not in ("gptq", "bitsandbytes"))
-            print(f"error: quantization_config.{loc}: {err['msg']}", file=sys.stderr)
-        return 2
-    qc = validated.model_dump(mode="json", exclude={"load_in_4bit_private", "load_in_8bit_private"})
+        qc = quantization_rules.normalize(_load_config(args.config))
+    except InvalidQuantizationConfig as exc:
+        return _config_errors(exc)
 
+    from qaas.settings import get_settings
     from qaas.worker.engine.errors import EngineError
     from qaas.worker.engine.pipeline import EngineOptions, quantize
     from qaas.worker.terminal_progress import TerminalReporter
 
+    settings = get_settings()
     src = Path(args.source)
     source = {"path": str(src.resolve())} if src.exists() else {"id": args.source, "revision": args.revision}
+    # the model directory named here, and the service's roots (calibration files, registered copies)
+    roots = [source["path"]] if "path" in source else []
+    roots += [str(r) for r in settings.model_roots]
     options = EngineOptions(
         device=args.device,
         hub_endpoint=os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
         hub_token=os.environ.get("HF_TOKEN"),
-        allowed_roots=[str(src.resolve())] if src.exists() else [],
+        allowed_roots=roots,
+        calibration_datasets=settings.calibration_datasets,
         evaluate=not args.no_eval,
         eval_text_path=args.eval_text or os.environ.get("QAAS_EVAL_TEXT") or None,
     )
+    try:  # what the engine would refuse before loading the model, told the same way as the rules above
+        quantization_rules.check_sources(qc, options.calibration_sources())
+    except InvalidQuantizationConfig as exc:
+        return _config_errors(exc)
     try:
         with TerminalReporter(sys.stderr) as reporter:
             result = quantize(source, qc, args.out, options=options, reporter=reporter)

@@ -16,6 +16,8 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from qaas.db.config import Database
+from qaas.quantization_rules import CalibrationSources, FieldError
+from qaas.quantization_rules.calibration import LOCAL_SUFFIXES, local_file
 
 DEV_SECRET_KEY = "qaas-development-secret-key-do-not-use-in-production"
 
@@ -44,6 +46,10 @@ class Settings(BaseSettings):
 
     #: Device the engine uses: auto (CUDA when present), cpu or cuda.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Local copies of named calibration datasets, a JSON object: {"wikitext2": "/data/wikitext2-train.txt",
+    #: "allenai/c4": "/data/c4-part.jsonl"}. A job naming one calibrates on the file, with no `datasets`
+    #: library or hub needed; each must be a .txt/.jsonl/.json file under QAAS_LOCAL_MODEL_ROOTS.
+    calibration_datasets: dict[str, str] = Field(default_factory=dict)
     #: Text used for perplexity evaluation (a file); empty means the job must name one or skip it.
     eval_text: str = ""
     eval_max_windows: int = 16
@@ -110,7 +116,25 @@ class Settings(BaseSettings):
                 raise ValueError("unsafe settings for production: " + "; ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _check_calibration_datasets(self) -> "Settings":
+        roots = tuple(str(r) for r in self.model_roots)
+        for name, path in self.calibration_datasets.items():
+            where = f"QAAS_CALIBRATION_DATASETS[{name!r}]"
+            if not Path(path).is_absolute() or Path(path).suffix.lower() not in LOCAL_SUFFIXES:
+                raise ValueError(f"{where}: must be the absolute path of a {'/'.join(LOCAL_SUFFIXES)} file")
+            try:
+                local_file(path, roots)
+            except FieldError as exc:
+                raise ValueError(f"{where}: {exc.message} ({path})") from None
+        return self
+
     # Derived values -------------------------------------------------------------------------
+
+    @property
+    def calibration_sources(self) -> CalibrationSources:
+        """Where jobs' calibration data may come from on this host (qaas.quantization_rules)."""
+        return CalibrationSources.here(self.model_roots, self.calibration_datasets)
 
     @property
     def resolved_database_url(self) -> str:

@@ -7,6 +7,7 @@ and each test that starts processes gets its own Celery queue names so that noth
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import uuid
@@ -160,6 +161,7 @@ def settings_env(settings) -> dict[str, str]:
         "QAAS_WEBHOOK_ALLOWLIST": settings.webhook_allowlist,
         "QAAS_WEBHOOK_RETRY_SCHEDULE_S": settings.webhook_retry_schedule_s,
         "QAAS_HUB_ENDPOINT": settings.hub_endpoint,
+        "QAAS_CALIBRATION_DATASETS": json.dumps(settings.calibration_datasets),
         "HF_HUB_DISABLE_XET": "1",
     }
     return {k: v for k, v in env.items() if v is not None}

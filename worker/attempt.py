@@ -64,7 +64,7 @@ def build_spec(settings: Settings, job_request: dict[str, Any], out_dir: Path) -
     model = job_request["model"]
     source = {"path": model["path"]} if "path" in model else {"id": model["id"], "revision": model.get("revision")}
     qc = dict(job_request["quantization_config"])
-    if qc.get("quant_method") == "gptq":
+    if qc.get("quant_method") == "gptq" and not qc.get("nsamples"):
         # The service option names the engine's calibration sample count (GPTQConfig has no field for it).
         qc["nsamples"] = int(options.get("calibration_samples") or 128)
     return {
@@ -76,6 +76,7 @@ def build_spec(settings: Settings, job_request: dict[str, Any], out_dir: Path) -
             "hub_endpoint": settings.hub_endpoint,
             "cache_dir": str((settings.data_dir / "hub-cache").resolve()),
             "allowed_roots": [str(p) for p in settings.model_roots],
+            "calibration_datasets": dict(settings.calibration_datasets),
             "allow_pickle": settings.allow_pickle,
             "allow_remote_code": settings.allow_remote_code,
             "evaluate": bool(options.get("evaluate", True)),

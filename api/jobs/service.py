@@ -21,6 +21,8 @@ from qaas.api.problems import Problem
 from qaas.api.problems import invalid_field as _invalid
 from qaas.db.models import TERMINAL_STATUSES, Job, JobStatus
 from qaas.db.session import get_sessionmaker
+from qaas import quantization_rules
+from qaas.quantization_rules import InvalidQuantizationConfig
 from qaas.queue import send_run_job
 from qaas.schemas.job_request import JobRequest, LocalModel
 from qaas.security import encrypt_secret
@@ -62,33 +64,13 @@ def with_resolved_model_path(settings: Settings, req: JobRequest) -> JobRequest:
     return req.model_copy(update={"model": LocalModel(path=str(check_local_path(settings, req.model.path)))})
 
 
-def check_calibration_file(settings: Settings, dataset: object) -> None:
-    """A `dataset` naming a file on the worker's disk must be under the allowed roots, like model.path.
-
-    The engine reads such a file as calibration text; without this check any file the worker can read
-    (/etc/..., another tenant's upload) could be named, and its existence probed through the error."""
-    if not isinstance(dataset, str):
-        return
-    looks_local = dataset.startswith(("/", ".", "~")) or Path(dataset).suffix.lower() in (".txt", ".jsonl", ".json")
-    if not looks_local:
-        return  # a dataset name (c4, wikitext2) or a Hub dataset id
-    field = "quantization_config.dataset"
-    roots = settings.model_roots
-    if not roots:
-        raise _invalid(field, "local calibration files are disabled on this server (no QAAS_LOCAL_MODEL_ROOTS)")
-    candidate = Path(dataset)
-    if not candidate.is_absolute():
-        raise _invalid(field, "a calibration file must be an absolute path")
+def check_quantization_sources(settings: Settings, config: dict) -> None:
+    """What the job reads must be there: calibration data named by `dataset` is a file under the allowed
+    roots, a registered local copy, or a dataset a hub can give (the rules the engine applies too)."""
     try:
-        resolved = candidate.resolve()  # roots first: no existence oracle for paths outside them
-    except (OSError, RuntimeError):
-        raise _invalid(field, "no such calibration file")
-    if not any(resolved.is_relative_to(root) for root in roots):
-        raise _invalid(field, "the calibration file is outside the allowed roots")
-    if not resolved.exists():
-        raise _invalid(field, "no such calibration file")
-    if not resolved.is_file():
-        raise _invalid(field, "the calibration file is not a regular file")
+        quantization_rules.check_sources(config, settings.calibration_sources)
+    except InvalidQuantizationConfig as exc:
+        raise _invalid(f"quantization_config.{exc.field}", exc.message) from None
 
 
 def fingerprint(req: JobRequest) -> str:
@@ -138,7 +120,7 @@ def prepare(settings: Settings, owner: str, req: JobRequest, idempotency_key: st
             check_webhook_url(str(req.webhook.url), settings.webhook_allowlist)
         except RefusedUrl as exc:
             raise _invalid("webhook.url", exc.reason)
-    check_calibration_file(settings, getattr(req.quantization_config, "dataset", None))
+    check_quantization_sources(settings, req.quantization_config)
 
     token = req.hf_token.get_secret_value() if req.hf_token else None
     key = settings.secret_key.get_secret_value()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from support.gptq_paper import fasterquant_reference, layer_error
+from qaas.quantization_rules import CalibrationSources
 from qaas.worker.engine.calibration_data import load_calibration, resolve_text
 from qaas.worker.engine.errors import CalibrationDataError, InvalidConfig
 from qaas.worker.engine.evaluate import load_eval_data, perplexity
@@ -166,13 +167,14 @@ def test_stories_act_order_v2_three_bit_and_module_list(tmp_path):
 
 def test_validation_and_unknown_blocks(tmp_path):
     m = GPTQMethod()
+    text = ["Once upon a time there was a cat. " * 10]
     with pytest.raises(InvalidConfig) as e:
-        m.validate({"quant_method": "gptq", "bits": 5, "dataset": ["x"]})
+        m.validate({"quant_method": "gptq", "bits": 5, "dataset": text})
     assert e.value.field == "bits"
     with pytest.raises(InvalidConfig) as e:
         m.validate({"quant_method": "gptq", "bits": 4})
     assert e.value.field == "dataset"
-    assert m.validate({"quant_method": "gptq", "bits": 4, "dataset": ["x"], "desc_act": True})["act_group_aware"] is False
+    assert m.validate({"quant_method": "gptq", "bits": 4, "dataset": text, "desc_act": True})["act_group_aware"] is False
     with pytest.raises(Exception) as e:
         _run(tmp_path, "bad", {"bits": 4, "block_name_to_quantize": "model.blocks"}, evaluate=False)
     assert "block_name_to_quantize" in str(e.value)
@@ -184,12 +186,15 @@ def test_calibration_sources(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(STORIES))
     c = load_calibration(["Once upon a time there was a cat. " * 40], tok, nsamples=4, seqlen=64, seed=1)
     assert c.input_ids.shape == (4, 64) and c.describe()["tokens"] == 256
-    assert load_calibration(["Once upon a time. " * 40], tok, nsamples=4, seqlen=64, seed=1).sha256 != \
-        load_calibration(["Once upon a time. " * 40], tok, nsamples=4, seqlen=64, seed=2).sha256
+    assert load_calibration(["Once upon a time. " * 80], tok, nsamples=4, seqlen=64, seed=1).sha256 != \
+        load_calibration(["Once upon a time. " * 80], tok, nsamples=4, seqlen=64, seed=2).sha256
     p = tmp_path / "c.jsonl"
     p.write_text("\n".join(json.dumps({"text": f"line {i} of the story"}) for i in range(50)))
-    text, src = resolve_text(str(p))
+    text, src = resolve_text(str(p), CalibrationSources.here([tmp_path]))
     assert "line 49" in text and "c.jsonl" in src
+    with pytest.raises(CalibrationDataError) as e:
+        resolve_text(str(p))  # no allowed roots: no local files
+    assert e.value.field == "dataset"
     with pytest.raises(CalibrationDataError) as e:
         resolve_text("wikitext2")
     msg = str(e.value)

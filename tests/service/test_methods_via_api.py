@@ -11,7 +11,7 @@ import json
 
 import httpx
 import pytest
-from conftest import SHAKESPEARE, STORIES, auth, fresh_redis_url, new_key, running_service, truncate_all
+from conftest import SHAKESPEARE, STORIES, WIKITEXT, auth, fresh_redis_url, new_key, running_service, truncate_all
 from support.processes import wait_job
 
 pytestmark = pytest.mark.slow
@@ -25,14 +25,19 @@ VARIANTS = {
                "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"},
     "int8": {"quant_method": "bitsandbytes", "load_in_8bit": True},
     "gptq-4bit": {"quant_method": "gptq", "bits": 4, "group_size": 32, "dataset": CALIBRATION, "model_seqlen": 256},
+    # a named dataset, from the operator's registered local copy (no `datasets` library, no hub)
+    "gptq-registered-dataset": {"quant_method": "gptq", "bits": 4, "group_size": 32, "dataset": "wikitext2",
+                                "model_seqlen": 256},
 }
+REGISTERED = {"wikitext2": str(WIKITEXT)}
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, pg_url):
     tmp = tmp_path_factory.mktemp("methods")
     try:
-        with running_service(tmp, "methods", database_url=pg_url, broker_url=fresh_redis_url(15)) as (settings, stack, url):
+        with running_service(tmp, "methods", database_url=pg_url, broker_url=fresh_redis_url(15),
+                             calibration_datasets=REGISTERED) as (settings, stack, url):
             key = new_key(settings, "methods-tenant")
             with httpx.Client(base_url=url, headers=auth(key), timeout=30) as client:
                 yield client, stack
@@ -65,11 +70,13 @@ def test_variant_succeeds_with_perplexity(service, submitted, name, tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
     cfg = json.loads(client.get(f"/v1/jobs/{job['id']}/files/config.json").content)
     qc = cfg["quantization_config"]
-    if name == "gptq-4bit":
+    if name.startswith("gptq"):
         assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["group_size"] == 32
         assert "quantize_config.json" in files
         calibration = job["result"]["calibration"]
         assert calibration and len(calibration.get("text_sha256") or calibration.get("sha256") or "") == 64, calibration
+        if name == "gptq-registered-dataset":
+            assert calibration["source"] == "wikitext2 (local copy test.joined.txt)", calibration
         return
     assert qc["quant_method"] == "bitsandbytes"
     out = tmp_path / "model"

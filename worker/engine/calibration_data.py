@@ -4,36 +4,43 @@ GPTQ's `dataset` uses it today; AWQ's calibration set, SmoothQuant's activation 
 and fine-tuning text take the same kinds of value, so this module is shared: a method chooses only how many
 windows of how many tokens it wants (`load_calibration`).
 
-Accepted `dataset` values:
-  * a list of strings (the text itself);
-  * "wikitext2", "c4", "c4-new": the GPTQ paper's sets, through the `datasets` library (needs a reachable hub);
-  * a local file: `.txt` (the text), `.jsonl` (one JSON object per line, its "text" field), `.json` (a list of
-    strings or of {"text": ...});
-  * a Hub dataset id ("owner/name"), through `datasets`, its "text" column of the train split.
+Accepted `dataset` values, and whether one can be had here, are the rules of
+`qaas.quantization_rules.calibration` (the API applies them at submission): a list of strings (the text
+itself); "wikitext2", "c4", "c4-new" (the GPTQ paper's sets) or a Hub dataset id ("owner/name", its "text"
+column of the train split), from a local copy the operator registered or through the `datasets` library; a
+local file: `.txt` (the text), `.jsonl` (one JSON object per line, its "text" field), `.json` (a list of
+strings or of {"text": ...}).
 
 Sampling follows the paper: the text is tokenized once, and `nsamples` windows of `seqlen` tokens start at
-random offsets drawn from a seeded generator. What was used (source, samples, tokens, sha256 of the token
-ids) is recorded in `CalibrationSet.describe()`.
+random offsets drawn from a seeded generator. What was used (source, samples, tokens, the text's tokens and
+the distinct tokens of the windows, sha256 of the token ids, warnings when the text is too short for what
+was asked) is recorded in `CalibrationSet.describe()`. A text of fewer than MIN_CALIBRATION_TOKENS tokens is
+refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import CalibrationDataError
-
-PAPER_SETS = ("wikitext2", "c4", "c4-new")
-_HOW_TO_PASS_TEXT = (
-    "pass the calibration text instead: `dataset` as a list of strings, or the path of a local .txt/.jsonl file"
+from qaas.quantization_rules import CalibrationSources, FieldError
+from qaas.quantization_rules.calibration import (
+    HOW_TO_PASS_TEXT,
+    MIN_CALIBRATION_TOKENS,
+    PAPER_SETS,
+    Dataset,
+    check_source,
+    dataset_kind,
+    local_file,
 )
+
+from .errors import CalibrationDataError
 
 
 @dataclass
@@ -42,6 +49,10 @@ class CalibrationSet:
     input_ids: torch.Tensor
     source: str
     seed: int
+    #: Tokens of the text the windows were drawn from (None: not drawn from a text).
+    text_tokens: int | None = None
+    #: What the job should be told about the draw (a text too short for what was asked).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def nsamples(self) -> int:
@@ -56,6 +67,10 @@ class CalibrationSet:
         return int(self.input_ids.numel())
 
     @property
+    def distinct_tokens(self) -> int:
+        return int(self.input_ids.unique().numel())
+
+    @property
     def sha256(self) -> str:
         return hashlib.sha256(self.input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
 
@@ -65,33 +80,27 @@ class CalibrationSet:
             "samples": self.nsamples,
             "seqlen": self.seqlen,
             "tokens": self.tokens,
+            "text_tokens": self.text_tokens,
+            "distinct_tokens": self.distinct_tokens,
             "seed": self.seed,
             "sha256": self.sha256,
+            "warnings": list(self.warnings),
         }
 
 
-def _hub_unreachable(name: str, exc: BaseException | None = None) -> CalibrationDataError:
-    why = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+def _hub_unreachable(name: str, exc: BaseException) -> CalibrationDataError:
     return CalibrationDataError(
         f"calibration dataset {name!r} must be fetched from the Hugging Face Hub, which is not reachable from "
-        f"this worker{why}; {_HOW_TO_PASS_TEXT}",
+        f"this worker ({type(exc).__name__}: {exc}); {HOW_TO_PASS_TEXT}",
         field="dataset",
     )
 
 
 def _load_datasets_text(name: str) -> str:
-    """Text of a paper set or a Hub dataset id through the `datasets` library."""
-    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise _hub_unreachable(name)
-    try:
-        import datasets  # noqa: F401 - optional dependency
-        from datasets import load_dataset
-    except ImportError:
-        raise CalibrationDataError(
-            f"calibration dataset {name!r} needs the `datasets` library, which is not installed on this worker; "
-            + _HOW_TO_PASS_TEXT,
-            field="dataset",
-        ) from None
+    """Text of a paper set or a Hub dataset id through the `datasets` library (which `check_source` found
+    installed, with the hub not switched off)."""
+    from datasets import load_dataset
+
     try:
         if name == "wikitext2":
             rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"]
@@ -102,8 +111,6 @@ def _load_datasets_text(name: str) -> str:
             )
             return "\n\n".join(ds["text"][:20000])
         ds = load_dataset(name, split="train")
-    except CalibrationDataError:
-        raise
     except (ConnectionError, OSError, TimeoutError) as exc:
         raise _hub_unreachable(name, exc) from None
     except Exception as exc:  # datasets raises many types for "not found" / "offline"
@@ -148,37 +155,24 @@ def _read_local(path: Path) -> str:
     return raw
 
 
-def resolve_text(dataset: Any, *, allowed_roots: tuple[str, ...] = ()) -> tuple[str, str]:
-    """(text, description of the source) for a `dataset` value."""
-    if dataset is None:
-        raise CalibrationDataError("GPTQ needs calibration data: set `dataset`", field="dataset")
-    if isinstance(dataset, (list, tuple)):
-        if not dataset or not all(isinstance(t, str) for t in dataset):
-            raise CalibrationDataError("`dataset` as a list must be a non-empty list of strings", field="dataset")
+def resolve_text(dataset: Any, sources: CalibrationSources | None = None) -> tuple[str, str]:
+    """(text, description of the source) for a `dataset` value, read with `sources` (default: texts only)."""
+    sources = sources or CalibrationSources()
+    try:
+        dataset = Dataset().check(dataset, "dataset")
+        check_source(dataset, sources)
+    except FieldError as exc:
+        raise CalibrationDataError(f"dataset: {exc.message}", field="dataset") from None
+    kind = dataset_kind(dataset)
+    if kind == "texts":
         return "\n\n".join(dataset), f"list of {len(dataset)} strings"
-    if not isinstance(dataset, str) or not dataset.strip():
-        raise CalibrationDataError("`dataset` must be a list of strings or a name", field="dataset")
-    if dataset in PAPER_SETS:
-        return _load_datasets_text(dataset), dataset
-    path = Path(dataset).expanduser()
-    looks_local = dataset.startswith(("/", ".", "~")) or path.suffix.lower() in (".txt", ".jsonl", ".json")
-    if looks_local or path.exists():
-        if not path.is_file():
-            raise CalibrationDataError(f"calibration file {dataset} does not exist", field="dataset")
-        if allowed_roots:
-            real = path.resolve()
-            if not any(real.is_relative_to(Path(r).resolve()) for r in allowed_roots):
-                raise CalibrationDataError(
-                    f"calibration file {dataset} is outside the directories this worker may read", field="dataset"
-                )
+    if kind == "file":
+        path = local_file(dataset, sources.roots)
         return _read_local(path), f"file {path.name}"
-    if "/" in dataset:
-        return _load_datasets_text(dataset), f"hub dataset {dataset}"
-    raise CalibrationDataError(
-        f"unknown calibration dataset {dataset!r}: use one of {', '.join(PAPER_SETS)}, a Hub dataset id "
-        f"(owner/name), a local .txt/.jsonl path, or a list of strings",
-        field="dataset",
-    )
+    copy = sources.registered.get(dataset)
+    if copy is not None:
+        return _read_local(Path(copy)), f"{dataset} (local copy {Path(copy).name})"
+    return _load_datasets_text(dataset), (dataset if dataset in PAPER_SETS else f"hub dataset {dataset}")
 
 
 def sample_windows(ids: list[int], nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -186,8 +180,6 @@ def sample_windows(ids: list[int], nsamples: int, seqlen: int, seed: int) -> tor
 
     With fewer than `seqlen + 1` tokens, one window of all the tokens is returned.
     """
-    if len(ids) < 2:
-        raise CalibrationDataError("calibration text is empty after tokenization", field="dataset")
     if len(ids) <= seqlen:
         return torch.tensor(ids, dtype=torch.long)[None, :]
     rng = random.Random(seed)
@@ -198,6 +190,19 @@ def sample_windows(ids: list[int], nsamples: int, seqlen: int, seed: int) -> tor
     return torch.tensor(rows, dtype=torch.long)
 
 
+def draw_warnings(text_tokens: int, nsamples: int, seqlen: int, distinct: int) -> list[str]:
+    """What a job is told when its text is too short for the windows it asked for."""
+    asked = nsamples * seqlen
+    if text_tokens <= seqlen:
+        return [f"the calibration text holds {text_tokens:,} tokens ({distinct:,} distinct), less than one window of "
+                f"{seqlen:,}: one window of {text_tokens:,} tokens is used instead of {nsamples} x {seqlen:,}"]
+    if asked > text_tokens:
+        return [f"calibration asks {nsamples} x {seqlen:,} = {asked:,} tokens, the text holds {text_tokens:,} "
+                f"({distinct:,} distinct in the windows): the windows overlap, each token is drawn about "
+                f"{asked / text_tokens:.1f} times"]
+    return []
+
+
 def load_calibration(
     dataset: Any,
     tokenizer: Any,
@@ -205,13 +210,19 @@ def load_calibration(
     nsamples: int = 128,
     seqlen: int = 2048,
     seed: int = 0,
-    allowed_roots: tuple[str, ...] = (),
+    sources: CalibrationSources | None = None,
 ) -> CalibrationSet:
     """Resolve `dataset`, tokenize with `tokenizer` (a transformers tokenizer), sample windows."""
-    text, source = resolve_text(dataset, allowed_roots=allowed_roots)
+    text, source = resolve_text(dataset, sources)
     # Tokenizing a large corpus whole is slow: take a prefix that surely holds enough tokens, which keeps
     # the draw reproducible for a given text.
     need = nsamples * seqlen * 4
     chunk = text[: need * 8] if len(text) > need * 8 else text
-    ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-    return CalibrationSet(sample_windows(list(ids), nsamples, seqlen, seed), source, seed)
+    ids = list(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+    if len(ids) < MIN_CALIBRATION_TOKENS:
+        raise CalibrationDataError(f"dataset: the calibration text holds {len(ids)} tokens; at least "
+                                   f"{MIN_CALIBRATION_TOKENS} are needed", field="dataset")
+    windows = sample_windows(ids, nsamples, seqlen, seed)
+    distinct = int(windows.unique().numel())
+    return CalibrationSet(windows, source, seed, text_tokens=len(ids),
+                          warnings=draw_warnings(len(ids), nsamples, seqlen, distinct))

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qaas.quantization_rules import CalibrationSources
+
 from .errors import InvalidConfig
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # "5GB", as transformers' save_pretrained
@@ -31,6 +33,9 @@ class EngineOptions:
     cache_dir: str | None = None
     #: Local sources must resolve (after symlinks) inside one of these directories; empty = no local sources.
     allowed_roots: tuple[str, ...] = ()
+    #: Local copies of named calibration datasets (name -> file under allowed_roots): a job naming one is
+    #: calibrated on the file, with no `datasets` library or hub needed.
+    calibration_datasets: dict[str, str] = field(default_factory=dict)
     #: Accept pickle (*.bin/*.pt) weights when a source has no safetensors.
     allow_pickle: bool = False
     #: Accept configs that need custom code (auto_map); only then is trust_remote_code=True passed.
@@ -79,6 +84,10 @@ class EngineOptions:
         if redact:
             d["hub_token"] = "***" if self.hub_token else None
         return d
+
+    def calibration_sources(self) -> CalibrationSources:
+        """Where this job's calibration data may come from (the rules the API applies at submission)."""
+        return CalibrationSources.here(self.allowed_roots, self.calibration_datasets)
 
     def resolved_device(self) -> str:
         """The torch device string the engine will use ("cpu" or "cuda:N")."""

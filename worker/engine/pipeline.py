@@ -21,7 +21,7 @@ from .checkpoint import CheckpointReader, ShardedWriter
 from .errors import InvalidConfig
 from .evaluate import default_eval_text, default_seqlen, load_eval_data, load_original_model, perplexity
 from .export import StagedOutput, carry_over_files, list_files, write_config, write_json
-from .methods.base import EngineContext, get_method
+from .methods.base import EngineContext, check_config_sources, get_method
 from .options import EngineOptions
 from .progress import NullReporter, Reporter
 from .source import resolve_source
@@ -89,6 +89,7 @@ def quantize(
     request = dict(quantization_config)
     method = get_method(request.get("quant_method"))
     fields = method.validate(request)
+    check_config_sources(fields, options.calibration_sources())
     method_stages = method.stages(fields)
     device = torch.device(options.resolved_device())
     if device.type == "cuda":

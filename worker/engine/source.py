@@ -17,6 +17,8 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
+from qaas.quantization_rules.hub_ids import repo_id_problem
+
 from .errors import SourceRejected, SourceUnavailable
 from .options import EngineOptions
 
@@ -39,7 +41,6 @@ SAFETENSORS_DTYPES = {
     "I64": 8, "U64": 8, "F64": 8,
 }
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,9 @@ def download_hub_source(repo_id: str, revision: str, options: EngineOptions) -> 
 
     The file list is checked before any download so that a pickle-only repository is refused at once.
     """
-    if not _REPO_ID.match(repo_id) or ".." in repo_id:
-        raise SourceRejected(f"not a valid Hub repository id: {repo_id!r}", field="source.id")
+    problem = repo_id_problem(repo_id) if isinstance(repo_id, str) else "must be a string"
+    if problem:
+        raise SourceRejected(f"not a valid Hub repository id: {repo_id!r} {problem}", field="source.id")
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub import errors as hf_errors
 

@@ -7,7 +7,8 @@ A method owns one thing: turning the source tensors into quantized tensors, writ
 
 Adding a method: create the package `methods/<name>/` holding everything that is only this method's:
   * `method.py`: a class implementing `QuantizationMethod` (validate, stages, quantize, load_for_evaluation),
-    with `quantize` reading as the method's steps in order;
+    with `quantize` reading as the method's steps in order; its request rules go in
+    `qaas/quantization_rules/<quant_method>.py` (shared with the API) and `validate` applies them;
   * the algorithm, the planning of which layers are converted, and `format.py`: the checkpoint layout the
     method writes and the reader that loads it back (for evaluation and the interoperability tests);
   * `__init__.py`: what the method does, in words, and `from .method import <Class>`;
@@ -26,6 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
+from qaas import quantization_rules
+from qaas.quantization_rules import CalibrationSources, InvalidQuantizationConfig
+
 from ..errors import InvalidConfig
 
 if TYPE_CHECKING:
@@ -37,15 +41,21 @@ if TYPE_CHECKING:
     from ..progress import Reporter
     from ..source import ResolvedSource
 
-def config_bool(qc: dict[str, Any], key: str, default: bool) -> bool:
-    """A boolean field of a quantization_config: absent or null is the default; anything but a JSON
-    boolean is an InvalidConfig naming the field (transformers would accept "false" as truthy)."""
-    v = qc.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise InvalidConfig(f"{key} must be true or false", field=key)
-    return v
+def validated_config(quantization_config: dict[str, Any]) -> dict[str, Any]:
+    """The config normalized by the one set of rules the API applies too (`qaas.quantization_rules`), or
+    InvalidConfig naming the first broken rule's field."""
+    try:
+        return quantization_rules.normalize(quantization_config)
+    except InvalidQuantizationConfig as exc:
+        raise InvalidConfig(f"{exc.field}: {exc.message}", field=exc.field) from None
+
+
+def check_config_sources(fields: dict[str, Any], sources: CalibrationSources) -> None:
+    """InvalidConfig unless what the normalized config reads (calibration data) can be had with `sources`."""
+    try:
+        quantization_rules.check_sources(fields, sources)
+    except InvalidQuantizationConfig as exc:
+        raise InvalidConfig(f"{exc.field}: {exc.message}", field=exc.field) from None
 
 
 #: quant_method -> "module:Class", imported on first use.
@@ -116,7 +126,8 @@ class QuantizationMethod(Protocol):
         """Check every field up front; return the normalized config (defaults filled in).
 
         Raise InvalidConfig(message, field=<field name>) for anything wrong. Called before any download.
-        """
+        The rules themselves live in `qaas.quantization_rules.<quant_method>` (`validated_config` applies
+        them), shared with the API; a method adds here only what needs the ML stack to decide."""
 
     def stages(self, quantization_config: dict[str, Any]) -> list[str]:
         """The method's own stages, reported between `load` and `evaluate`: ["quantize"] or

@@ -21,10 +21,12 @@ BLOCKSIZE = 64  # bitsandbytes' Params4bit default (CUDA and CPU)
 
 
 def bnb_config_dict(fields: dict[str, Any]) -> dict[str, Any]:
-    """`BitsAndBytesConfig(**fields).to_dict()` as it lands in config.json (JSON types only)."""
+    """`BitsAndBytesConfig(**fields).to_dict()` as it lands in config.json (JSON types only), for the
+    normalized config `fields`."""
     from transformers import BitsAndBytesConfig
 
-    return json.loads(json.dumps(BitsAndBytesConfig(**fields).to_dict()))
+    kwargs = {k: v for k, v in fields.items() if k != "quant_method"}
+    return json.loads(json.dumps(BitsAndBytesConfig(**kwargs).to_dict()))
 
 
 def quantize_weight(weight_name: str, w: torch.Tensor, fields: dict[str, Any]) -> tuple[dict[str, torch.Tensor], float]:

@@ -3,26 +3,16 @@ says what is written and why)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from ...architecture import Unit
-from ...errors import InvalidConfig
 from ...evaluate import load_with_replaced_weights
-from ..base import EngineContext, MethodResult, config_bool
+from ..base import EngineContext, MethodResult, validated_config
 from .format import bnb_config_dict, dequantizing_replacer, quantize_weight
 from .planning import plan
-
-FIELDS = {
-    "quant_method", "load_in_4bit", "load_in_8bit", "_load_in_4bit", "_load_in_8bit",
-    "llm_int8_threshold", "llm_int8_skip_modules", "llm_int8_enable_fp32_cpu_offload",
-    "llm_int8_has_fp16_weight", "bnb_4bit_compute_dtype", "bnb_4bit_quant_type",
-    "bnb_4bit_use_double_quant", "bnb_4bit_quant_storage",
-}
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class BitsAndBytesMethod:
@@ -32,69 +22,8 @@ class BitsAndBytesMethod:
 
     # -- request -------------------------------------------------------------------------------------
     def validate(self, quantization_config: dict[str, Any]) -> dict[str, Any]:
-        """Normalized BitsAndBytesConfig fields (the constructor's argument names), defaults filled in."""
-        qc = dict(quantization_config)
-        for key in qc:
-            if key not in FIELDS:
-                hint = " (bitsandbytes takes load_in_4bit or load_in_8bit)" if key == "bits" else ""
-                raise InvalidConfig(f"{key!r} is not a bitsandbytes option{hint}", field=key)
-        for key in ("load_in_4bit", "load_in_8bit"):
-            if key not in qc and f"_{key}" in qc:
-                qc[key] = qc[f"_{key}"]
-            if f"_{key}" in qc and qc[f"_{key}"] != qc.get(key):
-                raise InvalidConfig(f"_{key} and {key} disagree", field=key)
-        four = config_bool(qc, "load_in_4bit", False)
-        eight = config_bool(qc, "load_in_8bit", False)
-        if four and eight:
-            raise InvalidConfig("load_in_4bit and load_in_8bit cannot both be true", field="load_in_4bit")
-        if not (four or eight):
-            raise InvalidConfig("set load_in_4bit or load_in_8bit to true", field="load_in_4bit")
-        qtype = qc.get("bnb_4bit_quant_type") or "fp4"
-        if qtype not in ("nf4", "fp4"):
-            raise InvalidConfig(f"bnb_4bit_quant_type must be 'nf4' or 'fp4', not {qtype!r}", field="bnb_4bit_quant_type")
-        compute = qc.get("bnb_4bit_compute_dtype") or "float32"
-        if compute not in COMPUTE_DTYPES:
-            raise InvalidConfig(
-                f"bnb_4bit_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {compute!r}",
-                field="bnb_4bit_compute_dtype",
-            )
-        storage = qc.get("bnb_4bit_quant_storage") or "uint8"
-        if storage != "uint8":
-            raise InvalidConfig(
-                f"bnb_4bit_quant_storage {storage!r} is not supported: only 'uint8' (the default) is written "
-                "(other storage dtypes exist for FSDP training and are not needed for inference)",
-                field="bnb_4bit_quant_storage",
-            )
-        threshold = qc.get("llm_int8_threshold", 6.0)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
-            raise InvalidConfig("llm_int8_threshold must be a non-negative number", field="llm_int8_threshold")
-        skip = qc.get("llm_int8_skip_modules")
-        if skip is not None and (not isinstance(skip, list) or not all(isinstance(s, str) and s for s in skip)):
-            raise InvalidConfig("llm_int8_skip_modules must be a list of module names", field="llm_int8_skip_modules")
-        has_fp16 = config_bool(qc, "llm_int8_has_fp16_weight", False)
-        if eight and has_fp16:
-            raise InvalidConfig(
-                "llm_int8_has_fp16_weight=true keeps 8-bit layers in float16 for training; an ahead-of-time "
-                "8-bit export stores int8 weights, so it must be false",
-                field="llm_int8_has_fp16_weight",
-            )
-        fields = {
-            "load_in_4bit": four,
-            "load_in_8bit": eight,
-            "llm_int8_threshold": float(threshold),
-            "llm_int8_skip_modules": list(skip) if skip is not None else None,
-            "llm_int8_enable_fp32_cpu_offload": config_bool(qc, "llm_int8_enable_fp32_cpu_offload", False),
-            "llm_int8_has_fp16_weight": has_fp16,
-            "bnb_4bit_compute_dtype": compute,
-            "bnb_4bit_quant_type": qtype,
-            "bnb_4bit_use_double_quant": config_bool(qc, "bnb_4bit_use_double_quant", False),
-            "bnb_4bit_quant_storage": storage,
-        }
-        try:
-            bnb_config_dict(fields)
-        except (TypeError, ValueError) as exc:
-            raise InvalidConfig(f"invalid bitsandbytes config: {exc}") from None
-        return fields
+        """The normalized BitsAndBytesConfig fields (the constructor's argument names), defaults filled in."""
+        return validated_config(quantization_config)
 
     def stages(self, quantization_config: dict[str, Any]) -> list[str]:
         return ["quantize"]

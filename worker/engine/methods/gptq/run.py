@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from qaas.quantization_rules.gptq import DEFAULT_NSAMPLES
+
 from ...architecture import BlockInfo, LinearInfo, build_meta_model
 from ...blockwise import BlockInputCapture, BlockRunner, discover_input_groups, materialize_block
 from ...calibration_data import CalibrationSet, load_calibration
@@ -77,8 +79,12 @@ class GPTQRun:
         seqlen = self.cfg["model_seqlen"] or default_seqlen(self.ctx.config)
         with self.clock("calibration data"):
             calib = self.calibration_windows(seqlen)
-        self.rep.log(f"calibration: {calib.nsamples} samples x {calib.seqlen} tokens from {calib.source}",
+        self.rep.log(f"calibration: {calib.nsamples} samples x {calib.seqlen} tokens from {calib.source} "
+                     f"({calib.text_tokens:,} tokens of text, {calib.distinct_tokens:,} distinct in the windows)",
                      data=calib.describe())
+        for warning in calib.warnings:
+            self.note(warning, level="warning")
+        self.rep.progress(1, 2, message="calibration data tokenized")
         self._note_block_input_mode()
         return calib
 
@@ -88,8 +94,8 @@ class GPTQRun:
 
         cfg, ctx = self.cfg, self.ctx
         tok = AutoTokenizer.from_pretrained(str(ctx.source_dir), trust_remote_code=ctx.options.allow_remote_code)
-        return load_calibration(cfg["dataset"], tok, nsamples=cfg["nsamples"], seqlen=seqlen, seed=cfg["seed"],
-                                allowed_roots=ctx.options.allowed_roots)
+        return load_calibration(cfg["dataset"], tok, nsamples=cfg["nsamples"] or DEFAULT_NSAMPLES, seqlen=seqlen,
+                                seed=cfg["seed"], sources=ctx.options.calibration_sources())
 
     def _note_block_input_mode(self) -> None:
         layer_types = getattr(self.layout.hf_config.get_text_config(), "layer_types", None)
@@ -115,6 +121,7 @@ class GPTQRun:
         with self.clock("capture first-block inputs"):
             capture = BlockInputCapture(meta, self.layout.block_name, pre, device=self.device, dtype=self.dtype)
             hidden, rest = capture.capture(batches, [], 0, store)
+        self.rep.progress(2, 2, message="first-block inputs captured")
         for name, t in pre.items():
             self.ctx.writer.add(name, stored_float(t))
         self.blocks = capture.blocks  # the meta blocks, materialized one at a time
