@@ -255,12 +255,14 @@ def run_job(model, args, out_dir: Path, *, evaluate: bool, reporter: JobClock) -
     """The engine's whole job on `model`; returns (result, method state, wall seconds)."""
     from random_llama import random_text
 
+    from qaas.quantization_rules.calibration import MIN_CALIBRATION_TOKENS
     from qaas.worker.engine.options import EngineOptions
     from qaas.worker.engine.pipeline import quantize
 
     workdir = model.path.parent.resolve()  # a calibration file is named by its absolute path
-    calib = random_text(workdir / f"calibration-{model.shape.vocab}-{args.nsamples * args.seqlen}.txt",
-                        model.shape.vocab, 2 * args.nsamples * args.seqlen, seed=10)
+    # twice the tokens the windows take, and never below the engine's minimum (tiny smoke shapes)
+    words = max(2 * args.nsamples * args.seqlen, MIN_CALIBRATION_TOKENS)
+    calib = random_text(workdir / f"calibration-{model.shape.vocab}-{words}.txt", model.shape.vocab, words, seed=10)
     options = EngineOptions(device="cuda" if _cuda() else "cpu", evaluate=evaluate, allowed_roots=(str(workdir),),
                             eval_max_windows=args.eval_windows, eval_seqlen=args.seqlen)
     if evaluate:
