@@ -79,7 +79,7 @@ def main() -> None:
         t = time.time()
         res = quantize(
             {"path": a.model},
-            {"quant_method": "gptq", "bits": bits, "group_size": gs, "dataset": a.calib_text, "sym": True,
+            {"quant_method": "gptq", "bits": bits, "group_size": gs, "dataset": str(Path(a.calib_text).resolve()), "sym": True,
              "desc_act": a.desc_act, "damp_percent": a.damp, "nsamples": a.nsamples, "model_seqlen": a.calib_seqlen},
             out, options=EngineOptions(device="cpu", evaluate=False, allowed_roots=("/",)),
         )
