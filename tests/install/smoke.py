@@ -28,8 +28,17 @@ STORIES = ASSETS / "models" / "stories260K"
 PG_ADMIN_URL = os.environ.get("QAAS_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("QAAS_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 QAAS = [str(Path(sys.executable).with_name("qaas"))]  # the console script the wheel installed
-CALIBRATION = ["Once upon a time there was a little girl named Lily. She loved to play outside.",
-               "The dog ran to the park and found a big red ball under the old tree."] * 4
+# Distinct sentences, comfortably above the engine's 256-token calibration minimum for stories260K's tokenizer.
+CALIBRATION = [
+    "Once upon a time there was a little girl named Lily. She loved to play outside in the sun with her friends.",
+    "The dog ran to the park and found a big red ball under the old tree. He wagged his tail and barked.",
+    "Tom had a small boat. Every day he sailed it on the pond near his house and watched the ducks swim by.",
+    "One day, a bird flew into the garden. It was hungry, so Mia gave it some bread and it sang a happy song.",
+    "Ben wanted to bake a cake for his mom. He mixed flour, eggs and sugar, and put it in the hot oven.",
+    "The sky was dark and the rain fell hard. Sara and her brother stayed inside and built a fort of pillows.",
+    "A little cat lived in a big house. She liked to sleep on the soft bed and chase the shiny toy mouse.",
+    "Max found a shiny key in the sand. He looked for the box it could open and found it under a rock.",
+] * 2
 
 
 def free_port() -> int:
