@@ -42,7 +42,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from qaas.worker.engine.evaluate import load_eval_data, load_original_model, perplexity
-    from qaas.worker.engine.methods.gptq.algorithm import rtn_quantize
+    from qaas.worker.engine.gptq_algorithm import rtn_quantize
     from qaas.worker.engine.methods.gptq.format import load_saved_weights
     from qaas.worker.engine.options import EngineOptions
     from qaas.worker.engine.pipeline import quantize

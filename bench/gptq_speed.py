@@ -96,8 +96,8 @@ def reference_hessian(X: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def bench_linear(results: dict, tokens: int, chunk: int) -> None:
-    from qaas.worker.engine.methods.gptq.algorithm import gptq_quantize
-    from qaas.worker.engine.methods.gptq.hessian import HessianAccumulator
+    from qaas.worker.engine.gptq_algorithm import gptq_quantize
+    from qaas.worker.engine.hessian import HessianAccumulator
     from support.gptq_paper import fasterquant_reference, layer_error
 
     torch.backends.cuda.matmul.allow_tf32 = False

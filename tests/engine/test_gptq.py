@@ -15,7 +15,7 @@ from qaas.quantization_rules import CalibrationSources
 from qaas.worker.engine.calibration_data import load_calibration, resolve_text
 from qaas.worker.engine.errors import CalibrationDataError, InvalidConfig
 from qaas.worker.engine.evaluate import load_eval_data, perplexity
-from qaas.worker.engine.methods.gptq.algorithm import gptq_quantize
+from qaas.worker.engine.gptq_algorithm import gptq_quantize
 from qaas.worker.engine.methods.gptq.format import pack_layer
 from qaas.worker.engine.methods.gptq import GPTQMethod
 from qaas.worker.engine.options import EngineOptions

@@ -13,7 +13,7 @@ import torch
 from qaas.kernels import gptq as K
 from qaas.kernels.gptq_reference import unpack_rows_reference
 from support.gptq_paper import fasterquant_reference, layer_error
-from qaas.worker.engine.methods.gptq.algorithm import gptq_quantize
+from qaas.worker.engine.gptq_algorithm import gptq_quantize
 
 
 def _problem(rows: int, cols: int, seed: int, dead: int | None = None):

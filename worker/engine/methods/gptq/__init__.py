@@ -5,13 +5,15 @@ calibrate: the calibration text (`qaas.worker.engine.calibration_data`) becomes 
   (`qaas.worker.engine.blockwise`).
 quantize, per block: load only this block's tensors, group its Linear layers (true-sequential groups found by
   which layers share an input, or `modules_in_block_to_quantize`: `planning`), and for each group accumulate
-  the Hessian of each shared input (`hessian`), quantize the group's layers (`algorithm.gptq_quantize`: Triton
-  on CUDA), put the quantized weights into the live block, move on; then run the *quantized* block to produce
-  the next block's inputs. Packed tensors are written as soon as a block is done (`format`).
+  the Hessian of each shared input (`qaas.worker.engine.hessian`), quantize the group's layers
+  (`qaas.worker.engine.gptq_algorithm.gptq_quantize`: Triton on CUDA), put the quantized weights into the
+  live block, move on; then run the *quantized* block to produce the next block's inputs. Packed tensors
+  are written as soon as a block is done (`format`).
 
 The modules: `method` (the QuantizationMethod: request, stages, evaluation), `run` (the steps of one
-quantization, in order), `planning`, `hessian`, `algorithm` (one layer), `format` (the checkpoint layout,
-writer and reader).
+quantization, in order), `planning`, `format` (the checkpoint layout, writer and reader). The one-layer
+algorithm and the Hessians sit beside `methods/` (`gptq_algorithm`, `hessian`): compressed-tensors' GPTQ
+weights run the same solver.
 
 Peak memory: one block, its calibration activations (on the device when they fit, else on the CPU) and
 the Hessians of one group.

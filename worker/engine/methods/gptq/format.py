@@ -24,7 +24,7 @@ import torch
 from qaas.kernels import gptq as K
 
 from ...checkpoint import CheckpointReader
-from .algorithm import GPTQResult
+from ...gptq_algorithm import GPTQResult
 
 FORMATS = ("gptq", "gptq_v2")
 #: The tensors of one quantized layer, by suffix of its module name.

@@ -27,9 +27,9 @@ from ...evaluate import default_seqlen, relative_error
 from ...progress import PhaseTimer
 from ...version import package_version
 from ..base import EngineContext, MethodResult
-from .algorithm import gptq_quantize, output_error
+from ...gptq_algorithm import gptq_quantize, output_error
 from .format import build_quantization_config, pack_layer, stored_float
-from .hessian import HessianAccumulator
+from ...hessian import HessianAccumulator
 from .planning import activation_device, compute_dtype, sequential_groups, skipped_layers, without
 
 

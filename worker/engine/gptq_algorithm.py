@@ -3,7 +3,9 @@
 Same arithmetic as the published loop (the tests' oracle, `tests/support/gptq_paper.py`), organised
 for a GPU: per lazy block of 128 columns, one launch computes the scales/zeros of the groups that start
 in the block, one launch runs the whole column loop (`qaas.kernels.gptq.gptq_block`), one matmul applies the
-lazy update to the remaining columns. The result carries everything the v1/v2 export needs.
+lazy update to the remaining columns. The result carries everything a writer needs (the GPTQ v1/v2 format,
+compressed-tensors' pack-quantized and int-quantized formats); it lives beside `methods/` because both
+methods run it.
 """
 
 from __future__ import annotations
