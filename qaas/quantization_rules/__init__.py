@@ -6,6 +6,7 @@ before they touch a model, so the two cannot drift. Every refusal names the fiel
 
   * `normalize(config)`: each field checked and defaults filled in (the dict stored with the job and given
     to the engine); `InvalidQuantizationConfig` lists every broken rule;
+  * `check_model(config, model_config)`: whether the method takes that model (its config.json), where known;
   * `check_sources(config, sources)`: what depends on the place it runs, i.e. whether the calibration
     data can be had there (`CalibrationSources`: allowed roots, registered local copies, a usable hub).
 
@@ -21,17 +22,18 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import bitsandbytes, gptq
+from . import bitsandbytes, gguf, gptq
 from .calibration import CalibrationSources
 from .fields import FieldError, InvalidQuantizationConfig
 
 #: quant_method -> the module holding its RULES (and its check_sources, if any).
 METHODS: dict[str, ModuleType] = {
     "bitsandbytes": bitsandbytes,
+    "gguf": gguf,
     "gptq": gptq,
 }
 
-__all__ = ["METHODS", "CalibrationSources", "FieldError", "InvalidQuantizationConfig", "check_sources",
+__all__ = ["METHODS", "CalibrationSources", "FieldError", "InvalidQuantizationConfig", "check_model", "check_sources",
            "bits", "json_schema", "normalize"]
 
 
@@ -58,6 +60,17 @@ def check_sources(config: dict[str, Any], sources: CalibrationSources) -> None:
     if check is not None:
         try:
             check(config, sources)
+        except FieldError as exc:
+            raise InvalidQuantizationConfig([exc]) from None
+
+
+def check_model(config: dict[str, Any], model_config: dict[str, Any]) -> None:
+    """For a normalized config: InvalidQuantizationConfig (naming `model`) unless the method can take a model
+    with this config.json (GGUF converts only the architectures llama.cpp's graphs it maps)."""
+    check = getattr(_method(config), "check_model", None)
+    if check is not None:
+        try:
+            check(config, model_config)
         except FieldError as exc:
             raise InvalidQuantizationConfig([exc]) from None
 

@@ -1,0 +1,80 @@
+"""GGUF block quantizers, byte-exact with ggml's own (`ggml_quantize_chunk` without an importance matrix).
+
+`quantize_tensor(x, type_name)` takes float32 rows [rows, cols] (cols a multiple of the type's block: 32, or 256
+for the k-quants) and returns the bytes llama.cpp stores for them, uint8 [rows, row bytes], on x's device:
+  * F32, F16, BF16: IEEE rounding to nearest even (BF16 as the gguf package rounds it: NaN kept quiet);
+  * Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: the Triton kernel `legacy_quant_kernel` computes scales and codes, torch packs
+    them (nibbles, the fifth bits, halves);
+  * Q6_K: the torch reference on every device (its 19-candidate scale search in element order; the operations
+    are IEEE float32 on CUDA as on the CPU, so the bytes are the same).
+What each rule is and why is in gguf_reference.py. Public functions take `backend="auto" | "triton" | "torch"`
+(`qaas.kernels.dispatch.use_triton`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import gguf_reference as R
+from . import gguf_triton as T
+from .dispatch import use_triton
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+LEGACY = {"Q8_0": T.Q8_0, "Q4_0": T.Q4_0, "Q4_1": T.Q4_1, "Q5_0": T.Q5_0, "Q5_1": T.Q5_1}
+TYPES = FLOAT_TYPES + tuple(LEGACY) + ("Q6_K",)
+
+
+def block_size(type_name: str) -> int:
+    return 1 if type_name in FLOAT_TYPES else R.BLOCK_SIZE[type_name]
+
+
+def row_bytes(type_name: str, cols: int) -> int:
+    if type_name in FLOAT_TYPES:
+        return cols * (4 if type_name == "F32" else 2)
+    return cols // R.BLOCK_SIZE[type_name] * R.BLOCK_BYTES[type_name]
+
+
+def round_float(x: torch.Tensor, type_name: str) -> torch.Tensor:
+    """x (float32) stored as F32 / F16 / BF16 (uint8 bytes, little endian, [rows, cols * width])."""
+    if type_name == "F32":
+        v = x.to(torch.float32).view(torch.int32)
+    elif type_name == "F16":
+        v = x.to(torch.float16).view(torch.int16)
+    else:
+        # round to nearest even on the top 16 bits; NaNs made quiet (the gguf package's rule)
+        bits = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        nan = torch.isnan(x)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        v = torch.where(nan, (bits >> 16) | 64, rounded).to(torch.int32).to(torch.int16)
+    return v.contiguous().view(torch.uint8).reshape(x.shape[0], -1)
+
+
+def quantize_tensor(x: torch.Tensor, type_name: str, *, backend: str = "auto") -> torch.Tensor:
+    """float32 rows [rows, cols] -> the bytes of `type_name` [rows, row_bytes] (see the module docstring)."""
+    if x.dim() != 2 or x.dtype != torch.float32:
+        raise ValueError(f"x must be float32 [rows, cols], got {x.dtype} {tuple(x.shape)}")
+    if type_name not in TYPES:
+        raise ValueError(f"no quantizer for {type_name} (have {', '.join(TYPES)})")
+    x = x.contiguous()
+    if type_name in FLOAT_TYPES:
+        return round_float(x, type_name)
+    if x.shape[1] % R.BLOCK_SIZE[type_name]:
+        raise ValueError(f"{type_name} needs rows of a multiple of {R.BLOCK_SIZE[type_name]} weights, got {x.shape[1]}")
+    if type_name in LEGACY and use_triton(backend, x):
+        return _legacy_triton(x, type_name)
+    return R.quantize_blocks_reference(x, type_name)
+
+
+def _legacy_triton(x: torch.Tensor, type_name: str) -> torch.Tensor:
+    rows = x.shape[0]
+    b = x.reshape(-1, R.QK)
+    n = b.shape[0]
+    q = torch.empty((n, R.QK), dtype=torch.int32, device=x.device)
+    d = torch.empty(n, dtype=torch.float32, device=x.device)
+    m = torch.empty(n, dtype=torch.float32, device=x.device)
+    blocks = 64
+    T.legacy_quant_kernel[(triton.cdiv(n, blocks),)](b, q, d, m, n, KIND=LEGACY[type_name], BLOCKS=blocks,
+                                                     num_warps=4, enable_fp_fusion=False)
+    with_min = type_name in ("Q4_1", "Q5_1")
+    return R.pack_legacy(type_name, d, m if with_min else None, q).reshape(rows, -1).contiguous()

@@ -1,0 +1,73 @@
+"""GGUF block quantizers (qaas.kernels.gguf) against ggml's own: `ggml_quantize_chunk` of the libggml-base that
+llama-cpp-python built, through ctypes (tests/support/ggml_oracle.py). Byte for byte, on weights as llama-quantize
+sees them (rounded to F16 first), and on the blocks where the rules bite: all zeros, ties of magnitude with
+opposite signs, one outlier, tiny scales."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from support.ggml_oracle import ggml_quantize
+
+from qaas.kernels.gguf import LEGACY, quantize_tensor, round_float
+
+
+def _weights(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g) * 0.02
+    x[0, :32] = 0                                   # an all-zero block
+    x[0, 32:64] = -0.0                              # ... of negative zeros
+    x[5, 1:32] = 0
+    x[5, 0] = -0.0                                  # zeros, the first one negative
+    x[1, :32] = 0.5
+    x[1, 3] = -0.5                                  # equal magnitudes, opposite signs: the first one wins
+    x[2, 40] = 3.0                                  # one outlier
+    x[3, :] = x[3, :] * 1e-6                        # tiny scales (subnormal halves)
+    x[4, 64:96] = torch.arange(32) / 31 - 0.5       # codes exactly between two levels
+    return x.half().float()
+
+
+@pytest.mark.parametrize("type_name", [*LEGACY, "Q6_K"])
+def test_torch_reference_is_byte_exact_with_ggml(type_name):
+    x = _weights(16, 512)
+    ours = quantize_tensor(x, type_name, backend="torch").numpy()
+    theirs = ggml_quantize(type_name, x.numpy())
+    assert ours.shape == theirs.shape
+    assert np.array_equal(ours, theirs), f"{(ours != theirs).sum()} bytes differ"
+
+
+@pytest.mark.parametrize("type_name", list(LEGACY))
+def test_triton_kernel_is_byte_exact_with_ggml(type_name):
+    x = _weights(8, 256, seed=1)
+    ours = quantize_tensor(x, type_name, backend="triton").cpu().numpy()
+    assert np.array_equal(ours, ggml_quantize(type_name, x.numpy()))
+
+
+def test_q6_k_on_a_real_model_tensor_is_byte_exact(stories_f16_rows):
+    ours = quantize_tensor(stories_f16_rows, "Q6_K", backend="torch").numpy()
+    assert np.array_equal(ours, ggml_quantize("Q6_K", stories_f16_rows.numpy()))
+
+
+@pytest.fixture
+def stories_f16_rows():
+    from conftest import STORIES
+    from safetensors.torch import load_file
+
+    w = load_file(str(STORIES / "model.safetensors"))["model.embed_tokens.weight"]  # [512, 64]
+    return w.reshape(-1, 256).half().float()
+
+
+@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16"])
+def test_float_types_round_as_the_gguf_package_does(type_name):
+    x = torch.randn(4, 64) * 1e3
+    x[0, 0], x[0, 1], x[0, 2] = float("inf"), 1e-40, -0.0
+    ours = round_float(x, type_name).numpy().reshape(-1)
+    theirs = gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType[type_name]).view(np.uint8).reshape(-1)
+    assert np.array_equal(ours, theirs)
+
+
+def test_a_row_that_is_not_whole_blocks_is_refused():
+    with pytest.raises(ValueError, match="multiple of 256"):
+        quantize_tensor(torch.zeros(2, 64), "Q6_K")
