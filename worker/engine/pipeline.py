@@ -140,16 +140,25 @@ def quantize(
         # quantize counts blocks; an earlier method stage (GPTQ's calibrate) reports a count of its own
         clock.stage(method_stages[0], total=layout.num_blocks if method_stages[0] == "quantize" else None)
         result = method.quantize(ctx)
-        weight_files = [f.name for f in writer.close()]
         ctx.state["quantized_modules"] = result.quantized_modules
-        written_config = write_config(staged.path, config, result.quantization_config, result.config_updates)
-        for name, data in result.extra_json_files.items():
-            write_json(staged.path / name, data)
-        carried = carry_over_files(resolved.path, staged.path)
+        # a method with its own file format (GGUF) writes its files itself: no checkpoint, config or tokenizer
+        own_format = getattr(method, "output_format", "safetensors") != "safetensors"
+        if own_format:
+            weight_files = [p.name for p in sorted(staged.path.iterdir())]
+            written_config = {"quantization_config": result.quantization_config}
+            carried = []
+        else:
+            weight_files = [f.name for f in writer.close()]
+            written_config = write_config(staged.path, config, result.quantization_config, result.config_updates)
+            for name, data in result.extra_json_files.items():
+                write_json(staged.path / name, data)
+            carried = carry_over_files(resolved.path, staged.path)
         clock.check_cancelled()
 
         evaluation = None
-        if options.evaluate and options.eval_text_path:
+        if options.evaluate and options.eval_text_path and hasattr(method, "evaluate_outputs"):
+            evaluation = method.evaluate_outputs(ctx, staged.path, options.eval_text_path, clock)
+        elif options.evaluate and options.eval_text_path:
             evaluation = _evaluate(ctx, method, staged.path, clock, config)
         elif options.evaluate:
             evaluation = {"skipped": eval_skipped}
@@ -158,7 +167,7 @@ def quantize(
         clock.stage("export")
         files = list_files(staged.path)
         size_before = _weight_bytes(resolved.path, reader.files)
-        size_after = _weight_bytes(staged.path, [f for f in weight_files if f.endswith(".safetensors")])
+        size_after = _weight_bytes(staged.path, [f for f in weight_files if f.endswith((".safetensors", ".gguf"))])
         clock.check_cancelled()
         staged.commit()
         clock._close()
@@ -196,6 +205,7 @@ def quantize(
         },
         "carried_over_files": carried,
         "notes": result.notes,
+        **({method.name: result.details} if result.details else {}),
         "timings": dict(clock.timings),
         "device": str(device),
         "gpu_peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,

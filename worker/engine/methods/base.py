@@ -61,6 +61,7 @@ def check_config_sources(fields: dict[str, Any], sources: CalibrationSources) ->
 #: quant_method -> "module:Class", imported on first use.
 METHODS: dict[str, str] = {
     "bitsandbytes": "qaas.worker.engine.methods.bitsandbytes:BitsAndBytesMethod",
+    "gguf": "qaas.worker.engine.methods.gguf:GGUFMethod",
     "gptq": "qaas.worker.engine.methods.gptq:GPTQMethod",
 }
 
@@ -110,6 +111,8 @@ class MethodResult:
     config_updates: dict[str, Any] = field(default_factory=dict)
     #: Extra JSON files to write into the output, e.g. {"quantize_config.json": {...}} for GPTQ.
     extra_json_files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Method-specific facts for the job result, under the method's name (GGUF: each output file).
+    details: dict[str, Any] = field(default_factory=dict)
     #: Human-readable notes for the job result (why a layer was skipped, ...); log them through
     #: ctx.reporter as well, the pipeline does not.
     notes: list[str] = field(default_factory=list)

@@ -1,0 +1,181 @@
+"""GGUF jobs through the engine, against llama.cpp's own tools and llama.cpp itself:
+
+* fidelity: our F16 file holds the metadata and tensors that llama.cpp's convert_hf_to_gguf.py (from the
+  llama-cpp-python source distribution) writes for the same checkpoint -- stories260K, and a tiny Llama built
+  here with shapes the k-quants take whole (256-wide rows), an untied head and Llama 3 RoPE scaling;
+* every quantized file is byte for byte what `llama_model_quantize` (llama-quantize) makes of our F16 file;
+* consumer: llama.cpp loads every file, and F16 / Q8_0 continue stories260K's first sentence greedily as the
+  source model does in transformers.
+
+Deliberate difference from convert_hf_to_gguf.py: tensor order. We write every file in llama.cpp's loader
+order (blocks by number, names sorted within), the order llama-quantize writes, so that one pass over the
+source feeds all files; the converter writes the checkpoint's name order (which puts blk.10 before blk.2).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from support.consumers import require
+from support.ggml_oracle import llama_model_quantize
+from support.llama_cpp_source import convert_hf_to_gguf
+
+from qaas.worker.engine.options import EngineOptions
+from qaas.worker.engine.pipeline import quantize
+
+from .conftest import save_random_model
+
+QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K"]
+
+
+def _run(source: Path, out: Path, types: list[str], **fields) -> dict:
+    return quantize({"path": str(source)}, {"quant_method": "gguf", "types": types, **fields}, out,
+                    options=EngineOptions(device="cpu", allowed_roots=(str(source.parent),), evaluate=False))
+
+
+def _fields(path: Path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    out = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        out[key] = f.contents()
+    return out
+
+
+def _tensors(path: Path) -> dict:
+    import gguf
+
+    return {t.name: (t.tensor_type.name, [int(s) for s in t.shape], np.asarray(t.data).tobytes())
+            for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama3_dir(tmp_path_factory, stories_dir) -> Path:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=False, rope_parameters={
+                             "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 256})
+    config.architectures = ["LlamaForCausalLM"]
+    return save_random_model(tmp_path_factory.mktemp("src") / "tiny-llama3", config, seed=3,
+                             tokenizer_from=stories_dir)
+
+
+@pytest.fixture(scope="module")
+def stories_job(tmp_path_factory, stories_dir) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("gguf") / "stories"
+    return _run(stories_dir, out, ["F16", *QUANT_TYPES]), out
+
+
+@pytest.fixture(scope="module")
+def tiny_job(tmp_path_factory, tiny_llama3_dir) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("gguf") / "tiny"
+    return _run(tiny_llama3_dir, out, ["F16", *QUANT_TYPES]), out
+
+
+@pytest.mark.parametrize("which", ["stories", "tiny"])
+def test_f16_equals_llama_cpp_converter(which, request, tmp_path):
+    job, out = request.getfixturevalue(f"{which}_job")
+    source = Path(job["source"]["path"])
+    theirs = tmp_path / "converter-F16.gguf"
+    convert_hf_to_gguf(source, theirs, "f16")
+    ours = out / "model-F16.gguf"
+    assert _fields(ours) == _fields(theirs)
+    assert list(_fields(ours)) == list(_fields(theirs))  # the same keys in the same order
+    a, b = _tensors(ours), _tensors(theirs)
+    assert sorted(a) == sorted(b)
+    for name in b:
+        assert a[name] == b[name], name
+    if which == "tiny":
+        assert "rope_freqs.weight" in a and "output.weight" in a
+
+
+@pytest.mark.parametrize("which", ["stories", "tiny"])
+@pytest.mark.parametrize("type_name", QUANT_TYPES)
+def test_quantized_file_is_what_llama_quantize_makes(which, type_name, request, tmp_path):
+    job, out = request.getfixturevalue(f"{which}_job")
+    theirs = tmp_path / f"llama-quantize-{type_name}.gguf"
+    llama_model_quantize(out / "model-F16.gguf", theirs, type_name)
+    ours = out / f"model-{type_name}.gguf"
+    if ours.read_bytes() != theirs.read_bytes():
+        a, b = _tensors(ours), _tensors(theirs)
+        assert list(_fields(ours).items()) == list(_fields(theirs).items())
+        assert [n for n in a if a[n] != b.get(n)] == []
+        raise AssertionError("same metadata and tensors, but not the same bytes")
+
+
+def test_result_lists_each_file_with_size_sha256_and_bits_per_weight(stories_job):
+    import hashlib
+
+    job, out = stories_job
+    outputs = {o["type"]: o for o in job["gguf"]["outputs"]}
+    assert list(outputs) == ["F16", *QUANT_TYPES]
+    assert {f["name"] for f in job["files"]} == {f"model-{t}.gguf" for t in outputs}
+    for t, o in outputs.items():
+        (f,) = o["files"]
+        data = (out / f["name"]).read_bytes()
+        assert f["size"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
+    assert outputs["Q4_0"]["bits_per_weight"] < outputs["Q8_0"]["bits_per_weight"] < outputs["F16"]["bits_per_weight"]
+    assert not (out / "config.json").exists()  # a GGUF repo holds GGUF files, not a transformers checkpoint
+
+
+def test_split_files_load_as_one_model(tiny_llama3_dir, tmp_path):
+    import gguf
+
+    job = _run(tiny_llama3_dir, tmp_path / "out", ["Q8_0"], split_max_size="1M")
+    names = sorted(f["name"] for f in job["files"])
+    n = len(names)
+    assert n > 1 and names == [f"model-Q8_0-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+    assert all(f["size"] <= 1_000_000 + 64 * 1024 for f in job["files"])  # a part holds whole tensors + header
+    counts = [len(gguf.GGUFReader(tmp_path / "out" / m).tensors) for m in names]
+    assert all(counts) and sum(counts) == 2 * 9 + 4  # every tensor in exactly one part
+    llama_cpp = require("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / names[0]), n_ctx=64, verbose=False)
+    assert len(llm.tokenize(b"Once upon a time")) > 1
+    llm.close()
+
+
+def test_llama_cpp_loads_every_type_and_lossless_ones_continue_like_the_source(stories_job, stories_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    llama_cpp = require("llama_cpp")
+    job, out = stories_job
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    model = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
+    prompt = "Once upon a time"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:].tolist()
+    for o in job["gguf"]["outputs"]:
+        llm = llama_cpp.Llama(model_path=str(out / o["files"][0]["name"]), n_ctx=128, verbose=False)
+        try:
+            got = llm(prompt, max_tokens=16, temperature=0.0, top_k=1)["choices"][0]["text"]
+            assert got.strip(), o["type"]
+            if o["type"] in ("F16", "Q8_0"):
+                assert tok(prompt + got, return_tensors="pt").input_ids[0, ids.shape[1]:].tolist()[:12] == expected[:12], \
+                    (o["type"], got, tok.decode(expected))
+        finally:
+            llm.close()
+
+
+def test_unsupported_architecture_is_refused_naming_model(tmp_path, stories_dir):
+    from qaas.worker.engine.errors import InvalidConfig
+
+    src = tmp_path / "m"
+    src.mkdir()
+    for p in stories_dir.iterdir():
+        (src / p.name).write_bytes(p.read_bytes())
+    cfg = json.loads((stories_dir / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPTNeoXForCausalLM"]}))
+    with pytest.raises(InvalidConfig) as exc:
+        _run(src, tmp_path / "out", ["F16"])
+    assert exc.value.field == "model"

@@ -1,0 +1,111 @@
+"""GGUF files: one per requested type, all written in the same single pass over the source.
+
+Each `GGUFOutput` knows its tensors' types and sizes before any data is read (GGUF puts the tensor table
+before the data), so it writes header, metadata and table first and then takes each tensor's bytes as they
+come, in llama.cpp's loader order; `gguf.GGUFWriter` splits the file into `-0000i-of-0000N.gguf` parts when
+a size limit is set.
+
+Metadata, as llama.cpp's own tools write it:
+  * the conversion's float file (F16/BF16/F32) carries convert_hf_to_gguf.py's keys in its order;
+  * a quantized file carries the same keys with `general.quantization_version` and `general.file_type` last,
+    as llama-quantize rewrites them, so that our file is the one `llama-quantize F16.gguf OUT TYPE` makes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from qaas.kernels.gguf import FLOAT_TYPES, row_bytes
+
+from .convert import PlannedTensor, add_hparams, add_model_metadata, head_dim
+from .vocab import Vocab
+
+
+def file_type_id(type_name: str) -> int:
+    return int(gguf.LlamaFileType.ALL_F32 if type_name == "F32" else gguf.LlamaFileType[f"MOSTLY_{type_name}"])
+
+
+@dataclass
+class WrittenGGUF:
+    type: str
+    files: list[Path]
+    tensor_bytes: int
+    n_elements: int
+    tensor_types: dict[str, str]
+
+    def describe(self) -> dict[str, Any]:
+        sizes = {p.name: p.stat().st_size for p in self.files}
+        counts: dict[str, int] = {}
+        for t in self.tensor_types.values():
+            counts[t] = counts.get(t, 0) + 1
+        return {
+            "type": self.type,
+            "files": [{"name": n, "size": s, "sha256": _sha256(p)} for (n, s), p in zip(sizes.items(), self.files)],
+            "size": sum(sizes.values()),
+            # as llama-quantize reports it: the tensors' bytes over their weights
+            "bits_per_weight": round(self.tensor_bytes * 8 / self.n_elements, 4),
+            "tensor_types": dict(sorted(counts.items())),
+        }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class GGUFOutput:
+    """One output type: `model-<TYPE>.gguf` (or its parts), opened with every tensor's type known."""
+
+    def __init__(self, directory: Path, type_name: str, planned: list[PlannedTensor], types: dict[str, str],
+                 *, config: dict[str, Any], vocab: Vocab, source_dir: Path, model_name: str | None,
+                 split_bytes: int | None) -> None:
+        self.type_name, self.types = type_name, types
+        self.path = directory / f"model-{type_name}.gguf"
+        w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], split_max_size=split_bytes or 0)
+        self.tensor_bytes = self.n_elements = 0
+        for t in planned:
+            ttype = types[t.name]
+            nbytes = row_bytes(ttype, t.shape[-1]) * (t.n_elements // t.shape[-1])
+            qtype = gguf.GGMLQuantizationType[ttype]
+            if ttype == "F32":
+                w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes)
+            elif ttype == "F16":
+                w.add_tensor_info(t.name, t.shape, np.dtype(np.float16), nbytes)
+            else:
+                byte_shape = gguf.quant_shape_to_byte_shape(t.shape, qtype)
+                w.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+            self.tensor_bytes += nbytes
+            self.n_elements += t.n_elements
+        add_model_metadata(w, source_dir, model_name, w.get_total_parameter_count()[0])
+        add_hparams(w, config)
+        w.add_file_type(file_type_id(type_name))
+        w.add_vocab_size(config["vocab_size"])
+        w.add_rope_dimension_count(head_dim(config))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        vocab.add_to(w, source_dir)
+        if type_name not in FLOAT_TYPES:
+            kv = w.kv_data[0]
+            for key in (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE):
+                kv[key] = kv.pop(key)
+        w.write_header_to_file(path=self.path)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        self.writer = w
+        self.paths = [Path(p) for p in w.format_shard_names(self.path)] if len(w.tensors) > 1 else [self.path]
+
+    def write(self, data: np.ndarray) -> None:
+        """The next tensor's bytes (uint8, or float32/float16 values), in table order."""
+        self.writer.write_tensor_data(np.ascontiguousarray(data))
+
+    def close(self) -> WrittenGGUF:
+        self.writer.close()
+        return WrittenGGUF(self.type_name, self.paths, self.tensor_bytes, self.n_elements, dict(self.types))
