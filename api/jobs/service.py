@@ -7,6 +7,7 @@ The API's routes and the dashboard's forms both come through here; the rows them
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -73,6 +74,23 @@ def check_quantization_sources(settings: Settings, config: dict) -> None:
         raise _invalid(f"quantization_config.{exc.field}", exc.message) from None
 
 
+def check_model_architecture(req: JobRequest) -> None:
+    """A method with architecture rules (AWQ's scaling maps) refuses a local model it cannot take now, from
+    its config.json; a Hub model's config is read by the engine before it loads any weight."""
+    if not isinstance(req.model, LocalModel):
+        return
+    try:
+        model_config = json.loads((Path(req.model.path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the engine reports an unreadable config.json, naming the source
+    if not isinstance(model_config, dict):
+        return
+    try:
+        quantization_rules.check_model(req.quantization_config, model_config)
+    except InvalidQuantizationConfig as exc:
+        raise _invalid(f"quantization_config.{exc.field}", exc.message) from None
+
+
 def fingerprint(req: JobRequest) -> str:
     body = req.public_dict()
     if req.hf_token is not None:
@@ -121,6 +139,7 @@ def prepare(settings: Settings, owner: str, req: JobRequest, idempotency_key: st
         except RefusedUrl as exc:
             raise _invalid("webhook.url", exc.reason)
     check_quantization_sources(settings, req.quantization_config)
+    check_model_architecture(req)
 
     token = req.hf_token.get_secret_value() if req.hf_token else None
     key = settings.secret_key.get_secret_value()

@@ -7,6 +7,7 @@ before they touch a model, so the two cannot drift. Every refusal names the fiel
   * `normalize(config)`: each field checked and defaults filled in (the dict stored with the job and given
     to the engine); `InvalidQuantizationConfig` lists every broken rule;
   * `check_model(config, model_config)`: whether the method takes that model (its config.json), where known;
+    asked wherever config.json can be read before the job runs (a local model at submission, the engine);
   * `check_sources(config, sources)`: what depends on the place it runs, i.e. whether the calibration
     data can be had there (`CalibrationSources`: allowed roots, registered local copies, a usable hub).
 
@@ -22,12 +23,13 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import bitsandbytes, gguf, gptq
+from . import awq, bitsandbytes, gguf, gptq
 from .calibration import CalibrationSources
 from .fields import FieldError, InvalidQuantizationConfig
 
 #: quant_method -> the module holding its RULES (and its check_sources, if any).
 METHODS: dict[str, ModuleType] = {
+    "awq": awq,
     "bitsandbytes": bitsandbytes,
     "gguf": gguf,
     "gptq": gptq,
@@ -66,7 +68,8 @@ def check_sources(config: dict[str, Any], sources: CalibrationSources) -> None:
 
 def check_model(config: dict[str, Any], model_config: dict[str, Any]) -> None:
     """For a normalized config: InvalidQuantizationConfig (naming `model`) unless the method can take a model
-    with this config.json (GGUF converts only the architectures llama.cpp's graphs it maps)."""
+    with this config.json (GGUF converts only the architectures llama.cpp's graphs it maps; AWQ needs a scaling
+    map for the model_type)."""
     check = getattr(_method(config), "check_model", None)
     if check is not None:
         try:
@@ -84,6 +87,6 @@ def json_schema() -> dict[str, Any]:
     """JSON Schema of quantization_config: one object schema per method, chosen by quant_method."""
     return {
         "oneOf": [m.RULES.json_schema() for m in METHODS.values()],
-        "description": "The fields of transformers' config for the method (GPTQConfig, BitsAndBytesConfig); "
+        "description": "The fields of transformers' config for the method (GPTQConfig, BitsAndBytesConfig, AwqConfig); "
                        "a config's .to_dict() is a valid value.",
     }

@@ -191,7 +191,7 @@ def quantize(
         "quantization_config": written_config["quantization_config"],
         "skipped_modules": result.skipped_modules,
         # what calibrated the model (GPTQ): sample count, tokens, sha256 of the text
-        "calibration": (written_config["quantization_config"].get("meta") or {}).get("calibration"),
+        "calibration": result.calibration or (written_config["quantization_config"].get("meta") or {}).get("calibration"),
         "quantized_modules": len(result.quantized_modules),
         "layer_errors": {
             "mean": (sum(errs.values()) / len(errs)) if errs else None,

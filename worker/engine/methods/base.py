@@ -60,6 +60,7 @@ def check_config_sources(fields: dict[str, Any], sources: CalibrationSources) ->
 
 #: quant_method -> "module:Class", imported on first use.
 METHODS: dict[str, str] = {
+    "awq": "qaas.worker.engine.methods.awq:AWQMethod",
     "bitsandbytes": "qaas.worker.engine.methods.bitsandbytes:BitsAndBytesMethod",
     "gguf": "qaas.worker.engine.methods.gguf:GGUFMethod",
     "gptq": "qaas.worker.engine.methods.gptq:GPTQMethod",
@@ -116,6 +117,9 @@ class MethodResult:
     #: Human-readable notes for the job result (why a layer was skipped, ...); log them through
     #: ctx.reporter as well, the pipeline does not.
     notes: list[str] = field(default_factory=list)
+    #: What calibrated the model (`CalibrationSet.describe()`), for a method whose written config has no
+    #: place for it (GPTQ keeps it in quantization_config.meta.calibration).
+    calibration: dict[str, Any] | None = None
 
 
 @runtime_checkable

@@ -1,0 +1,44 @@
+"""The `quant_method: "awq"` method: the request, the stages, evaluation (the package docstring says how)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ...evaluate import load_with_replaced_weights
+from ..base import EngineContext, MethodResult, validated_config
+from .format import load_saved_weights
+from .run import AWQRun
+
+
+class AWQMethod:
+    name: ClassVar[str] = "awq"
+
+    def validate(self, quantization_config: dict[str, Any]) -> dict[str, Any]:
+        return validated_config(quantization_config)
+
+    def stages(self, quantization_config: dict[str, Any]) -> list[str]:
+        return ["calibrate", "quantize"]
+
+    def quantize(self, ctx: EngineContext) -> MethodResult:
+        run = AWQRun(ctx)
+        calib = run.calibrate()
+        inputs = run.capture_first_block_inputs(calib)
+        run.quantize_blocks(inputs)
+        del inputs
+        run.write_tensors_after_blocks()
+        return run.result(calib)
+
+    def load_for_evaluation(self, ctx: EngineContext, out_dir: Path) -> tuple[torch.nn.Module, str]:
+        """The saved checkpoint dequantized into the original architecture (AWQ kernels come with GPTQModel,
+        which the engine does not depend on); the scaled norms and float layers are read from it as well."""
+        gs = (ctx.state.get("awq") or {}).get("group_size", ctx.quantization_config["group_size"])
+
+        def replace(model: torch.nn.Module) -> None:
+            load_saved_weights(model, out_dir, group_size=gs)
+
+        model = load_with_replaced_weights(ctx.source_dir, replace, device=ctx.device,
+                                           allow_remote_code=ctx.options.allow_remote_code)
+        return model, "dequantized AWQ weights in the original architecture"
