@@ -21,7 +21,7 @@ from .checkpoint import CheckpointReader, ShardedWriter
 from .errors import InvalidConfig
 from .evaluate import default_eval_text, default_seqlen, load_eval_data, load_original_model, perplexity
 from .export import StagedOutput, carry_over_files, list_files, write_config, write_json
-from .methods.base import EngineContext, check_config_sources, get_method
+from .methods.base import EngineContext, check_config_model, check_config_sources, get_method
 from .options import EngineOptions
 from .progress import NullReporter, Reporter
 from .source import resolve_source
@@ -118,6 +118,7 @@ def quantize(
 
         clock.stage("load")
         config = json.loads((resolved.path / "config.json").read_text(encoding="utf-8"))
+        check_config_model(fields, config)
         hf_config = load_hf_config(resolved.path, allow_remote_code=options.allow_remote_code)
         reader = CheckpointReader(resolved.path, allow_pickle=options.allow_pickle)
         layout = inspect_model(

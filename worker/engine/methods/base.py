@@ -58,6 +58,15 @@ def check_config_sources(fields: dict[str, Any], sources: CalibrationSources) ->
         raise InvalidConfig(f"{exc.field}: {exc.message}", field=exc.field) from None
 
 
+def check_config_model(fields: dict[str, Any], model_config: dict[str, Any]) -> None:
+    """InvalidConfig unless the method can take the model whose config.json is `model_config` (e.g. AWQ's
+    scaling maps), asked as soon as config.json is read, before any weight or calibration text."""
+    try:
+        quantization_rules.check_model(fields, model_config)
+    except InvalidQuantizationConfig as exc:
+        raise InvalidConfig(f"{exc.field}: {exc.message}", field=exc.field) from None
+
+
 #: quant_method -> "module:Class", imported on first use.
 METHODS: dict[str, str] = {
     "awq": "qaas.worker.engine.methods.awq:AWQMethod",
