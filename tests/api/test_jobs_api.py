@@ -344,3 +344,20 @@ def test_expired_lease_is_requeued_then_failed_when_attempts_run_out(client, api
         assert counts[expected] == 1
     job = client.get(f"/v1/jobs/{jid}", headers=auth(api_key)).json()
     assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
+
+
+def test_awq_on_an_architecture_without_a_scaling_map_is_422_at_submission(client, api_key, settings, tmp_path):
+    """AWQ folds its scales into the layers before; for a model_type it has no map of (GPT-2's fused c_attn),
+    a local model is refused when submitted, naming the field, and nothing is stored."""
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 128, "dataset": ["calibration text " * 40]}
+    before = job_count(settings)
+    p = assert_problem(client.post("/v1/jobs", json=body(model={"path": str(gpt2)}, quantization_config=awq),
+                                   headers=auth(api_key)), 422, "quantization_config.quant_method")
+    assert "gpt2" in json.dumps(p) and "llama" in json.dumps(p)
+    assert job_count(settings) == before
+    # the same request for a Llama is accepted
+    r = client.post("/v1/jobs", json=body(quantization_config=awq), headers=auth(api_key))
+    assert r.status_code == 202, r.text

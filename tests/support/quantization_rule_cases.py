@@ -12,16 +12,20 @@ from conftest import SHAKESPEARE
 TEXTS = [SHAKESPEARE.read_text()[:3000]] if SHAKESPEARE.is_file() else ["calibration text " * 200]
 GPTQ = {"quant_method": "gptq", "bits": 4, "dataset": TEXTS}
 NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm", "dataset": TEXTS}
 
 
 def config_of(row_config: dict | str) -> dict:
-    """A row's config; "gptq-to-dict" / "bnb-to-dict" stand for transformers' own `.to_dict()` output."""
+    """A row's config; "gptq-to-dict" / "bnb-to-dict" / "awq-to-dict" stand for transformers' own `.to_dict()`
+    output."""
     if isinstance(row_config, dict):
         return row_config
-    from transformers import BitsAndBytesConfig, GPTQConfig
+    from transformers import AwqConfig, BitsAndBytesConfig, GPTQConfig
 
     if row_config == "gptq-to-dict":
         return json.loads(json.dumps(GPTQConfig(bits=4, dataset=TEXTS).to_dict()))
+    if row_config == "awq-to-dict":
+        return json.loads(json.dumps(AwqConfig(bits=4, group_size=64, dataset=TEXTS).to_dict()))
     return json.loads(json.dumps(BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4").to_dict()))
 
 
@@ -78,8 +82,27 @@ ROWS = [
                               "llm_int8_has_fp16_weight": True}, "llm_int8_has_fp16_weight"),
     ("bnb-private-twin-disagrees", {**NF4, "_load_in_4bit": False}, "_load_in_4bit"),
     ("bnb-skip-modules-string", {**NF4, "llm_int8_skip_modules": "lm_head"}, "llm_int8_skip_modules"),
+    # AWQ (transformers' AwqConfig fields; AutoAWQ's quant_config spellings)
+    ("awq-minimal", {"quant_method": "awq", "dataset": TEXTS}, None),
+    ("awq-full", {**AWQ, "modules_to_not_convert": ["lm_head", "mlp.down_proj"], "nsamples": 16,
+                  "model_seqlen": 256, "seed": 1, "duo_scaling": True, "apply_clip": False}, None),
+    ("awq-to-dict", "awq-to-dict", None),
+    ("awq-autoawq-spelling", {"quant_method": "awq", "w_bit": 4, "q_group_size": 64, "version": "GEMM",
+                              "zero_point": True, "dataset": TEXTS}, None),
+    ("awq-file", {**AWQ, "dataset": str(SHAKESPEARE)}, None),
+    ("awq-bits-3", {**AWQ, "bits": 3}, "bits"),
+    ("awq-group-size-96", {**AWQ, "group_size": 96}, "group_size"),
+    ("awq-gemv", {**AWQ, "version": "gemv"}, "version"),
+    ("awq-exllama", {**AWQ, "version": "exllama"}, "version"),
+    ("awq-no-zero-point", {**AWQ, "zero_point": False}, "zero_point"),
+    ("awq-desc-act", {**AWQ, "desc_act": True}, "desc_act"),
+    ("awq-format-disagrees", {**AWQ, "format": "gemv"}, "format"),
+    ("awq-no-dataset", {"quant_method": "awq", "bits": 4}, "dataset"),
+    ("awq-dataset-unavailable", {**AWQ, "dataset": "c4"}, "dataset"),
+    ("awq-bnb-field", {**AWQ, "load_in_4bit": True}, "load_in_4bit"),
+    ("awq-unknown-field", {**AWQ, "surprise": 1}, "surprise"),
     # refused: the method
-    ("method-unknown", {"quant_method": "awq", "bits": 4}, "quant_method"),
+    ("method-unknown", {"quant_method": "hqq", "bits": 4}, "quant_method"),
     ("method-missing", {"bits": 4, "dataset": TEXTS}, "quant_method"),
 ]
 
