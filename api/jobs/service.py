@@ -75,8 +75,9 @@ def check_quantization_sources(settings: Settings, config: dict) -> None:
 
 
 def check_model_architecture(req: JobRequest) -> None:
-    """A method with architecture rules (AWQ's scaling maps) refuses a local model it cannot take now, from
-    its config.json; a Hub model's config is read by the engine before it loads any weight."""
+    """A method with architecture rules (AWQ's scaling maps, GGUF's converted architectures) refuses a local
+    model it cannot take now, from its config.json; a Hub model's config is read by the engine before it
+    loads any weight."""
     if not isinstance(req.model, LocalModel):
         return
     try:
@@ -87,8 +88,9 @@ def check_model_architecture(req: JobRequest) -> None:
         return
     try:
         quantization_rules.check_model(req.quantization_config, model_config)
-    except InvalidQuantizationConfig as exc:
-        raise _invalid(f"quantization_config.{exc.field}", exc.message) from None
+    except InvalidQuantizationConfig as exc:  # names `model` (the request's field), or a field of the config
+        field = exc.field if exc.field == "model" else f"quantization_config.{exc.field}"
+        raise _invalid(field, exc.message) from None
 
 
 def fingerprint(req: JobRequest) -> str:

@@ -146,11 +146,11 @@ def scaling_map(model_config: dict[str, Any]) -> tuple[ScalingGroup, ...] | None
 
 
 def check_model(config: dict[str, Any], model_config: dict[str, Any]) -> None:
-    """FieldError unless AWQ knows where to fold its scales in this architecture (config.json as a dict)."""
+    """FieldError naming `model` unless AWQ knows where to fold its scales in this architecture (config.json)."""
     if scaling_map(model_config) is None:
         mt = model_config.get("model_type")
-        raise FieldError("quant_method", f"AWQ has no scaling map for model_type {str(mt)[:60]!r} (known: "
-                                         f"{', '.join(sorted(SCALING_MAPS))}); use gptq or bitsandbytes for it")
+        raise FieldError("model", f"AWQ has no scaling map for model_type {str(mt)[:60]!r} (known: "
+                                  f"{', '.join(sorted(SCALING_MAPS))}); use gptq or bitsandbytes for it")
 
 
 def bits(config: dict[str, Any]) -> int:

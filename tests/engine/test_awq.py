@@ -211,10 +211,10 @@ def test_an_architecture_without_a_scaling_map_is_refused(tmp_path, tiny_gpt2_di
     qc = quantization_rules.normalize(_awq())
     with pytest.raises(InvalidQuantizationConfig) as exc:
         quantization_rules.check_model(qc, cfg)
-    assert exc.value.field == "quant_method" and "gpt2" in exc.value.message
+    assert exc.value.field == "model" and "gpt2" in exc.value.message
     with pytest.raises(EngineError) as exc2:  # the engine asks too (a Hub model's config is first read there)
         quantize({"path": str(tiny_gpt2_dir)}, _awq(), tmp_path / "out", options=_options(tiny_gpt2_dir.parent))
-    assert exc2.value.field == "quant_method"
+    assert exc2.value.field == "model"
     assert not (tmp_path / "out").exists()
 
 

@@ -65,31 +65,31 @@ def plan_groups(model_config: dict[str, Any], block: torch.nn.Module, linears: d
     groups = scaling_map(model_config)
     if groups is None:  # the rules refuse it first; a config edited between submission and run lands here
         raise UnsupportedModel(f"AWQ has no scaling map for model_type {model_config.get('model_type')!r}",
-                               field="quant_method")
+                               field="model")
     modules = dict(block.named_modules())
     planned = []
     for g in groups:
         missing = [n for n in (g.prev, g.inspect, *g.layers) if n not in modules]
         if missing:
             raise UnsupportedModel(f"the {model_config.get('model_type')} scaling map names modules this block "
-                                   f"does not have: {', '.join(missing)}", field="quant_method")
+                                   f"does not have: {', '.join(missing)}", field="model")
         prev = modules[g.prev]
         layer_mods = [modules[n] for n in g.layers]
         if any(type(m) is not torch.nn.Linear for m in layer_mods):
             raise UnsupportedModel(f"AWQ scales Linear layers; {', '.join(g.layers)} are not all Linear",
-                                   field="quant_method")
+                                   field="model")
         width = layer_mods[0].in_features
         if g.prev_kind == "linear":
             if type(prev) is not torch.nn.Linear:
-                raise UnsupportedModel(f"{g.prev} is not a Linear layer", field="quant_method")
+                raise UnsupportedModel(f"{g.prev} is not a Linear layer", field="model")
             if prev.out_features != width:
                 if g.when_shapes_match:
                     continue
                 raise UnsupportedModel(f"{g.prev} writes {prev.out_features} channels, {g.layers[0]} reads {width}",
-                                       field="quant_method")
+                                       field="model")
         elif getattr(prev, "weight", None) is None or tuple(prev.weight.shape) != (width,):
             raise UnsupportedModel(f"{g.prev} has no per-channel weight of {width} to fold scales into",
-                                   field="quant_method")
+                                   field="model")
         quantized = tuple(n for n in g.layers if n not in skipped)
         if quantized:
             planned.append(PlannedGroup(g, quantized))
