@@ -11,7 +11,8 @@
   order they run: for Llama [q,k,v], [o], [gate,up], [down] — the paper's true-sequential groups.
 * `BlockRunner.collect`: forward passes over all batches with hooks that feed each shared input to one
   accumulator per input class (GPTQ: a Hessian), stopping a pass as soon as every hooked layer has seen its
-  input; `BlockRunner.forward_all`: the block's outputs, the next block's inputs.
+  input; `BlockRunner.forward_all`: the block's outputs, the next block's inputs. Both run many windows per
+  forward pass (`merge_batches`, `forward_chunk_tokens`): one pass per window is bound by kernel launches.
 """
 
 from __future__ import annotations
@@ -217,15 +218,111 @@ def _slice_kwargs(kwargs: dict[str, Any], n: int) -> dict[str, Any]:
     return {k: _slice_one(v, n) for k, v in kwargs.items()}
 
 
+#: what `_merge_value` answers when values of several batches cannot be passed as one
+_UNMERGEABLE = object()
+
+
+def _merge_value(vals: list[Any], sizes: list[int]) -> Any:
+    """One value for the concatenated batches: per-sample tensors (first dimension = the batch's size)
+    concatenated, values equal in every batch passed once, anything else `_UNMERGEABLE`."""
+    v0 = vals[0]
+    if isinstance(v0, torch.Tensor):
+        if not all(isinstance(v, torch.Tensor) for v in vals):
+            return _UNMERGEABLE
+        if all(v.dim() > 0 and v.shape[0] == n and v.shape[1:] == v0.shape[1:] and v.dtype == v0.dtype
+               and v.device == v0.device for v, n in zip(vals, sizes)):
+            return torch.cat(vals)
+        if all(v is v0 or (v.shape == v0.shape and v.dtype == v0.dtype and torch.equal(v, v0)) for v in vals):
+            return v0
+        return _UNMERGEABLE
+    if isinstance(v0, tuple):
+        if not all(isinstance(v, tuple) and len(v) == len(v0) for v in vals):
+            return _UNMERGEABLE
+        parts = [_merge_value([v[i] for v in vals], sizes) for i in range(len(v0))]
+        return _UNMERGEABLE if any(p is _UNMERGEABLE for p in parts) else tuple(parts)
+    try:
+        same = all(v is v0 or (type(v) is type(v0) and bool(v == v0)) for v in vals)
+    except Exception:  # a value whose == is not a plain truth value
+        same = False
+    return v0 if same else _UNMERGEABLE
+
+
+def merge_batches(hidden: list[torch.Tensor], rest: list[tuple[tuple, dict[str, Any]]]
+                  ) -> tuple[torch.Tensor, tuple, dict[str, Any]] | None:
+    """The inputs of several calibration batches as the inputs of one larger batch, or None when the block's
+    other inputs cannot be combined (then the batches run one by one)."""
+    sizes = [h.shape[0] for h in hidden]
+    if len({h.shape[1:] for h in hidden}) != 1 or len({h.dtype for h in hidden}) != 1:
+        return None
+    a0, k0 = rest[0]
+    if any(len(a) != len(a0) or kw.keys() != k0.keys() for a, kw in rest):
+        return None
+    args = [_merge_value([a[i] for a, _ in rest], sizes) for i in range(len(a0))]
+    kwargs = {k: _merge_value([kw[k] for _, kw in rest], sizes) for k in k0}
+    if any(v is _UNMERGEABLE for v in [*args, *kwargs.values()]):
+        return None
+    return torch.cat(hidden) if len(hidden) > 1 else hidden[0], tuple(args), kwargs
+
+
+def forward_chunk_tokens(block: torch.nn.Module, device: torch.device, *, budget_bytes: int = 4 << 30,
+                         share_of_free: float = 0.15) -> int:
+    """How many calibration tokens one forward pass of `block` takes at once: as many as keep about eight
+    activations of its widest Linear output within the budget (and a share of the free device memory).
+
+    One pass over many windows instead of one per window: the per-window passes are bound by kernel launches
+    (hundreds per block forward, each on a few thousand tokens), a pass over ~20k tokens by the tensor cores."""
+    widest = max((m.weight.shape[0] if type(m).__name__ != "Conv1D" else m.weight.shape[1]
+                  for m in block.modules() if hasattr(m, "weight") and getattr(m.weight, "dim", lambda: 0)() == 2),
+                 default=1)
+    elem = next((p.element_size() for p in block.parameters()), 4)
+    budget = budget_bytes
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, int(share_of_free * free))
+    return max(1, budget // (8 * widest * elem))
+
+
 class BlockRunner:
-    """Forward passes of one materialized block over all calibration batches."""
+    """Forward passes of one materialized block over all calibration batches.
+
+    With `max_tokens`, consecutive batches run as one forward pass of up to that many tokens (their inputs
+    concatenated by `merge_batches`); the results are the same per batch, up to the rounding of larger matrix
+    products."""
 
     def __init__(self, block: torch.nn.Module, hidden: list[torch.Tensor], rest: list[tuple[tuple, dict]],
-                 device: torch.device) -> None:
+                 device: torch.device, max_tokens: int = 0) -> None:
         self.block = block
         self.hidden = hidden
         self.rest = rest
         self.device = device
+        self.chunks = self._chunk(max_tokens)
+
+    def _chunk(self, max_tokens: int) -> list[list[int]]:
+        """Consecutive batch indices per forward pass."""
+        chunks: list[list[int]] = []
+        tokens = 0
+        for i, h in enumerate(self.hidden):
+            t = h.numel() // max(h.shape[-1], 1)
+            if chunks and tokens + t <= max_tokens:
+                chunks[-1].append(i)
+                tokens += t
+            else:
+                chunks.append([i])
+                tokens = t
+        return chunks
+
+    def _passes(self):
+        """(batch indices, hidden on the device, args, kwargs) per forward pass."""
+        for idx in self.chunks:
+            merged = None
+            if len(idx) > 1:
+                merged = merge_batches([self.hidden[i].to(self.device) for i in idx], [self.rest[i] for i in idx])
+            if merged is None:
+                for i in idx:
+                    args, kw = self.rest[i]
+                    yield [i], self.hidden[i].to(self.device), args, kw
+            else:
+                yield (idx, *merged)
 
     @torch.no_grad()
     def collect(self, classes: list[list[str]], accumulator: Callable[[int], InputAccumulator]
@@ -249,10 +346,10 @@ class BlockRunner:
 
             hooks.append(mod.register_forward_hook(hook))
         try:
-            for h, (args, kw) in zip(self.hidden, self.rest):
+            for _, h, args, kw in self._passes():
                 fired.clear()
                 try:
-                    self.block(h.to(self.device), *args, **kw)
+                    self.block(h, *args, **kw)
                 except _StopForward:
                     pass
         finally:
@@ -263,8 +360,10 @@ class BlockRunner:
     @torch.no_grad()
     def forward_all(self) -> list[torch.Tensor]:
         """Outputs of the block for every batch (the next block's inputs), stored where the inputs were."""
-        out = []
-        for h, (args, kw) in zip(self.hidden, self.rest):
-            y = _first(self.block(h.to(self.device), *args, **kw))
-            out.append(y.to(h.device))
-        return out
+        out: list[torch.Tensor | None] = [None] * len(self.hidden)
+        for idx, h, args, kw in self._passes():
+            y = _first(self.block(h, *args, **kw))
+            pieces = y.split([self.hidden[i].shape[0] for i in idx]) if len(idx) > 1 else (y,)
+            for i, piece in zip(idx, pieces):
+                out[i] = piece.to(self.hidden[i].device)
+        return out  # type: ignore[return-value]

@@ -63,6 +63,23 @@ def gar_permutation(diag_h: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _upper_factor_of_inverse(Hd: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """U upper with U^T U = Hd^-1, or (None, info) when Hd is not numerically positive definite.
+
+    The paper computes it as chol(chol_inverse(chol(Hd))), upper: three cuSOLVER calls of ~n^3/3, 2n^3/3 (or
+    2n^3 through potrs) and n^3/3 flops. The same factor in two: with J the reversal of rows and columns and
+    L L^T = J Hd J (lower Cholesky), R = J L J is upper and Hd = R R^T, so Hd^-1 = R^-T R^-1 and the upper
+    factor of Hd^-1 is U = R^-1 = J L^-1 J (unique: positive diagonal). One Cholesky and one triangular solve
+    against the identity; other rounding than the three-step form, same error (tests/kernels, bench)."""
+    n = Hd.shape[0]
+    L, info = torch.linalg.cholesky_ex(torch.flip(Hd, (0, 1)))
+    if int(info) != 0:
+        return None, int(info)
+    Li = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+    del L
+    return torch.flip(Li, (0, 1)), 0
+
+
 def inverse_hessian_factor(
     H: torch.Tensor, damp_percent: float, log: Callable[[str], None] | None = None, max_tries: int = 8
 ) -> tuple[torch.Tensor, float, list[str]]:
@@ -73,21 +90,62 @@ def inverse_hessian_factor(
         mean_diag = 1.0
     percent = damp_percent
     idx = torch.arange(H.shape[0], device=H.device)
-    for _ in range(max_tries):
-        Hd = H.clone()
-        Hd[idx, idx] += percent * mean_diag
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info2) == 0 and torch.isfinite(U).all():
+    with tf32_matmuls(False):  # float32 throughout, as the paper's factorization
+        for _ in range(max_tries):
+            Hd = H.clone()
+            Hd[idx, idx] += percent * mean_diag
+            U, _ = _upper_factor_of_inverse(Hd)
+            del Hd
+            if U is not None and bool(torch.isfinite(U).all()):
                 return U, percent, notes
-        msg = f"Hessian not positive definite with damp_percent={percent:g}; retrying with {percent * 10:g}"
-        notes.append(msg)
-        if log:
-            log(msg)
-        percent *= 10
+            msg = f"Hessian not positive definite with damp_percent={percent:g}; retrying with {percent * 10:g}"
+            notes.append(msg)
+            if log:
+                log(msg)
+            percent *= 10
     raise RuntimeError("Hessian could not be made positive definite")
+
+
+@dataclass
+class HessianFactor:
+    """What GPTQ derives from a Hessian alone, shared by the layers that see the same input (q/k/v, gate/up):
+    the dead input channels, the column order, and the upper Cholesky factor of the damped inverse in that
+    order. One factorization per distinct Hessian instead of one per layer."""
+
+    dead: torch.Tensor  # bool [in]: channels with H_ii == 0
+    perm: torch.Tensor | None
+    Hinv: torch.Tensor
+    damp_percent: float
+    notes: list[str]
+
+
+def hessian_factor(
+    H: torch.Tensor,
+    *,
+    group_size: int = 128,
+    damp_percent: float = 0.01,
+    desc_act: bool = False,
+    act_group_aware: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> HessianFactor:
+    """The Hessian half of `gptq_quantize` (same arguments); `H` is not modified."""
+    H = H.detach().float().clone()
+    C = H.shape[0]
+    gs = group_size if group_size != -1 else C
+    if desc_act:
+        act_group_aware = False
+    dead = torch.diag(H) == 0
+    if bool(dead.any()):
+        H[dead, dead] = 1
+    perm = None
+    if desc_act:
+        perm = torch.argsort(torch.diag(H), descending=True)
+    elif act_group_aware and group_size != -1:
+        perm = gar_permutation(torch.diag(H), gs)
+    if perm is not None:
+        H = H[perm][:, perm]
+    Hinv, used_damp, notes = inverse_hessian_factor(H, damp_percent, log)
+    return HessianFactor(dead=dead, perm=perm, Hinv=Hinv, damp_percent=used_damp, notes=notes)
 
 
 def gptq_quantize(
@@ -104,27 +162,30 @@ def gptq_quantize(
     blocksize: int = 128,
     backend: str = "auto",
     log: Callable[[str], None] | None = None,
+    factor: HessianFactor | None = None,
 ) -> GPTQResult:
-    """Quantize `W` (`[out, in]`) given the Hessian `H` (`[in, in]`, = 2/n X X^T). Inputs are not modified."""
+    """Quantize `W` (`[out, in]`) given the Hessian `H` (`[in, in]`, = 2/n X X^T). Inputs are not modified.
+
+    `factor`: `hessian_factor(H, ...)` with the same group_size, damp_percent, desc_act and act_group_aware,
+    when several layers share H (then `H` itself is not read)."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}")
     maxq = 2**bits - 1
     W = W.detach().float().clone()
-    H = H.detach().float().clone()
     R, C = W.shape
     dev = W.device
     gs = group_size if group_size != -1 else C
     grouped = group_size != -1
-    if desc_act:
-        act_group_aware = False
+    if factor is None:
+        factor = hessian_factor(H, group_size=group_size, damp_percent=damp_percent, desc_act=desc_act,
+                                act_group_aware=act_group_aware, log=log)
 
     if not grouped:
         s_all, z_all = find_params_reference(W, bits, sym)  # before dead columns, as the paper's code
 
-    dead = torch.diag(H) == 0
+    dead = factor.dead
     n_dead = int(dead.sum())
     if n_dead:
-        H[dead, dead] = 1
         W[:, dead] = 0
 
     def params_over(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,17 +207,10 @@ def gptq_quantize(
     if grouped and static_groups:
         s_static, z_static = params_over(W)
 
-    perm = None
-    if desc_act:
-        perm = torch.argsort(torch.diag(H), descending=True)
-    elif act_group_aware and grouped:
-        perm = gar_permutation(torch.diag(H), gs)
+    perm = factor.perm
     if perm is not None:
         W = W[:, perm]
-        H = H[perm][:, perm]
-
-    Hinv, used_damp, notes = inverse_hessian_factor(H, damp_percent, log)
-    del H
+    Hinv, used_damp, notes = factor.Hinv, factor.damp_percent, list(factor.notes)
 
     # Parameter slots and which slot each (permuted) column uses.
     pos = torch.arange(C, device=dev)

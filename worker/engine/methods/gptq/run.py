@@ -21,13 +21,14 @@ import torch
 from qaas.quantization_rules.gptq import DEFAULT_NSAMPLES
 
 from ...architecture import BlockInfo, LinearInfo, build_meta_model
-from ...blockwise import BlockInputCapture, BlockRunner, discover_input_groups, materialize_block
+from ...blockwise import (BlockInputCapture, BlockRunner, discover_input_groups, forward_chunk_tokens,
+                          materialize_block)
 from ...calibration_data import CalibrationSet, load_calibration
 from ...evaluate import default_seqlen, relative_error
 from ...progress import PhaseTimer
 from ...version import package_version
 from ..base import EngineContext, MethodResult
-from ...gptq_algorithm import gptq_quantize, output_error
+from ...gptq_algorithm import HessianFactor, gptq_quantize, hessian_factor, output_error
 from .format import build_quantization_config, pack_layer, stored_float
 from ...hessian import HessianAccumulator
 from .planning import activation_device, compute_dtype, sequential_groups, skipped_layers, without
@@ -148,7 +149,8 @@ class GPTQRun:
             tensors = self.ctx.reader.load_prefix(prefix)
             block = materialize_block(self.blocks[bi], {k[len(prefix) + 1 :]: v for k, v in tensors.items()},
                                       self.device, self.dtype)
-        runner = BlockRunner(block, inputs.hidden, inputs.rest, self.device)
+        runner = BlockRunner(block, inputs.hidden, inputs.rest, self.device,
+                             max_tokens=forward_chunk_tokens(block, self.device))
         if self.groups is None:
             self._plan(block, linears, inputs)
         written: set[str] = set()
@@ -161,11 +163,12 @@ class GPTQRun:
             del accs
             for cls in classes:
                 H = hessians.pop(cls[0])
+                factor = self.shared_factor(H, cls, binfo) if len(cls) > 1 else None
                 for r in cls:
                     li = linears[r]
-                    block_metrics[li.name] = self.quantize_layer(block, r, li, H, binfo)
+                    block_metrics[li.name] = self.quantize_layer(block, r, li, H, binfo, factor)
                     written.update({li.weight_name, li.bias_name})
-                del H
+                del H, factor
         if bi + 1 < n and self.cache_outputs:
             with self.clock("forward quantized block"):
                 inputs.hidden = runner.forward_all()
@@ -195,8 +198,17 @@ class GPTQRun:
             self.note(f"{self.layout.block_name}.*.{r} kept in float16: {why}", level="warning", module=r)
         self.groups = without(groups, self.skipped)
 
+    def shared_factor(self, H: torch.Tensor, cls: list[str], binfo: BlockInfo) -> HessianFactor:
+        """The Hessian's factorization once for all the layers of a class (they share their input)."""
+        cfg = self.cfg
+        with self.clock("gptq"):
+            return hessian_factor(H, group_size=cfg["group_size"], damp_percent=cfg["damp_percent"],
+                                  desc_act=cfg["desc_act"], act_group_aware=cfg["act_group_aware"],
+                                  log=lambda m: self.note(f"{binfo.prefix}.{{{','.join(cls)}}}: {m}",
+                                                          level="warning"))
+
     def quantize_layer(self, block: torch.nn.Module, r: str, li: LinearInfo, H: torch.Tensor,
-                       binfo: BlockInfo) -> dict[str, float]:
+                       binfo: BlockInfo, factor: HessianFactor | None = None) -> dict[str, float]:
         """GPTQ on one layer of the live block: write its packed tensors, put the quantized weight back into
         the block (the layers after it, and the next block, see the quantized model), report its errors."""
         cfg, rep, n = self.cfg, self.rep, self.layout.num_blocks
@@ -208,6 +220,7 @@ class GPTQRun:
                 W, H, bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],
                 damp_percent=cfg["damp_percent"], desc_act=cfg["desc_act"], act_group_aware=cfg["act_group_aware"],
                 static_groups=cfg["static_groups"], log=lambda m: self.note(f"{prefix}.{r}: {m}", level="warning"),
+                factor=factor,
             )
         with self.clock("pack + write"):
             if res.dead_columns:

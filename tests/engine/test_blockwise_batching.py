@@ -1,0 +1,105 @@
+"""Many calibration windows per block forward pass (`BlockRunner` with `max_tokens`): the same outputs and the
+same layer inputs as one pass per window, on Llama (stories260K: keyword position embeddings), GPT-2 (Conv1D,
+mask passed positionally) and OPT (learned positions), with batches of 1 and of 2 and a short last batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qaas.worker.engine.blockwise import BlockRunner, merge_batches
+
+
+def _models():
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    from conftest import STORIES
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256))
+    opt = OPTForCausalLM(OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, ffn_dim=256,
+                                   num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64))
+    llama = AutoModelForCausalLM.from_pretrained(str(STORIES))
+    return {"llama": (llama, llama.model.layers[1], ["self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"]),
+            "gpt2": (gpt2, gpt2.transformer.h[1], ["attn.c_attn", "attn.c_proj", "mlp.c_proj"]),
+            "opt": (opt, opt.model.decoder.layers[1], ["self_attn.q_proj", "fc1", "fc2"])}
+
+
+MODELS = _models()
+
+
+def _block_inputs(model, block, batches):
+    """What the model passes to `block` for each batch (hidden states, (other args, kwargs)), as the engine's
+    catcher keeps them."""
+    seen = []
+
+    def pre(mod, args, kwargs):
+        seen.append((args[0] if args else kwargs.pop("hidden_states"), (tuple(args[1:]), dict(kwargs))))
+
+    h = block.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                model(input_ids=ids, use_cache=False)
+    finally:
+        h.remove()
+    return [s[0] for s in seen], [s[1] for s in seen]
+
+
+class _Gram:
+    def __init__(self, n):
+        self.sum = torch.zeros(n, n, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x):
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.sum += x.t() @ x
+        self.n += x.shape[0]
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_merged_passes_equal_one_pass_per_window(arch, batch_size):
+    model, block, layers = MODELS[arch]
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 500, (5, 64), generator=g)
+    batches = [ids[i : i + batch_size] for i in range(0, 5, batch_size)]  # the last batch is short with 2
+    hidden, rest = _block_inputs(model, block, batches)
+    assert merge_batches(hidden, rest) is not None, "the block's inputs of several batches could not be combined"
+
+    one = BlockRunner(block, hidden, rest, torch.device("cpu"))
+    many = BlockRunner(block, hidden, rest, torch.device("cpu"), max_tokens=10**6)
+    assert len(one.chunks) == len(batches) and len(many.chunks) == 1
+    with torch.no_grad():
+        ref_out, out = one.forward_all(), many.forward_all()
+    assert [o.shape for o in out] == [o.shape for o in ref_out]
+    for a, b in zip(out, ref_out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    def in_features(name):
+        m = block.get_submodule(name)
+        return m.weight.shape[0] if type(m).__name__ == "Conv1D" else m.in_features
+
+    classes = [[n] for n in layers]
+    ref_acc = one.collect(classes, lambda n: _Gram(n))
+    acc = many.collect(classes, lambda n: _Gram(n))
+    for n in layers:
+        assert acc[n].n == ref_acc[n].n == ids.numel()
+        assert acc[n].sum.shape == (in_features(n), in_features(n))
+        torch.testing.assert_close(acc[n].sum, ref_acc[n].sum, rtol=1e-5, atol=1e-4)
+
+
+def test_batches_that_cannot_be_combined_run_one_by_one():
+    model, block, _ = MODELS["llama"]
+    g = torch.Generator().manual_seed(2)
+    hidden, rest = _block_inputs(model, block, [torch.randint(3, 500, (1, 32), generator=g) for _ in range(3)])
+    rest[1] = (rest[1][0], {**rest[1][1], "output_attentions": object()})  # a value that differs between batches
+    assert merge_batches(hidden, rest) is None
+    runner = BlockRunner(block, hidden, [(a, {k: v for k, v in kw.items() if k != "output_attentions"})
+                                          for a, kw in rest], torch.device("cpu"), max_tokens=10**6)
+    with torch.no_grad():
+        ref = [BlockRunner(block, [h], [r], torch.device("cpu")).forward_all()[0] for h, r in zip(hidden, runner.rest)]
+        out = runner.forward_all()
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
