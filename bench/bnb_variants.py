@@ -62,12 +62,13 @@ def main():
     # -- variants
     rows = []
     configs = [dict(fast=False)]
-    for mode in (1, 0):
-        for per_sm in (0, 4, 8):
-            for bpp, warps in ((32, 4), (16, 4), (64, 8), (32, 8), (64, 4)):
-                if mode == 0 and (bpp, warps) not in ((32, 4), (64, 8)):
-                    continue
-                configs.append(dict(fast=True, mode=mode, per_sm=per_sm, bpp=bpp, warps=warps))
+    # NF4 code modes: 1 bin table (8-byte gather), 3 popcount + 16-entry table (4-byte gather, one line),
+    # 2 half table half tree, 0 immediate tree; tiles (blocks per program, warps), one program per tile
+    for mode in (1, 3, 2, 0):
+        for bpp, warps in ((32, 4), (64, 8), (16, 4), (64, 4), (128, 8)):
+            if mode in (0, 2) and (bpp, warps) != (32, 4):
+                continue
+            configs.append(dict(fast=True, mode=mode, per_sm=0, bpp=bpp, warps=warps))
     saved = dict(bnb4.FAST_TILE)
     for shape in SHAPES:
         n = shape[0] * shape[1]
@@ -75,7 +76,7 @@ def main():
         xs = [torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(k)]
         nbytes = 2 * n + n // 2 + 4 * (n // 64)
         ref = F.quantize_4bit(xs[0], blocksize=64, quant_type="nf4")[0]
-        for cfg in (configs if shape == SHAPES[0] else [c for c in configs if c.get("per_sm", 0) in (0, 8)]):
+        for cfg in configs:
             bnb4.FAST_TILE.update(saved)
             bnb4.FAST_TILE.update({k2: v for k2, v in cfg.items() if k2 != "fast"})
             fast = cfg["fast"]

@@ -8,6 +8,8 @@
 #   SMOKE=1 bash bench/gpu_session_profile.sh    the same steps on the CPU at tiny shapes (CUDA-only steps say so
 #                                                and exit cleanly)
 #   ONLY=bnb-kernels,profile-8b-defaults bash ... only the steps named (e.g. those a first call had no time for)
+#   (steps: env gptq-8b-fastest-full-eval gptq-8b-fastest gptq-factor profile-8b-fastest gptq-70b-defaults
+#    profile-70b-defaults ncu-nf4 gptq-8b-defaults gptq-70b-fastest bnb-kernels bnb-variants profile-8b-defaults)
 #
 # Fail-soft: each step runs under its own time limit (and within BUDGET_S for the whole script, default 540 s);
 # a step that fails or times out is logged and the next one runs. Steps are ordered by what they are worth, so a
@@ -23,11 +25,13 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ "$SMOKE" = 1 ]; then
   PY=${PY:-.venv/bin/python}
   G8=(--shape tiny); G70=(--shape tiny); TOKENS=(--nsamples 4 --seqlen 64 --eval-windows 2); B8=4; B70=3
+  FACTOR=(--sizes 256,512 --tokens 2048 --rows 64)
 else
   # shellcheck source=bench/gpu_env.sh disable=SC1091
   source bench/gpu_env.sh
   PY=${PY:-python3}
   G8=(--shape 8b); G70=(--shape 70b); TOKENS=(--nsamples 128 --seqlen 2048 --eval-windows 16); B8=4; B70=3
+  FACTOR=(--sizes 4096,14336,28672 --tokens 32768)
 fi
 W=${WORKDIR:-/tmp/qaas-gpu-session}
 R=$W/results; L=$W/logs; D=$W/models
@@ -87,6 +91,9 @@ gs() {  # gs STEP MAX_SECONDS OPTIONS...: a gptq_speed.py step whose results fil
   step "$name" "$max" "$PY" -P bench/gptq_speed.py --out "$R" --workdir "$D" "${TOKENS[@]}" --tag "$name" "$@"
 }
 gs gptq-8b-fastest-full-eval 270 "${G8[@]}" --evaluate
+gs gptq-8b-fastest 60 "${G8[@]}" --blocks "$B8"
+step gptq-factor 60 "$PY" -P bench/gptq_factor.py --out "$R" "${FACTOR[@]}"
+step bnb-variants 90 bash -c "$PY -P bench/bnb_variants.py > \"\$R/bnb_variants.txt\" 2>&1; rc=\$?; tail -n 40 \"\$R/bnb_variants.txt\"; exit \$rc"
 gs profile-8b-fastest 90 --mode profile "${G8[@]}"
 gs gptq-70b-defaults 110 "${G70[@]}" --blocks "$B70" --defaults
 gs profile-70b-defaults 120 --mode profile "${G70[@]}" --defaults

@@ -167,7 +167,8 @@ def _thr_tables(quant_type: str, flavor: str, device) -> tuple[torch.Tensor, tor
 # Tile of the general quantize kernel (CPU rule set, fp32 inputs, odd lengths): elements per program and warps.
 QUANT_TILE = {"elems": 1024, "warps": 4}  # sweep on H100: 1024/4w 412 us vs 2048/4w 488 us (28672x8192)
 # Fast path (CUDA rule set, fp16/bf16, even length): blocks per tile, warps, programs per SM for the persistent
-# grid (0: one program per tile), NF4 code mode (1: bin table, 0: immediate tree). See bench/NOTES-bnb.md.
+# grid (0: one program per tile), NF4 code mode (1: bin table, 0: immediate tree, 2: half table half tree,
+# 3: popcount + 16-entry table). See bench/NOTES-bnb.md.
 FAST_TILE = {"bpp": 32, "warps": 4, "per_sm": 0, "mode": 1}
 
 
@@ -196,6 +197,28 @@ def nf4_bin_table() -> np.ndarray:
         bits = int(np.array([t], dtype=np.float32).view(np.uint32)[0])
         out[i] = (base << 32) | bits
     return out
+
+
+def nf4_popc_tables() -> tuple[int, np.ndarray]:
+    """(MASK, thr16) of the MODE 3 NF4 code: bit b of MASK set when the bin [-1 + b/16, -1 + (b+1)/16)
+    (b = 0..31) holds an NF4 CUDA threshold (at most one each, none in the end bins, none within 1e-3 of an
+    edge); thr16 = the 15 thresholds ascending, float32, then +inf."""
+    thr = np.array(cb.NF4_CUDA_THRESHOLDS, dtype=np.float32)
+    assert np.all(np.diff(thr) > 0)
+    bins = np.floor((thr.astype(np.float64) + 1.0) * 16).astype(np.int64)
+    edges = -1.0 + np.arange(33) / 16
+    assert len(set(bins.tolist())) == len(bins) and bins.min() > 0 and bins.max() < 31
+    assert np.min(np.abs(thr.astype(np.float64)[:, None] - edges[None, :])) > 1e-3
+    mask = int(sum(1 << int(b) for b in bins))
+    return mask, np.concatenate([thr, np.float32([np.inf])]).astype(np.float32)
+
+
+def _popc_table(device) -> tuple[int, torch.Tensor]:
+    key = ("nf4popc", str(device))
+    if key not in _tables:
+        mask, thr16 = nf4_popc_tables()
+        _tables[key] = (mask, torch.from_numpy(thr16).to(device))
+    return _tables[key]
 
 
 def _bin_table(device) -> torch.Tensor:
@@ -235,10 +258,11 @@ def _launch_fast(x, packed, absmax, blocksize, quant_type, nb):
     per_sm = cfg["per_sm"] if _use_asm() else 0  # the interpreter cannot loop over tl.program_id()
     grid = (min(n_tiles, _sms(x.device) * per_sm),) if per_sm else (n_tiles,)
     tab = _bin_table(x.device)
+    mask, thr16 = _popc_table(x.device)
     T.quantize4_pairs_kernel[grid](
-        x.reshape(-1).view(torch.int32), packed, absmax, tab, n_words, nb, n_tiles,
+        x.reshape(-1).view(torch.int32), packed, absmax, tab, thr16, n_words, nb, n_tiles,
         WPB=wpb, BPP=bpp, IS_BF16=x.dtype == torch.bfloat16, QT=0 if quant_type == "nf4" else 1,
-        MODE=cfg["mode"], USE_ASM=_use_asm(), PERSIST=bool(per_sm),
+        MODE=cfg["mode"], MASK=mask, USE_ASM=_use_asm(), PERSIST=bool(per_sm),
         num_warps=cfg["warps"], enable_fp_fusion=False,
     )  # fmt: skip
 

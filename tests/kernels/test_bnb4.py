@@ -112,13 +112,13 @@ def test_quantize_dequantize_match_bitsandbytes(seed, device):
 @pytest.mark.parametrize("seed", range(16))
 def test_cuda_rules_triton_equals_reference(seed):
     """The CUDA rule set (decision trees, binary search of the 8-bit map) checked on the CPU: the Triton kernels
-    (the general one, and the fast pair-word one with the NF4 bin table and with the immediate tree) against the
-    torch reference, all forced to the CUDA flavor."""
+    (the general one, and the fast pair-word one with the NF4 bin table, the immediate tree, half of each, and the
+    popcount table) against the torch reference, all forced to the CUDA flavor."""
     x, blocksize, quant_type, _ = _case(1000 + seed, "cpu")
     p1, a1 = bnb4_reference.quantize_4bit_codes_reference(x, blocksize, quant_type, "cuda")
     q1, o1, n1 = bnb4_reference.double_quant_reference(a1, "cuda")
     fast_ok = bnb4.fast_path_ok(x, "cuda")
-    variants = [(False, 1)] + ([(True, 1), (True, 0)] if fast_ok else [])
+    variants = [(False, 1)] + ([(True, 1), (True, 0), (True, 2), (True, 3)] if fast_ok else [])
     saved = dict(bnb4.FAST_TILE)
     try:
         for fast, mode in variants:
@@ -150,6 +150,31 @@ def test_nf4_bin_table_equals_threshold_count():
         u = np.minimum((v + np.float32(3.0)).view(np.uint32) >> 18, 4095 + 34).astype(np.int64) - 4095
         e = tab[u]
         return (e >> 32) + (v > (e & 0xFFFFFFFF).astype(np.uint32).view(np.float32))
+
+    assert np.array_equal(code(s), (s[:, None] > thr[None, :]).sum(1))
+    assert list(code(np.float32([np.nan, -np.nan]))) == [0, 0]
+
+
+def test_nf4_popc_tables_equal_threshold_count():
+    """The MODE 3 NF4 code (popcount of the bins below, then one compare with the next threshold) gives
+    count(s > t) on the same points as the bin table's test, and NaN -> 0."""
+    import numpy as np
+
+    mask, thr16 = bnb4.nf4_popc_tables()
+    thr = np.array(codebooks.NF4_CUDA_THRESHOLDS, dtype=np.float32)
+    pts = [np.linspace(-1, 1, 200001, dtype=np.float32), np.float32([-1, 1, 0, -0.0, -1.0000002, 1.0000002])]
+    for c in list(thr) + [np.float32(-1 + b / 16) for b in range(33)]:
+        i = np.arange(-64, 65, dtype=np.int64)
+        pts.append((np.array([c], np.float32).view(np.int32).astype(np.int64) + i).astype(np.int32).view(np.float32))
+    s = np.concatenate(pts).astype(np.float32)
+
+    def code(v):
+        u = ((v + np.float32(3.0)).view(np.uint32) >> 18).astype(np.int64)
+        b = np.clip(u - 4096, 0, 31)
+        below = mask & ((1 << b) - 1)
+        base = np.array([bin(int(x)).count("1") for x in below])
+        c = base + (v > thr16[base])
+        return np.where(v == v, c, 0)
 
     assert np.array_equal(code(s), (s[:, None] > thr[None, :]).sum(1))
     assert list(code(np.float32([np.nan, -np.nan]))) == [0, 0]

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,8 +218,10 @@ class WrittenFile:
 class ShardedWriter:
     """Write tensors as they are produced into `directory`, in shards of at most `max_shard_size` bytes.
 
-    Memory is bounded by one shard buffer (plus the tensor being added). A tensor larger than the limit
-    gets a shard of its own. `close()` renames the shards to `model-0000k-of-0000N.safetensors` and writes
+    Memory is bounded by two shard buffers (plus the tensor being added): a full shard is written to disk on a
+    background thread while the next one fills, so the quantization does not wait for the disk (an error of
+    that write is raised by the next `flush` or by `close`). A tensor larger than the limit gets a shard of
+    its own. `close()` renames the shards to `model-0000k-of-0000N.safetensors` and writes
     `model.safetensors.index.json`, or, for a single shard, names it `model.safetensors` (no index), as
     transformers' `save_pretrained` does. Call it once; the directory should be a staging directory that
     is renamed into place only when the whole output is complete (see `export.StagedOutput`).
@@ -243,6 +246,8 @@ class ShardedWriter:
         self.closed = False
         self.files: list[WrittenFile] = []
         self.weight_map: dict[str, str] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[str, list[str], Future] | None = None
 
     @property
     def buffered_bytes(self) -> int:
@@ -272,20 +277,42 @@ class ShardedWriter:
             self.add(k, v)
 
     def flush(self) -> None:
-        """Write the buffered tensors as the next shard (no-op when empty)."""
+        """Start writing the buffered tensors as the next shard (no-op when empty), after the previous shard
+        is on disk."""
         if not self._buffer:
             return
+        self._wait_pending()
         tmp = f".shard-{len(self._shards) + 1:05d}.safetensors.tmp"
-        size = write_safetensors(self.directory / tmp, self._buffer, self.metadata)
-        self._shards.append((tmp, list(self._buffer), size))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        buf = self._buffer
+        self._pending = (tmp, list(buf), self._pool.submit(write_safetensors, self.directory / tmp, buf,
+                                                           self.metadata))
         self._buffer = {}
         self._buffer_bytes = 0
+
+    def _wait_pending(self) -> None:
+        """Wait for the shard being written (its error, e.g. OutOfSpace, is raised here)."""
+        if self._pending is None:
+            return
+        tmp, names, fut = self._pending
+        self._pending = None
+        self._shards.append((tmp, names, fut.result()))
+
+    def _stop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def close(self) -> list[WrittenFile]:
         """Write the last shard, name the files, write the index; returns the files written."""
         if self.closed:
             return self.files
-        self.flush()
+        try:
+            self.flush()
+            self._wait_pending()
+        finally:
+            self._stop_pool()
         if not self._shards:
             self._shards.append((".shard-00001.safetensors.tmp", [], write_safetensors(
                 self.directory / ".shard-00001.safetensors.tmp", {}, self.metadata)))
@@ -315,3 +342,15 @@ class ShardedWriter:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is None:
             self.close()
+        else:  # no thread left writing into a directory the caller is about to remove
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Wait for a shard being written, ignoring its outcome, and stop the writer thread."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending[2].result()
+            except Exception:  # noqa: BLE001 - the job is failing for another reason already
+                pass
+        self._stop_pool()

@@ -111,6 +111,7 @@ def quantize(
 
     staged = StagedOutput(out_dir)
     reader = None
+    writer = None
     try:
         clock.stage("resolve", message=str(source.get("id") or source.get("path") or ""))
         resolved = resolve_source(source, options)
@@ -173,6 +174,8 @@ def quantize(
         staged.commit()
         clock._close()
     except BaseException:
+        if writer is not None:
+            writer.abandon()  # its background shard write finishes before the staging folder goes
         staged.abort()
         raise
     finally:

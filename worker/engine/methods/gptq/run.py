@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,13 +131,33 @@ class GPTQRun:
 
     # -- 3. the blocks -----------------------------------------------------------------------------------
     def quantize_blocks(self, inputs: BlockInputs) -> None:
-        """The `quantize` stage: every block in order, each on the outputs of the quantized blocks before it."""
+        """The `quantize` stage: every block in order, each on the outputs of the quantized blocks before it.
+
+        The next block's tensors are read from the checkpoint (into pinned memory on CUDA, for a fast copy to
+        the device) on a background thread while the current block is quantized."""
         self.rep.stage("quantize", total=self.layout.num_blocks)
         self.t_start = time.monotonic()
-        for binfo in self.layout.blocks:
-            self.quantize_block(binfo, inputs)
+        blocks = self.layout.blocks
+        with ThreadPoolExecutor(1, thread_name_prefix="block-prefetch") as pool:
+            pending = pool.submit(self._read_block, blocks[0]) if blocks else None
+            for i, binfo in enumerate(blocks):
+                current = pending
+                pending = pool.submit(self._read_block, blocks[i + 1]) if i + 1 < len(blocks) else None
+                try:
+                    self.quantize_block(binfo, inputs, current)
+                except BaseException:
+                    if pending is not None:
+                        pending.cancel()
+                    raise
 
-    def quantize_block(self, binfo: BlockInfo, inputs: BlockInputs) -> None:
+    def _read_block(self, binfo: BlockInfo) -> dict[str, torch.Tensor]:
+        tensors = self.ctx.reader.load_prefix(binfo.prefix)
+        if self.device.type == "cuda":
+            tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        return tensors
+
+    def quantize_block(self, binfo: BlockInfo, inputs: BlockInputs,
+                       prefetched: Future | None = None) -> None:
         rep, n, bi = self.rep, self.layout.num_blocks, binfo.index
         rep.check_cancelled()
         prefix = binfo.prefix
@@ -146,7 +167,7 @@ class GPTQRun:
                 inputs.hidden, inputs.rest = inputs.capture.capture(inputs.batches, inputs.done_blocks, bi,
                                                                    inputs.store)
         with self.clock("load block"):
-            tensors = self.ctx.reader.load_prefix(prefix)
+            tensors = prefetched.result() if prefetched is not None else self._read_block(binfo)
             block = materialize_block(self.blocks[bi], {k[len(prefix) + 1 :]: v for k, v in tensors.items()},
                                       self.device, self.dtype)
         runner = BlockRunner(block, inputs.hidden, inputs.rest, self.device,
