@@ -6,6 +6,7 @@ overhead per call, and the FP4 check."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -69,6 +70,9 @@ def main():
             if mode in (0, 2) and (bpp, warps) != (32, 4):
                 continue
             configs.append(dict(fast=True, mode=mode, per_sm=0, bpp=bpp, warps=warps))
+    if os.environ.get("BNB_VARIANTS"):  # e.g. "1:32:4,3:32:4": mode:bpp:warps, for a short run
+        configs = [dict(fast=False)] + [dict(fast=True, mode=int(m), per_sm=0, bpp=int(b), warps=int(w))
+                                        for m, b, w in (v.split(":") for v in os.environ["BNB_VARIANTS"].split(","))]
     saved = dict(bnb4.FAST_TILE)
     for shape in SHAPES:
         n = shape[0] * shape[1]
@@ -81,9 +85,13 @@ def main():
             bnb4.FAST_TILE.update({k2: v for k2, v in cfg.items() if k2 != "fast"})
             fast = cfg["fast"]
             f = lambda x: bnb4.quantize_4bit_triton(x, 64, "nf4", False, "cuda", fast=fast)  # noqa: E731
-            p = f(xs[0])[0]
-            ok = torch.equal(p, ref)
-            ms = bench(f, xs)
+            try:
+                p = f(xs[0])[0]
+                ok = torch.equal(p, ref)
+                ms = bench(f, xs)
+            except Exception as e:  # noqa: BLE001 - one variant that fails to compile must not end the sweep
+                print(f"{str(shape):14s} {str(cfg):70s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
             kern = bnb4_triton.quantize4_pairs_kernel if fast else bnb4_triton.quantize4_kernel
             regs = spills = "?"
             try:

@@ -31,7 +31,7 @@ else
   source bench/gpu_env.sh
   PY=${PY:-python3}
   G8=(--shape 8b); G70=(--shape 70b); TOKENS=(--nsamples 128 --seqlen 2048 --eval-windows 16); B8=4; B70=3
-  FACTOR=(--sizes 4096,14336,28672 --tokens 32768)
+  FACTOR=(--sizes "${FACTOR_SIZES:-4096,14336,28672}" --tokens "${FACTOR_TOKENS:-32768}")
 fi
 W=${WORKDIR:-/tmp/qaas-gpu-session}
 R=$W/results; L=$W/logs; D=$W/models
