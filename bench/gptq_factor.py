@@ -56,8 +56,8 @@ def three_step_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def main() -> int:
-    from qaas.worker.engine.methods.gptq.algorithm import HessianFactor, gptq_quantize, inverse_hessian_factor
-    from qaas.worker.engine.methods.gptq.hessian import HessianAccumulator, tf32_matmuls
+    from qaas.worker.engine.gptq_algorithm import HessianFactor, gptq_quantize, inverse_hessian_factor
+    from qaas.worker.engine.hessian import HessianAccumulator, tf32_matmuls
     from support.gptq_paper import layer_error
 
     ap = argparse.ArgumentParser()
