@@ -24,7 +24,7 @@ PROBLEM_JSON = "application/problem+json"
 _TYPE_BASE = "https://qaas.dev/problems/"
 
 # Tags pydantic puts in error locations for union members; they are not fields the user wrote.
-_UNION_TAGS = {"HubModel", "LocalModel"}
+_UNION_TAGS = {"HubModel", "LocalModel", "JobOutput", "QuantizeJob", "FinetuneJob"}
 _FIELD_PREFIX = re.compile(r"^(?:Value error, )?([a-z_][a-z0-9_.]*): ")
 
 

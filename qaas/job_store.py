@@ -38,7 +38,7 @@ PROGRESS_MESSAGE_MAX = 500
 PUBLISH_STAGE = "publish"
 
 #: The columns of `jobs` that reads return (a job document is made of them), in the direct reads' order.
-JOB_COLUMNS = ("id", "status", "stage", "progress", "progress_message", "method", "bits", "source_model",
+JOB_COLUMNS = ("id", "status", "stage", "progress", "progress_message", "kind", "method", "bits", "source_model",
                "source_revision", "priority", "attempt", "max_attempts", "worker", "cancel_requested", "created_at",
                "started_at", "finished_at", "updated_at", "timings", "error", "result", "request")
 #: The columns of `job_events` that reads return.
@@ -100,12 +100,13 @@ def new_job_row(
     max_attempts: int,
     hf_token_encrypted: bytes | None = None,
     webhook_secret_encrypted: bytes | None = None,
+    kind: str = "quantize",
 ) -> dict[str, Any]:
     """Every column of a new job's row: the one definition both `create_job` and `insert_job_direct` store."""
     now = utcnow()
     return dict(
         id=uuid.uuid4(), owner=owner, status=JobStatus.queued.value, cancel_requested=False, priority=priority,
-        request=request, request_hash=request_hash, idempotency_key=idempotency_key, method=method, bits=bits,
+        kind=kind, request=request, request_hash=request_hash, idempotency_key=idempotency_key, method=method, bits=bits,
         source_model=source_model, progress=0.0, timings={}, attempt=0, max_attempts=max_attempts,
         hf_token_encrypted=hf_token_encrypted, webhook_secret_encrypted=webhook_secret_encrypted,
         publish_attempts=0, created_at=now, updated_at=now,

@@ -60,6 +60,8 @@ class _State:
 
 
 def build_spec(settings: Settings, job_request: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    if job_request.get("kind") == "finetune":
+        return build_finetune_spec(settings, job_request, out_dir)
     options = job_request.get("options") or {}
     model = job_request["model"]
     source = {"path": model["path"]} if "path" in model else {"id": model["id"], "revision": model.get("revision")}
@@ -71,19 +73,77 @@ def build_spec(settings: Settings, job_request: dict[str, Any], out_dir: Path) -
         "source": source,
         "quantization_config": qc,
         "out_dir": str(out_dir),
-        "options": {
-            "device": settings.device,
-            "hub_endpoint": settings.hub_endpoint,
-            "cache_dir": str((settings.data_dir / "hub-cache").resolve()),
-            "allowed_roots": [str(p) for p in settings.model_roots],
-            "calibration_datasets": dict(settings.calibration_datasets),
-            "allow_pickle": settings.allow_pickle,
-            "allow_remote_code": settings.allow_remote_code,
-            "evaluate": bool(options.get("evaluate", True)),
-            "eval_text_path": settings.eval_text or None,
-            "eval_max_windows": options.get("eval_max_windows") or settings.eval_max_windows,
-        },
+        "options": _engine_options(settings, options),
     }
+
+
+def _engine_options(settings: Settings, options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "device": settings.device,
+        "hub_endpoint": settings.hub_endpoint,
+        "cache_dir": str((settings.data_dir / "hub-cache").resolve()),
+        "allowed_roots": [str(p) for p in settings.model_roots],
+        "calibration_datasets": dict(settings.calibration_datasets),
+        "allow_pickle": settings.allow_pickle,
+        "allow_remote_code": settings.allow_remote_code,
+        "evaluate": bool(options.get("evaluate", True)),
+        "eval_text_path": settings.eval_text or None,
+        "eval_max_windows": options.get("eval_max_windows") or settings.eval_max_windows,
+    }
+
+
+#: Under a fine-tuning attempt's directory: the checkpoints it writes, and the one it resumes from.
+CHECKPOINTS, RESUME = "checkpoints", "resume"
+
+
+def build_finetune_spec(settings: Settings, job_request: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """The engine spec of a fine-tuning job. A {"job": id} base is that job's output in the artifacts
+    directory (the owner was checked at submission), read as a local source under that directory."""
+    model = job_request["model"]
+    engine_options = _engine_options(settings, job_request.get("options") or {})
+    base_name = None
+    if "job" in model:
+        source = {"path": str((settings.artifacts_dir / str(model["job"])).resolve())}
+        engine_options["allowed_roots"] = [*engine_options["allowed_roots"], str(settings.artifacts_dir.resolve())]
+        base_name = f"job:{model['job']}"
+    elif "path" in model:
+        source = {"path": model["path"]}
+    else:
+        source = {"id": model["id"], "revision": model.get("revision")}
+    work = out_dir.parent
+    return {
+        "kind": "finetune",
+        "source": source,
+        "base_name": base_name,
+        "quantization_config": job_request.get("quantization_config"),
+        "lora": job_request.get("lora"),
+        "training": job_request.get("training"),
+        "dataset": job_request.get("dataset"),
+        "eval_dataset": job_request.get("eval_dataset"),
+        "out_dir": str(out_dir),
+        "checkpoint_dir": str(work / CHECKPOINTS),
+        "resume_dir": str(work / RESUME),
+        "options": engine_options,
+    }
+
+
+def _carry_checkpoint(job_dir: Path) -> Path | None:
+    """The newest training checkpoint an earlier attempt on this host left (a lost worker's), moved out of
+    its attempt directory before that is removed; None when there is none."""
+    found = []
+    for d in job_dir.glob(f"attempt-*/{CHECKPOINTS}/step-*"):
+        if (d / "state.json").is_file():
+            try:
+                found.append((int(d.name.split("-", 1)[1]), d))
+            except ValueError:
+                continue
+    if not found:
+        return None
+    step, newest = max(found)
+    kept = job_dir / f".resume-step-{step}"
+    shutil.rmtree(kept, ignore_errors=True)
+    shutil.move(str(newest), str(kept))
+    return kept
 
 
 def run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
@@ -109,9 +169,14 @@ def _run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
     work = settings.work_dir / str(job_id) / f"attempt-{attempt}"
     # The job is ours now (the claim is fenced): whatever earlier attempts left behind on this host --
     # a worker killed with -9 never cleans up -- is garbage.
+    # A fine-tuning job keeps the newest checkpoint of a lost attempt: this one resumes from it.
+    carried = _carry_checkpoint(settings.work_dir / str(job_id)) if job["request"].get("kind") == "finetune" else None
     for stale in (settings.work_dir / str(job_id)).glob("attempt-*"):
         shutil.rmtree(stale, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
+    if carried is not None:
+        (work / RESUME).mkdir()
+        shutil.move(str(carried), str(work / RESUME / carried.name.removeprefix(".resume-")))
     out_dir = work / "out"
     spec = build_spec(settings, job["request"], out_dir)
     time_limit = float((job["request"].get("options") or {}).get("time_limit_s") or settings.job_time_limit_s)

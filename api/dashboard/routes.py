@@ -32,6 +32,7 @@ from qaas.api.problems import Problem, validation_errors
 from qaas.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from qaas.db.session import session_scope
 from qaas.schemas.job_request import JobRequest
+from qaas.schemas.requests import parse_request
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -546,7 +547,7 @@ def retry_job(request: Request, job_id: str, db: SessionDep, settings: SettingsD
     if job.status not in (JobStatus.failed.value, JobStatus.cancelled.value):
         return _redirect(f"/dashboard/jobs/{job.id}?notice=not-retryable")
     try:
-        req = JobRequest.model_validate(job.request)
+        req = parse_request({**job.request, "kind": job.kind})
         submission = service.submit(db, settings, dash.owner, req, None)
     except (ValidationError, Problem) as exc:
         errors = validation_errors(exc) if isinstance(exc, ValidationError) else (exc.errors or [])

@@ -19,7 +19,7 @@ from qaas.api.problems import PROBLEM_JSON, Problem, ProblemDetails
 from qaas.db.config import Database
 from qaas import job_store
 from qaas.db.models import TERMINAL_STATUSES, JobStatus
-from qaas.schemas.job_request import JobRequest
+from qaas.schemas.requests import AnyJobRequest
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -43,12 +43,12 @@ def _parse_id(job_id: str) -> uuid.UUID:
 
 @router.post("", status_code=202, response_model=JobCreated, operation_id="create_job", responses=_ERRORS)
 async def create_job(
-    body: JobRequest,
+    body: AnyJobRequest,
     caller: CallerDep,
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobCreated:
-    """Accept a quantization job. The job is stored first, then queued; follow it at `Location`."""
+    """Accept a quantization job (`kind` "quantize", the default) or a QLoRA fine-tuning job (`kind` "finetune"). The job is stored first, then queued; follow it at `Location`."""
     submission = await service.submit_async(settings, caller.owner, body, idempotency_key)
     headers = {"Location": f"/v1/jobs/{submission.job_id}"}
     if submission.replayed:

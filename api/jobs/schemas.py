@@ -39,6 +39,7 @@ class JobOut(BaseModel):
     stage: str | None = Field(description="resolve | load | calibrate | quantize | evaluate | export | publish")
     progress: float = Field(description="fraction of the current stage done, 0..1")
     progress_message: str | None
+    kind: str = Field(description="quantize | finetune")
     method: str
     bits: int | None
     model: str
@@ -87,7 +88,7 @@ def job_document(row: Mapping[str, Any]) -> dict[str, Any]:
                  "field": error.get("field")}
     return {
         "id": job_id, "status": row["status"], "stage": row["stage"], "progress": row["progress"],
-        "progress_message": row["progress_message"], "method": row["method"], "bits": row["bits"],
+        "progress_message": row["progress_message"], "kind": row["kind"], "method": row["method"], "bits": row["bits"],
         "model": row["source_model"], "source_revision": row["source_revision"], "priority": row["priority"],
         "attempt": row["attempt"], "max_attempts": row["max_attempts"], "worker": row["worker"],
         "cancel_requested": row["cancel_requested"], "created_at": row["created_at"],

@@ -25,7 +25,12 @@ from qaas.db.session import get_sessionmaker
 from qaas import quantization_rules
 from qaas.quantization_rules import InvalidQuantizationConfig
 from qaas.queue import send_run_job
+from qaas.quantization_rules import finetune as finetune_rules
+from qaas.quantization_rules import training as training_rules
+from qaas.quantization_rules.fields import FieldError
+from qaas.schemas.finetune_request import FinetuneRequest
 from qaas.schemas.job_request import JobRequest, LocalModel
+from qaas.schemas.requests import kind_of
 from qaas.security import encrypt_secret
 from qaas.settings import Settings
 from qaas.webhooks import outbox
@@ -93,7 +98,39 @@ def check_model_architecture(req: JobRequest) -> None:
         raise _invalid(field, exc.message) from None
 
 
-def fingerprint(req: JobRequest) -> str:
+def check_finetune(settings: Settings, req: FinetuneRequest, base_job: dict | None) -> None:
+    """What a fine-tuning job reads must be there and its recipe must run on this server's workers:
+    training data (files under the roots, Hub datasets fetchable or registered), an optimizer the device
+    has, and a base job that is the caller's own, succeeded, and trainable (`base_job`: its row, or None
+    when it is not the caller's)."""
+    for name in ("dataset", "eval_dataset"):
+        value = getattr(req, name)
+        if value is not None:
+            try:
+                finetune_rules.check_data_source(value, settings.calibration_sources, name)
+            except FieldError as exc:
+                raise _invalid(exc.field, exc.message) from None
+    problem = training_rules.device_problem(req.training, settings.device)
+    if problem:
+        raise _invalid("training.optim", problem)
+    if req.base_job is None:
+        return
+    if base_job is None:
+        raise _invalid("model.job", "no such job of yours")
+    if base_job["status"] != JobStatus.succeeded.value:
+        raise _invalid("model.job", f"the job has not succeeded (it is {base_job['status']})")
+    if base_job.get("kind", "quantize") != "quantize":
+        raise _invalid("model.job", "the job's output is a LoRA adapter, not a model; fine-tune its base model")
+    if base_job["method"] != "bitsandbytes" or base_job["bits"] != 4:
+        raise _invalid("model.job", f"the job's output is {base_job['method']} {base_job['bits']}-bit; fine-tuning "
+                                    "trains on a bitsandbytes 4-bit base (quantize with load_in_4bit, or "
+                                    "fine-tune the original model)")
+    if req.quantization_config is not None:
+        raise _invalid("quantization_config", "the base job's output is already quantized and is loaded with its "
+                                              "own config; leave quantization_config out")
+
+
+def fingerprint(req: JobRequest | FinetuneRequest) -> str:
     body = req.public_dict()
     if req.hf_token is not None:
         body["hf_token_sha256"] = hashlib.sha256(req.hf_token.get_secret_value().encode()).hexdigest()
@@ -130,8 +167,10 @@ class Submission:
     webhook_secret: str | None = None
 
 
-def prepare(settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> NewJob:
-    """Every check a submission must pass before anything is stored, and the row it becomes."""
+def prepare(settings: Settings, owner: str, req: JobRequest | FinetuneRequest, idempotency_key: str | None,
+            base_job: dict | None = None) -> NewJob:
+    """Every check a submission must pass before anything is stored, and the row it becomes (`base_job`: the
+    row of a fine-tuning job's {"job"} base, when it is the owner's)."""
     if idempotency_key is not None and (not idempotency_key.strip() or len(idempotency_key) > 255):
         raise _invalid("Idempotency-Key", "must be 1 to 255 characters")
     req = with_resolved_model_path(settings, req)
@@ -140,8 +179,11 @@ def prepare(settings: Settings, owner: str, req: JobRequest, idempotency_key: st
             check_webhook_url(str(req.webhook.url), settings.webhook_allowlist)
         except RefusedUrl as exc:
             raise _invalid("webhook.url", exc.reason)
-    check_quantization_sources(settings, req.quantization_config)
-    check_model_architecture(req)
+    if isinstance(req, FinetuneRequest):
+        check_finetune(settings, req, base_job)
+    else:
+        check_quantization_sources(settings, req.quantization_config)
+        check_model_architecture(req)
 
     token = req.hf_token.get_secret_value() if req.hf_token else None
     key = settings.secret_key.get_secret_value()
@@ -153,16 +195,17 @@ def prepare(settings: Settings, owner: str, req: JobRequest, idempotency_key: st
             secret = generated_secret = generate_secret()
         webhook_secret_encrypted = encrypt_secret(secret, key)
     fields = dict(
-        owner=owner, request=req.public_dict(), request_hash=fingerprint(req), idempotency_key=idempotency_key or None,
+        owner=owner, kind=kind_of(req), request=req.public_dict(), request_hash=fingerprint(req), idempotency_key=idempotency_key or None,
         method=req.method, bits=req.bits, source_model=req.source_label, priority=req.options.priority,
         max_attempts=settings.job_max_attempts, hf_token_encrypted=encrypt_secret(token, key) if token else None,
         webhook_secret_encrypted=webhook_secret_encrypted)  # in the INSERT, not a later UPDATE
     return NewJob(fields, generated_secret)
 
 
-def submit(session: Session, settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> Submission:
+def submit(session: Session, settings: Settings, owner: str, req: JobRequest | FinetuneRequest, idempotency_key: str | None) -> Submission:
     """Store and queue a job through the ORM session (embedded SQLite, the dashboard); blocking."""
-    new = prepare(settings, owner, req, idempotency_key)
+    base = _base_job_orm(session, owner, req)
+    new = prepare(settings, owner, req, idempotency_key, base)
     if new.idempotency_key:
         existing = job_store.find_by_idempotency_key(session, owner, new.idempotency_key)
         if existing is not None:
@@ -186,6 +229,12 @@ def submit(session: Session, settings: Settings, owner: str, req: JobRequest, id
     return Submission(job.id, orm_job_document(job), replayed=False, webhook_secret=new.generated_secret)
 
 
+def _base_job_orm(session: Session, owner: str, req: JobRequest | FinetuneRequest) -> dict | None:
+    base_id = getattr(req, "base_job", None)
+    job = job_store.get_job(session, base_id, owner) if base_id is not None else None
+    return None if job is None else job_store.row_of(job)
+
+
 def _replay(stored_hash: str, job_id: uuid.UUID, document: dict, request_hash: str) -> Submission:
     if stored_hash != request_hash:
         raise Problem(422, "Idempotency key reused", "this Idempotency-Key was used with a different request body",
@@ -193,7 +242,7 @@ def _replay(stored_hash: str, job_id: uuid.UUID, document: dict, request_hash: s
     return Submission(job_id, document, replayed=True)
 
 
-async def submit_async(settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> Submission:
+async def submit_async(settings: Settings, owner: str, req: JobRequest | FinetuneRequest, idempotency_key: str | None) -> Submission:
     """Store and queue a job from async code: directly on PostgreSQL, else (embedded SQLite) through the
     ORM path in the thread pool."""
     if settings.database.direct:
@@ -207,13 +256,15 @@ async def submit_async(settings: Settings, owner: str, req: JobRequest, idempote
     return await run_in_threadpool(in_session)
 
 
-async def submit_direct(settings: Settings, owner: str, req: JobRequest, idempotency_key: str | None) -> Submission:
+async def submit_direct(settings: Settings, owner: str, req: JobRequest | FinetuneRequest, idempotency_key: str | None) -> Submission:
     """`submit` on PostgreSQL without the ORM: one INSERT statement (`job_store.insert_job_direct`), then
     the message is handed to this process's dispatcher (batched publishing, off the event loop)."""
     from qaas.api.dispatch import dispatcher_for
 
     db = settings.database
-    new = prepare(settings, owner, req, idempotency_key)
+    base_id = getattr(req, "base_job", None)
+    base = await job_store.fetch_job(db, base_id, owner) if base_id is not None else None
+    new = prepare(settings, owner, req, idempotency_key, base)
     if new.idempotency_key:
         replay = await _direct_replay(db, owner, new)
         if replay is not None:

@@ -111,6 +111,8 @@ class Job(Base):
     request: Mapped[dict[str, Any]] = mapped_column(JsonType)
     request_hash: Mapped[str] = mapped_column(String(64))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    #: "quantize" or "finetune" (QLoRA adapters on a 4-bit base); the request's shape depends on it.
+    kind: Mapped[str] = mapped_column(String(16), default="quantize", server_default="quantize")
     method: Mapped[str] = mapped_column(String(32))
     bits: Mapped[int | None] = mapped_column(Integer)
 

@@ -333,3 +333,45 @@ class MethodRules:
         required = ["quant_method"] + [n for n, k in self.fields.items() if k.required]
         return {"title": self.title, "type": "object", "properties": props, "required": required,
                 "additionalProperties": False}
+
+
+@dataclass(frozen=True)
+class ObjectRules:
+    """The rules of a plain options object that is not a quantization_config (a fine-tuning job's `lora` and
+    `training`): declared fields, refused fields with their reason, a rule over several fields. Errors name
+    the field under `prefix` ("lora.r")."""
+
+    title: str
+    fields: Mapping[str, Kind]
+    refused: Mapping[str, str] = field(default_factory=dict)
+    combine: Combination | None = None
+
+    def normalize(self, value: Any, prefix: str) -> dict[str, Any]:
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise InvalidQuantizationConfig([FieldError(prefix, f"must be an object ({self.title})")])
+        errors: list[FieldError] = []
+        for key in value:
+            if key not in self.fields:
+                why = self.refused.get(key, f"is not a {self.title} option this service accepts "
+                                            f"(accepted: {', '.join(self.fields)})")
+                errors.append(FieldError(f"{prefix}.{key}", why))
+        out: dict[str, Any] = {}
+        for name, kind in self.fields.items():
+            try:
+                out[name] = kind.check(value.get(name), f"{prefix}.{name}")
+            except FieldError as exc:
+                errors.append(exc)
+        if not errors and self.combine is not None:
+            try:
+                out = self.combine(out)
+            except FieldError as exc:
+                errors.append(FieldError(f"{prefix}.{exc.field}", exc.message))
+        if errors:
+            raise InvalidQuantizationConfig(errors)
+        return out
+
+    def json_schema(self) -> dict[str, Any]:
+        return {"title": self.title, "type": "object", "additionalProperties": False,
+                "properties": {name: kind.schema() for name, kind in self.fields.items()}}

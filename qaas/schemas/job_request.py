@@ -10,7 +10,7 @@ combination is a 422 naming the field, never a job that fails an hour later.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
@@ -184,6 +184,8 @@ SourceModel = Annotated[
 
 
 class JobRequest(_Strict):
+    #: Quantization (the default); `"finetune"` is `qaas.schemas.finetune_request.FinetuneRequest`.
+    kind: Literal["quantize"] = "quantize"
     model: SourceModel
     quantization_config: QuantizationConfig
     options: JobOptions = Field(default_factory=JobOptions)
@@ -202,7 +204,8 @@ class JobRequest(_Strict):
 
     def public_dict(self) -> dict[str, Any]:
         """The request as stored and shown back: defaults filled in, secrets removed."""
-        data = self.model_dump(mode="json", exclude={"hf_token"}, by_alias=False, exclude_none=False)
+        # `kind` lives in the row's column; leaving it out keeps quantization requests stored as before
+        data = self.model_dump(mode="json", exclude={"hf_token", "kind"}, by_alias=False, exclude_none=False)
         if data.get("webhook"):
             data["webhook"].pop("secret", None)
         return data

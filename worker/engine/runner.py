@@ -2,7 +2,9 @@
 
 Protocol (the parent is the Celery task; it never touches CUDA):
 
-* stdin: one JSON object `{"source": {...}, "quantization_config": {...}, "out_dir": "...", "options": {...}}`.
+* stdin: one JSON object `{"source": {...}, "quantization_config": {...}, "out_dir": "...", "options": {...}}`;
+  a fine-tuning job's has `"kind": "finetune"` and its `lora`, `training`, `dataset`, `eval_dataset`,
+  `checkpoint_dir` and `resume_dir` too (`finetune.pipeline`).
   The Hub token is never in the spec or argv: it comes in the environment variable QAAS_CHILD_HF_TOKEN.
 * stdout: JSON lines, and nothing else (library output is redirected to stderr at the file-descriptor level):
     {"type": "stage", "stage": str, "total": int|null, "message": str}
@@ -127,8 +129,13 @@ def main() -> int:
             raise InvalidConfig("the Hub token must come in the environment, not in the spec", field="options.hub_token")
         options = EngineOptions.from_dict(opts)
         options.hub_token = token
-        result = quantize(spec["source"], spec["quantization_config"], spec["out_dir"], options=options,
-                          reporter=reporter)
+        if spec.get("kind") == "finetune":
+            from .finetune.pipeline import finetune
+
+            result = finetune(spec, options=options, reporter=reporter)
+        else:
+            result = quantize(spec["source"], spec["quantization_config"], spec["out_dir"], options=options,
+                              reporter=reporter)
     except JobCancelled as exc:
         fail("cancelled", str(exc) or "cancelled")
         return EXIT_CANCELLED
