@@ -131,18 +131,23 @@ def _carry_checkpoint(job_dir: Path) -> Path | None:
     """The newest training checkpoint an earlier attempt on this host left (a lost worker's), moved out of
     its attempt directory before that is removed; None when there is none."""
     found = []
-    for d in job_dir.glob(f"attempt-*/{CHECKPOINTS}/step-*"):
+    for d in [*job_dir.glob(f"attempt-*/{CHECKPOINTS}/step-*"), *job_dir.glob(f"attempt-*/{RESUME}/step-*"),
+              *job_dir.glob(".resume-step-*")]:
         if (d / "state.json").is_file():
             try:
-                found.append((int(d.name.split("-", 1)[1]), d))
+                found.append((int(d.name.rsplit("-", 1)[1]), d))
             except ValueError:
                 continue
     if not found:
         return None
     step, newest = max(found)
     kept = job_dir / f".resume-step-{step}"
-    shutil.rmtree(kept, ignore_errors=True)
-    shutil.move(str(newest), str(kept))
+    if newest != kept:
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.move(str(newest), str(kept))
+    for old in job_dir.glob(".resume-step-*"):
+        if old != kept:
+            shutil.rmtree(old, ignore_errors=True)
     return kept
 
 
@@ -170,7 +175,8 @@ def _run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
     # The job is ours now (the claim is fenced): whatever earlier attempts left behind on this host --
     # a worker killed with -9 never cleans up -- is garbage.
     # A fine-tuning job keeps the newest checkpoint of a lost attempt: this one resumes from it.
-    carried = _carry_checkpoint(settings.work_dir / str(job_id)) if job["request"].get("kind") == "finetune" else None
+    finetune = job["request"].get("kind") == "finetune"
+    carried = _carry_checkpoint(settings.work_dir / str(job_id)) if finetune else None
     for stale in (settings.work_dir / str(job_id)).glob("attempt-*"):
         shutil.rmtree(stale, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -198,6 +204,11 @@ def _run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
                                                      data={"pid": child.pid, "worker": me, "attempt": attempt}))
     outcome = _supervise(settings, job_id, attempt, child, time_limit, token, out_dir,
                          bool(job["request"].get("push_to_hub")), job["priority"])
+    if finetune and outcome == "requeued":
+        _carry_checkpoint(work.parent)  # the engine died: the next attempt resumes from its last checkpoint
+    elif finetune:
+        for kept in work.parent.glob(".resume-step-*"):
+            shutil.rmtree(kept, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     if outcome in ("failed", "cancelled"):
         shutil.rmtree(settings.artifacts_dir / str(job_id), ignore_errors=True)
