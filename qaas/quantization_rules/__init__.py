@@ -23,7 +23,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import awq, bitsandbytes, gguf, gptq
+from . import awq, bitsandbytes, compressed_tensors, gguf, gptq
 from .calibration import CalibrationSources
 from .fields import FieldError, InvalidQuantizationConfig
 
@@ -31,6 +31,7 @@ from .fields import FieldError, InvalidQuantizationConfig
 METHODS: dict[str, ModuleType] = {
     "awq": awq,
     "bitsandbytes": bitsandbytes,
+    "compressed-tensors": compressed_tensors,
     "gguf": gguf,
     "gptq": gptq,
 }

@@ -13,6 +13,7 @@ TEXTS = [SHAKESPEARE.read_text()[:3000]] if SHAKESPEARE.is_file() else ["calibra
 GPTQ = {"quant_method": "gptq", "bits": 4, "dataset": TEXTS}
 NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm", "dataset": TEXTS}
+CT = {"quant_method": "compressed-tensors"}
 
 
 def config_of(row_config: dict | str) -> dict:
@@ -101,6 +102,25 @@ ROWS = [
     ("awq-dataset-unavailable", {**AWQ, "dataset": "c4"}, "dataset"),
     ("awq-bnb-field", {**AWQ, "load_in_4bit": True}, "load_in_4bit"),
     ("awq-unknown-field", {**AWQ, "surprise": 1}, "surprise"),
+    # compressed-tensors (llm-compressor's preset schemes)
+    ("ct-fp8-dynamic", {**CT, "scheme": "FP8_DYNAMIC"}, None),
+    ("ct-fp8-block-ignore-regex", {**CT, "scheme": "FP8_BLOCK", "ignore": ["lm_head", "re:.*mlp.down_proj$"]}, None),
+    ("ct-fp8-static", {**CT, "scheme": "FP8", "dataset": TEXTS, "nsamples": 4}, None),
+    ("ct-w4a16-gptq", {**CT, "scheme": "W4A16", "weights": "gptq", "group_size": 64, "dataset": TEXTS}, None),
+    ("ct-w8a8-smoothquant", {**CT, "scheme": "W8A8", "smoothing_strength": 0.8, "dataset": "wikitext2"}, None),
+    ("ct-scheme-missing", dict(CT), "scheme"),
+    ("ct-scheme-unknown", {**CT, "scheme": "NVFP4"}, "scheme"),
+    ("ct-fp8-static-no-dataset", {**CT, "scheme": "FP8"}, "dataset"),
+    ("ct-dynamic-with-dataset", {**CT, "scheme": "FP8_DYNAMIC", "dataset": TEXTS}, "dataset"),
+    ("ct-gptq-fp8", {**CT, "scheme": "FP8_DYNAMIC", "weights": "gptq", "dataset": TEXTS}, "weights"),
+    ("ct-smoothing-w4a16", {**CT, "scheme": "W4A16", "smoothing_strength": 0.5, "dataset": TEXTS},
+     "smoothing_strength"),
+    ("ct-smoothing-1", {**CT, "scheme": "W8A8", "smoothing_strength": 1.0, "dataset": TEXTS}, "smoothing_strength"),
+    ("ct-group-size-fp8", {**CT, "scheme": "FP8_DYNAMIC", "group_size": 128}, "group_size"),
+    ("ct-ignore-bad-regex", {**CT, "scheme": "W8A16", "ignore": ["re:(("]}, "ignore.0"),
+    ("ct-bits", {**CT, "scheme": "W4A16", "bits": 4}, "bits"),
+    ("ct-config-groups", {**CT, "scheme": "W4A16", "config_groups": {}}, "config_groups"),
+    ("ct-dampening-rtn", {**CT, "scheme": "W4A16", "dampening_frac": 0.1}, "dampening_frac"),
     # refused: the method
     ("method-unknown", {"quant_method": "hqq", "bits": 4}, "quant_method"),
     ("method-missing", {"bits": 4, "dataset": TEXTS}, "quant_method"),

@@ -71,6 +71,7 @@ def check_config_model(fields: dict[str, Any], model_config: dict[str, Any]) -> 
 METHODS: dict[str, str] = {
     "awq": "qaas.worker.engine.methods.awq:AWQMethod",
     "bitsandbytes": "qaas.worker.engine.methods.bitsandbytes:BitsAndBytesMethod",
+    "compressed-tensors": "qaas.worker.engine.methods.compressed_tensors:CompressedTensorsMethod",
     "gguf": "qaas.worker.engine.methods.gguf:GGUFMethod",
     "gptq": "qaas.worker.engine.methods.gptq:GPTQMethod",
 }
