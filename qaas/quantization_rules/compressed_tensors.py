@@ -124,6 +124,30 @@ RULES = MethodRules(
 )
 
 
+#: model_types whose blocks have SmoothQuant's Llama-style mappings (input_layernorm -> q/k/v_proj,
+#: post_attention_layernorm -> gate/up_proj, plain RMSNorm weights)
+SMOOTHABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_model(config: dict[str, Any], model_config: dict[str, Any]) -> None:
+    """What config.json alone decides: SmoothQuant needs a known mapping; FP8_BLOCK and the grouped schemes
+    need a hidden size the blocks / groups divide (else no layer of a decoder block could be quantized)."""
+    text = model_config.get("text_config") or model_config
+    model_type = str(text.get("model_type") or model_config.get("model_type") or "")
+    if config["smoothing_strength"] is not None and model_type not in SMOOTHABLE_MODEL_TYPES:
+        raise FieldError("smoothing_strength", f"no SmoothQuant mapping is known for model_type {model_type!r} "
+                                               f"(known: {', '.join(SMOOTHABLE_MODEL_TYPES)}); leave it out")
+    hidden = text.get("hidden_size")
+    if not isinstance(hidden, int):
+        return
+    if config["scheme"] == "FP8_BLOCK" and hidden % 128:
+        raise FieldError("scheme", f"FP8_BLOCK tiles weights in 128x128 blocks; hidden_size {hidden} is not a "
+                                   "multiple of 128, so no layer could be quantized (FP8_DYNAMIC takes any shape)")
+    if config["scheme"] in GROUPED_SCHEMES and hidden % config["group_size"]:
+        raise FieldError("group_size", f"hidden_size {hidden} is not a multiple of group_size "
+                                       f"{config['group_size']}, so no layer could be quantized")
+
+
 def check_sources(config: dict[str, Any], sources: CalibrationSources) -> None:
     """The calibration data, if the config reads any, can be had here (see `calibration.check_source`)."""
     if config.get("dataset") is not None:

@@ -30,7 +30,7 @@ from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E40
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: E402
 
-from qaas.worker.engine.errors import UnsupportedModel  # noqa: E402
+from qaas.worker.engine.errors import InvalidConfig, UnsupportedModel  # noqa: E402
 
 from .conftest import ASSETS, save_random_model  # noqa: E402
 
@@ -289,9 +289,19 @@ def test_awkward_shapes_are_kept_and_listed(stories_dir, run_pipeline):
     model = _load(out)
     with torch.no_grad():
         assert torch.isfinite(model(PROMPT).logits).all()
-    with pytest.raises(UnsupportedModel, match="quantizes no layer") as exc:  # nothing tiles 128 x 128
+    with pytest.raises(InvalidConfig, match="hidden_size 64 is not a multiple of 128") as exc:  # nothing tiles
         run_pipeline(stories_dir, {**CT, "scheme": "FP8_BLOCK"})
     assert exc.value.field == "scheme"
+    with pytest.raises(UnsupportedModel, match="quantizes no layer") as exc:  # all ignored
+        run_pipeline(stories_dir, {**CT, "scheme": "FP8_DYNAMIC", "ignore": ["re:.*"]})
+    assert exc.value.field == "scheme"
+
+
+def test_smoothing_needs_a_known_mapping(tiny_gpt2_dir, run_pipeline):
+    with pytest.raises(InvalidConfig, match="no SmoothQuant mapping") as exc:
+        run_pipeline(tiny_gpt2_dir, {**CT, "scheme": "W8A8", "smoothing_strength": 0.5,
+                                     "dataset": [SHAKESPEARE_TEXT]})
+    assert exc.value.field == "smoothing_strength"
 
 
 def test_ignore_regex_and_names(llama128_dir, run_pipeline):

@@ -104,7 +104,7 @@ ROWS = [
     ("awq-unknown-field", {**AWQ, "surprise": 1}, "surprise"),
     # compressed-tensors (llm-compressor's preset schemes)
     ("ct-fp8-dynamic", {**CT, "scheme": "FP8_DYNAMIC"}, None),
-    ("ct-fp8-block-ignore-regex", {**CT, "scheme": "FP8_BLOCK", "ignore": ["lm_head", "re:.*mlp.down_proj$"]}, None),
+    ("ct-fp8-ignore-regex", {**CT, "scheme": "FP8_DYNAMIC", "ignore": ["lm_head", "re:.*mlp.down_proj$"]}, None),
     ("ct-fp8-static", {**CT, "scheme": "FP8", "dataset": TEXTS, "nsamples": 4}, None),
     ("ct-w4a16-gptq", {**CT, "scheme": "W4A16", "weights": "gptq", "group_size": 64, "dataset": TEXTS}, None),
     ("ct-w8a8-smoothquant", {**CT, "scheme": "W8A8", "smoothing_strength": 0.8, "dataset": "wikitext2"}, None),
