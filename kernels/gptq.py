@@ -61,23 +61,46 @@ def gptq_block(
     col_group: torch.Tensor,
     maxq: int,
     *,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """See `gptq_block_reference`; Triton does the whole block in one launch."""
+    """See `gptq_block_reference`; Triton does the whole block in one launch.
+
+    `w1` and `hinv1` may be column slices of larger row-major matrices (rows strided, columns contiguous):
+    the kernel reads them in place. `out`: (dequantized, errors, codes) to write, e.g. column slices of the
+    layer's full [R, C] results (float32, float32, int32, one common row stride); returned as given. The
+    GPTQ driver calls this once per 128 columns, so every copy and allocation saved here is a launch saved
+    per block. The torch reference may overwrite `w1` (it is the working copy of those columns)."""
     R, B = w1.shape
     if hinv1.shape != (B, B) or col_group.numel() != B or scale.shape != zero.shape or scale.shape[0] != R:
         raise ValueError(f"gptq_block: w1 {tuple(w1.shape)}, hinv1 {tuple(hinv1.shape)}, scale "
                          f"{tuple(scale.shape)}, zero {tuple(zero.shape)}, col_group {tuple(col_group.shape)}")
+    if out is not None:
+        q1, err1, codes = out
+        if (q1.shape != (R, B) or err1.shape != (R, B) or codes.shape != (R, B) or q1.dtype != torch.float32
+                or err1.dtype != torch.float32 or codes.dtype != torch.int32
+                or not (q1.stride(1) == err1.stride(1) == codes.stride(1) == 1)
+                or not (q1.stride(0) == err1.stride(0) == codes.stride(0))):
+            raise ValueError("gptq_block: out must be three [R, B] tensors (float32, float32, int32) with "
+                             "contiguous rows and one row stride")
     if not use_triton(backend, w1):
-        return gptq_block_reference(w1, hinv1, scale, zero, col_group, maxq)
-    w1 = w1.contiguous()
-    hinv1 = hinv1.contiguous()
+        res = gptq_block_reference(w1, hinv1, scale, zero, col_group, maxq)
+        if out is None:
+            return res
+        for dst, src in zip(out, res):
+            dst.copy_(src)
+        return out
+    if w1.stride(1) != 1:
+        w1 = w1.contiguous()
+    if hinv1.stride(1) != 1:
+        hinv1 = hinv1.contiguous()
     scale = scale.contiguous()
     zero = zero.contiguous()
     col_group = col_group.to(device=w1.device, dtype=torch.int32).contiguous()
-    q1 = torch.empty((R, B), dtype=torch.float32, device=w1.device)
-    err1 = torch.empty_like(q1)
-    codes = torch.empty((R, B), dtype=torch.int32, device=w1.device)
+    if out is None:
+        q1 = torch.empty((R, B), dtype=torch.float32, device=w1.device)
+        err1 = torch.empty_like(q1)
+        codes = torch.empty((R, B), dtype=torch.int32, device=w1.device)
     block_c = max(16, triton.next_power_of_2(B))
     block_r = 16 if block_c <= 128 else 8
     grid = (triton.cdiv(R, block_r),)
