@@ -24,7 +24,7 @@ for name, folder in PACKAGE_ROOTS.items():
 setup(
     packages=packages,
     package_dir=PACKAGE_ROOTS,
-    package_data={name: ["*.html", "*.js", "*.css", "*.ini", "*.mako", "*.json", "*.txt", "**/*.html", "**/*.js", "**/*.css"] for name in PACKAGE_ROOTS},
+    package_data={name: ["*.html", "*.js", "*.css", "*.ini", "*.mako", "*.json", "*.txt", "**/*.txt", "**/*.html", "**/*.js", "**/*.css"] for name in PACKAGE_ROOTS},
     # package_data alone decides what ships: include_package_data would also scan the data folders
     # (dashboard templates and static files) and warn that they look like packages left out.
     include_package_data=False,

@@ -88,6 +88,7 @@ def _engine_options(settings: Settings, options: dict[str, Any]) -> dict[str, An
         "allow_remote_code": settings.allow_remote_code,
         "evaluate": bool(options.get("evaluate", True)),
         "eval_text_path": settings.eval_text or None,
+        "eval_text": options.get("eval_text"),
         "eval_max_windows": options.get("eval_max_windows") or settings.eval_max_windows,
     }
 

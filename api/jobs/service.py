@@ -23,7 +23,7 @@ from qaas.api.problems import invalid_field as _invalid
 from qaas.db.models import TERMINAL_STATUSES, Job, JobStatus
 from qaas.db.session import get_sessionmaker
 from qaas import quantization_rules
-from qaas.quantization_rules import InvalidQuantizationConfig
+from qaas.quantization_rules import FieldError, InvalidQuantizationConfig
 from qaas.queue import send_run_job
 from qaas.quantization_rules import finetune as finetune_rules
 from qaas.quantization_rules import training as training_rules
@@ -130,6 +130,21 @@ def check_finetune(settings: Settings, req: FinetuneRequest, base_job: dict | No
                                               "own config; leave quantization_config out")
 
 
+def check_eval_text(settings: Settings, req: JobRequest) -> None:
+    """`options.eval_text` can be read here and is not the calibration data itself (qaas.eval_text)."""
+    from qaas import eval_text
+
+    value = req.options.eval_text
+    if value is None:
+        return
+    try:
+        eval_text.check_can_be_had(value, settings.calibration_sources)
+        eval_text.check_not_calibration(value, (req.quantization_config or {}).get("dataset"),
+                                        settings.calibration_sources.roots)
+    except FieldError as exc:
+        raise _invalid(exc.field, exc.message) from None
+
+
 def fingerprint(req: JobRequest | FinetuneRequest) -> str:
     body = req.public_dict()
     if req.hf_token is not None:
@@ -184,6 +199,8 @@ def prepare(settings: Settings, owner: str, req: JobRequest | FinetuneRequest, i
     else:
         check_quantization_sources(settings, req.quantization_config)
         check_model_architecture(req)
+        check_eval_text(settings, req)
+
 
     token = req.hf_token.get_secret_value() if req.hf_token else None
     key = settings.secret_key.get_secret_value()

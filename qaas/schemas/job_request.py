@@ -158,9 +158,24 @@ class JobOptions(_Strict):
 
     evaluate: bool = Field(default=True, description="measure perplexity before/after")
     eval_max_windows: int | None = Field(default=None, ge=1, le=1024)
+    eval_text: str | list[str] | None = Field(
+        default=None, description="the perplexity text (qaas.eval_text): a list of texts, the absolute path of a "
+        ".txt/.jsonl file under the local roots, or a registered dataset name; default: the server's "
+        "QAAS_EVAL_TEXT, else the packaged public-domain Shakespeare slice; never the calibration dataset itself")
     calibration_samples: int = Field(default=128, ge=1, le=4096, description="GPTQ calibration sequences")
     priority: int = Field(default=0, ge=0, le=9, description="higher runs first")
     time_limit_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+
+    @field_validator("eval_text", mode="before")
+    @classmethod
+    def _eval_text(cls, v: Any) -> Any:
+        from qaas import eval_text
+        from qaas.quantization_rules import FieldError
+
+        try:
+            return eval_text.check_value(v, "eval_text")
+        except FieldError as exc:
+            raise ValueError(exc.message) from None
 
 
 def _model_kind(value: Any) -> str | None:

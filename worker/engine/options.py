@@ -40,9 +40,17 @@ class EngineOptions:
     allow_pickle: bool = False
     #: Accept configs that need custom code (auto_map); only then is trust_remote_code=True passed.
     allow_remote_code: bool = False
-    #: Measure perplexity before/after (WikiText-style text from eval_text_path).
+    #: Measure perplexity before/after (on the text `qaas.eval_text` says: the job's, the operator's, else the
+    #: packaged one).
     evaluate: bool = True
+    #: The operator's evaluation text file (QAAS_EVAL_TEXT); None: the packaged default.
     eval_text_path: str | None = None
+    #: The job's own evaluation text (`options.eval_text`: a `dataset`-like value); wins over eval_text_path.
+    eval_text: Any = None
+    #: Evaluate block by block (`streamed_eval`: models larger than the device, the quantized model read back
+    #: from the exported files by the method's format reader); False: the whole model at once, quantized
+    #: model loaded by `method.load_for_evaluation`.
+    eval_streamed: bool = True
     #: At most this many non-overlapping windows of eval_seqlen tokens.
     eval_max_windows: int = 16
     #: Window length; None = min(2048, the model's max_position_embeddings).

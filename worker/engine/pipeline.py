@@ -19,7 +19,7 @@ import torch
 from .architecture import inspect_model, load_hf_config
 from .checkpoint import CheckpointReader, ShardedWriter
 from .errors import InvalidConfig
-from .evaluate import default_eval_text, default_seqlen, load_eval_data, load_original_model, perplexity
+from .evaluate import choose_text, default_seqlen, load_eval_data, load_original_model, perplexity
 from .export import StagedOutput, carry_over_files, list_files, write_config, write_json
 from .methods.base import EngineContext, check_config_model, check_config_sources, get_method
 from .options import EngineOptions
@@ -99,14 +99,13 @@ def quantize(
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.reset_peak_memory_stats(device)
-    eval_skipped: str | None = None
-    if options.evaluate and not options.eval_text_path:
-        # No operator text: WikiText-2 test through `datasets`, as GPTQ papers evaluate; when that is not
-        # reachable the job still delivers its model, and says why it has no perplexity.
-        options.eval_text_path, eval_skipped = default_eval_text(options.cache_dir)
-    if options.evaluate and options.eval_text_path:
-        if not Path(options.eval_text_path).is_file():
+    eval_text = None
+    if options.evaluate:
+        # Decided before any work: a text that cannot be read (or is the calibration data itself) fails now.
+        if options.eval_text is None and options.eval_text_path and not Path(options.eval_text_path).is_file():
             raise InvalidConfig(f"evaluation text {options.eval_text_path} does not exist", field="eval_text_path")
+        _check_eval_text(options, fields)
+        eval_text = choose_text(options.eval_text, options.eval_text_path, options.calibration_sources())
     block_name = request.get("block_name_to_quantize")
 
     staged = StagedOutput(out_dir)
@@ -158,13 +157,12 @@ def quantize(
         clock.check_cancelled()
 
         evaluation = None
-        if options.evaluate and options.eval_text_path and hasattr(method, "evaluate_outputs"):
-            evaluation = method.evaluate_outputs(ctx, staged.path, options.eval_text_path, clock)
-        elif options.evaluate and options.eval_text_path:
-            evaluation = _evaluate(ctx, method, staged.path, clock, config)
-        elif options.evaluate:
-            evaluation = {"skipped": eval_skipped}
-            clock.log(f"evaluation skipped: {eval_skipped}", level="warning")
+        if eval_text is not None and hasattr(method, "evaluate_outputs"):
+            # a method whose outputs another runtime evaluates (GGUF through llama.cpp); `load_eval_data` takes
+            # the chosen text where it takes a path
+            evaluation = method.evaluate_outputs(ctx, staged.path, eval_text, clock)
+        elif eval_text is not None:
+            evaluation = _evaluate(ctx, method, staged.path, clock, config, eval_text)
 
         clock.stage("export")
         files = list_files(staged.path)
@@ -216,27 +214,117 @@ def quantize(
     }
 
 
+def _check_eval_text(options: EngineOptions, fields: dict[str, Any]) -> None:
+    from qaas import eval_text as rules
+    from qaas.quantization_rules import FieldError
+
+    if options.eval_text is None:
+        return
+    try:
+        rules.check_value(options.eval_text, "eval_text")
+        rules.check_can_be_had(options.eval_text, options.calibration_sources(), "eval_text")
+        rules.check_not_calibration(options.eval_text, fields.get("dataset"), options.allowed_roots, "eval_text")
+    except FieldError as exc:
+        raise InvalidConfig(f"eval_text: {exc.message}", field="eval_text") from None
+
+
 def _evaluate(ctx: EngineContext, method: Any, staged_dir: Path, clock: _StageClock,
-              config: dict[str, Any]) -> dict[str, Any]:
+              config: dict[str, Any], text: Any) -> dict[str, Any]:
+    """Perplexity before/after on the same windows; block by block unless the options or the method say
+    otherwise. A text left with no window (all of it in the calibration set) skips evaluation, saying why."""
     options = ctx.options
     seqlen = default_seqlen(config, options.eval_seqlen)
-    data = load_eval_data(
-        ctx.source_dir, options.eval_text_path, seqlen=seqlen, max_windows=options.eval_max_windows,
-        allow_remote_code=options.allow_remote_code,
-    )
+    try:
+        data = load_eval_data(
+            ctx.source_dir, seqlen=seqlen, max_windows=options.eval_max_windows, text=text,
+            allow_remote_code=options.allow_remote_code, calibration_windows=ctx.state.get("calibration_windows"),
+        )
+    except InvalidConfig as exc:  # the model is delivered all the same; the result says why it has no perplexity
+        clock.log(f"evaluation skipped: {exc.message} ({text.source})", level="warning")
+        return {"skipped": f"{exc.message} ({text.source}); name another text with options.eval_text",
+                "text": text.describe()}
+    if data.left_out:
+        clock.log(f"evaluation: {data.left_out} windows of {text.source} left out, they share text with the "
+                  f"calibration data; {data.windows} evaluated", level="warning",
+                  data={"windows_left_out": data.left_out})
+    read_back = getattr(method, "read_back_weight", None)
+    if options.eval_streamed and read_back is not None:
+        return _evaluate_streamed(ctx, method, staged_dir, clock, data)
     clock.stage("evaluate", total=2 * data.windows, message=f"{data.windows} windows of {seqlen} tokens")
+    t0 = time.monotonic()
     model = load_original_model(ctx.source_dir, device=ctx.device, allow_remote_code=options.allow_remote_code,
                                 use_safetensors=None if options.allow_pickle else True)
     before = perplexity(model, data, device=ctx.device, reporter=_Offset(clock, 0, 2 * data.windows), label="original")
     del model
     _free(ctx.device)
+    t1 = time.monotonic()
     model, how = method.load_for_evaluation(ctx, staged_dir)
     after = perplexity(model, data, device=ctx.device, reporter=_Offset(clock, data.windows, 2 * data.windows),
                        label="quantized")
     del model
     _free(ctx.device)
     clock.log(f"perplexity {before:.4f} -> {after:.4f}", data={"before": before, "after": after})
-    return {"perplexity_before": before, "perplexity_after": after, "quantized_loaded_with": how, **data.describe()}
+    return {"perplexity_before": before, "perplexity_after": after, "quantized_loaded_with": how,
+            "mode": "whole model", "measured": {"original": "the source checkpoint, whole model, stored dtype",
+                                                "quantized": how},
+            "seconds": {"original": round(t1 - t0, 3), "quantized": round(time.monotonic() - t1, 3),
+                        "total": round(time.monotonic() - t0, 3)},
+            **data.describe()}
+
+
+def _evaluate_streamed(ctx: EngineContext, method: Any, staged_dir: Path, clock: _StageClock,
+                       data: Any) -> dict[str, Any]:
+    """Both passes block by block (`streamed_eval`): the original from the source checkpoint, the quantized
+    model from the exported files as written, every quantized layer dequantized by the method's format
+    reader (`read_back_weight`) and every other tensor as stored."""
+    from .streamed_eval import StreamedEvaluator, eval_dtype
+
+    layout, device = ctx.layout, ctx.device
+    dtype = eval_dtype(ctx.config, device)
+    ev = StreamedEvaluator(layout, data, device=device, dtype=dtype, allow_remote_code=ctx.options.allow_remote_code)
+    total = 2 * ev.steps
+    clock.stage("evaluate", total=total, message=f"{data.windows} windows of {data.seqlen} tokens, block by block")
+    before = ev.run(ctx.reader.load_many, reporter=clock, total_steps=total, label="original")
+    _free(device)
+    out_reader = CheckpointReader(staged_dir)
+    linears = {li.weight_name: li for li in layout.all_linears()}
+
+    def load_exported(names: list[str]) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name in names:
+            li = linears.get(name)
+            w = method.read_back_weight(ctx, out_reader, li.name) if li is not None else None
+            if w is not None:
+                tensors[name] = w.t() if li.transposed else w
+            elif name in out_reader:
+                tensors[name] = out_reader.load(name)
+        return tensors
+
+    try:
+        after = ev.run(load_exported, reporter=clock, step_offset=ev.steps, total_steps=total, label="quantized")
+    finally:
+        out_reader.close()
+    _free(device)
+    reader_name = getattr(method, "read_back_name", f"qaas' {method.name} format reader")
+    where = f"{str(dtype).removeprefix('torch.')} on {device.type}"
+    clock.log(f"perplexity {before.perplexity:.4f} -> {after.perplexity:.4f} ({before.seconds + after.seconds:.1f} s)",
+              data={"before": before.perplexity, "after": after.perplexity})
+    return {
+        "perplexity_before": before.perplexity,
+        "perplexity_after": after.perplexity,
+        "quantized_loaded_with": f"the exported files, read back by {reader_name}",
+        "mode": "streamed block by block",
+        "measured": {
+            "original": f"the source checkpoint's tensors in the original architecture, {where}",
+            "quantized": (f"the exported checkpoint as written: every quantized layer dequantized from its stored "
+                          f"tensors by {reader_name}, every other tensor as stored, in the original architecture, "
+                          f"{where}"),
+        },
+        "dtype": str(dtype).removeprefix("torch."),
+        "seconds": {"original": round(before.seconds, 3), "quantized": round(after.seconds, 3),
+                    "total": round(before.seconds + after.seconds, 3)},
+        **data.describe(),
+    }
 
 
 class _Offset:

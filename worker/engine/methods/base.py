@@ -103,6 +103,8 @@ class EngineContext:
     #: extra files here (e.g. quantize_config.json); the pipeline writes config.json and tokenizer files.
     work_dir: Path
     #: Free-form per-job state a method wants to keep between `quantize` and `load_for_evaluation`.
+    #: "calibration_windows" (`[samples, seqlen]` token ids): set by a method that calibrates, so that
+    #: evaluation leaves out the windows sharing text with them.
     state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -160,7 +162,12 @@ class QuantizationMethod(Protocol):
         """Load the quantized model written in `out_dir` (complete: weights + config.json) for perplexity.
 
         Returns (model in eval mode on a device, how it was loaded: e.g. "transformers+bitsandbytes" or
-        "dequantized weights in the original architecture")."""
+        "dequantized weights in the original architecture").
+
+        The whole-model path (`EngineOptions(eval_streamed=False)`). The pipeline evaluates block by block when
+        the method also has `read_back_weight(ctx, reader, module) -> Tensor [out, in] | None`: the weight of one
+        layer dequantized by the method's format reader from the exported files (`reader` reads `out_dir`),
+        None for a layer it did not quantize; `read_back_name` says in words which reader that is."""
 
 
 def get_method(quant_method: Any) -> QuantizationMethod:

@@ -11,7 +11,7 @@ import torch
 from ...architecture import Unit
 from ...evaluate import load_with_replaced_weights
 from ..base import EngineContext, MethodResult, validated_config
-from .format import bnb_config_dict, dequantizing_replacer, quantize_weight
+from .format import bnb_config_dict, dequantizing_replacer, quantize_weight, read_weight
 from .planning import plan
 
 
@@ -81,6 +81,15 @@ class BitsAndBytesMethod:
         return errors
 
     # -- evaluation ----------------------------------------------------------------------------------
+    read_back_name = ("qaas' bitsandbytes reader (4-bit codes and absmax, nested statistics, or int8 rows and SCB, "
+                      "dequantized as bitsandbytes does)")
+
+    def read_back_weight(self, ctx: EngineContext, reader: Any, module: str) -> torch.Tensor | None:
+        """The weight `[out, in]` of a converted `module` as the exported files hold it, else None."""
+        if module not in set(ctx.state.get("quantized_modules") or []):
+            return None
+        return read_weight(reader, module)
+
     def load_for_evaluation(self, ctx: EngineContext, out_dir: Path) -> tuple[torch.nn.Module, str]:
         """transformers + bitsandbytes when importable and working on the device; else the original
         architecture with dequantized weights."""

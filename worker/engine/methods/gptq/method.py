@@ -9,7 +9,7 @@ import torch
 
 from ...evaluate import load_with_replaced_weights
 from ..base import EngineContext, MethodResult, validated_config
-from .format import load_saved_weights
+from .format import LAYER_TENSORS, dequantize_layer, load_saved_weights
 from .run import GPTQRun
 
 
@@ -26,6 +26,7 @@ class GPTQMethod:
     def quantize(self, ctx: EngineContext) -> MethodResult:
         run = GPTQRun(ctx)
         calib = run.calibrate()
+        ctx.state["calibration_windows"] = calib.input_ids  # evaluation leaves out windows sharing text with them
         inputs = run.capture_first_block_inputs(calib)
         run.quantize_blocks(inputs)
         del inputs
@@ -33,6 +34,18 @@ class GPTQMethod:
         return run.result(calib)
 
     # -- evaluation ----------------------------------------------------------------------------------------
+    read_back_name = "qaas' GPTQ reader (qweight, qzeros, scales, g_idx unpacked as GPTQ v1/v2 loaders do)"
+
+    def read_back_weight(self, ctx: EngineContext, reader: Any, module: str) -> torch.Tensor | None:
+        """The weight `[out, in]` of `module` as the exported files hold it, or None when it is not quantized
+        (the streamed evaluation then reads its stored float tensor)."""
+        if f"{module}.qweight" not in reader:
+            return None
+        info = ctx.state.get("gptq") or {}
+        bits = info.get("bits", ctx.quantization_config["bits"])
+        fmt = info.get("format", ctx.quantization_config["format"])
+        return dequantize_layer({s: reader.load(f"{module}.{s}") for s in LAYER_TENSORS}, bits, fmt=fmt)
+
     def load_for_evaluation(self, ctx: EngineContext, out_dir: Path) -> tuple[torch.nn.Module, str]:
         """The saved checkpoint dequantized into the original architecture (GPTQ kernels need optimum or
         GPTQModel, which the engine does not depend on)."""

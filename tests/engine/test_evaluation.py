@@ -1,0 +1,119 @@
+"""Evaluation: the text it runs on (packaged default, never the calibration text) and the block-streamed passes
+(equal to the whole-model evaluation, on the exported files as read back)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qaas import eval_text
+from qaas.worker.engine.architecture import inspect_model, load_hf_config
+from qaas.worker.engine.checkpoint import CheckpointReader
+from qaas.worker.engine.errors import InvalidConfig
+from qaas.worker.engine.evaluate import (
+    calibration_ngrams,
+    choose_text,
+    load_eval_data,
+    load_original_model,
+    perplexity,
+)
+from qaas.worker.engine.options import EngineOptions
+from qaas.worker.engine.pipeline import quantize
+from qaas.worker.engine.streamed_eval import StreamedEvaluator
+
+from .conftest import ASSETS, STORIES, WIKITEXT
+
+
+def _streamed_vs_whole(src, data, batch_tokens):
+    reader = CheckpointReader(src)
+    layout = inspect_model(src, reader, hf_config=load_hf_config(src))
+    ev = StreamedEvaluator(layout, data, device=torch.device("cpu"), dtype=torch.float32, batch_tokens=batch_tokens)
+    streamed = ev.run(reader.load_many)
+    reader.close()
+    whole = perplexity(load_original_model(src, device="cpu"), data, device="cpu")
+    return streamed, whole
+
+
+@pytest.mark.parametrize("batch_tokens", [256, 4096])
+def test_streamed_perplexity_equals_the_whole_model_tied_embeddings(batch_tokens):
+    """stories260K (tied head): every window through block i, then i+1, in batches of 1 or all windows."""
+    data = load_eval_data(STORIES, WIKITEXT, seqlen=256, max_windows=5)
+    streamed, whole = _streamed_vs_whole(STORIES, data, batch_tokens)
+    assert streamed.perplexity == pytest.approx(whole, rel=1e-5)
+    assert len(streamed.nll) == 5 and streamed.seconds > 0
+
+
+def test_streamed_perplexity_equals_the_whole_model_mixed_block_types(tmp_path):
+    """Sliding-window and full-attention blocks (Qwen3 layer_types), windows longer than the sliding window:
+    each block gets its own type's mask; an untied head."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    cfg = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      use_sliding_window=True, sliding_window=32, max_window_layers=1,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((STORIES / name).read_bytes())
+    data = load_eval_data(tmp_path, WIKITEXT, seqlen=128, max_windows=3)
+    streamed, whole = _streamed_vs_whole(tmp_path, data, 256)
+    assert streamed.perplexity == pytest.approx(whole, rel=1e-5)
+
+
+def test_windows_sharing_text_with_calibration_are_left_out():
+    text = choose_text(None, None, None)  # the packaged text
+    full = load_eval_data(STORIES, seqlen=128, max_windows=8, text=text)
+    calib = torch.stack([full.input_ids[1, 10:74], full.input_ids[4, :64]])  # runs of windows 1 and 4
+    data = load_eval_data(STORIES, seqlen=128, max_windows=8, text=text, calibration_windows=calib)
+    assert data.left_out == 2 and data.windows == 8
+    kept = [row.tolist() for row in data.input_ids]
+    assert full.input_ids[1].tolist() not in kept and full.input_ids[4].tolist() not in kept
+    assert kept[:3] == [full.input_ids[i].tolist() for i in (0, 2, 3)]
+    assert data.describe()["windows_left_out"] == 2
+    # a run shorter than OVERLAP_TOKENS is a coincidence, not a shared passage
+    short = full.input_ids[1:2, : eval_text.OVERLAP_TOKENS - 1]
+    assert load_eval_data(STORIES, seqlen=128, max_windows=8, text=text, calibration_windows=short).left_out == 0
+    assert calibration_ngrams(None) == set()
+
+
+def _gptq(tmp_path, dataset, **opts):
+    options = EngineOptions(device="cpu", allowed_roots=(str(ASSETS), str(tmp_path)), eval_max_windows=4,
+                            eval_seqlen=128, **opts)
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "dataset": dataset, "nsamples": 16,
+          "model_seqlen": 128}
+    return quantize({"path": str(STORIES)}, qc, tmp_path / "out", options=options)
+
+
+def test_gptq_calibrated_on_the_default_text_is_evaluated_only_where_calibration_never_looked(tmp_path):
+    """Calibration drawn from the packaged text's first passages: the default evaluation leaves out the windows
+    it shares with the calibration windows, says so, and evaluates the rest of the packaged text."""
+    head = eval_text.PACKAGED_TEXT.read_text()[:6000]
+    r = _gptq(tmp_path, [head])
+    ev = r["evaluation"]
+    assert ev["text_sha256"] == eval_text.packaged_sha256()
+    assert ev["windows"] == 4 and ev["windows_left_out"] >= 1
+    assert ev["perplexity_after"] > 1 and "GPTQ reader" in ev["quantized_loaded_with"]
+    assert "exported checkpoint as written" in ev["measured"]["quantized"]
+
+
+def test_job_eval_text_is_used_and_never_the_calibration_dataset(tmp_path):
+    mine = tmp_path / "domain.txt"
+    mine.write_text(WIKITEXT.read_text()[:200_000])
+    calib = tmp_path / "calib.txt"
+    calib.write_text(eval_text.PACKAGED_TEXT.read_text()[-50_000:])
+    with pytest.raises(InvalidConfig) as exc:  # refused before any work
+        _gptq(tmp_path, str(calib), eval_text=str(calib))
+    assert exc.value.field == "eval_text" and "calibration dataset itself" in exc.value.message
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(calib.read_bytes())
+    with pytest.raises(InvalidConfig):  # the same bytes under another name
+        _gptq(tmp_path, str(calib), eval_text=str(copy))
+    assert not (tmp_path / "out").exists()
+    r = _gptq(tmp_path, str(calib), eval_text=str(mine))
+    ev = r["evaluation"]
+    import hashlib
+
+    assert ev["text"]["sha256"] == hashlib.sha256(mine.read_bytes()).hexdigest() == ev["text_sha256"]
+    assert ev["text"]["source"] == "options.eval_text (file domain.txt)" and ev["windows_left_out"] == 0
