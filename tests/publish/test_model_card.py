@@ -111,3 +111,18 @@ def metadata_load_from_text(card):
         return metadata_load(f.name)
     finally:
         os.unlink(f.name)
+
+
+def test_card_says_what_the_perplexity_was_measured_on():
+    ev = {"perplexity_before": 6.5, "perplexity_after": 6.9, "windows": 16, "seqlen": 2048, "tokens": 32768,
+          "text_sha256": "dcaff93caf9105f6", "text": {"source": "packaged tinyshakespeare-eval.txt", "sha256": "d"},
+          "windows_left_out": 3, "mode": "streamed block by block", "seconds": {"total": 12.34},
+          "measured": {"original": "the source checkpoint's tensors, float16 on cuda",
+                       "quantized": "the exported checkpoint as written: every quantized layer dequantized by X"}}
+    card = render_model_card(gptq_info(evaluation=ev))
+    for needle in ["packaged tinyshakespeare-eval.txt", "`dcaff93caf9105f6`", "16 windows of 2048 tokens",
+                   "32,768 tokens", "- quantized: the exported checkpoint as written", "3 windows of the text were left out",
+                   "12.3 s (streamed block by block)"]:
+        assert needle in card, needle
+    skipped = render_model_card(gptq_info(evaluation={"skipped": "all 40 windows share text with the calibration"}))
+    assert "Not evaluated: all 40 windows share text" in skipped

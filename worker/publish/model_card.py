@@ -153,10 +153,17 @@ def render_model_card(info: dict[str, Any]) -> str:
         where = []
         if ev.get("dataset"):
             where.append(f"on {_code(ev['dataset'])}")
-        if ev.get("seqlen"):
+        text = ev.get("text") or {}
+        if text.get("source"):
+            where.append(f"on {text['source']}")
+        if ev.get("text_sha256"):
+            where.append(f"text sha256 {_code(ev['text_sha256'])}")
+        if ev.get("windows") and ev.get("seqlen"):
+            where.append(f"{ev['windows']} windows of {ev['seqlen']} tokens")
+        elif ev.get("seqlen"):
             where.append(f"sequence length {ev['seqlen']}")
-        if ev.get("num_tokens"):
-            where.append(f"{ev['num_tokens']:,} tokens")
+        if ev.get("num_tokens") or ev.get("tokens"):
+            where.append(f"{ev.get('num_tokens') or ev.get('tokens'):,} tokens")
         out += ["Perplexity (lower is better)" + (", " + ", ".join(where) if where else "") + ":", "",
                 "| model | perplexity |", "|---|---|"]
         if before is not None:
@@ -165,7 +172,19 @@ def render_model_card(info: dict[str, Any]) -> str:
             out.append(f"| quantized ({flavour}) | {after:.4f} |")
         if before and after is not None:
             out += ["", f"Change: {100 * (after - before) / before:+.2f}%."]
+        measured = ev.get("measured") or {}
+        if measured:
+            out += ["", "What was measured:", ""]
+            out += [f"- {which}: {measured[which]}" for which in ("original", "quantized") if measured.get(which)]
+        if ev.get("windows_left_out"):
+            out += ["", f"{ev['windows_left_out']} windows of the text were left out: they share text with the "
+                        "calibration data."]
+        seconds = (ev.get("seconds") or {}).get("total")
+        if seconds is not None:
+            out += ["", f"Evaluation took {seconds:.1f} s ({ev.get('mode') or 'whole model'})."]
         out.append("")
+    elif ev.get("skipped"):
+        out += [f"Not evaluated: {ev['skipped']}", ""]
     else:
         out += ["Not evaluated for this model.", ""]
 
