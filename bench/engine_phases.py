@@ -37,11 +37,11 @@ GPTQ_PHASES = {
     "ShardedWriter.add": "pack + write",
     "BlockRunner.forward_all": "forward (quantized block)",
 }
-#: the evaluation stage as it is today (whole model loaded, original then quantized)
+#: the evaluation stage: both passes streamed block by block (original, then the exported files read back)
 EVAL_PHASES = {
-    "load_original_model": "eval: load original model",
-    "perplexity": "eval: perplexity",
-    "GPTQMethod.load_for_evaluation": "eval: load quantized model",
+    "StreamedEvaluator.run": "eval: streamed passes",
+    "StreamedEvaluator._head": "eval: head (logits, NLL)",
+    "GPTQMethod.read_back_weight": "eval: read back quantized layers",
 }
 PREFIX = "phase: "
 

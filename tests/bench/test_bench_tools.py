@@ -184,9 +184,11 @@ def test_gptq_speed_e2e_times_blocks_phases_and_the_evaluation(tmp_path):
     assert len(e["block_s"]) == 2 and all(b > 0 for b in e["block_s"])
     assert {"forward + Hessians", "gptq", "pack + write"} <= set(e["phases_s"])
     assert e["extrapolated_full_model"]["blocks"] == 4
-    assert set(e["evaluation"]["parts_s"]) == {"eval: load original model", "eval: perplexity",
-                                               "eval: load quantized model"}
+    assert set(e["evaluation"]["parts_s"]) == {"eval: streamed passes", "eval: head (logits, NLL)",
+                                               "eval: read back quantized layers"}
     assert e["evaluation"]["windows"] == 2 and e["evaluation"]["perplexity_after"] > 1
+    assert e["evaluation"]["mode"] == "streamed block by block" and e["evaluation"]["passes_s"]["total"] > 0
+    assert e["evaluation"]["extrapolated_full_model"]["blocks"] == 4
     assert "partial" not in r
 
 

@@ -114,7 +114,7 @@ def test_out_dir_not_empty(stories_dir, tmp_path):
 
 
 @pytest.mark.parametrize("qc, field", [
-    ({"quant_method": "awq", "bits": 4}, "quant_method"),
+    ({"quant_method": "hqq", "bits": 4}, "quant_method"),
     ({"load_in_4bit": True}, "quant_method"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True, "dataset": "c4"}, "dataset"),
 ])

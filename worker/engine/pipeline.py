@@ -25,6 +25,7 @@ from .methods.base import EngineContext, check_config_model, check_config_source
 from .options import EngineOptions
 from .progress import NullReporter, Reporter
 from .source import resolve_source
+from .streamed_eval import StreamedEvaluator, eval_dtype
 from .version import package_version
 
 
@@ -277,8 +278,6 @@ def _evaluate_streamed(ctx: EngineContext, method: Any, staged_dir: Path, clock:
     """Both passes block by block (`streamed_eval`): the original from the source checkpoint, the quantized
     model from the exported files as written, every quantized layer dequantized by the method's format
     reader (`read_back_weight`) and every other tensor as stored."""
-    from .streamed_eval import StreamedEvaluator, eval_dtype
-
     layout, device = ctx.layout, ctx.device
     dtype = eval_dtype(ctx.config, device)
     ev = StreamedEvaluator(layout, data, device=device, dtype=dtype, allow_remote_code=ctx.options.allow_remote_code)

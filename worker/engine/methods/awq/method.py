@@ -9,7 +9,7 @@ import torch
 
 from ...evaluate import load_with_replaced_weights
 from ..base import EngineContext, MethodResult, validated_config
-from .format import load_saved_weights
+from .format import LAYER_TENSORS, dequantize_layer, load_saved_weights
 from .run import AWQRun
 
 
@@ -25,11 +25,22 @@ class AWQMethod:
     def quantize(self, ctx: EngineContext) -> MethodResult:
         run = AWQRun(ctx)
         calib = run.calibrate()
+        ctx.state["calibration_windows"] = calib.input_ids  # evaluation leaves out windows sharing text with them
         inputs = run.capture_first_block_inputs(calib)
         run.quantize_blocks(inputs)
         del inputs
         run.write_tensors_after_blocks()
         return run.result(calib)
+
+    read_back_name = "qaas' AWQ reader (GEMM-packed qweight, qzeros, scales unpacked in AWQ's order)"
+
+    def read_back_weight(self, ctx: EngineContext, reader: Any, module: str) -> torch.Tensor | None:
+        """The weight `[out, in]` of `module` as the exported files hold it (the scaled norms before it are read
+        from the files as stored), or None when it is not quantized."""
+        if f"{module}.qweight" not in reader:
+            return None
+        gs = (ctx.state.get("awq") or {}).get("group_size", ctx.quantization_config["group_size"])
+        return dequantize_layer({s: reader.load(f"{module}.{s}") for s in LAYER_TENSORS}, gs)
 
     def load_for_evaluation(self, ctx: EngineContext, out_dir: Path) -> tuple[torch.nn.Module, str]:
         """The saved checkpoint dequantized into the original architecture (AWQ kernels come with GPTQModel,
