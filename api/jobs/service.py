@@ -23,7 +23,7 @@ from qaas.api.problems import invalid_field as _invalid
 from qaas.db.models import TERMINAL_STATUSES, Job, JobStatus
 from qaas.db.session import get_sessionmaker
 from qaas import quantization_rules
-from qaas.quantization_rules import FieldError, InvalidQuantizationConfig
+from qaas.quantization_rules import InvalidQuantizationConfig
 from qaas.queue import send_run_job
 from qaas.quantization_rules import finetune as finetune_rules
 from qaas.quantization_rules import training as training_rules

@@ -316,5 +316,6 @@ def quantize_model(ctx: EngineContext) -> MethodResult:
         run.convert_units()
         return run.result(None)
     calib = run.calibrate()
+    ctx.state["calibration_windows"] = calib.input_ids  # evaluation leaves out windows sharing text with them
     run.run_blocks(calib)
     return run.result(calib)
