@@ -23,7 +23,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
 from qaas import __version__, job_store
-from qaas.api.dashboard import auth, views
+from qaas.api.dashboard import auth, loss_curve, views
 from qaas.api.deps import Caller, SessionDep, SettingsDep, authenticate_key
 from qaas.api.jobs import endpoints as job_endpoints
 from qaas.api.jobs import service
@@ -450,6 +450,8 @@ def _job_context(db, job: Job, roots) -> dict[str, Any]:
         "job": job, "r": r, "events": [EventOut.from_event(e) for e in events[-EVENTS_SHOWN:]],
         "events_total": len(events), "last_event_id": events[-1].id if events else 0,
         "timeline": views.timeline(job, events, now), "layer_errors": views.layer_errors(events, job.result),
+        "loss_svg": loss_curve.svg(loss_curve.points(events, job.result)) if job.kind == "finetune" else None,
+        "finetune": loss_curve.summary(job.result if job.status == "succeeded" else None),
         "result": views.result_view(job), "deliveries": views.list_deliveries(db, job.id),
         "request_json": json.dumps(job.request, indent=2, sort_keys=False),
         "webhook_url": ((job.request or {}).get("webhook") or {}).get("url"),

@@ -22,7 +22,7 @@ from qaas.db.models import TERMINAL_STATUSES, Job, JobEvent, utcnow
 
 log = logging.getLogger("qaas.api.dashboard")
 
-STAGES = ("resolve", "load", "calibrate", "quantize", "evaluate", "export", "publish")
+STAGES = ("resolve", "load", "prepare", "calibrate", "quantize", "train", "evaluate", "export", "publish")
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
@@ -37,8 +37,17 @@ def model_label(name: str, roots: list[Path]) -> str:
 
 
 def method_label(job: Job) -> str:
-    """'GPTQ 4-bit g128', 'bitsandbytes NF4 (double quant)', 'bitsandbytes int8'."""
+    """'GPTQ 4-bit g128', 'bitsandbytes NF4 (double quant)', 'bitsandbytes int8', 'QLoRA r16 on NF4 +DQ'."""
     qc = (job.request or {}).get("quantization_config") or {}
+    if getattr(job, "kind", "quantize") == "finetune":
+        request = job.request or {}
+        r = (request.get("lora") or {}).get("r", 8)
+        if "job" in (request.get("model") or {}):
+            return f"QLoRA r{r} on a job's 4-bit output"
+        if not qc:
+            return f"QLoRA r{r} on NF4 +DQ"  # the request's default base
+        quant = str(qc.get("bnb_4bit_quant_type") or "fp4").upper()
+        return f"QLoRA r{r} on {quant}" + (" +DQ" if qc.get("bnb_4bit_use_double_quant") else "")
     if job.method == "gptq":
         gs = qc.get("group_size")
         return f"GPTQ {job.bits}-bit" + (f" g{gs}" if gs not in (None, -1) else " per-row")

@@ -263,7 +263,7 @@
     var chart = new Chart($("#error-chart"), chartData);
     chart.draw();
     var eventsBody = $("#events-body");
-    var lastSpoken = 0;
+    var lastSpoken = 0, lastCurve = 0;
     var logWrap = eventsBody && eventsBody.closest(".log-wrap");
     if (logWrap) logWrap.scrollTop = logWrap.scrollHeight;  // newest events at the bottom, in view
 
@@ -328,6 +328,12 @@
       }
       var pts = metricPoints(d.metrics);
       if (pts.length) { chart.add(pts); chart.draw(); }
+      // A fine-tuning job's loss curve is drawn by the server: redraw it with the live panel, every 3 s at most.
+      var m = d.metrics || {};
+      if ((typeof m.loss === "number" || typeof m.eval_loss === "number") && $("#loss-curve") && t - lastCurve > 3000) {
+        lastCurve = t;
+        refreshLive();
+      }
     }
 
     function handle(e) {
