@@ -1,6 +1,6 @@
 """The terminal client: `qaas submit`, `qaas jobs`, `qaas status`, `qaas cancel`, against a running service.
 
-  qaas submit MODEL --config FILE [--push-to-hub REPO] [--follow]
+  qaas submit MODEL --config FILE [--push-to-hub REPO] [--follow]   (MODEL: id, path or job:<id>)
   qaas jobs [--status S] [--limit N]
   qaas status ID [--follow] [--json]
   qaas cancel ID
@@ -219,9 +219,21 @@ class Progress:
 
 
 def _error_summary(metrics: Any) -> str:
-    """' max rel err 0.0123' from a progress event's per-layer metrics (both methods' shapes)."""
+    """' max rel err 0.0123' from a progress event's per-layer metrics (both methods' shapes); for a training
+    step ' loss 2.3456 lr 2.0e-04 1234 tok/s'."""
     if not isinstance(metrics, dict):
         return ""
+    if isinstance(metrics.get("loss"), (int, float)):
+        text = f" loss {metrics['loss']:.4f}"
+        if isinstance(metrics.get("lr"), (int, float)):
+            text += f" lr {metrics['lr']:.1e}"
+        if isinstance(metrics.get("tokens_per_s"), (int, float)):
+            text += f" {metrics['tokens_per_s']:.0f} tok/s"
+        if isinstance(metrics.get("eval_loss"), (int, float)):
+            text += f" eval {metrics['eval_loss']:.4f}"
+        return text
+    if isinstance(metrics.get("eval_loss"), (int, float)):
+        return f" eval loss {metrics['eval_loss']:.4f}"
     if isinstance(metrics.get("max_rel_error"), (int, float)):
         return f" max rel err {metrics['max_rel_error']:.4f}"
     layers = metrics.get("layers")
@@ -248,7 +260,8 @@ def describe(job: dict, out: TextIO) -> None:
     print(f"status    {job['status']}" + (" (cancellation requested)" if job.get("cancel_requested")
                                            and job["status"] not in TERMINAL else ""), file=out)
     print(f"model     {job['model']}", file=out)
-    print(f"method    {job['method']}" + (f" {job['bits']}-bit" if job.get("bits") else ""), file=out)
+    print(f"method    {job['method']}" + (f" {job['bits']}-bit" if job.get("bits") else "")
+          + (" (fine-tuning: a LoRA adapter on a 4-bit base)" if job.get("kind") == "finetune" else ""), file=out)
     if job["status"] == "running":
         print(f"stage     {job.get('stage') or '-'} {round((job.get('progress') or 0) * 100)}% "
               f"{job.get('progress_message') or ''}".rstrip(), file=out)
@@ -261,21 +274,30 @@ def describe(job: dict, out: TextIO) -> None:
     if err:
         print(f"error     {err.get('code')} in stage {err.get('stage') or '-'}: {err.get('message')}", file=out)
     result = job.get("result") or {}
-    if job["status"] == "succeeded" and result:
+    if job["status"] != "succeeded" or not result:
+        return
+    if result.get("kind") == "finetune":
+        loss, lora = result.get("loss") or {}, result.get("lora") or {}
+        if isinstance(loss.get("first"), (int, float)) and isinstance(loss.get("last"), (int, float)):
+            print(f"loss      {loss['first']:.4f} -> {loss['last']:.4f} over "
+                  f"{(result.get('training') or {}).get('total_steps')} steps", file=out)
+        if lora.get("trainable_parameters"):
+            print(f"adapter   r={lora.get('r')} {lora['trainable_parameters']} trainable parameters", file=out)
+    else:
         ratio = result.get("compression_ratio")
         print(f"size      {_size(result.get('size_before_bytes'))} -> {_size(result.get('size_after_bytes'))}"
               + (f" ({ratio:.2f}x smaller)" if isinstance(ratio, (int, float)) else ""), file=out)
-        ev = result.get("evaluation") or {}
-        if ev.get("perplexity_before") is not None and ev.get("perplexity_after") is not None:
-            print(f"perplexity {ev['perplexity_before']:.3f} -> {ev['perplexity_after']:.3f}", file=out)
-        elif ev.get("skipped"):
-            print(f"perplexity not measured: {ev['skipped']}", file=out)
-        hub = result.get("hub") or {}
-        if hub:
-            print(f"hub       {hub.get('url') or hub.get('repo_id')}"
-                  + (f" @ {hub.get('commit_sha') or hub.get('commit')}" if hub.get("commit_sha") or hub.get("commit") else ""), file=out)
-        for f in job.get("files") or []:
-            print(f"file      {f['name']:<32} {_size(f['size']):>10}  {f['url']}", file=out)
+    ev = result.get("evaluation") or {}
+    if ev.get("perplexity_before") is not None and ev.get("perplexity_after") is not None:
+        print(f"perplexity {ev['perplexity_before']:.3f} -> {ev['perplexity_after']:.3f}", file=out)
+    elif ev.get("skipped"):
+        print(f"perplexity not measured: {ev['skipped']}", file=out)
+    hub = result.get("hub") or {}
+    if hub:
+        print(f"hub       {hub.get('url') or hub.get('repo_id')}"
+              + (f" @ {hub.get('commit_sha') or hub.get('commit')}" if hub.get("commit_sha") or hub.get("commit") else ""), file=out)
+    for f in job.get("files") or []:
+        print(f"file      {f['name']:<32} {_size(f['size']):>10}  {f['url']}", file=out)
 
 
 def exit_for(job: dict) -> int:
@@ -331,11 +353,15 @@ def _read_config_file(path: str) -> dict:
 
 
 def build_submission(args: argparse.Namespace) -> dict:
-    """The job request from MODEL and the config file (a quantization_config, or a request without `model`)."""
+    """The job request from MODEL and the config file (a quantization_config, or a request without `model`: a
+    quantization request, or a fine-tuning one with `"kind": "finetune"`). MODEL `job:<id>` is a job's output."""
     config = _read_config_file(args.config)
-    body: dict[str, Any] = dict(config) if "quantization_config" in config else {"quantization_config": config}
+    whole = "quantization_config" in config or config.get("kind") == "finetune"
+    body: dict[str, Any] = dict(config) if whole else {"quantization_config": config}
     local = Path(args.model).expanduser()
-    if args.model.startswith(("/", "./", "../", "~")) or local.exists():
+    if args.model.startswith("job:"):  # a fine-tuning job's base: the output of one of your jobs
+        body["model"] = {"job": args.model[len("job:"):]}
+    elif args.model.startswith(("/", "./", "../", "~")) or local.exists():
         body["model"] = {"path": str(local.resolve())}
     else:
         body["model"] = {"id": args.model, **({"revision": args.revision} if args.revision else {})}
@@ -454,10 +480,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("submit", parents=[common], help="submit a quantization job to a running service",
                        description="Submit a job. MODEL is a Hub model id or a local directory on the workers.",
                        epilog=EPILOG)
-    s.add_argument("model", metavar="MODEL", help="Hub model id (owner/name) or a local model directory")
+    s.add_argument("model", metavar="MODEL", help="Hub model id (owner/name), a local model directory, or job:<id> "
+                                                  "(a fine-tuning job's base: one of your jobs' output)")
     s.add_argument("--config", required=True, metavar="FILE",
                    help="JSON or TOML file: a quantization_config (GPTQConfig/BitsAndBytesConfig fields), "
-                        "or a job request with quantization_config, options, webhook, ...")
+                        "a job request with quantization_config, options, webhook, ..., or a fine-tuning request "
+                        '("kind": "finetune", lora, training, dataset, ...)')
     s.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     s.add_argument("--push-to-hub", metavar="REPO", help="publish the result to this Hub repo (token from HF_TOKEN)")
     s.add_argument("--public", action="store_true", help="with --push-to-hub: make the repo public")

@@ -36,7 +36,16 @@ def _claim(session, job_id: uuid.UUID, me: str, lease_s: float) -> dict[str, Any
     return {"attempt": job.attempt, "request": job.request, "result": dict(job.result or {}), "owner": job.owner,
             "token_encrypted": job_store.hub_token_encrypted(session, job), "publish_attempts": job.publish_attempts,
             "source": job.source_model, "source_revision": job.source_revision, "timings": dict(job.timings or {}),
-            "cancel": job.cancel_requested}
+            "cancel": job.cancel_requested, "base_source": _base_source(session, job)}
+
+
+def _base_source(session, job) -> str:
+    """What a fine-tuning job's adapter was trained on: its model, or for a {"job"} base that job's model."""
+    base_id = ((job.request or {}).get("model") or {}).get("job")
+    if base_id is None:
+        return job.source_model
+    base = job_store.get_job(session, uuid.UUID(str(base_id)), job.owner)
+    return base.source_model if base is not None else job.source_model
 
 
 def card_info(job: dict[str, Any], repo_id: str, revision: str | None, endpoint: str, job_id: uuid.UUID) -> dict[str, Any]:
@@ -54,6 +63,16 @@ def card_info(job: dict[str, Any], repo_id: str, revision: str | None, endpoint:
         "qaas_version": __version__,
         "endpoint": endpoint,
     }
+
+
+def adapter_card_info(job: dict[str, Any], repo_id: str, revision: str | None, endpoint: str,
+                      job_id: uuid.UUID) -> dict[str, Any]:
+    from qaas.worker.publish.adapter_card import hub_base
+
+    base = job["base_source"]
+    return {"repo_id": repo_id, "revision": revision, "base_model": hub_base(base),
+            "base_label": base.rstrip("/").split("/")[-1] if base.startswith("/") else base,
+            "result": job["result"], "job_id": str(job_id), "qaas_version": __version__, "endpoint": endpoint}
 
 
 def run_publish(settings: Settings, job_id: uuid.UUID, *, worker: str) -> str:
@@ -83,6 +102,7 @@ def run_publish(settings: Settings, job_id: uuid.UUID, *, worker: str) -> str:
     if token is None:
         return fail("hub_auth", "no Hub token: pass hf_token with the job or save one with PUT /v1/hub-token")
 
+    finetune = job["request"].get("kind") == "finetune"
     qc = job["result"].get("quantization_config") or job["request"]["quantization_config"]
     repo_id = push.get("repo_id")
     if not repo_id:
@@ -92,11 +112,17 @@ def run_publish(settings: Settings, job_id: uuid.UUID, *, worker: str) -> str:
             owner = HfApi(endpoint=settings.hub_endpoint).whoami(token=token)["name"]
         except Exception as exc:  # noqa: BLE001 - translated into a clear failure below
             return fail("hub_auth", f"cannot tell whose token this is to name the repo ({exc.__class__.__name__}); set push_to_hub.repo_id")
-        method, bits = method_and_bits(qc)
-        repo_id = default_repo_id(job["source"], owner, method, bits, qc.get("group_size"),
-                                  quant_type=qc.get("bnb_4bit_quant_type"))
+        method, bits = ("qlora", 4) if finetune else method_and_bits(qc)
+        repo_id = default_repo_id(job["base_source"] if finetune else job["source"], owner, method, bits,
+                                  qc.get("group_size"), quant_type=qc.get("bnb_4bit_quant_type"))
 
-    card = render_model_card(card_info(job, repo_id, push.get("revision"), settings.hub_endpoint, job_id))
+    if finetune:
+        from qaas.worker.publish.adapter_card import render_adapter_card
+
+        card = render_adapter_card(adapter_card_info(job, repo_id, push.get("revision"), settings.hub_endpoint,
+                                                     job_id))
+    else:
+        card = render_model_card(card_info(job, repo_id, push.get("revision"), settings.hub_endpoint, job_id))
     (folder / "README.md").write_text(card)
 
     stop = threading.Event()
