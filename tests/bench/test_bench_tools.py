@@ -199,3 +199,23 @@ def test_gptq_speed_profile_puts_every_phase_of_one_block_in_the_tables(tmp_path
         assert rows[label]["launches"] > 0, label
     assert len(r["profile"]["job"]["block_s"]) == 3
     assert "## Profile of one block" in (tmp_path / "res" / "gptq_speed-t.md").read_text()
+
+
+@pytest.mark.slow
+def test_qlora_speed_smoke_runs_both_loops_with_and_without_checkpointing(tmp_path):
+    """bench/qlora_speed.py at a tiny shape on the CPU: every phase runs and the report holds its figures."""
+    out = tmp_path / "qlora.json"
+    subprocess.run([sys.executable, "-P", str(BENCH / "qlora_speed.py"), "--smoke", "--blocks", "2", "--steps", "2",
+                    "--seq", "32", "--workdir", str(tmp_path / "work"), "--out", str(out)], check=True, timeout=600)
+    report = json.loads(out.read_text())
+    phases = [(p["impl"].split()[0], p["gradient_checkpointing"]) for p in report["phases"]]
+    assert phases == [("qaas", True), ("peer", True), ("qaas", False), ("peer", False)], report["phases"]
+    for p in report["phases"]:
+        assert p["steps"] == 2 and p["tokens_per_s"] > 0 and p["trainable_parameters"] > 0
+    assert report["phases"][0]["trainable_parameters"] == report["phases"][1]["trainable_parameters"]
+    base = report["base"]
+    assert base["quantized_parameters"] == 2 * (2 * 128 * 128 + 2 * 64 * 128 + 3 * 256 * 128)  # q,o; k,v; the MLP
+    # 4 bits + constants; at this size each layer's 1 KB copy of the double quantization's code table costs more
+    # than 8-bit absmax saves (the 8B shape is where it saves ~0.37 bits)
+    assert 4.12 < base["bits_per_parameter_nf4_dq"] and 4.5 < base["bits_per_parameter_nf4_alone"] < 4.55
+    assert "| qaas | on |" in out.with_suffix(".md").read_text()

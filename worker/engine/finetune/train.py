@@ -129,7 +129,7 @@ def run(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
         for b, _ in parts:
             nll, count = _step_loss(model, b)
             (nll / denom).backward()
-            step_nll += float(nll)
+            step_nll += float(nll.detach())
             step_count += count
             window_tokens += b.tokens
         grad_norm = None
