@@ -37,6 +37,7 @@ def job_payload(job: Job) -> dict[str, Any]:
         "status": job.status,
         "model": job.source_model,
         "source_revision": job.source_revision,
+        "kind": job.kind,
         "method": job.method,
         "bits": job.bits,
         "stage": job.stage,
@@ -55,6 +56,10 @@ def job_payload(job: Job) -> dict[str, Any]:
             "evaluation": result.get("evaluation"),
             "hub": result.get("hub"),
         }
+        if job.kind == "finetune":  # what a receiver acts on: how training went
+            loss = result.get("loss") or {}
+            data["result"]["loss"] = {k: loss.get(k) for k in ("first", "last", "min", "evals")}
+            data["result"]["resumed_from_step"] = result.get("resumed_from_step")
     return data
 
 

@@ -81,3 +81,22 @@ def test_a_cancelled_finetune_job_is_retried_as_a_finetune_job(client, api_key):
     new = client.get(f"/v1/jobs/{r.headers['location'].split('/')[-1].split('?')[0]}", headers=auth(api_key)).json()
     old = client.get(f"/v1/jobs/{jid}", headers=auth(api_key)).json()
     assert new["kind"] == "finetune" and new["request"] == old["request"] and new["id"] != jid
+
+
+def test_webhook_payloads_say_the_kind_and_how_training_went(client, settings, api_key):
+    from qaas.db.models import Job
+    from qaas.webhooks import outbox
+
+    jid = client.post("/v1/jobs", json=FT, headers=auth(api_key)).json()["id"]
+    result = {"kind": "finetune", "files": [{"name": "adapter_model.safetensors", "size": 10}],
+              "evaluation": {"perplexity_before": 9.0, "perplexity_after": 5.0},
+              "loss": {"first": 2.0, "last": 1.0, "min": 0.9, "evals": [[0, 2.1], [6, 1.2]], "curve": [[1, 2.0, 0.1]]},
+              "resumed_from_step": None}
+    with session_scope(settings.resolved_database_url) as s:
+        job = job_store.claim(s, uuid.UUID(jid), worker="w", lease_s=5)
+        assert job_store.finish(s, job.id, job.attempt, JobStatus.succeeded, result=result)
+    with session_scope(settings.resolved_database_url) as s:
+        payload = outbox.job_payload(s.get(Job, uuid.UUID(jid)))
+    assert payload["kind"] == "finetune" and payload["method"] == "qlora"
+    assert payload["result"]["loss"] == {"first": 2.0, "last": 1.0, "min": 0.9, "evals": [[0, 2.1], [6, 1.2]]}
+    assert payload["result"]["evaluation"]["perplexity_after"] == 5.0
