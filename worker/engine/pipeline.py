@@ -286,13 +286,14 @@ def _evaluate_streamed(ctx: EngineContext, method: Any, staged_dir: Path, clock:
     before = ev.run(ctx.reader.load_many, reporter=clock, total_steps=total, label="original")
     _free(device)
     out_reader = CheckpointReader(staged_dir)
+    on_device = _ReaderOnDevice(out_reader, device)
     linears = {li.weight_name: li for li in layout.all_linears()}
 
     def load_exported(names: list[str]) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}
         for name in names:
             li = linears.get(name)
-            w = method.read_back_weight(ctx, out_reader, li.name) if li is not None else None
+            w = method.read_back_weight(ctx, on_device, li.name) if li is not None else None
             if w is not None:
                 tensors[name] = w.t() if li.transposed else w
             elif name in out_reader:
@@ -324,6 +325,23 @@ def _evaluate_streamed(ctx: EngineContext, method: Any, staged_dir: Path, clock:
                     "total": round(before.seconds + after.seconds, 3)},
         **data.describe(),
     }
+
+
+class _ReaderOnDevice:
+    """The exported files' reader, handing each tensor over on the evaluation device: the method's reader
+    unpacks and dequantizes there (its kernels), not on the host."""
+
+    def __init__(self, reader: CheckpointReader, device: torch.device) -> None:
+        self.reader, self.device = reader, device
+
+    def load(self, name: str) -> torch.Tensor:
+        return self.reader.load(name).to(self.device)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader
+
+    def __getattr__(self, name: str) -> Any:  # names(), names_with_prefix(), ...
+        return getattr(self.reader, name)
 
 
 class _Offset:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,23 +132,26 @@ class StreamedEvaluator:
         hidden, rest = capture.capture(self.batches, [], 0, store)
         rest_by_type = self._inputs_per_block_type(capture, store, rest)
         as_tuple = False
-        for binfo in layout.blocks:
-            if reporter is not None:
-                reporter.check_cancelled()
-            prefix = binfo.prefix
-            tensors = load(binfo.tensor_names)
-            block = materialize_block(capture.blocks[binfo.index],
-                                      {k[len(prefix) + 1 :]: v for k, v in tensors.items()}, device, dtype)
-            del tensors
-            block_rest = rest_by_type.get(self._block_type(binfo.index), rest)
-            for j, (args, kw) in enumerate(block_rest):
-                out = block(hidden[j].to(device), *args, **kw)
-                as_tuple = isinstance(out, (tuple, list))
-                hidden[j] = (out[0] if as_tuple else out).to(store)
-            block.to("meta")
-            if reporter is not None:
-                reporter.progress(step_offset + binfo.index + 1, total,
-                                  message=f"{label} block {binfo.index + 1}/{layout.num_blocks}".strip())
+        # the next block's tensors are read (and, for the quantized model, dequantized) while this one runs;
+        # only the loader thread touches `load` meanwhile
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-load")
+        pending: Future | None = pool.submit(load, layout.blocks[0].tensor_names) if layout.blocks else None
+        try:
+            for binfo in layout.blocks:
+                if reporter is not None:
+                    reporter.check_cancelled()
+                tensors = pending.result()
+                nxt = binfo.index + 1
+                pending = pool.submit(load, layout.blocks[nxt].tensor_names) if nxt < layout.num_blocks else None
+                as_tuple = self._run_block(capture, binfo, tensors, hidden, rest, rest_by_type, store)
+                del tensors
+                if reporter is not None:
+                    reporter.progress(step_offset + binfo.index + 1, total,
+                                      message=f"{label} block {binfo.index + 1}/{layout.num_blocks}".strip())
+        finally:
+            if pending is not None:
+                pending.cancel()
+            pool.shutdown(wait=True)
         nll = self._head(capture, hidden, as_tuple)
         self._sync()
         seconds = time.perf_counter() - t0
@@ -158,6 +162,20 @@ class StreamedEvaluator:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return StreamedPass(float(math.exp(sum(nll) / len(nll))), seconds, nll)
+
+    def _run_block(self, capture: BlockInputCapture, binfo: Any, tensors: dict[str, torch.Tensor],
+                   hidden: list[torch.Tensor], rest: list, rest_by_type: dict, store: torch.device) -> bool:
+        """Every batch of windows through one block (its hidden states replaced in place); the block freed."""
+        device, dtype, prefix = self.device, self.dtype, binfo.prefix
+        block = materialize_block(capture.blocks[binfo.index], {k[len(prefix) + 1 :]: v for k, v in tensors.items()},
+                                  device, dtype)
+        as_tuple = False
+        for j, (args, kw) in enumerate(rest_by_type.get(self._block_type(binfo.index), rest)):
+            out = block(hidden[j].to(device), *args, **kw)
+            as_tuple = isinstance(out, (tuple, list))
+            hidden[j] = (out[0] if as_tuple else out).to(store)
+        block.to("meta")
+        return as_tuple
 
     def _block_type(self, index: int) -> Any:
         types = getattr(self.layout.hf_config.get_text_config(), "layer_types", None)
