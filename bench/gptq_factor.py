@@ -57,7 +57,7 @@ def three_step_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 def main() -> int:
     from qaas.worker.engine.gptq_algorithm import HessianFactor, gptq_quantize, inverse_hessian_factor
-    from qaas.worker.engine.hessian import HessianAccumulator, tf32_matmuls
+    from qaas.worker.engine.hessian import HessianAccumulator, tf32_matmuls, uses_half_tensor_cores
     from support.gptq_paper import layer_error
 
     ap = argparse.ArgumentParser()
@@ -86,7 +86,7 @@ def main() -> int:
         def engine_path():
             acc = HessianAccumulator(n, dev)
             acc.add(X)
-            return acc.sum
+            return acc.gram()
 
         row["hessian_tf32_s"], H32 = timed(tf32_path)
         row["hessian_now_s"], Hnow = timed(engine_path)
@@ -98,6 +98,7 @@ def main() -> int:
             row["hessian_now_rel_err"] = float((Hnow.double() - Href).norm() / Href.norm())
             del Href
         row["hessian_now_vs_tf32_rel"] = float((Hnow - H32).norm() / H32.norm())
+        row["hessian_on_half_tensor_cores"] = uses_half_tensor_cores()
         del X, H32
         H = Hnow.mul_(2.0 / a.tokens)
         if dev.type == "cuda":

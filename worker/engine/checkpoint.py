@@ -209,6 +209,13 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     return 8 + len(hb) + offset
 
 
+def _write_after(copies_done, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> int:
+    """`write_safetensors` once the device -> host copies into `tensors` have finished (None: nothing to wait)."""
+    if copies_done is not None:
+        copies_done.synchronize()
+    return write_safetensors(path, tensors, metadata)
+
+
 @dataclass
 class WrittenFile:
     name: str
@@ -248,6 +255,7 @@ class ShardedWriter:
         self.weight_map: dict[str, str] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[str, list[str], Future] | None = None
+        self._copies_pending = False  # device -> host copies into the buffer not yet waited for
 
     @property
     def buffered_bytes(self) -> int:
@@ -259,7 +267,14 @@ class ShardedWriter:
         if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
         t = tensor.detach()
-        if t.device.type != "cpu":
+        if t.device.type == "cuda":
+            # into pinned memory without waiting: the shard's writer thread waits for the copies (an event
+            # recorded at flush) instead of the quantization waiting for a pageable copy per tensor
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t.contiguous(), non_blocking=True)
+            t = host
+            self._copies_pending = True
+        elif t.device.type != "cpu":
             t = t.cpu()
         t = t.contiguous()
         n = t.numel() * t.element_size()
@@ -286,7 +301,12 @@ class ShardedWriter:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
         buf = self._buffer
-        self._pending = (tmp, list(buf), self._pool.submit(write_safetensors, self.directory / tmp, buf,
+        done = None
+        if self._copies_pending:
+            done = torch.cuda.Event()
+            done.record()
+            self._copies_pending = False
+        self._pending = (tmp, list(buf), self._pool.submit(_write_after, done, self.directory / tmp, buf,
                                                            self.metadata))
         self._buffer = {}
         self._buffer_bytes = 0
