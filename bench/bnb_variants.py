@@ -24,6 +24,9 @@ def bench(fn, xs, rep=150):
 
 
 def main():
+    if not torch.cuda.is_available():
+        print("SUMMARY bnb-variants: skipped, it needs CUDA (the Triton fast path and bitsandbytes' CUDA kernels)")
+        return
     import bitsandbytes.functional as F
 
     dev = torch.cuda.get_device_properties(0)
@@ -74,6 +77,7 @@ def main():
         configs = [dict(fast=False)] + [dict(fast=True, mode=int(m), per_sm=0, bpp=int(b), warps=int(w))
                                         for m, b, w in (v.split(":") for v in os.environ["BNB_VARIANTS"].split(","))]
     saved = dict(bnb4.FAST_TILE)
+    bnb_by_shape: dict = {}
     for shape in SHAPES:
         n = shape[0] * shape[1]
         k = min(8, max(2, -(-256 * 2**20 // (2 * n))))
@@ -100,11 +104,12 @@ def main():
             except Exception as e:  # noqa: BLE001
                 regs = f"err {e}"
             gbps = nbytes / ms / 1e6
-            rows.append((shape, cfg, ms, gbps / bw))
+            rows.append((shape, cfg, ms, gbps / bw, ok))
             print(f"{str(shape):14s} {str(cfg):70s} {ms * 1e3:8.1f} us {gbps:6.0f} GB/s {gbps / bw:6.1%} exact={ok} "
                   f"regs={regs} spills={spills}", flush=True)
         bnb_ms = bench(lambda x: F.quantize_4bit(x, blocksize=64, quant_type="nf4"), xs)
         print(f"{str(shape):14s} bitsandbytes {bnb_ms * 1e3:8.1f} us", flush=True)
+        bnb_by_shape[shape] = bnb_ms
         bnb4.FAST_TILE.update(saved)
         # public API with/without DQ (host overhead + DQ)
         for dq in (False, True):
@@ -112,6 +117,18 @@ def main():
             print(f"{str(shape):14s} public quantize_4bit dq={dq} {ms * 1e3:8.1f} us", flush=True)
         del xs
         torch.cuda.empty_cache()
+    parts = []
+    for shape in SHAPES:
+        mine = [r for r in rows if r[0] == shape and r[1].get("fast") and r[4]]
+        if not mine:
+            continue
+        best = min(mine, key=lambda r: r[2])
+        dflt = [r for r in mine if all(r[1].get(k) == saved[k] for k in ("mode", "bpp", "warps"))]
+        c = best[1]
+        parts.append(f"{shape[0]}x{shape[1]} best mode {c['mode']}/{c['bpp']}/{c['warps']}w {best[2] * 1e3:.1f} us "
+                     f"({best[3]:.0%} of copy)" + (f", default {dflt[0][2] * 1e3:.1f} us ({dflt[0][3]:.0%})" if dflt else "")
+                     + (f", bitsandbytes {bnb_by_shape[shape] * 1e3:.1f} us" if shape in bnb_by_shape else ""))
+    print("SUMMARY bnb-variants: " + "; ".join(parts), flush=True)
     # dump the compile report of the default variant: registers per kernel from the last compiled entries
     for kern in (bnb4_triton.quantize4_pairs_kernel,):
         try:

@@ -8,8 +8,10 @@
 #   SMOKE=1 bash bench/gpu_session_profile.sh    the same steps on the CPU at tiny shapes (CUDA-only steps say so
 #                                                and exit cleanly)
 #   ONLY=bnb-kernels,profile-8b-defaults bash ... only the steps named (e.g. those a first call had no time for)
-#   (steps: env gptq-8b-fastest-full-eval gptq-8b-fastest gptq-factor profile-8b-fastest gptq-70b-defaults
-#    profile-70b-defaults ncu-nf4 gptq-8b-defaults gptq-70b-fastest bnb-kernels bnb-variants profile-8b-defaults)
+#   (steps, in this order: env gptq-8b-fastest-full-eval gptq-8b-fastest gptq-70b-defaults bnb-variants
+#    gptq-8b-defaults gptq-factor profile-8b-fastest profile-70b-defaults ncu-nf4 gptq-70b-fastest bnb-kernels
+#    profile-8b-defaults; BNB_VARIANTS=mode:bpp:warps,... limits the NF4 kernel sweep, FACTOR_SIZES and
+#    FACTOR_TOKENS the factorization step)
 #
 # Fail-soft: each step runs under its own time limit (and within BUDGET_S for the whole script, default 540 s);
 # a step that fails or times out is logged and the next one runs. Steps are ordered by what they are worth, so a
@@ -91,14 +93,14 @@ gs() {  # gs STEP MAX_SECONDS OPTIONS...: a gptq_speed.py step whose results fil
   step "$name" "$max" "$PY" -P bench/gptq_speed.py --out "$R" --workdir "$D" "${TOKENS[@]}" --tag "$name" "$@"
 }
 gs gptq-8b-fastest-full-eval 270 "${G8[@]}" --evaluate
-gs gptq-8b-fastest 60 "${G8[@]}" --blocks "$B8"
-step gptq-factor 60 "$PY" -P bench/gptq_factor.py --out "$R" "${FACTOR[@]}"
-step bnb-variants 90 bash -c "$PY -P bench/bnb_variants.py > \"\$R/bnb_variants.txt\" 2>&1; rc=\$?; tail -n 40 \"\$R/bnb_variants.txt\"; exit \$rc"
-gs profile-8b-fastest 90 --mode profile "${G8[@]}"
+gs gptq-8b-fastest 75 "${G8[@]}" --blocks "$B8"
 gs gptq-70b-defaults 110 "${G70[@]}" --blocks "$B70" --defaults
+step bnb-variants 90 bash -c "$PY -P bench/bnb_variants.py > \"\$R/bnb_variants.txt\" 2>&1; rc=\$?; tail -n 40 \"\$R/bnb_variants.txt\"; exit \$rc"
+gs gptq-8b-defaults 60 "${G8[@]}" --blocks "$B8" --defaults
+step gptq-factor 60 "$PY" -P bench/gptq_factor.py --out "$R" "${FACTOR[@]}"
+gs profile-8b-fastest 90 --mode profile "${G8[@]}"
 gs profile-70b-defaults 120 --mode profile "${G70[@]}" --defaults
 step ncu-nf4 150 bash -c ncu_nf4
-gs gptq-8b-defaults 60 "${G8[@]}" --blocks "$B8" --defaults
 gs gptq-70b-fastest 80 "${G70[@]}" --blocks "$B70"
 step bnb-kernels 120 "$PY" -P bench/bnb_kernels.py --out "$R/bnb_kernels"
 gs profile-8b-defaults 90 --mode profile "${G8[@]}" --defaults

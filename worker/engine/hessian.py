@@ -48,6 +48,8 @@ def add_half_gram(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) ->
     except torch.cuda.OutOfMemoryError:
         raise
     except (TypeError, RuntimeError, NotImplementedError):  # no out_dtype overload, or not for these dtypes
+        if _mm_out_dtype:  # it worked before: a real error, not a missing capability (and tiles are half-done)
+            raise
         _mm_out_dtype = False
         return None
     _mm_out_dtype = True
