@@ -103,8 +103,10 @@ def _adapters(base: torch.nn.Module, ckpt: bool) -> torch.nn.Module:
     return add_adapters(base, LORA, gradient_checkpointing=ckpt)
 
 
-def run_ours(base, ids: list[int], *, steps: int, ckpt: bool, optim: str, device: torch.device) -> dict[str, Any]:
-    """The engine's loop (`finetune.train.run`) on the shared base."""
+def run_ours(base, ids: list[int], *, steps: int, ckpt: bool, optim: str, device: torch.device,
+             compute_dtype: torch.dtype) -> dict[str, Any]:
+    """The engine's loop (`finetune.train.run`) on the shared base, with the base's compute dtype for autocast
+    (as the peer's bf16=True)."""
     from transformers import get_scheduler
 
     from qaas.worker.engine.finetune import train
@@ -121,7 +123,8 @@ def run_ours(base, ids: list[int], *, steps: int, ckpt: bool, optim: str, device
     probe = [collate([ids[:16]], 0)]  # the loop's eval before training: 16 tokens, outside the timed steps
     _reset_peak(device)
     train.run(net, optimizer, scheduler, train_seqs=[ids] * steps, eval_batches=probe, training=training,
-              steps=steps, pad_id=0, device=device, reporter=clock, checkpoint_dir=None, resume=None)
+              steps=steps, pad_id=0, device=device, reporter=clock, checkpoint_dir=None, resume=None,
+              compute_dtype=compute_dtype)
     out = {"impl": "qaas", "gradient_checkpointing": ckpt, "optim": used, **_timings(clock.step_times, clock.start, len(ids)),
            "peak_memory_bytes": _peak(device), "trainable_parameters": sum(p.numel() for p in params)}
     del optimizer, scheduler, params
@@ -221,7 +224,7 @@ def main() -> int:
     t0 = time.perf_counter()
     from random_llama import SHAPES, random_model
 
-    from qaas.worker.engine.finetune.model import base_config, load_base
+    from qaas.worker.engine.finetune.model import DTYPES, base_config, load_base
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda:0")
     shape = args.shape or ("tiny" if args.smoke else "8b")
@@ -260,7 +263,8 @@ def main() -> int:
             continue
         kw = dict(steps=steps, ckpt=ckpt, optim=optim, device=device)
         try:
-            r = run_ours(base, ids, **kw) if impl == "qaas" else run_peer(base, ids, workdir=workdir, **kw)
+            r = (run_ours(base, ids, compute_dtype=DTYPES[used_qc["bnb_4bit_compute_dtype"]], **kw) if impl == "qaas"
+                 else run_peer(base, ids, workdir=workdir, **kw))
         except torch.cuda.OutOfMemoryError as exc:
             r = {"impl": impl, "gradient_checkpointing": ckpt, "error": f"out of memory: {exc}"[:300]}
             _free(device)

@@ -118,7 +118,8 @@ def finetune(spec: dict[str, Any], *, options: EngineOptions, reporter: Reporter
         clock.stage("train", total=steps)
         state = train.run(net, optimizer, scheduler, train_seqs=train_seqs, eval_batches=eval_batches,
                           training=training, steps=steps, pad_id=pad_id, device=device, reporter=clock,
-                          checkpoint_dir=checkpoint_dir, resume=resume)
+                          checkpoint_dir=checkpoint_dir, resume=resume,
+                          compute_dtype=base_model.DTYPES.get(used_qc.get("bnb_4bit_compute_dtype")))
 
         clock.stage("evaluate")
         after = train.eval_loss(net, eval_batches, device, clock)

@@ -9,6 +9,7 @@ exactly the batches the lost run would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
@@ -84,9 +85,18 @@ def total_steps(training: dict[str, Any], micro_batches_per_epoch: int) -> int:
     return max(1, math.ceil(per_epoch * training["num_train_epochs"]))
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for the adapters' matmuls when the base computes in 16-bit on a GPU (what Trainer's
+    bf16/fp16 arguments do); a no-op context otherwise."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
 def run(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, train_seqs: list[list[int]],
         eval_batches: list[Batch], training: dict[str, Any], steps: int, pad_id: int, device: torch.device,
-        reporter: Any, checkpoint_dir: Path | None, resume: Path | None) -> LoopState:
+        reporter: Any, checkpoint_dir: Path | None, resume: Path | None,
+        compute_dtype: torch.dtype | None = None) -> LoopState:
     accum = training["gradient_accumulation_steps"]
     bs = training["per_device_train_batch_size"]
     seed = training["seed"]
@@ -127,7 +137,8 @@ def run(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
             parts.append((b, int((b.labels[:, 1:] != -100).sum())))
         denom = max(1, sum(n for _, n in parts))
         for b, _ in parts:
-            nll, count = _step_loss(model, b)
+            with autocast(device, compute_dtype):
+                nll, count = _step_loss(model, b)
             (nll / denom).backward()
             step_nll += float(nll.detach())
             step_count += count
