@@ -449,7 +449,10 @@ def summary_line(results: dict) -> str:
                          + f", peak {e['peak_gpu_gib_quantize']} GiB")
             if e.get("evaluation"):
                 ev = e["evaluation"]
-                parts.append(f"eval {ev['stage_s']:.1f}s = {ev['fraction_of_quantization']:.0%} of the job")
+                xe = ev.get("extrapolated_full_model")
+                parts.append(f"eval {ev['stage_s']:.1f}s = {ev['fraction_of_quantization']:.0%} of the job"
+                             + (f" (~{xe['stage_s']:.0f}s = {xe['fraction_of_quantization']:.0%} at {xe['blocks']} "
+                                "blocks)" if xe else ""))
     if results.get("profile"):
         s = results["profile"]["summary"]
         parts.append(f"profiled block: device busy {s['device_busy_ms']:.0f} ms of {s['window_ms']:.0f} ms")

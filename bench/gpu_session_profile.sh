@@ -11,7 +11,8 @@
 #   (steps, in this order: env gptq-8b-fastest-full-eval gptq-8b-fastest gptq-70b-defaults bnb-variants
 #    gptq-8b-defaults gptq-factor profile-8b-fastest profile-70b-defaults ncu-nf4 gptq-70b-fastest bnb-kernels
 #    profile-8b-defaults; BNB_VARIANTS=mode:bpp:warps,... limits the NF4 kernel sweep, FACTOR_SIZES and
-#    FACTOR_TOKENS the factorization step)
+#    FACTOR_TOKENS the factorization step; eval-8b eval-70b, last: the streamed evaluation of
+#    16 x 2048 tokens beside a 4- / 3-block job, extrapolated to 32 / 80 blocks)
 #
 # Fail-soft: each step runs under its own time limit (and within BUDGET_S for the whole script, default 540 s);
 # a step that fails or times out is logged and the next one runs. Steps are ordered by what they are worth, so a
@@ -104,6 +105,8 @@ step ncu-nf4 150 bash -c ncu_nf4
 gs gptq-70b-fastest 80 "${G70[@]}" --blocks "$B70"
 step bnb-kernels 120 "$PY" -P bench/bnb_kernels.py --out "$R/bnb_kernels"
 gs profile-8b-defaults 90 --mode profile "${G8[@]}" --defaults
+gs eval-8b 150 "${G8[@]}" --blocks "$B8" --evaluate
+gs eval-70b 180 "${G70[@]}" --blocks "$B70" --defaults --evaluate
 
 {
   echo "# GPU session: issue 17 measurements ($(date -u +%FT%TZ), $(($(date +%s) - START))s of ${BUDGET_S}s)"
