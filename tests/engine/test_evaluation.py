@@ -117,3 +117,27 @@ def test_job_eval_text_is_used_and_never_the_calibration_dataset(tmp_path):
 
     assert ev["text"]["sha256"] == hashlib.sha256(mine.read_bytes()).hexdigest() == ev["text_sha256"]
     assert ev["text"]["source"] == "options.eval_text (file domain.txt)" and ev["windows_left_out"] == 0
+
+
+def test_streamed_pass_holds_one_block_at_a_time(monkeypatch):
+    """What lets a model larger than the device be evaluated: when a block is given memory, every block before
+    it has been freed (back on the meta device)."""
+    import weakref
+
+    from qaas.worker.engine import streamed_eval
+
+    seen: list[weakref.ref] = []
+    alive_at_load: list[int] = []
+    real = streamed_eval.materialize_block
+
+    def counting(block, *a, **k):
+        alive_at_load.append(sum(1 for r in seen if r() is not None
+                                 and next(r().parameters()).device.type != "meta"))
+        seen.append(weakref.ref(block))
+        return real(block, *a, **k)
+
+    monkeypatch.setattr(streamed_eval, "materialize_block", counting)
+    data = load_eval_data(STORIES, WIKITEXT, seqlen=128, max_windows=2)
+    streamed, whole = _streamed_vs_whole(STORIES, data, 4096)
+    assert alive_at_load == [0, 0, 0, 0, 0]  # five blocks, each loaded into an otherwise empty device
+    assert streamed.perplexity == pytest.approx(whole, rel=1e-5)

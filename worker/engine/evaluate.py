@@ -149,7 +149,8 @@ def load_eval_data(tokenizer_dir: str | Path, text_path: "str | Path | EvalText 
     left_out = 0
     ids: list[int] = []
     for n_chars in (need * 32, need * 256, len(body)):
-        ids = tokenizer(body[:n_chars], add_special_tokens=True)["input_ids"]
+        # verbose=False: the text is longer than the model's context on purpose (it is cut into windows)
+        ids = tokenizer(body[:n_chars], add_special_tokens=True, verbose=False)["input_ids"]
         rows, left_out = [], 0
         for k in range(len(ids) // seqlen):
             window = ids[k * seqlen : (k + 1) * seqlen]
