@@ -5,8 +5,8 @@ for the k-quants) and returns the bytes llama.cpp stores for them, uint8 [rows, 
   * F32, F16, BF16: IEEE rounding to nearest even (BF16 as the gguf package rounds it: NaN kept quiet);
   * Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: the Triton kernel `legacy_quant_kernel` computes scales and codes, torch packs
     them (nibbles, the fifth bits, halves);
-  * Q6_K: the torch reference on every device (its 19-candidate scale search in element order; the operations
-    are IEEE float32 on CUDA as on the CPU, so the bytes are the same).
+  * Q4_K, Q5_K, Q6_K: the torch reference on every device (their scale searches accumulate in element order;
+    the operations are IEEE float32 on CUDA as on the CPU, so the bytes are the same).
 What each rule is and why is in gguf_reference.py. Public functions take `backend="auto" | "triton" | "torch"`
 (`qaas.kernels.dispatch.use_triton`).
 """
@@ -22,7 +22,7 @@ from .dispatch import use_triton
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 LEGACY = {"Q8_0": T.Q8_0, "Q4_0": T.Q4_0, "Q4_1": T.Q4_1, "Q5_0": T.Q5_0, "Q5_1": T.Q5_1}
-TYPES = FLOAT_TYPES + tuple(LEGACY) + ("Q6_K",)
+TYPES = FLOAT_TYPES + tuple(LEGACY) + ("Q4_K", "Q5_K", "Q6_K")
 
 
 def block_size(type_name: str) -> int:

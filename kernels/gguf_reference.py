@@ -5,7 +5,8 @@ The rules that decide the bytes (read from ggml-quants.c, re-derived here, check
 in tests/kernels/test_gguf_quants.py):
   * scales are computed in float32 and stored as IEEE half (round to nearest even); the codes are computed
     from the float32 scale, not from the stored half;
-  * "round" is C's roundf (halves away from zero) and "(int8_t)" truncates toward zero;
+  * "round" is C's roundf (halves away from zero) and "(int8_t)" truncates toward zero; sqrtf is correctly
+    rounded (computed here in float64 and rounded once);
   * the absolute maximum of a Q4_0/Q5_0 block keeps its sign, and the first of equal magnitudes wins; the
     minimum and maximum of a Q4_1/Q5_1 block are likewise the first such element (it decides the sign of a zero).
 Block layouts (little endian), 32 weights a block:
@@ -19,6 +20,12 @@ search (the scale of 19 candidates minimising the x^2-weighted error, sums accum
 C loop does: float32 sums are not associative), sub-block scales quantized to int8 against one f16 super-scale,
 then the codes recomputed from the stored scales. Layout: ql:u8[128] (low nibbles), qh:u8[64] (2 high bits of
 four weights), scales:i8[16], d:f16 -- 210 bytes.
+Q4_K / Q5_K (super-blocks of 256 = 8 sub-blocks of 32, codes 0..15 / 0..31 with a minimum): per sub-block ggml's
+`make_qkx2_quants` (weights av|x| + |x|; a first guess from the range, then nstep+1 candidate scales refit by
+weighted least squares, kept when their weighted squared error is smaller), scales and minimums as 6-bit values
+against two f16 super-scales, codes recomputed from the stored ones. Layout: d:f16 dmin:f16 scales:u8[12]
+(6-bit pairs packed as get_scale_min_k4 reads them) [qh:u8[32], Q5_K: the fifth bits] qs:u8[128] -- 144 / 176
+bytes.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ import torch
 
 QK = 32
 QK_K = 256
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q6_K": 210}
-BLOCK_SIZE = {"Q8_0": QK, "Q4_0": QK, "Q4_1": QK, "Q5_0": QK, "Q5_1": QK, "Q6_K": QK_K}
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q6_K": 210, "Q4_K": 144, "Q5_K": 176}
+BLOCK_SIZE = {"Q8_0": QK, "Q4_0": QK, "Q4_1": QK, "Q5_0": QK, "Q5_1": QK, "Q6_K": QK_K, "Q4_K": QK_K, "Q5_K": QK_K}
 #: ggml's GROUP_MAX_EPS: a group whose largest magnitude is below it is all zeros.
 GROUP_MAX_EPS = 1e-15
 
@@ -84,9 +91,10 @@ def nearest_int(x: torch.Tensor) -> torch.Tensor:
 
 def _ordered_sum(v: torch.Tensor) -> torch.Tensor:
     """Sum over the last dimension in element order, in float32 (the C loop's rounding, not a tree's)."""
-    s = torch.zeros(v.shape[:-1], dtype=torch.float32, device=v.device)
-    for i in range(v.shape[-1]):
-        s = s + v[..., i]
+    cols = v.movedim(-1, 0).contiguous()  # one contiguous slice per position: the adds stream
+    s = torch.zeros_like(cols[0])  # from +0.0, as the C loops start
+    for i in range(cols.shape[0]):
+        s += cols[i]
     return s
 
 
@@ -156,11 +164,119 @@ def _quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
                       _half_bytes(d)], dim=1)
 
 
+def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+                     nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, use_mad=false) for
+    each row of x [m, n]: (scale [m], the_min [m], L [m, n] int32)."""
+    n = x.shape[1]
+    lo, hi = x[:, 0], x[:, 0]
+    sum_w, sum_x = w[:, 0], w[:, 0] * x[:, 0]
+    for i in range(1, n):
+        xi, wi = x[:, i], w[:, i]
+        lo = torch.where(xi < lo, xi, lo)
+        hi = torch.where(xi > hi, xi, hi)
+        sum_w = sum_w + wi
+        sum_x = sum_x + wi * xi
+    lo = torch.where(lo > 0, torch.zeros_like(lo), lo)
+    flat = hi == lo
+    span = torch.where(flat, torch.ones_like(hi), hi - lo)
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+
+    def codes(iscale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+
+    def error(scale: torch.Tensor, mn: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+        diff = scale[:, None] * L.to(torch.float32) + mn[:, None] - x
+        return _ordered_sum(w * (diff * diff))
+
+    iscale = f32(float(nmax)) / span
+    scale = 1 / iscale
+    L = codes(iscale, lo)
+    best = error(scale, lo, L)
+    mn = lo
+    for step in range(nstep + 1):
+        # as in the C loop, a better fit's minimum moves the range every later candidate is cut from
+        span = torch.where(flat, torch.ones_like(hi), hi - mn)
+        iscale = (f32(rmin) + f32(rdelta) * f32(float(step)) + f32(float(nmax))) / span
+        Laux = codes(iscale, mn)
+        lf = Laux.to(torch.float32)
+        wl = w * lf
+        sum_l, sum_l2, sum_xl = _ordered_sum(wl), _ordered_sum(wl * lf), _ordered_sum(wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        safe_d = torch.where(ok, D, torch.ones_like(D))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_d
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_d
+        pos = this_min > 0
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        safe_l2 = torch.where(sum_l2 != 0, sum_l2, torch.ones_like(sum_l2))
+        this_scale = torch.where(pos, sum_xl / safe_l2, this_scale)
+        cur = error(this_scale, this_min, Laux)
+        better = ok & (cur < best)
+        L = torch.where(better[:, None], Laux, L)
+        best = torch.where(better, cur, best)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+    L = torch.where(flat[:, None], torch.zeros_like(L), L)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    mn = torch.where(flat, lo, mn)
+    return scale, -mn, L
+
+
+def _quantize_q45_k(x: torch.Tensor, type_name: str) -> torch.Tensor:
+    """[n, 256] super-blocks -> [n, 144] (Q4_K) or [n, 176] (Q5_K) bytes (see the module docstring)."""
+    n = x.shape[0]
+    nmax, rmin, nstep = (15, -1.0, 20) if type_name == "Q4_K" else (31, -0.5, 15)
+    sub = x.reshape(n * 8, 32)
+    # sqrtf is correctly rounded; torch's vectorized float32 sqrt on the CPU is not always (seen 1 ulp off):
+    # the float64 root rounded to float32 is the correctly rounded float32 root
+    av_x = torch.sqrt(_ordered_sum(sub * sub).to(torch.float64) / 32).to(torch.float32)
+    w = av_x[:, None] + sub.abs()
+    scales, mins, L = make_qkx2_quants(sub, w, nmax, rmin, 0.1, nstep)
+    scales, mins, L = scales.reshape(n, 8), mins.reshape(n, 8), L.reshape(n, 8, 32)
+
+    def running_max(v: torch.Tensor) -> torch.Tensor:
+        m = torch.zeros(n, dtype=torch.float32, device=v.device)
+        for j in range(8):
+            m = torch.where(v[:, j] > m, v[:, j], m)
+        return m
+
+    max_scale, max_min = running_max(scales), running_max(mins)
+    inv_scale = torch.where(max_scale > 0, 63.0 / torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale)),
+                            torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, 63.0 / torch.where(max_min > 0, max_min, torch.ones_like(max_min)),
+                          torch.zeros_like(max_min))
+    ls = torch.clamp_max(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)  # uint8, then MIN(63, .)
+    lm = torch.clamp_max(nearest_int(inv_min[:, None] * mins) & 0xFF, 63)
+    packed = torch.zeros(n, 12, dtype=torch.int32, device=x.device)
+    packed[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    packed[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    packed[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    d = max_scale / 63.0
+    dmin = max_min / 63.0
+    dd = d.to(torch.float16).to(torch.float32)[:, None] * ls.to(torch.float32)
+    dm = dmin.to(torch.float16).to(torch.float32)[:, None] * lm.to(torch.float32)
+    safe = torch.where(dd != 0, dd, torch.ones_like(dd))
+    l = torch.clamp(nearest_int((x.reshape(n, 8, 32) + dm[:, :, None]) / safe[:, :, None]), 0, nmax)
+    L = torch.where((dd != 0)[:, :, None], l, L)
+    q = L.reshape(n, 4, 2, 32)  # weight 64 c + 32 h + j
+    qs = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(n, 128)
+    parts = [_half_bytes(d), _half_bytes(dmin), packed.to(torch.uint8)]
+    if type_name == "Q5_K":
+        shifts = (2 * torch.arange(4, device=x.device)).reshape(1, 4, 1)
+        qh = (((q[:, :, 0] >> 4) & 1) << shifts) | (((q[:, :, 1] >> 4) & 1) << (shifts + 1))
+        parts.append(qh.sum(dim=1).to(torch.uint8))
+    parts.append(qs.to(torch.uint8))
+    return torch.cat(parts, dim=1)
+
+
 def quantize_blocks_reference(x: torch.Tensor, type_name: str) -> torch.Tensor:
     """float32 [rows, cols] (cols a multiple of the type's block) -> uint8 [rows, cols / block * block bytes]."""
     rows, cols = x.shape
     if type_name == "Q6_K":
         return _quantize_q6_k(x.reshape(-1, QK_K).to(torch.float32)).reshape(rows, -1).contiguous()
+    if type_name in ("Q4_K", "Q5_K"):
+        return _quantize_q45_k(x.reshape(-1, QK_K).to(torch.float32), type_name).reshape(rows, -1).contiguous()
     b = x.reshape(-1, QK).to(torch.float32)
     d, m, q = legacy_codes_reference(b, type_name)
     return pack_legacy(type_name, d, m, q).reshape(rows, -1).contiguous()

@@ -56,7 +56,9 @@ class GGUFMethod:
         conv = [(t.name, t.shape, "F32" if t.keep_f32 else float_type) for t in order]
         vocab = read_vocab(ctx.source_dir, config)
         model_name = ctx.source.repo_id.split("/")[-1] if ctx.source.repo_id else None
-        outputs = [GGUFOutput(ctx.work_dir, t, order, tensor_types(t, conv), config=config, vocab=vocab,
+        hparams = {"n_layer": config["num_hidden_layers"], "n_head": config["num_attention_heads"],
+                   "n_head_kv": config.get("num_key_value_heads") or config["num_attention_heads"]}
+        outputs = [GGUFOutput(ctx.work_dir, t, order, tensor_types(t, conv, hparams), config=config, vocab=vocab,
                               source_dir=ctx.source_dir, model_name=model_name,
                               split_bytes=split_bytes(fields["split_max_size"])) for t in fields["types"]]
         n_blocks, done_blocks = config["num_hidden_layers"], -1
