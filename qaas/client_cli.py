@@ -292,6 +292,11 @@ def describe(job: dict, out: TextIO) -> None:
         print(f"perplexity {ev['perplexity_before']:.3f} -> {ev['perplexity_after']:.3f}", file=out)
     elif ev.get("skipped"):
         print(f"perplexity not measured: {ev['skipped']}", file=out)
+    per_type = ev.get("per_type") or {}
+    for o in (result.get("gguf") or {}).get("outputs") or []:  # a GGUF job: a line per type
+        ppl = (per_type.get(o["type"]) or {}).get("perplexity")
+        print(f"gguf      {o['type']:<8} {_size(o['size']):>10}  {o['bits_per_weight']:.2f} bpw"
+              + (f"  perplexity {ppl:.3f}" if isinstance(ppl, (int, float)) else ""), file=out)
     hub = result.get("hub") or {}
     if hub:
         print(f"hub       {hub.get('url') or hub.get('repo_id')}"

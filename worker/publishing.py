@@ -58,6 +58,7 @@ def card_info(job: dict[str, Any], repo_id: str, revision: str | None, endpoint:
         "quantization_config": result.get("quantization_config") or request.get("quantization_config"),
         "calibration": result.get("calibration"),
         "evaluation": result.get("evaluation"),
+        "gguf": result.get("gguf"),
         "size": {"before_bytes": result.get("size_before_bytes"), "after_bytes": result.get("size_after_bytes")},
         "job_id": str(job_id),
         "qaas_version": __version__,

@@ -298,15 +298,16 @@ async def _list_stream(settings, dash: auth.DashboardSession, since: dt.datetime
 # --- submit ---------------------------------------------------------------------------------------
 
 METHODS = {"gptq": "GPTQ", "nf4": "bitsandbytes NF4 (4-bit)", "fp4": "bitsandbytes FP4 (4-bit)",
-           "int8": "bitsandbytes LLM.int8 (8-bit)"}
+           "int8": "bitsandbytes LLM.int8 (8-bit)", "gguf": "GGUF (llama.cpp, Ollama, LM Studio)"}
 FORM_DEFAULTS = {"model": "", "revision": "", "method": "nf4", "bits": "4", "group_size": "128", "dataset": "",
                  "double_quant": False, "compute_dtype": "", "desc_act": False, "sym": True, "evaluate": True,
                  "eval_max_windows": "", "priority": "0", "push_repo": "", "push_private": True,
-                 "webhook_url": "", "advanced": ""}
+                 "webhook_url": "", "advanced": "", "gguf_types": "Q4_K_M, Q8_0"}
 # Request fields -> the form input that sets them (for errors shown beside their input).
 FIELD_INPUTS = {"model": "model", "model.id": "model", "model.path": "model", "model.revision": "revision",
                 "quantization_config.bits": "bits", "quantization_config.group_size": "group_size",
                 "quantization_config.dataset": "dataset", "quantization_config.bnb_4bit_compute_dtype": "compute_dtype",
+                "quantization_config.types": "gguf_types",
                 "options.eval_max_windows": "eval_max_windows", "options.priority": "priority",
                 "push_to_hub.repo_id": "push_repo", "webhook.url": "webhook_url", "advanced": "advanced"}
 
@@ -348,6 +349,8 @@ def build_request(values: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str
             qc["bnb_4bit_compute_dtype"] = values["compute_dtype"]
     elif method == "int8":
         qc = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    elif method == "gguf":
+        qc = {"quant_method": "gguf", "types": [t.strip() for t in values["gguf_types"].replace(",", " ").split()]}
     else:
         qc = {"quant_method": method}
     req["quantization_config"] = qc
@@ -394,7 +397,9 @@ def _submit_page(request: Request, dash, values: dict, errors: list[dict[str, st
     values = {**values, "advanced": _without_secrets(values.get("advanced", ""))}
     by_input: dict[str, list[str]] = {}
     for e in errors:
-        by_input.setdefault(FIELD_INPUTS.get(e["field"], "advanced"), []).append(f"{e['field']}: {e['message']}")
+        # an item's error (quantization_config.types.1) goes beside its list's input
+        where = FIELD_INPUTS.get(e["field"]) or FIELD_INPUTS.get(e["field"].rsplit(".", 1)[0], "advanced")
+        by_input.setdefault(where, []).append(f"{e['field']}: {e['message']}")
     return render(request, "submit.html", {
         "title": "Submit a job", "v": values, "methods": METHODS, "errors": errors, "field_errors": by_input,
         "idempotency_key": secrets.token_urlsafe(16),

@@ -56,6 +56,8 @@ def method_label(job: Job) -> str:
             return "bitsandbytes int8"
         kind = str(qc.get("bnb_4bit_quant_type") or "fp4").upper()
         return f"bitsandbytes {kind} 4-bit" + (" +DQ" if qc.get("bnb_4bit_use_double_quant") else "")
+    if job.method == "gguf":
+        return "GGUF " + " ".join(qc.get("types") or [])
     return f"{job.method} {job.bits or ''}-bit".strip()
 
 
@@ -341,7 +343,24 @@ def result_view(job: Job) -> dict[str, Any] | None:
         "hub": hub_view,
         "device": r.get("device"),
         "notes": r.get("notes") or [],
+        "gguf": gguf_rows(r),
     }
+
+
+def gguf_rows(result: dict[str, Any]) -> list[dict[str, str]]:
+    """A GGUF job's files by type: size, bits per weight, perplexity through llama.cpp and its change."""
+    ev = result.get("evaluation") or {}
+    before, per_type = ev.get("perplexity_before"), ev.get("per_type") or {}
+    rows = []
+    for o in (result.get("gguf") or {}).get("outputs") or []:
+        ppl = (per_type.get(o.get("type")) or {}).get("perplexity")
+        ok = isinstance(ppl, (int, float))
+        rows.append({"type": str(o.get("type")), "size": size(o.get("size")),
+                     "bpw": f"{o['bits_per_weight']:.2f}" if isinstance(o.get("bits_per_weight"), (int, float)) else "–",
+                     "ppl": f"{ppl:.3f}" if ok else "–",
+                     "change": f"{(ppl / before - 1) * 100:+.2f} %" if ok and isinstance(before, (int, float)) and before
+                     else ""})
+    return rows
 
 
 # --- webhook deliveries ---------------------------------------------------------------------------

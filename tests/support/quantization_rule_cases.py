@@ -121,6 +121,11 @@ ROWS = [
     ("ct-bits", {**CT, "scheme": "W4A16", "bits": 4}, "bits"),
     ("ct-config-groups", {**CT, "scheme": "W4A16", "config_groups": {}}, "config_groups"),
     ("ct-dampening-rtn", {**CT, "scheme": "W4A16", "dampening_frac": 0.1}, "dampening_frac"),
+    # GGUF
+    ("gguf-types", {"quant_method": "gguf", "types": ["Q4_K_M", "Q8_0"]}, None),
+    ("gguf-unknown-type", {"quant_method": "gguf", "types": ["Q8_0", "Q4_K_X"]}, "types.1"),
+    ("gguf-iq-without-imatrix", {"quant_method": "gguf", "types": ["IQ4_XS"]}, "types.0"),
+    ("gguf-split-size", {"quant_method": "gguf", "types": ["Q8_0"], "split_max_size": "huge"}, "split_max_size"),
     # refused: the method
     ("method-unknown", {"quant_method": "hqq", "bits": 4}, "quant_method"),
     ("method-missing", {"bits": 4, "dataset": TEXTS}, "quant_method"),

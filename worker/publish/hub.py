@@ -160,6 +160,8 @@ def default_repo_id(
     method = method.lower()
     if method == "gptq":
         suffix = f"-GPTQ-{bits}bit" + (f"-g{group_size}" if group_size and group_size > 0 else "")
+    elif method == "gguf":
+        suffix = "-GGUF"  # one repo holds every type's file, as GGUF repos on the Hub do
     elif method in ("bitsandbytes", "bnb"):
         suffix = f"-bnb-{(quant_type or 'nf4').lower()}" if bits == 4 else f"-bnb-{bits}bit"
     else:

@@ -38,6 +38,10 @@ def method_and_bits(qc: dict[str, Any]) -> tuple[str, int]:
     if method == "bitsandbytes":
         eight = qc.get("load_in_8bit") or qc.get("_load_in_8bit")
         return "bitsandbytes", 8 if eight else 4
+    if method == "gguf":
+        from qaas.quantization_rules.gguf import bits
+
+        return "gguf", bits(qc) or 16
     raise ValueError(f"unknown quant_method {qc.get('quant_method')!r}")
 
 
@@ -95,9 +99,66 @@ def _recipe_rows(qc: dict[str, Any], method: str, bits: int) -> list[tuple[str, 
     return rows + [(k, qc[k]) for k in keys if k in qc]
 
 
+def _gguf_card(info: dict[str, Any]) -> str:
+    """The card of a GGUF repo: one row per file (type, size, bits per weight, perplexity and its change), the
+    llama.cpp / Ollama / LM Studio lines that run it, how it was made."""
+    qc: dict[str, Any] = dict(info["quantization_config"])
+    source = info.get("source") or {}
+    source_id, repo_id = str(source["id"]), str(info["repo_id"])
+    endpoint = str(info.get("endpoint") or DEFAULT_ENDPOINT).rstrip("/")
+    outputs = list((info.get("gguf") or {}).get("outputs") or [])
+    meta: dict[str, Any] = {}
+    if info.get("license"):
+        meta["license"] = str(info["license"])
+    meta.update({"base_model": source_id, "base_model_relation": "quantized", "library_name": "gguf",
+                 "pipeline_tag": "text-generation", "tags": ["gguf", "llama.cpp", "qaas"] + [o["type"] for o in outputs]})
+    if source.get("revision"):
+        meta["source_revision"] = str(source["revision"])
+    out = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip("\n"), "---", ""]
+    out += [f"# {repo_id.split('/')[-1]}", ""]
+    src_rev = f" at revision {_code(source['revision'])}" if source.get("revision") else ""
+    out += [f"GGUF files of [{source_id}]({endpoint}/{source_id}){src_rev} for llama.cpp, Ollama and LM Studio, made "
+            "with qaas (quantization as a service)" + (f", job {_code(info['job_id'])}" if info.get("job_id") else "")
+            + ". Each quantized file holds the bytes llama.cpp's own `llama-quantize` writes for that type from the "
+            f"{qc.get('output_type_default', 'F16')} conversion.", ""]
+    ev = info.get("evaluation") or {}
+    per_type = ev.get("per_type") or {}
+    before = ev.get("perplexity_before")
+    out += ["## Files", "", "| file | type | size | bits per weight | perplexity | change |", "|---|---|---|---|---|---|"]
+    for o in outputs:
+        ppl = (per_type.get(o["type"]) or {}).get("perplexity")
+        change = f"{100 * (ppl - before) / before:+.2f}%" if ppl is not None and before else "-"
+        names = ", ".join(_code(f["name"]) for f in o["files"])
+        out.append(f"| {names} | {o['type']} | {_human(o['size'])} | {o['bits_per_weight']:.2f} | "
+                   f"{f'{ppl:.4f}' if ppl is not None else '-'} | {change} |")
+    out.append("")
+    if before is not None:
+        where = [f"sequence length {ev['seqlen']}"] if ev.get("seqlen") else []
+        if ev.get("tokens"):
+            where.append(f"{ev['tokens']:,} tokens")
+        out += [f"Perplexity through llama.cpp's logits (lower is better; the source model in transformers: "
+                f"{before:.4f})" + (", " + ", ".join(where) if where else "") + ".", ""]
+    elif ev.get("skipped"):
+        out += [f"Perplexity not measured: {ev['skipped']}.", ""]
+    first = next((o for o in outputs if o["type"] == "Q4_K_M"), outputs[0] if outputs else None)
+    tag = first["type"] if first else "Q4_K_M"
+    host = endpoint.split("://", 1)[-1]
+    out += ["## How to run", "", "llama.cpp:", "", "```bash", f"llama-cli -hf {repo_id}:{tag} -p \"Once upon a time\"",
+            "```", "", "Ollama:", "", "```bash", f"ollama run {host}/{repo_id}:{tag}", "```", "",
+            "LM Studio: search for the repo name and pick a file.", ""]
+    rows = [("types", ", ".join(qc.get("types") or [])), ("conversion", qc.get("output_type_default")),
+            ("importance matrix", "yes" if qc.get("imatrix") else "no"), ("split", qc.get("split_max_size") or "no")]
+    out += ["## Recipe", "", "| parameter | value |", "|---|---|"]
+    out += [f"| {k} | {_code(v)} |" for k, v in rows]
+    out += ["", "```json", json.dumps(qc, indent=2, sort_keys=True, default=str), "```", ""]
+    return "\n".join(out)
+
+
 def render_model_card(info: dict[str, Any]) -> str:
     qc: dict[str, Any] = dict(info["quantization_config"])
     method, bits = method_and_bits(qc)
+    if method == "gguf":
+        return _gguf_card(info)
     source = info.get("source") or {}
     source_id = str(source["id"])
     repo_id = str(info["repo_id"])
