@@ -110,6 +110,17 @@ class SplitSize(Kind):
         return {"type": "string", "pattern": _SIZE.pattern}
 
 
+@dataclass(frozen=True)
+class OptionalDataset(Dataset):
+    """`dataset`, which only the importance matrix reads: null when there is none."""
+
+    required: bool = False
+
+    def schema(self) -> dict[str, Any]:
+        s = super().schema()
+        return {"anyOf": [*s["anyOf"], {"type": "null"}], "description": s["description"]}
+
+
 def _combine(c: dict[str, Any]) -> dict[str, Any]:
     if c["imatrix"] and c["dataset"] is None:
         raise FieldError("dataset", "imatrix: true computes the importance matrix from calibration data: give a "
@@ -130,7 +141,7 @@ RULES = MethodRules(
     fields={
         "types": Types(),
         "imatrix": Boolean(False, description="compute llama.cpp's importance matrix from dataset (needed by IQ types)"),
-        "dataset": Dataset(required=False, description="calibration data of the importance matrix"),
+        "dataset": OptionalDataset(),
         "output_type_default": Choice("F16", choices=FLOAT_TYPES,
                                       description="floating-point type of the conversion (and of unquantized tensors)"),
         "split_max_size": SplitSize(description="split each file into parts of at most this size (\"48GB\")"),
