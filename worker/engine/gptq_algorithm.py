@@ -63,20 +63,25 @@ def gar_permutation(diag_h: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _upper_factor_of_inverse(Hd: torch.Tensor) -> tuple[torch.Tensor | None, int]:
-    """U upper with U^T U = Hd^-1, or (None, info) when Hd is not numerically positive definite.
+def _upper_factor_of_inverse(H: torch.Tensor, shift: float) -> tuple[torch.Tensor | None, int]:
+    """U upper with U^T U = (H + shift I)^-1, or (None, info) when that is not numerically positive definite.
 
     The paper computes it as chol(chol_inverse(chol(Hd))), upper: three cuSOLVER calls of ~n^3/3, 2n^3/3 (or
     2n^3 through potrs) and n^3/3 flops. The same factor in two: with J the reversal of rows and columns and
     L L^T = J Hd J (lower Cholesky), R = J L J is upper and Hd = R R^T, so Hd^-1 = R^-T R^-1 and the upper
     factor of Hd^-1 is U = R^-1 = J L^-1 J (unique: positive diagonal). One Cholesky and one triangular solve
-    against the identity; other rounding than the three-step form, same error (tests/kernels, bench)."""
-    n = Hd.shape[0]
-    L, info = torch.linalg.cholesky_ex(torch.flip(Hd, (0, 1)))
+    against the identity; other rounding than the three-step form, same error (tests/kernels, bench).
+    At most three n x n temporaries at a time (28672^2 float32 is 3.3 GB: the 70B down_proj)."""
+    n = H.shape[0]
+    M = torch.flip(H, (0, 1))  # J H J, a copy; J I J = I, so the damping goes on its diagonal as on H's
+    M.diagonal().add_(shift)
+    L, info = torch.linalg.cholesky_ex(M)
+    del M
     if int(info) != 0:
         return None, int(info)
-    Li = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
-    del L
+    eye = torch.eye(n, dtype=L.dtype, device=L.device)
+    Li = torch.linalg.solve_triangular(L, eye, upper=False)
+    del L, eye
     return torch.flip(Li, (0, 1)), 0
 
 
@@ -89,13 +94,9 @@ def inverse_hessian_factor(
     if not math.isfinite(mean_diag) or mean_diag <= 0:
         mean_diag = 1.0
     percent = damp_percent
-    idx = torch.arange(H.shape[0], device=H.device)
     with tf32_matmuls(False):  # float32 throughout, as the paper's factorization
         for _ in range(max_tries):
-            Hd = H.clone()
-            Hd[idx, idx] += percent * mean_diag
-            U, _ = _upper_factor_of_inverse(Hd)
-            del Hd
+            U, _ = _upper_factor_of_inverse(H, percent * mean_diag)
             if U is not None and bool(torch.isfinite(U).all()):
                 return U, percent, notes
             msg = f"Hessian not positive definite with damp_percent={percent:g}; retrying with {percent * 10:g}"
