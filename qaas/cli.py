@@ -257,6 +257,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         calibration_datasets=settings.calibration_datasets,
         evaluate=not args.no_eval,
         eval_text_path=args.eval_text or os.environ.get("QAAS_EVAL_TEXT") or None,
+        targets=tuple(args.target or ()),
+        cpu_compatible=args.cpu_compatible,
     )
     try:  # what the engine would refuse before loading the model, told the same way as the rules above
         quantization_rules.check_sources(qc, options.calibration_sources())
@@ -319,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     q.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     q.add_argument("--eval-text", default=None, help="text file for perplexity")
+    q.add_argument("--target", action="append", default=None, metavar="ENGINE",
+                   help="GPTQ: an engine the output must load in (vllm, sglang, exllamav2, marlin; repeatable), "
+                        "as options.targets")
+    q.add_argument("--cpu-compatible", action="store_true",
+                   help="bitsandbytes 4-bit: keep in float the layers its CPU kernels cannot run (options.cpu_compatible)")
     q.set_defaults(func=cmd_quantize)
 
     try:

@@ -73,7 +73,10 @@ def build_spec(settings: Settings, job_request: dict[str, Any], out_dir: Path) -
         "source": source,
         "quantization_config": qc,
         "out_dir": str(out_dir),
-        "options": _engine_options(settings, options),
+        "options": {**_engine_options(settings, options),
+                    # quantization only: engines the output must load in, bitsandbytes' CPU-runnable shapes
+                    "targets": list(options.get("targets") or []),
+                    "cpu_compatible": bool(options.get("cpu_compatible", False))},
     }
 
 

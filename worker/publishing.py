@@ -60,6 +60,8 @@ def card_info(job: dict[str, Any], repo_id: str, revision: str | None, endpoint:
         "evaluation": result.get("evaluation"),
         "gguf": result.get("gguf"),
         "size": {"before_bytes": result.get("size_before_bytes"), "after_bytes": result.get("size_after_bytes")},
+        "gptq": result.get("gptq"),
+        "bitsandbytes": result.get("bitsandbytes"),
         "job_id": str(job_id),
         "qaas_version": __version__,
         "endpoint": endpoint,

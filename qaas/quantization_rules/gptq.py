@@ -73,6 +73,23 @@ RULES = MethodRules(
 )
 
 
+def written_format(config: dict[str, Any]) -> tuple[str, str | None]:
+    """The checkpoint format qaas writes for a normalized config, and why when it is not the one asked.
+
+    Asymmetric outputs are always `gptq_v2`: a v1 file stores `zero - 1`, and GPTQModel (which transformers
+    loads GPTQ through) both refuses asymmetric v1 unless `meta.quantizer` names gptqmodel >= 0.9.0
+    (`models/loader.py`) and converts v1 by adding 0x11111111 to each qzeros word with carry
+    (`utils/model.py: convert_gptq_v1_to_v2_format_module`), which misreads every zero point of 0. `gptq_v2`
+    stores the true zero and reads back exactly. `GPTQConfig(sym=False).to_dict()` says `format: "gptq"`
+    (its default), so the request is honoured this way rather than refused.
+    """
+    asked = config["format"]
+    if not config["sym"] and asked == "gptq":
+        return "gptq_v2", ("sym=false is written as gptq_v2 (true zero points): GPTQModel, and transformers through "
+                           "it, refuse or misread asymmetric v1 (zero - 1 with a word-wide carry on load)")
+    return asked, None
+
+
 def check_sources(config: dict[str, Any], sources: CalibrationSources) -> None:
     """The calibration data can be had here (see `calibration.check_source`)."""
     check_source(config["dataset"], sources)

@@ -22,11 +22,13 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from qaas import quantization_rules
-from qaas.quantization_rules import InvalidQuantizationConfig
+from qaas.quantization_rules import InvalidQuantizationConfig, engines
+from qaas.quantization_rules.fields import FieldError
 from qaas.quantization_rules.hub_ids import repo_id_problem
 from qaas.schemas.base import RequestModel
 
@@ -165,6 +167,21 @@ class JobOptions(_Strict):
     calibration_samples: int = Field(default=128, ge=1, le=4096, description="GPTQ calibration sequences")
     priority: int = Field(default=0, ge=0, le=9, description="higher runs first")
     time_limit_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    targets: list[str] = Field(default_factory=list, max_length=len(engines.NAMES), description=(
+        "GPTQ: inference engines the output must load in besides transformers and GPTQModel "
+        f"({', '.join(engines.NAMES)}); a config one of them refuses is a 422, and layers one of them "
+        "cannot read stay in float16"))
+    cpu_compatible: bool = Field(default=False, description=(
+        "bitsandbytes 4-bit: keep in float the layers bitsandbytes' CPU kernels cannot run, so the output runs "
+        "on the CPU too (default: exactly what transformers + bitsandbytes convert, as on a GPU)"))
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in engines.BY_NAME]
+        if unknown:
+            raise ValueError(f"unknown engine(s) {unknown}; known: {', '.join(engines.NAMES)}")
+        return list(dict.fromkeys(v))
 
     @field_validator("eval_text", mode="before")
     @classmethod
@@ -216,6 +233,24 @@ class JobRequest(_Strict):
             if not raw or len(raw) > 512 or any(c.isspace() for c in raw):
                 raise ValueError("hf_token is not a valid token")
         return v
+
+    @model_validator(mode="after")
+    def _options_fit_the_method(self) -> "JobRequest":
+        """`options.targets` against the config (the engine table's rules), `cpu_compatible` for bitsandbytes."""
+        errors: list[FieldError] = []
+        if self.options.cpu_compatible and self.method != "bitsandbytes":
+            errors.append(FieldError("options.cpu_compatible", "applies to bitsandbytes outputs only"))
+        try:
+            engines.check_targets(self.quantization_config, self.options.targets)
+        except FieldError as exc:
+            errors += [exc, FieldError("options.targets", exc.message)] if exc.field != "options.targets" else [exc]
+        if errors:
+            raise ValidationError.from_exception_data("JobRequest", [
+                InitErrorDetails(type=PydanticCustomError("quantization_rule", "{message}", {"message": e.message}),
+                                 loc=tuple(e.field.split(".")), input=None)
+                for e in errors
+            ])
+        return self
 
     def public_dict(self) -> dict[str, Any]:
         """The request as stored and shown back: defaults filled in, secrets removed."""

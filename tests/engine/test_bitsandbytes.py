@@ -47,7 +47,9 @@ def _golden(source_dir, qc, tmp_path):
 
 @pytest.mark.parametrize("variant", ["nf4", "fp4", "nf4_dq", "int8"])
 def test_stories_export_matches_transformers(variant, stories_dir, run_pipeline, tmp_path):
-    out, result, reporter = run_pipeline(stories_dir, variant)
+    """With cpu_compatible (4-bit), the layers bitsandbytes' CPU kernels cannot run stay float, so the export
+    runs here; the default (every layer converted, as on a GPU) is the next test."""
+    out, result, reporter = run_pipeline(stories_dir, variant, cpu_compatible=variant != "int8")
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
     assert qc == result["quantization_config"]
@@ -63,6 +65,7 @@ def test_stories_export_matches_transformers(variant, stories_dir, run_pipeline,
         # 172-wide MLP layers cannot run in bitsandbytes' CPU 4-bit kernel: kept in float and listed.
         assert "model.layers.0.mlp.up_proj" in qc["llm_int8_skip_modules"]
         assert "model.layers.0.self_attn.q_proj" not in qc["llm_int8_skip_modules"]
+    assert result["bitsandbytes"]["runs_on"]["devices"] == ["cuda", "cpu"]
 
     golden_model, golden_dir = _golden(stories_dir, qc, tmp_path)
     ours, theirs = _read_all(out), _read_all(golden_dir)
@@ -93,8 +96,30 @@ def test_stories_export_matches_transformers(variant, stories_dir, run_pipeline,
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer.model"} <= names
 
 
-def test_stories_quant_state_blob(stories_dir, run_pipeline):
+def test_stories_default_is_what_bitsandbytes_config_gives_on_a_gpu(stories_dir, run_pipeline, tmp_path):
+    """Default 4-bit: every Linear but the head converted, byte for byte what transformers + bitsandbytes write
+    for the same BitsAndBytesConfig, including the 172-wide MLP the CPU kernels reject; the result says so."""
     out, result, _ = run_pipeline(stories_dir, "nf4_dq")
+    qc = result["quantization_config"]
+    assert qc["llm_int8_skip_modules"] == ["lm_head"]
+    assert result["quantized_modules"] == 5 * 7
+    golden_model, golden_dir = _golden(stories_dir, dict(qc, llm_int8_skip_modules=None), tmp_path)
+    ours, theirs = _read_all(out), _read_all(golden_dir)
+    assert set(ours) == set(theirs)
+    mismatched = [k for k in ours if not _equal_bytes(ours[k], theirs[k])]
+    assert not mismatched, mismatched[:5]
+    runs_on = result["bitsandbytes"]["runs_on"]
+    assert runs_on["devices"] == ["cuda"]
+    assert "model.layers.0.mlp.up_proj" in runs_on["cpu_unsupported_modules"]
+    assert "model.layers.0.self_attn.q_proj" not in runs_on["cpu_unsupported_modules"]
+    assert "cpu_compatible" in runs_on["note"] and runs_on["note"] in result["notes"]
+    # why: bitsandbytes' CPU 4-bit inference refuses that shape, for its own quantization as for ours
+    with pytest.raises(Exception, match="divisible"), torch.no_grad():
+        golden_model.eval()(PROMPT_IDS)
+
+
+def test_stories_quant_state_blob(stories_dir, run_pipeline):
+    out, result, _ = run_pipeline(stories_dir, "nf4_dq", cpu_compatible=True)
     tensors = _read_all(out)
     prefix = "model.layers.0.self_attn.q_proj.weight"
     blob = json.loads(bytes(tensors[prefix + ".quant_state.bitsandbytes__nf4"].tolist()))
@@ -113,6 +138,7 @@ def test_tiny_llama_all_layers_quantized(variant, tiny_llama_dir, run_pipeline, 
     qc = result["quantization_config"]
     assert qc["llm_int8_skip_modules"] == ["lm_head"]  # untied head, transformers' default skip
     assert result["quantized_modules"] == 6 * 7
+    assert result["bitsandbytes"]["runs_on"]["devices"] == ["cuda", "cpu"]  # every shape runs on the CPU too
     golden_model, golden_dir = _golden(tiny_llama_dir, qc, tmp_path)
     ours, theirs = _read_all(out), _read_all(golden_dir)
     assert set(ours) == set(theirs)

@@ -126,3 +126,32 @@ def test_card_says_what_the_perplexity_was_measured_on():
         assert needle in card, needle
     skipped = render_model_card(gptq_info(evaluation={"skipped": "all 40 windows share text with the calibration"}))
     assert "Not evaluated: all 40 windows share text" in skipped
+
+
+def test_gptq_card_says_which_format_was_written_and_where_it_loads():
+    from qaas import quantization_rules
+    from qaas.quantization_rules.engines import gptq_engines
+    from qaas.quantization_rules.gptq import written_format
+
+    normalized = quantization_rules.normalize({"quant_method": "gptq", "bits": 4, "sym": False,
+                                               "dataset": ["word " * 300]})
+    fmt, why = written_format(normalized)
+    info = gptq_info(quantization_config={**GPTQ_QC, "sym": False, "checkpoint_format": fmt},
+                     gptq={"checkpoint_format": {"written": fmt, "requested": "gptq", "reason": why},
+                           "engines": gptq_engines(normalized, [(2048, 2048)])})
+    card = render_model_card(info)
+    assert "## Where it loads" in card and "Checkpoint format: `gptq_v2` (asked: `gptq`;" in card
+    assert "| vLLM (gptq / gptq_marlin) | no | vLLM (gptq / gptq_marlin) loads symmetric GPTQ only" in card
+    assert "| GPTQModel.load | yes |" in card
+    assert "from vllm import LLM" not in card  # no snippet for an engine that does not load it
+    sym = quantization_rules.normalize({"quant_method": "gptq", "bits": 4, "dataset": ["word " * 300]})
+    card = render_model_card(gptq_info(gptq={"engines": gptq_engines(sym, [(2048, 2048)])}))
+    assert "| vLLM (gptq / gptq_marlin) | yes |" in card and "from vllm import LLM" in card
+
+
+def test_bnb_card_says_where_it_runs():
+    info = {"repo_id": "org/m-bnb-nf4", "source": {"id": "org/m"}, "quantization_config": BNB_QC,
+            "bitsandbytes": {"runs_on": {"devices": ["cuda"],
+                                         "note": "runs on CUDA only: bitsandbytes' CPU 4-bit kernel cannot run x"}}}
+    card = render_model_card(info)
+    assert "## Where it runs" in card and "Devices: cuda. runs on CUDA only" in card

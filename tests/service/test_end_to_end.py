@@ -38,12 +38,15 @@ def test_nf4_job_through_the_real_stack_loads_in_transformers(stack, settings, t
     worker = stack.start_worker()
     key = new_key(settings, "alice")
     with httpx.Client(base_url=url, headers=auth(key), timeout=30) as c:
-        r = c.post("/v1/jobs", json={"model": {"path": str(STORIES)}, "quantization_config": NF4})
+        # cpu_compatible: the export must run on this CPU (bitsandbytes' CPU kernels reject stories' 172 width)
+        r = c.post("/v1/jobs", json={"model": {"path": str(STORIES)}, "quantization_config": NF4,
+                                     "options": {"cpu_compatible": True}})
         assert r.status_code == 202, r.text
         jid = r.json()["id"]
         job = wait_job(c, jid, {"succeeded", "failed", "cancelled"})
         assert job["status"] == "succeeded", (job, worker.log()[-4000:])
         assert job["attempt"] == 1 and job["worker"]
+        assert job["result"]["bitsandbytes"]["runs_on"]["devices"] == ["cuda", "cpu"]  # the option reached the engine
         names = {f["name"]: f for f in job["files"]}
         assert {"config.json", "model.safetensors"} <= set(names)
         assert set(job["timings"]) >= {"resolve", "load", "quantize", "export"}

@@ -57,11 +57,20 @@ class EngineOptions:
     eval_seqlen: int | None = None
     #: Largest shard in bytes (int) or as "5GB"/"500MB"/"2GiB".
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    #: Inference engines the output must also load in (`qaas.quantization_rules.engines` names, e.g. "vllm"),
+    #: beyond transformers and GPTQModel: GPTQ keeps in float16 any layer one of them could not read.
+    targets: tuple[str, ...] = ()
+    #: bitsandbytes 4-bit: keep in float the layers bitsandbytes' CPU kernels cannot run, so the output runs on
+    #: the CPU too (default: every layer transformers would convert, as on a GPU).
+    cpu_compatible: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.allowed_roots, (str, Path)):
             self.allowed_roots = (str(self.allowed_roots),)
         self.allowed_roots = tuple(str(r) for r in self.allowed_roots)
+        if isinstance(self.targets, str):
+            self.targets = (self.targets,)
+        self.targets = tuple(str(t) for t in self.targets or ())
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise InvalidConfig(f"device must be 'auto', 'cpu' or 'cuda[:N]', not {self.device!r}", field="device")
         if self.eval_max_windows is not None and int(self.eval_max_windows) < 1:
@@ -84,11 +93,14 @@ class EngineOptions:
                 raise InvalidConfig(f"unknown engine option {key!r}", field=key)
         if "allowed_roots" in data and data["allowed_roots"] is not None:
             data["allowed_roots"] = tuple(data["allowed_roots"])
+        if data.get("targets") is not None:
+            data["targets"] = tuple(data["targets"])
         return cls(**data)
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["allowed_roots"] = list(self.allowed_roots)
+        d["targets"] = list(self.targets)
         if redact:
             d["hub_token"] = "***" if self.hub_token else None
         return d

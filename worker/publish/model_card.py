@@ -11,6 +11,9 @@
       "evaluation": {"dataset": "wikitext2", "seqlen": 2048,
                      "perplexity_before": 9.12, "perplexity_after": 9.47},                    # optional
       "size": {"before_bytes": 2471645608, "after_bytes": 1009431552},                        # optional
+      "gptq": {"checkpoint_format": {"written": "gptq_v2", "requested": "gptq", "reason": "..."},
+               "engines": [{"engine": "vllm", "title": ..., "loads": False, "why_not": ..., "source": ...}]},
+      "bitsandbytes": {"runs_on": {"devices": ["cuda"], "note": "..."}},   # the result's method details; optional
       "license": "apache-2.0", "job_id": "…", "qaas_version": "0.1.0", "endpoint": "https://huggingface.co",
     }
 
@@ -154,6 +157,29 @@ def _gguf_card(info: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _compatibility(info: dict[str, Any], method: str) -> list[str]:
+    """Where the output loads: GPTQ's checkpoint format and engine list, bitsandbytes' devices."""
+    out: list[str] = []
+    fmt = (info.get("gptq") or {}).get("checkpoint_format") or {}
+    engines = (info.get("gptq") or {}).get("engines")
+    if method == "gptq" and (fmt or engines):
+        out += ["## Where it loads", ""]
+        if fmt.get("written"):
+            out += [f"Checkpoint format: {_code(fmt['written'])}"
+                    + (f" (asked: {_code(fmt['requested'])}; {fmt['reason']})" if fmt.get("reason") else "") + ".", ""]
+        if engines:
+            out += ["| engine | loads | why not |", "|---|---|---|"]
+            out += [f"| {e.get('title') or e.get('engine')} | {'yes' if e.get('loads') else 'no'} | "
+                    f"{str(e.get('why_not') or '').replace('|', '/')} |" for e in engines]
+            out += ["", "Each rule was read from the engine's own source (the version is in the job result)."]
+        out.append("")
+    runs_on = (info.get("bitsandbytes") or {}).get("runs_on") or {}
+    if method == "bitsandbytes" and runs_on:
+        out += ["## Where it runs", "", f"Devices: {', '.join(runs_on.get('devices') or [])}. "
+                + str(runs_on.get("note") or ""), ""]
+    return out
+
+
 def render_model_card(info: dict[str, Any]) -> str:
     qc: dict[str, Any] = dict(info["quantization_config"])
     method, bits = method_and_bits(qc)
@@ -263,6 +289,8 @@ def render_model_card(info: dict[str, Any]) -> str:
             out += ["", f"{sb / sa:.2f}x smaller ({100 * (1 - sa / sb):.1f}% saved)."]
         out.append("")
 
+    out += _compatibility(info, method)
+
     # Usage
     rev_arg = f', revision="{revision}"' if revision and revision != "main" else ""
     needs = "gptqmodel" if method == "gptq" else "bitsandbytes"
@@ -274,7 +302,9 @@ def render_model_card(info: dict[str, Any]) -> str:
             'inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)',
             "output = model.generate(**inputs, max_new_tokens=32)",
             "print(tokenizer.decode(output[0], skip_special_tokens=True))", "```", ""]
-    if method == "gptq":
+    engines = (info.get("gptq") or {}).get("engines")
+    vllm_loads = any(e.get("engine") == "vllm" and e.get("loads") for e in engines or [])
+    if method == "gptq" and (vllm_loads or engines is None):
         out += ["With vLLM (reads the GPTQ config; picks the Marlin kernel when the shapes allow it):", "",
                 "```python", "from vllm import LLM, SamplingParams", "",
                 f'llm = LLM(model="{repo_id}"{rev_arg})',

@@ -124,7 +124,8 @@ class MethodResult:
     config_updates: dict[str, Any] = field(default_factory=dict)
     #: Extra JSON files to write into the output, e.g. {"quantize_config.json": {...}} for GPTQ.
     extra_json_files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: Method-specific facts for the job result, under the method's name (GGUF: each output file).
+    #: Method-specific facts for the job result, under the method's name (GGUF: each output file; GPTQ: the
+    #: checkpoint format written and the engines that load it; bitsandbytes: the devices it runs on).
     details: dict[str, Any] = field(default_factory=dict)
     #: Human-readable notes for the job result (why a layer was skipped, ...); log them through
     #: ctx.reporter as well, the pipeline does not.

@@ -7,11 +7,13 @@ bitsandbytes on the device they run on. bitsandbytes itself is needed only to ev
 
 Which Linear layers are converted is decided exactly as transformers decides it (every `nn.Linear` /
 `Conv1D` of the model class except `llm_int8_skip_modules`, or transformers' default skips when that is
-None, plus the class's `_keep_in_fp32_modules`), with one addition for 4-bit: layers whose shape
-bitsandbytes' CPU inference path cannot run (it repacks weights for its AVX512-BF16 kernel and asserts
-`out_features % 32 == 0` and `in_features % blocksize == 0`; stories260K's MLP with 172 fails with
-"N must be divisible by block_n") stay in floating point, so the export loads and runs on any device.
-Every Linear kept in floating point is listed by full name in `llm_int8_skip_modules` of the written config.
+None, plus the class's `_keep_in_fp32_modules`): the same checkpoint `BitsAndBytesConfig` gives on a GPU.
+Some of those 4-bit layers do not run on the CPU: bitsandbytes' CPU inference repacks weights for its
+AVX512-BF16 kernel and asserts `out_features % 32 == 0` and `in_features % blocksize == 0` (stories260K's MLP
+with 172 fails with "N must be divisible by block_n"); the result's `runs_on` then says CUDA only and names
+them. With `options.cpu_compatible: true` such layers stay in floating point instead, so the export loads and
+runs on any device. Every Linear kept in floating point is listed by full name in `llm_int8_skip_modules` of
+the written config.
 
 The modules: `method` (the QuantizationMethod: request, the block loop, evaluation), `planning` (which layers
 are converted), `format` (one weight to its bitsandbytes tensors and back, and the written config).

@@ -15,6 +15,19 @@ from .format import bnb_config_dict, dequantizing_replacer, quantize_weight, rea
 from .planning import plan
 
 
+def runs_on(gpu_only: dict[str, str]) -> dict[str, Any]:
+    """The job result's `runs_on`: the devices transformers + bitsandbytes run the output on. CUDA always (the
+    checkpoint is what `BitsAndBytesConfig` gives there); the CPU only when no converted layer has a shape
+    its 4-bit kernels reject (`options.cpu_compatible` keeps such layers in float instead)."""
+    if not gpu_only:
+        return {"devices": ["cuda", "cpu"], "note": "runs on CUDA and on the CPU"}
+    shown = ", ".join(f"{n} ({why})" for n, why in sorted(gpu_only.items())[:4])
+    more = f" and {len(gpu_only) - 4} more" if len(gpu_only) > 4 else ""
+    return {"devices": ["cuda"], "cpu_unsupported_modules": sorted(gpu_only),
+            "note": f"runs on CUDA only: bitsandbytes' CPU 4-bit kernel cannot run {shown}{more}; "
+                    "options.cpu_compatible=true keeps such layers in float so the output also runs on the CPU"}
+
+
 class BitsAndBytesMethod:
     """The `quant_method: "bitsandbytes"` method (see module docstring)."""
 
@@ -31,10 +44,13 @@ class BitsAndBytesMethod:
     # -- conversion ----------------------------------------------------------------------------------
     def quantize(self, ctx: EngineContext) -> MethodResult:
         fields = ctx.quantization_config
-        to_quantize, kept = plan(fields, ctx.layout)
+        to_quantize, kept, gpu_only = plan(fields, ctx.layout, cpu_compatible=ctx.options.cpu_compatible)
         reporter = ctx.reporter
         for name, why in sorted(kept.items()):
             reporter.log(f"{name}: {why}", level="warning" if "CPU" in why else "info", data={"module": name})
+        devices = runs_on(gpu_only)
+        if gpu_only:
+            reporter.log(devices["note"], level="warning", data={"modules": sorted(gpu_only)})
         errors: dict[str, float] = {}
         n_blocks = ctx.layout.num_blocks
         done = 0
@@ -51,12 +67,15 @@ class BitsAndBytesMethod:
         skip_list = sorted(kept)
         config = bnb_config_dict(dict(fields, llm_int8_skip_modules=skip_list))
         notes = [f"{n}: {why}" for n, why in sorted(kept.items())]  # already logged above
+        if gpu_only:
+            notes.append(devices["note"])
         return MethodResult(
             quantization_config=config,
             skipped_modules=skip_list,
             quantized_modules=sorted(to_quantize),
             layer_errors=errors,
             notes=notes,
+            details={"runs_on": devices},
         )
 
     @staticmethod

@@ -1,5 +1,5 @@
-"""Which Linear layers bitsandbytes converts: exactly those transformers would convert, minus the 4-bit shapes
-bitsandbytes' CPU inference cannot run (see the package docstring)."""
+"""Which Linear layers bitsandbytes converts: exactly those transformers would convert; with `cpu_compatible`,
+minus the 4-bit shapes bitsandbytes' CPU inference cannot run (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,11 @@ def cpu_runnable_4bit(in_features: int, out_features: int, blocksize: int = BLOC
     return None
 
 
-def plan(fields: dict[str, Any], layout: ModelLayout) -> tuple[set[str], dict[str, str]]:
-    """(module names to quantize, {module name kept in float: why}) for the validated `fields`."""
+def plan(fields: dict[str, Any], layout: ModelLayout, *, cpu_compatible: bool = False
+         ) -> tuple[set[str], dict[str, str], dict[str, str]]:
+    """(module names to quantize, {module name kept in float: why}, {converted module the CPU kernels cannot
+    run: why}) for the validated `fields`. The last is empty with `cpu_compatible`, whose plan keeps those
+    layers in float instead."""
     from transformers.pytorch_utils import Conv1D
     from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -39,6 +42,7 @@ def plan(fields: dict[str, Any], layout: ModelLayout) -> tuple[set[str], dict[st
     ]
     quantize: set[str] = set()
     kept: dict[str, str] = {}
+    gpu_only: dict[str, str] = {}
     for name in all_modules:
         if not should_convert_module(name, patterns):
             kept[name] = ("skipped (llm_int8_skip_modules)" if user_skip is not None
@@ -50,13 +54,15 @@ def plan(fields: dict[str, Any], layout: ModelLayout) -> tuple[set[str], dict[st
             continue
         if fields["load_in_4bit"]:
             why = cpu_runnable_4bit(li.in_features, li.out_features)
-            if why:
-                kept[name] = f"kept in float: bitsandbytes' CPU 4-bit kernel cannot run it ({why})"
+            if why and cpu_compatible:
+                kept[name] = f"kept in float (cpu_compatible): bitsandbytes' CPU 4-bit kernel cannot run it ({why})"
                 continue
+            if why:
+                gpu_only[name] = why
         quantize.add(name)
     # The written list must make transformers convert exactly `quantize`: check with its own matcher.
     written = sorted(kept)
     for name in quantize:
         if not should_convert_module(name, written):
             raise UnsupportedModel(f"module {name} would be matched by llm_int8_skip_modules {written}")
-    return quantize, kept
+    return quantize, kept, gpu_only

@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from qaas.quantization_rules.gptq import written_format
+
 from ...evaluate import load_with_replaced_weights
 from ..base import EngineContext, MethodResult, validated_config
 from .format import LAYER_TENSORS, dequantize_layer, load_saved_weights
@@ -43,7 +45,7 @@ class GPTQMethod:
             return None
         info = ctx.state.get("gptq") or {}
         bits = info.get("bits", ctx.quantization_config["bits"])
-        fmt = info.get("format", ctx.quantization_config["format"])
+        fmt = info.get("format") or written_format(ctx.quantization_config)[0]
         return dequantize_layer({s: reader.load(f"{module}.{s}") for s in LAYER_TENSORS}, bits, fmt=fmt)
 
     def load_for_evaluation(self, ctx: EngineContext, out_dir: Path) -> tuple[torch.nn.Module, str]:
@@ -51,7 +53,7 @@ class GPTQMethod:
         GPTQModel, which the engine does not depend on)."""
         info = ctx.state.get("gptq") or {}
         bits = info.get("bits", ctx.quantization_config["bits"])
-        fmt = info.get("format", ctx.quantization_config["format"])
+        fmt = info.get("format") or written_format(ctx.quantization_config)[0]
 
         def replace(model: torch.nn.Module) -> None:
             load_saved_weights(model, out_dir, bits=bits, fmt=fmt)

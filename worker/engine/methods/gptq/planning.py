@@ -7,9 +7,12 @@ finds (layers that share one input tensor, and so one Hessian), and the plan is 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+from qaas.quantization_rules import engines
 
 from ...architecture import LinearInfo
 from ...errors import InvalidConfig
@@ -38,13 +41,27 @@ def activation_device(device: torch.device, activation_bytes: int) -> torch.devi
     return device
 
 
+def layer_refusal(in_features: int, out_features: int, *, bits: int, group_size: int,
+                  targets: Iterable[str] = ()) -> str | None:
+    """Why a layer of this shape stays in float16, or None: the format cannot hold it, or an engine the output
+    must load in (transformers, GPTQModel and `options.targets`: `engines.required`) could not read it."""
+    why = unsupported_reason(in_features, out_features, bits, group_size)
+    if why:
+        return why
+    for engine in engines.required(targets):
+        why = engines.layer_refusal(engine, in_features, out_features, bits)
+        if why:
+            return why
+    return None
+
+
 def skipped_layers(linears: dict[str, LinearInfo], *, bits: int, group_size: int,
-                   modules_in_block: list[list[str]] | None) -> dict[str, str]:
+                   modules_in_block: list[list[str]] | None, targets: Iterable[str] = ()) -> dict[str, str]:
     """{block-relative layer name: why it stays in float16} for the layers of one block."""
     listed = {m for g in modules_in_block for m in g} if modules_in_block else None
     skipped: dict[str, str] = {}
     for name, li in linears.items():
-        why = unsupported_reason(li.in_features, li.out_features, bits, group_size)
+        why = layer_refusal(li.in_features, li.out_features, bits=bits, group_size=group_size, targets=targets)
         if why:
             skipped[name] = why
         elif listed is not None and name not in listed:

@@ -19,12 +19,15 @@ from typing import Any
 
 import torch
 
-from qaas.quantization_rules.gptq import DEFAULT_NSAMPLES
+from qaas.quantization_rules import engines
+from qaas.quantization_rules.fields import FieldError
+from qaas.quantization_rules.gptq import DEFAULT_NSAMPLES, written_format
 
 from ...architecture import BlockInfo, LinearInfo, build_meta_model
 from ...blockwise import (BlockInputCapture, BlockRunner, discover_input_groups, forward_chunk_tokens,
                           materialize_block)
 from ...calibration_data import CalibrationSet, load_calibration
+from ...errors import InvalidConfig, UnsupportedModel
 from ...evaluate import default_seqlen, relative_error
 from ...progress import PhaseTimer
 from ...version import package_version
@@ -70,6 +73,12 @@ class GPTQRun:
         self.skipped: dict[str, str] = {}
         self.groups: list[list[list[str]]] | None = None
         self.t_start = 0.0
+        #: The checkpoint format written (asymmetric configs are always gptq_v2) and why, when not the one asked.
+        self.fmt, self.fmt_reason = written_format(self.cfg)
+        try:  # the API checked this at submission; `qaas quantize` and library callers get the same answer
+            engines.check_targets(self.cfg, ctx.options.targets)
+        except FieldError as exc:
+            raise InvalidConfig(f"{exc.field}: {exc.message}", field=exc.field) from None
 
     def note(self, msg: str, level: str = "info", **data: Any) -> None:
         """A note kept in the job result and logged to the job's timeline."""
@@ -88,6 +97,8 @@ class GPTQRun:
             self.note(warning, level="warning")
         self.rep.progress(1, 2, message="calibration data tokenized")
         self._note_block_input_mode()
+        if self.fmt_reason:
+            self.note(self.fmt_reason)
         return calib
 
     def calibration_windows(self, seqlen: int) -> CalibrationSet:
@@ -214,10 +225,17 @@ class GPTQRun:
         groups = sequential_groups(classes, list(linears), true_sequential=cfg["true_sequential"],
                                    modules_in_block=cfg["modules_in_block_to_quantize"])
         self.skipped = skipped_layers(linears, bits=cfg["bits"], group_size=cfg["group_size"],
-                                      modules_in_block=cfg["modules_in_block_to_quantize"])
+                                      modules_in_block=cfg["modules_in_block_to_quantize"],
+                                      targets=self.ctx.options.targets)
         for r, why in self.skipped.items():
             self.note(f"{self.layout.block_name}.*.{r} kept in float16: {why}", level="warning", module=r)
         self.groups = without(groups, self.skipped)
+        if not self.groups:
+            raise UnsupportedModel(
+                f"no Linear layer of {self.layout.block_name} can be written as {cfg['bits']}-bit GPTQ with "
+                f"group_size {cfg['group_size']} so that its consumers load it: "
+                + "; ".join(f"{r}: {why}" for r, why in self.skipped.items())
+                + " (a group_size that divides the layers' widths, or -1, quantizes them)")
 
     def shared_factor(self, H: torch.Tensor, cls: list[str], binfo: BlockInfo) -> HessianFactor:
         """The Hessian's factorization once for all the layers of a class (they share their input)."""
@@ -254,7 +272,7 @@ class GPTQRun:
             rep.progress(binfo.index, n, message=f"block {binfo.index + 1}/{n}: {r}",
                          metrics={"layer": li.name, "block": binfo.index, **metrics, "columns": li.in_features})
             bias = mod.bias.data if li.has_bias and mod.bias is not None else None
-            for suffix, t in pack_layer(res, fmt=cfg["format"], bias=bias).items():
+            for suffix, t in pack_layer(res, fmt=self.fmt, bias=bias).items():
                 self.ctx.writer.add(f"{li.name}.{suffix}", t)
             with torch.no_grad():
                 q = res.Q.t() if li.transposed else res.Q
@@ -271,18 +289,16 @@ class GPTQRun:
         cfg, layout = self.cfg, self.layout
         skipped_full = [f"{b.prefix}.{r}" for b in layout.blocks for r in self.skipped]
         qconf = build_quantization_config(
-            cfg, block_name=layout.block_name,
+            cfg, fmt=self.fmt, block_name=layout.block_name,
             quantized_in_block=[[m for cls in g for m in cls] for g in self.groups or []],
             skipped_modules=skipped_full, calibration=calib.describe(), quantizer_version=package_version(),
         )
-        gs = cfg["group_size"]
-        if gs != -1:
-            qset = set(self.quantized)
-            partial = sorted({li.in_features for li in layout.all_linears() if li.name in qset and li.in_features % gs})
-            if partial:
-                self.note(f"in_features {partial} are not multiples of group_size {gs}: the last group is partial "
-                          "(GPTQModel and transformers load it; vLLM's GPTQ kernels need whole groups)")
-        self.ctx.state["gptq"] = {"bits": cfg["bits"], "format": cfg["format"], "quantized": self.quantized,
+        qset = set(self.quantized)
+        shapes = [(li.in_features, li.out_features) for li in layout.all_linears() if li.name in qset]
+        loads = engines.gptq_engines(cfg, shapes)
+        self.note("loads in: " + ", ".join(e["engine"] for e in loads if e["loads"]) + "; not in: "
+                  + "; ".join(f"{e['engine']} ({e['why_not']})" for e in loads if not e["loads"]))
+        self.ctx.state["gptq"] = {"bits": cfg["bits"], "format": self.fmt, "quantized": self.quantized,
                                   "seconds": time.monotonic() - self.t_start, "timings": self.timings}
         return MethodResult(
             quantization_config=qconf,
@@ -292,4 +308,8 @@ class GPTQRun:
             config_updates={"torch_dtype": "float16", "dtype": "float16"},
             extra_json_files={"quantize_config.json": qconf},
             notes=self.notes,
+            details={
+                "checkpoint_format": {"written": self.fmt, "requested": cfg["format"], "reason": self.fmt_reason},
+                "engines": loads,
+            },
         )
