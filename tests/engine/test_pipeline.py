@@ -65,7 +65,8 @@ def test_streamed_evaluation_equals_the_whole_model_loaded_by_transformers_and_b
 
     from qaas.worker.engine.evaluate import load_eval_data, load_original_model, perplexity
 
-    out, result, _ = run_pipeline(stories_dir, "nf4", evaluate=True, eval_max_windows=4)
+    # cpu_compatible: the consumer runs here (bitsandbytes' CPU 4-bit kernel rejects stories' 172-wide MLP)
+    out, result, _ = run_pipeline(stories_dir, "nf4", evaluate=True, eval_max_windows=4, cpu_compatible=True)
     ev = result["evaluation"]
     data = load_eval_data(stories_dir, wikitext_path, seqlen=512, max_windows=4)
     assert data.text_sha256 == ev["text_sha256"] and data.windows == ev["windows"]
