@@ -219,3 +219,23 @@ def test_qlora_speed_smoke_runs_both_loops_with_and_without_checkpointing(tmp_pa
     # than 8-bit absmax saves (the 8B shape is where it saves ~0.37 bits)
     assert 4.12 < base["bits_per_parameter_nf4_dq"] and 4.5 < base["bits_per_parameter_nf4_alone"] < 4.55
     assert "| qaas | on |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_gguf_speed_smoke_times_every_phase_and_checks_the_peer_bytes(tmp_path):
+    """bench/gguf_speed.py at a tiny 256-wide shape on the CPU: every phase timed, and when the peer runs, our
+    Q4_K_M file is byte-identical to llama_model_quantize's."""
+    out = tmp_path / "gguf.json"
+    r = subprocess.run([sys.executable, "-P", str(BENCH / "gguf_speed.py"), "--smoke", "--blocks", "1",
+                        "--budget", "100000", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    phases = report["ours"]["phases_s"]
+    assert {"read", "convert", "quantize Q4_K_M", "write Q4_K_M", "quantize Q8_0", "sha256"} <= set(phases)
+    assert set(report["ours"]["files"]) == {"F16", "Q4_K_M", "Q5_K_M", "Q8_0"}
+    peer = report["peer"]
+    if "wall_s" in peer:
+        assert peer["byte_identical_to_ours"] is True
+    else:
+        assert "llama-cpp-python" in peer["skipped"]

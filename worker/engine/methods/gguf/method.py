@@ -4,6 +4,7 @@ then (when evaluation is on) each file's perplexity through llama.cpp itself."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -62,6 +63,14 @@ class GGUFMethod:
                               source_dir=ctx.source_dir, model_name=model_name,
                               split_bytes=split_bytes(fields["split_max_size"])) for t in fields["types"]]
         n_blocks, done_blocks = config["num_hidden_layers"], -1
+        phases: dict[str, float] = {}  # seconds per phase (the device synchronized before each is closed)
+
+        def lap(name: str, since: float) -> float:
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            now = time.perf_counter()
+            phases[name] = phases.get(name, 0.0) + now - since
+            return now
         for t in order:
             reporter.check_cancelled()
             block = int(t.name.split(".")[1]) if t.name.startswith("blk.") else -1
@@ -69,24 +78,34 @@ class GGUFMethod:
                 if done_blocks >= 0:
                     reporter.progress(done_blocks + 1, n_blocks, message=f"block {done_blocks + 1}/{n_blocks}")
                 done_blocks = block
+            t0 = time.perf_counter()
             hf = ctx.reader.load(t.hf_name) if t.hf_name is not None else None
+            t0 = lap("read", t0)
             values = source_values(t, hf, config).to(ctx.device)
             if not t.keep_f32:
                 values = _rounded(values, float_type)
             rows = values.reshape(-1, t.shape[-1])
+            t0 = lap("convert", t0)
             for out in outputs:
                 ttype = out.types[t.name]
                 data = round_float(rows, ttype) if ttype in FLOAT_TYPES else quantize_tensor(rows, ttype)
+                t0 = lap(f"quantize {out.type_name}", t0)
                 out.write(data.cpu().numpy())
+                t0 = lap(f"write {out.type_name}", t0)
             del hf, values, rows
         written = [o.close() for o in outputs]
         reporter.progress(n_blocks, n_blocks, message=f"block {n_blocks}/{n_blocks}")
-        described = [w.describe() for w in written]
+        t0 = time.perf_counter()
+        described = [w.describe() for w in written]  # sizes and sha256 of every file
+        lap("sha256", t0)
         for d in described:
             reporter.log(f"model-{d['type']}.gguf: {d['size']} bytes, {d['bits_per_weight']} bits per weight",
                          data={"type": d["type"], "size": d["size"], "bits_per_weight": d["bits_per_weight"]})
         ctx.state["gguf_outputs"] = written
-        return MethodResult(quantization_config=dict(fields), details={"outputs": described},
+        written_sizes = sum(d["size"] for d in described)
+        return MethodResult(quantization_config=dict(fields),
+                            details={"outputs": described, "phases_s": {k: round(v, 3) for k, v in phases.items()},
+                                     "bytes_written": written_sizes},
                             quantized_modules=sorted(n for n, t in written[0].tensor_types.items()
                                                      if t not in FLOAT_TYPES))
 
