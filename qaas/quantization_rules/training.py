@@ -1,5 +1,5 @@
 """A fine-tuning job's `training`: the field names of transformers' `TrainingArguments` that a QLoRA run
-uses, plus `max_seq_length` and `packing` (TRL's `SFTConfig` names).
+uses, plus `max_seq_length`, `packing` and `assistant_only_loss` (TRL's `SFTConfig` names).
 
 What is not listed is refused by name (a `TrainingArguments.to_dict()` carries dozens of fields about output
 directories, hubs and distributed launchers that the service decides itself). Combinations that cannot both
@@ -63,6 +63,8 @@ RULES = ObjectRules(
                               description="adapter checkpoint every N steps; a retried attempt resumes from it"),
         "max_seq_length": Integer(512, minimum=8, maximum=131_072, description="tokens per training sequence"),
         "packing": Boolean(False, description="concatenate examples into full max_seq_length sequences"),
+        "assistant_only_loss": Boolean(False, description="chat conversations: the loss covers only the assistant "
+                                                          "turns (TRL's SFTConfig name)"),
     },
     refused={
         **{k: _SERVICE for k in ("output_dir", "logging_dir", "overwrite_output_dir", "report_to", "run_name",

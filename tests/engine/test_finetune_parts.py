@@ -60,6 +60,26 @@ def test_conversations_render_with_the_models_template(tokenizer):
     assert "assistant: Once upon a time." in tokenizer.decode(seq)
 
 
+def test_assistant_only_loss_targets_the_assistant_turns_through_packing(tokenizer):
+    tokenizer = type(tokenizer).from_pretrained(STORIES)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    conv = [{"role": "user", "content": "Tell a story."}, {"role": "assistant", "content": "Once upon a time."}]
+    (seq,) = data.tokenize(tokenizer, [conv], max_seq_length=256, packing=False, name="dataset",
+                           assistant_only_loss=True)
+    batch = data.collate([seq], pad_id=0)
+    kept = [t for t, label in zip(seq, batch.labels[0].tolist()) if label != -100]
+    assert 0 < len(kept) < len(seq)
+    assert "Once upon a time." in tokenizer.decode(kept) and "Tell a story" not in tokenizer.decode(kept)
+    (whole,) = data.tokenize(tokenizer, [conv], max_seq_length=256, packing=False, name="dataset")
+    assert (data.collate([whole], 0).labels != -100).all()  # the default: every token
+    packed = data.tokenize(tokenizer, [conv, "a plain text"] * 3, max_seq_length=16, packing=True, name="dataset",
+                           assistant_only_loss=True)
+    labels = data.collate(packed, 0).labels
+    assert (labels == -100).any() and (labels != -100).any()
+    assert sum(len(s) for s in packed) == sum(len(s.targets) for s in packed)  # masks travel with the ids
+
+
 def test_held_out_split_is_seeded_and_batches_pad_out_of_the_loss():
     examples = [f"text {i}" for i in range(30)]
     train, held, how = data.split_held_out(examples, 7)

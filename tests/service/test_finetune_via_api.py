@@ -1,7 +1,7 @@
 """QLoRA fine-tuning jobs through the API and a real Celery worker, on the CPU.
 
 A tiny Llama built here (widths that bitsandbytes' CPU inference path takes) fine-tunes on chat
-conversations rendered with its chat template; stories260K is first quantized to NF4 by a quantization job
+conversations rendered with its chat template, the loss on the assistant's turns only; stories260K is first quantized to NF4 by a quantization job
 and then fine-tuned from that job's output (`{"job": id}`). Each time the loss goes down, progress events
 carry step, loss, learning rate, tokens/s, memory and ETA, and the delivered adapter loads with
 `peft.PeftModel.from_pretrained` on the 4-bit base and reproduces the worker's final logits.
@@ -129,7 +129,8 @@ def test_tiny_llama_on_chat_conversations_learns_and_its_adapter_reproduces_the_
     client, stack, tmp = service
     base = tiny_llama(tmp / "tiny-llama")
     r = client.post("/v1/jobs", json={"kind": "finetune", "model": {"path": str(base)}, "dataset": CONVERSATIONS,
-                                      "lora": {"r": 8, "lora_alpha": 16}, "training": TRAINING})
+                                      "lora": {"r": 8, "lora_alpha": 16},
+                                      "training": {**TRAINING, "assistant_only_loss": True}})
     assert r.status_code == 202, r.text
     job = wait_job(client, r.json()["id"], {"succeeded", "failed"}, timeout=500)
     assert job["status"] == "succeeded", (job["error"], stack.procs[-1].log()[-3000:])

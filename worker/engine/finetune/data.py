@@ -4,7 +4,7 @@ The value's rules are `qaas.quantization_rules.finetune` (checked at submission 
 the tokenizer's special tokens plus an end-of-sequence token, so that the model learns where an example ends;
 chat conversations are rendered with the model's own chat template (a model without one is refused: guessing
 a format would train the model on the wrong one). The loss covers every token of an example (padding
-excluded). `packing` concatenates all examples and cuts them into full `max_seq_length` sequences, without
+excluded), or with `assistant_only_loss` only a conversation's assistant turns. `packing` concatenates all examples and cuts them into full `max_seq_length` sequences, without
 padding; otherwise each example is one sequence, truncated to `max_seq_length`.
 """
 
@@ -116,32 +116,68 @@ def split_held_out(examples: list[Any], seed: int) -> tuple[list[Any], list[Any]
             f"no eval_dataset: {n} of {len(examples)} examples held out (seed {seed})")
 
 
-def tokenize(tokenizer: Any, examples: list[Any], *, max_seq_length: int, packing: bool,
-             name: str) -> list[list[int]]:
-    """Token sequences of at most max_seq_length tokens (see the module docstring)."""
+class Tokens(list):
+    """A token sequence (a list of ids) that may say which of its tokens are loss targets (`targets`, one bool
+    per token; None: all of them), so that batching and packing keep the mask with the ids."""
+
+    def __init__(self, ids: list[int], targets: list[bool] | None = None) -> None:
+        super().__init__(ids)
+        self.targets = targets
+
+    def cut(self, start: int, stop: int) -> "Tokens":
+        return Tokens(self[start:stop], None if self.targets is None else self.targets[start:stop])
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _assistant_targets(tokenizer: Any, conv: list[dict[str, str]], ids: list[int]) -> list[bool] | None:
+    """Which tokens of the rendered conversation are the assistant's turns: each turn is the difference
+    between the conversation rendered up to it (with the generation prompt) and through it. None when the
+    template does not render prefixes as prefixes of the whole (the loss then covers every token)."""
+    targets = [False] * len(ids)
+    for i, m in enumerate(conv):
+        if m["role"] != "assistant":
+            continue
+        start = len(_chat_ids(tokenizer, conv[:i], generation_prompt=True)) if i else 0
+        through = _chat_ids(tokenizer, conv[:i + 1])
+        if through != ids[:len(through)] or start > len(through):
+            return None
+        targets[start:len(through)] = [True] * (len(through) - start)
+    return targets if any(targets) else None
+
+
+def tokenize(tokenizer: Any, examples: list[Any], *, max_seq_length: int, packing: bool, name: str,
+             assistant_only_loss: bool = False) -> list[Tokens]:
+    """Token sequences of at most max_seq_length tokens (see the module docstring). With assistant_only_loss,
+    a conversation's loss covers only its assistant turns (TRL's SFTConfig field of that name)."""
     eos = tokenizer.eos_token_id
-    seqs: list[list[int]] = []
+    seqs: list[Tokens] = []
     for ex in examples:
         if isinstance(ex, str):
             ids = tokenizer(ex, add_special_tokens=True)["input_ids"]
             if eos is not None and (not ids or ids[-1] != eos):
                 ids = ids + [eos]
+            seq = Tokens(ids)
         else:
             if not getattr(tokenizer, "chat_template", None):
                 raise InvalidConfig("the model has no chat template, so conversations cannot be rendered; pass "
                                     "texts instead", field=name)
-            ids = tokenizer.apply_chat_template(ex, tokenize=True, add_generation_prompt=False)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            ids = list(ids)
-        if len(ids) >= 2:
-            seqs.append(ids)
+            ids = _chat_ids(tokenizer, ex)
+            seq = Tokens(ids, _assistant_targets(tokenizer, ex, ids) if assistant_only_loss else None)
+        if len(seq) >= 2:
+            seqs.append(seq)
     if packing:
-        flat = [t for s in seqs for t in s]
-        seqs = [flat[i:i + max_seq_length] for i in range(0, len(flat), max_seq_length)]
+        flat = Tokens([t for s in seqs for t in s], None if all(s.targets is None for s in seqs) else
+                      [m for s in seqs for m in (s.targets or [True] * len(s))])
+        seqs = [flat.cut(i, i + max_seq_length) for i in range(0, len(flat), max_seq_length)]
         seqs = [s for s in seqs if len(s) >= 2]
     else:
-        seqs = [s[:max_seq_length] for s in seqs]
+        seqs = [s.cut(0, max_seq_length) for s in seqs]
     if not seqs:
         raise InvalidConfig("the data holds no example of at least two tokens", field=name)
     return seqs
@@ -162,14 +198,18 @@ class Batch:
 
 
 def collate(seqs: list[list[int]], pad_id: int) -> Batch:
-    """Right-padded batch; padding is masked out of attention and loss (-100)."""
+    """Right-padded batch; padding (and tokens a `Tokens` marks as no target) is masked out of the loss (-100),
+    padding out of attention."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    targets = torch.zeros((len(seqs), width), dtype=torch.bool)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
         mask[i, :len(s)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
+        chosen = getattr(s, "targets", None)
+        targets[i, :len(s)] = torch.tensor(chosen, dtype=torch.bool) if chosen is not None else True
+    labels = ids.masked_fill(~targets, -100)
     return Batch(ids, mask, labels)
 
 

@@ -89,9 +89,12 @@ def finetune(spec: dict[str, Any], *, options: EngineOptions, reporter: Reporter
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), trust_remote_code=options.allow_remote_code)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         msl, packing = training["max_seq_length"], training["packing"]
-        train_seqs = data.tokenize(tokenizer, train_examples, max_seq_length=msl, packing=packing, name="dataset")
+        masked = training["assistant_only_loss"]
+        train_seqs = data.tokenize(tokenizer, train_examples, max_seq_length=msl, packing=packing, name="dataset",
+                                   assistant_only_loss=masked)
         eval_seqs = data.tokenize(tokenizer, eval_examples, max_seq_length=msl, packing=packing,
-                                  name="eval_dataset" if held_out == "eval_dataset" else "dataset")
+                                  name="eval_dataset" if held_out == "eval_dataset" else "dataset",
+                                  assistant_only_loss=masked)
         eval_batches = [data.collate(eval_seqs[i:i + training["per_device_eval_batch_size"]], pad_id)
                         for i in range(0, len(eval_seqs), training["per_device_eval_batch_size"])]
         used_qc, prequantized = base_model.base_config(spec.get("quantization_config"), resolved.path, device)
@@ -129,7 +132,7 @@ def finetune(spec: dict[str, Any], *, options: EngineOptions, reporter: Reporter
         full = _full_precision_loss(resolved.path, eval_batches, device, clock, options) if not prequantized else None
         evaluation = {"eval_loss_before": before, "eval_loss_after": after,
                       "perplexity_before": math.exp(min(before, 50)), "perplexity_after": math.exp(min(after, 50)),
-                      "eval_sequences": len(eval_seqs), "eval_tokens": sum(len(s) - 1 for s in eval_seqs),
+                      "eval_sequences": len(eval_seqs), "eval_tokens": sum(int((b.labels[:, 1:] != -100).sum()) for b in eval_batches),
                       "held_out": held_out}
         if full is not None:
             evaluation["full_precision_perplexity"] = math.exp(min(full, 50))
