@@ -135,14 +135,20 @@ class StreamedEvaluator:
         # the next block's tensors are read (and, for the quantized model, dequantized) while this one runs;
         # only the loader thread touches `load` meanwhile
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-load")
-        pending: Future | None = pool.submit(load, layout.blocks[0].tensor_names) if layout.blocks else None
+        load_block = self._onto_device(load)
+        pending: Future | None = pool.submit(load_block, layout.blocks[0].tensor_names) if layout.blocks else None
         try:
             for binfo in layout.blocks:
                 if reporter is not None:
                     reporter.check_cancelled()
                 tensors = pending.result()
+                if device.type == "cuda":  # made on the loader's stream, read on this one: keep them alive for it
+                    for t in tensors.values():
+                        if t.is_cuda:
+                            t.record_stream(torch.cuda.current_stream(device))
                 nxt = binfo.index + 1
-                pending = pool.submit(load, layout.blocks[nxt].tensor_names) if nxt < layout.num_blocks else None
+                pending = (pool.submit(load_block, layout.blocks[nxt].tensor_names) if nxt < layout.num_blocks
+                           else None)
                 as_tuple = self._run_block(capture, binfo, tensors, hidden, rest, rest_by_type, store)
                 del tensors
                 if reporter is not None:
@@ -162,6 +168,21 @@ class StreamedEvaluator:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return StreamedPass(float(math.exp(sum(nll) / len(nll))), seconds, nll)
+
+    def _onto_device(self, load: TensorLoader) -> TensorLoader:
+        """On CUDA, the loader thread also copies the block's tensors to the device, on a stream of its own, so
+        the host read and the host-to-device copy of block i+1 overlap block i's forward."""
+        if self.device.type != "cuda":
+            return load
+        side = torch.cuda.Stream(self.device)
+
+        def loaded(names: list[str]) -> dict[str, torch.Tensor]:
+            with torch.cuda.stream(side):
+                out = {k: v.to(self.device) for k, v in load(names).items()}
+            side.synchronize()
+            return out
+
+        return loaded
 
     def _run_block(self, capture: BlockInputCapture, binfo: Any, tensors: dict[str, torch.Tensor],
                    hidden: list[torch.Tensor], rest: list, rest_by_type: dict, store: torch.device) -> bool:
