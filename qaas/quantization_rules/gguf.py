@@ -12,8 +12,9 @@
 * `split_max_size`: at most this many bytes per file (`"48GB"`, `"500M"`, as `llama-gguf-split
   --split-max-size` takes it, 1000-based); larger outputs are split into `-0000i-of-0000N.gguf` parts.
 
-Architectures: llama.cpp's LLAMA graph (`LlamaForCausalLM`: Llama 2/3, SmolLM, TinyStories; `MistralForCausalLM`);
-Qwen2/Qwen3 (their own graphs in llama.cpp) are not converted yet. Others are refused at submission where the model's config.json is at
+Architectures: llama.cpp's LLAMA graph (`LlamaForCausalLM`: Llama 2, TinyStories; `MistralForCausalLM`);
+Qwen2/Qwen3 (their own graphs in llama.cpp) are not converted yet; the engine also needs a SentencePiece
+tokenizer.model (tokenizer.json-only vocabularies, e.g. Llama 3's, are refused naming `model`). Others are refused at submission where the model's config.json is at
 hand (a local model), else when the engine reads it, naming `model`.
 """
 

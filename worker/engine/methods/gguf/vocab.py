@@ -1,14 +1,11 @@
 """The tokenizer as llama.cpp reads it from a GGUF file: `tokenizer.ggml.*`.
 
-Two vocabularies, the two the Llama family ships:
-  * SentencePiece (`tokenizer.model`: Llama 2, Mistral, TinyStories): model "llama", pieces with their scores and
-    piece types, read from the model's protobuf here (no sentencepiece dependency: the file is a flat list of
-    pieces, and decoding it is a few lines; nothing is executed);
-  * byte-level BPE (`tokenizer.json` only: Llama 3, SmolLM, Qwen): model "gpt2", the vocabulary in id order, the
-    merges, and the pre-tokenizer llama.cpp must apply (`tokenizer.ggml.pre`), decided from tokenizer.json's
-    pre-tokenizer itself.
-Special token ids, add_bos/add_eos, merges and the chat template come from `gguf.SpecialVocab` (the gguf
-package's reader of tokenizer_config.json / generation_config.json), as llama.cpp's converter takes them.
+SentencePiece (`tokenizer.model`: Llama 2, Mistral, TinyStories): model "llama", pieces with their scores and
+piece types, read from the model's protobuf here (no sentencepiece dependency: the file is a flat list of
+pieces, and decoding it is a few lines; nothing is executed), then the added tokens of added_tokens.json and
+tokenizer_config.json. Special token ids, add_bos/add_eos and the chat template come from `gguf.SpecialVocab`
+(the gguf package's reader of tokenizer_config.json / generation_config.json), as llama.cpp's converter takes
+them. tokenizer.json-only vocabularies are refused (`read_vocab` says why).
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 @dataclass
 class Vocab:
-    model: str  # "llama" (SentencePiece) or "gpt2" (byte-level BPE)
+    model: str  # "llama": SentencePiece
     pre: str
     tokens: list[bytes]
     scores: list[float] | None
@@ -43,11 +40,7 @@ class Vocab:
         if self.scores is not None:
             writer.add_token_scores(self.scores)
         writer.add_token_types(self.types)
-        if self.model == "llama":
-            special = gguf.SpecialVocab(source_dir, n_vocab=len(self.tokens))
-        else:
-            special = gguf.SpecialVocab(source_dir, load_merges=True)
-        special.add_to_gguf(writer, quiet=True)
+        gguf.SpecialVocab(source_dir, n_vocab=len(self.tokens)).add_to_gguf(writer, quiet=True)
 
 
 # -- SentencePiece ---------------------------------------------------------------------------------------
@@ -137,55 +130,16 @@ def _sentencepiece_vocab(source_dir: Path, vocab_size: int | None) -> Vocab:
     return Vocab("llama", "default", tokens, scores, types)
 
 
-# -- byte-level BPE ------------------------------------------------------------------------------------------
-
-
-def _bpe_pre(tokenizer: dict[str, Any]) -> str:
-    """llama.cpp's name for the pre-tokenizer of a byte-level BPE tokenizer.json, from the split regex itself."""
-    text = json.dumps(tokenizer.get("pre_tokenizer"))
-    if "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}{1,3}" in text:
-        return "llama-bpe"  # Llama 3
-    if "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}|" in text:
-        return "qwen2"
-    if '"individual_digits": true' in text and '"ByteLevel"' in text:
-        return "smollm"  # SmolLM: digits split one by one, then byte-level
-    raise InvalidConfig("GGUF: this byte-level BPE tokenizer's pre-tokenizer is not one llama.cpp's Llama family "
-                        "uses (Llama 3, Qwen2, SmolLM)", field="model")
-
-
-def _bpe_vocab(source_dir: Path, vocab_size: int | None) -> Vocab:
-    tokenizer = json.loads((source_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    model = tokenizer.get("model") or {}
-    if model.get("type") != "BPE":
-        raise InvalidConfig("GGUF: tokenizer.json is not a BPE tokenizer and there is no tokenizer.model", field="model")
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {t["content"]: t for t in tokenizer.get("added_tokens") or []}
-    for t in added.values():
-        vocab[t["content"]] = t["id"]
-    n = max(vocab_size or 0, max(vocab.values()) + 1)
-    by_id = {i: text for text, i in vocab.items()}
-    tokens: list[bytes] = []
-    types: list[int] = []
-    for i in range(n):
-        text = by_id.get(i)
-        if text is None:
-            tokens.append(f"[PAD{i}]".encode())
-            types.append(UNUSED)
-        elif text in added:
-            special = added[text].get("special") or _looks_special(text)
-            tokens.append(text.encode())
-            types.append(CONTROL if special else USER_DEFINED)
-        else:
-            tokens.append(text.encode())
-            types.append(NORMAL)
-    return Vocab("gpt2", _bpe_pre(tokenizer), tokens, None, types)
-
-
 def read_vocab(source_dir: Path, config: dict[str, Any]) -> Vocab:
-    """The vocabulary of the checkpoint in `source_dir` (SentencePiece when tokenizer.model is there)."""
-    vocab_size = config.get("vocab_size")
+    """The vocabulary of the checkpoint in `source_dir`: its SentencePiece model.
+
+    A checkpoint with only tokenizer.json (Llama 3, SmolLM: byte-level BPE; or a SentencePiece vocabulary
+    exported to tokenizer.json) is refused: llama.cpp's converter picks among several readings of such files
+    (its Hugging Face Llama vocabulary, or GPT-2 style BPE with a pre-tokenizer it recognises by the hash of a
+    test tokenization), and ours is not verified against it yet; a wrong pre-tokenizer would load and
+    tokenize silently differently."""
     if (source_dir / "tokenizer.model").is_file():
-        return _sentencepiece_vocab(source_dir, vocab_size)
-    if (source_dir / "tokenizer.json").is_file():
-        return _bpe_vocab(source_dir, vocab_size)
-    raise InvalidConfig("GGUF needs the model's tokenizer (tokenizer.model or tokenizer.json)", field="model")
+        return _sentencepiece_vocab(source_dir, config.get("vocab_size"))
+    raise InvalidConfig("GGUF conversion needs the model's SentencePiece tokenizer.model (Llama 2, Mistral, "
+                        "TinyStories); tokenizer.json-only vocabularies (Llama 3, SmolLM, byte-level BPE) are not "
+                        "converted yet", field="model")
