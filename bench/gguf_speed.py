@@ -34,7 +34,10 @@ sys.path.append(str(Path(__file__).resolve().parent))  # the sibling bench modul
 
 TYPES = ["F16", "Q4_K_M", "Q5_K_M", "Q8_0"]
 PEER_TYPE = "Q4_K_M"
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "assets" / "models" / "stories260K"
+_ROOT = Path(__file__).resolve().parents[1]
+#: the shared assets beside the checkout (../shared) or inside it (shared/, as the GPU machine gets them)
+STORIES = next((p for p in (_ROOT.parent / "shared", _ROOT / "shared") if (p / "assets").is_dir()),
+               _ROOT.parent / "shared") / "assets" / "models" / "stories260K"
 
 
 def _sha256(path: Path) -> str:
