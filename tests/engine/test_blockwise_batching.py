@@ -81,13 +81,33 @@ def test_merged_passes_equal_one_pass_per_window(arch, batch_size):
         m = block.get_submodule(name)
         return m.weight.shape[0] if type(m).__name__ == "Conv1D" else m.in_features
 
+    # what each layer really sees in a whole forward of the block, by an independent hook
+    seen = {n: _Gram(in_features(n)) for n in layers}
+    hs = [block.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen[n].add(i[0])) for n in layers]
+    try:
+        with torch.no_grad():
+            one.forward_all()
+    finally:
+        for h in hs:
+            h.remove()
+
     classes = [[n] for n in layers]
     ref_acc = one.collect(classes, lambda n: _Gram(n))
     acc = many.collect(classes, lambda n: _Gram(n))
     for n in layers:
-        assert acc[n].n == ref_acc[n].n == ids.numel()
+        assert acc[n].n == ref_acc[n].n == seen[n].n == ids.numel()
         assert acc[n].sum.shape == (in_features(n), in_features(n))
+        torch.testing.assert_close(ref_acc[n].sum, seen[n].sum, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(acc[n].sum, ref_acc[n].sum, rtol=1e-5, atol=1e-4)
+
+    # one class per pass, as true-sequential GPTQ runs them: the pass stops before its layer computes
+    calls = []
+    h = block.get_submodule(layers[-1]).register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        many.collect([[layers[-1]]], lambda n: _Gram(n))
+    finally:
+        h.remove()
+    assert calls == []
 
 
 def test_batches_that_cannot_be_combined_run_one_by_one():

@@ -11,7 +11,7 @@
   order they run: for Llama [q,k,v], [o], [gate,up], [down] — the paper's true-sequential groups.
 * `BlockRunner.collect`: forward passes over all batches with hooks that feed each shared input to one
   accumulator per input class (GPTQ: a Hessian), stopping a pass as soon as every hooked layer has seen its
-  input; `BlockRunner.forward_all`: the block's outputs, the next block's inputs. Both run many windows per
+  input (before the last one computes); `BlockRunner.forward_all`: the block's outputs, the next block's inputs. Both run many windows per
   forward pass (`merge_batches`, `forward_chunk_tokens`): one pass per window is bound by kernel launches.
 """
 
@@ -338,13 +338,16 @@ class BlockRunner:
             in_f = mod.weight.shape[0] if type(mod).__name__ == "Conv1D" else mod.in_features
             accs[rep] = accumulator(in_f)
 
-            def hook(m, inp, out, rep=rep):
-                accs[rep].add(inp[0].detach())
+            # a pre-hook: the pass stops before the last hooked layer computes (its output is never used),
+            # which saves one matrix product per pass (~8 % of a Llama block's calibration work)
+            def hook(m, args, kwargs, rep=rep):
+                x = args[0] if args else next(iter(kwargs.values()))
+                accs[rep].add(x.detach())
                 fired.add(rep)
                 if len(fired) == len(accs):
                     raise _StopForward
 
-            hooks.append(mod.register_forward_hook(hook))
+            hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
         try:
             for _, h, args, kw in self._passes():
                 fired.clear()
