@@ -103,7 +103,7 @@ def test_stories_default_is_what_bitsandbytes_config_gives_on_a_gpu(stories_dir,
     qc = result["quantization_config"]
     assert qc["llm_int8_skip_modules"] == ["lm_head"]
     assert result["quantized_modules"] == 5 * 7
-    golden_model, golden_dir = _golden(stories_dir, dict(qc, llm_int8_skip_modules=None), tmp_path)
+    _, golden_dir = _golden(stories_dir, dict(qc, llm_int8_skip_modules=None), tmp_path)
     ours, theirs = _read_all(out), _read_all(golden_dir)
     assert set(ours) == set(theirs)
     mismatched = [k for k in ours if not _equal_bytes(ours[k], theirs[k])]
@@ -113,9 +113,6 @@ def test_stories_default_is_what_bitsandbytes_config_gives_on_a_gpu(stories_dir,
     assert "model.layers.0.mlp.up_proj" in runs_on["cpu_unsupported_modules"]
     assert "model.layers.0.self_attn.q_proj" not in runs_on["cpu_unsupported_modules"]
     assert "cpu_compatible" in runs_on["note"] and runs_on["note"] in result["notes"]
-    # why: bitsandbytes' CPU 4-bit inference refuses that shape, for its own quantization as for ours
-    with pytest.raises(Exception, match="divisible"), torch.no_grad():
-        golden_model.eval()(PROMPT_IDS)
 
 
 def test_stories_quant_state_blob(stories_dir, run_pipeline):

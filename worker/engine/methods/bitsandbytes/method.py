@@ -16,16 +16,17 @@ from .planning import plan
 
 
 def runs_on(gpu_only: dict[str, str]) -> dict[str, Any]:
-    """The job result's `runs_on`: the devices transformers + bitsandbytes run the output on. CUDA always (the
-    checkpoint is what `BitsAndBytesConfig` gives there); the CPU only when no converted layer has a shape
-    its 4-bit kernels reject (`options.cpu_compatible` keeps such layers in float instead)."""
+    """The job result's `runs_on`: the devices transformers + bitsandbytes are sure to run the output on. CUDA
+    always (the checkpoint is what `BitsAndBytesConfig` gives there); the CPU only when no converted layer has
+    a shape its repacked 4-bit CPU kernel rejects (`options.cpu_compatible` keeps such layers in float)."""
     if not gpu_only:
         return {"devices": ["cuda", "cpu"], "note": "runs on CUDA and on the CPU"}
     shown = ", ".join(f"{n} ({why})" for n, why in sorted(gpu_only.items())[:4])
     more = f" and {len(gpu_only) - 4} more" if len(gpu_only) > 4 else ""
     return {"devices": ["cuda"], "cpu_unsupported_modules": sorted(gpu_only),
-            "note": f"runs on CUDA only: bitsandbytes' CPU 4-bit kernel cannot run {shown}{more}; "
-                    "options.cpu_compatible=true keeps such layers in float so the output also runs on the CPU"}
+            "note": f"runs on CUDA; on the CPU, bitsandbytes' repacked 4-bit kernel (AVX512-BF16) asserts shapes "
+                    f"that {shown}{more} do not have (which CPU path bitsandbytes takes depends on the machine); "
+                    "options.cpu_compatible=true keeps such layers in float so the output runs on any CPU"}
 
 
 class BitsAndBytesMethod:
