@@ -53,7 +53,7 @@ def test_every_named_engine_phase_is_wrapped_then_restored():
         wrapped = {label for o in _qaas_objects() if isinstance(label := getattr(o, "bench_phase", None), str)}
         from qaas.worker.engine.methods.gptq import GPTQMethod
 
-        assert getattr(GPTQMethod.load_for_evaluation, "bench_phase", None) == "eval: load quantized model"
+        assert getattr(GPTQMethod.read_back_weight, "bench_phase", None) == "eval: read back quantized layers"
     assert sorted(set(labels)) == sorted(set(phases.values()))
     assert wrapped == set(phases.values())
     assert not any(isinstance(getattr(o, "bench_phase", None), str) for o in _qaas_objects())
