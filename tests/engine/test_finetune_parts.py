@@ -140,3 +140,21 @@ def test_paged_optimizers_are_refused_on_the_cpu_and_auto_picks_by_device():
         assert e.value.field == "training.optim"
     opt, used = make_optimizer("auto", params, lr=1e-3, weight_decay=0.0, device=torch.device("cpu"))
     assert used == "adamw_torch" and isinstance(opt, torch.optim.AdamW)
+
+
+def test_the_engine_as_a_library_without_evaluation_trains_on_every_example(tmp_path):
+    """`finetune()` called directly (no service): options.evaluate false holds nothing out and runs no
+    evaluation pass, and the output is the adapter peft saves."""
+    from qaas.worker.engine.finetune.pipeline import finetune
+    from qaas.worker.engine.options import EngineOptions
+
+    texts = ["Once upon a time, there was a little girl named Lily.", "She loved to play outside."] * 3
+    spec = {"kind": "finetune", "source": {"path": str(STORIES)}, "dataset": texts, "out_dir": str(tmp_path / "out"),
+            "checkpoint_dir": str(tmp_path / "ck"), "training": {"max_steps": 2, "optim": "adamw_torch",
+                                                                 "max_seq_length": 32, "logging_steps": 1}}
+    result = finetune(spec, options=EngineOptions(device="cpu", allowed_roots=(str(STORIES.parent),), evaluate=False))
+    assert result["evaluation"] == {"skipped": "options.evaluate is false"}
+    assert result["data"]["train_examples"] == 6 and result["data"]["eval_examples"] == 0
+    assert result["loss"]["evals"] == [] and [s for s, _, _ in result["loss"]["curve"]] == [1, 2]
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {f["name"] for f in result["files"]}
+    assert not list((tmp_path / "ck").glob("step-*"))  # save_steps is capped at the last step: nothing to resume

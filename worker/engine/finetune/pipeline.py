@@ -77,7 +77,9 @@ def finetune(spec: dict[str, Any], *, options: EngineOptions, reporter: Reporter
         resolved = resolve_source(spec["source"], options)
         clock.log("source resolved", data=resolved.describe())
         train_examples = data.load_examples(spec.get("dataset"), sources, "dataset")
-        if spec.get("eval_dataset") is not None:
+        if not options.evaluate:  # options.evaluate false: nothing held out, no evaluation passes
+            eval_examples, held_out = [], "not evaluated (options.evaluate is false)"
+        elif spec.get("eval_dataset") is not None:
             eval_examples = data.load_examples(spec["eval_dataset"], sources, "eval_dataset")
             held_out = "eval_dataset"
         else:
@@ -94,7 +96,7 @@ def finetune(spec: dict[str, Any], *, options: EngineOptions, reporter: Reporter
                                    assistant_only_loss=masked)
         eval_seqs = data.tokenize(tokenizer, eval_examples, max_seq_length=msl, packing=packing,
                                   name="eval_dataset" if held_out == "eval_dataset" else "dataset",
-                                  assistant_only_loss=masked)
+                                  assistant_only_loss=masked) if eval_examples else []
         eval_batches = [data.collate(eval_seqs[i:i + training["per_device_eval_batch_size"]], pad_id)
                         for i in range(0, len(eval_seqs), training["per_device_eval_batch_size"])]
         used_qc, prequantized = base_model.base_config(spec.get("quantization_config"), resolved.path, device)
@@ -125,19 +127,12 @@ def finetune(spec: dict[str, Any], *, options: EngineOptions, reporter: Reporter
                           compute_dtype=base_model.DTYPES.get(used_qc.get("bnb_4bit_compute_dtype")))
 
         clock.stage("evaluate")
-        after = train.eval_loss(net, eval_batches, device, clock)
-        state.evals.append([state.step, after])
-        before = state.evals[0][1]
-        probe = _probe(net, eval_seqs[0], device)
-        full = _full_precision_loss(resolved.path, eval_batches, device, clock, options) if not prequantized else None
-        evaluation = {"eval_loss_before": before, "eval_loss_after": after,
-                      "perplexity_before": math.exp(min(before, 50)), "perplexity_after": math.exp(min(after, 50)),
-                      "eval_sequences": len(eval_seqs), "eval_tokens": sum(int((b.labels[:, 1:] != -100).sum()) for b in eval_batches),
-                      "held_out": held_out}
-        if full is not None:
-            evaluation["full_precision_perplexity"] = math.exp(min(full, 50))
-        clock.log(f"perplexity {evaluation['perplexity_before']:.4f} -> {evaluation['perplexity_after']:.4f}",
-                  data={"before": evaluation["perplexity_before"], "after": evaluation["perplexity_after"]})
+        probe = _probe(net, (eval_seqs or train_seqs)[0], device)
+        if eval_batches:
+            evaluation = _evaluation(net, state, eval_batches, eval_seqs, held_out, resolved.path, prequantized,
+                                     device, clock, options)
+        else:
+            evaluation = {"skipped": "options.evaluate is false"}
 
         clock.stage("export")
         net.save_pretrained(str(staged.path), safe_serialization=True)
@@ -186,6 +181,26 @@ def finetune(spec: dict[str, Any], *, options: EngineOptions, reporter: Reporter
         "device": str(device),
         "gpu_peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
+
+
+def _evaluation(net: torch.nn.Module, state: Any, eval_batches: list[Any], eval_seqs: list[Any], held_out: str,
+                source_dir: Path, prequantized: bool, device: torch.device, clock: Any,
+                options: EngineOptions) -> dict[str, Any]:
+    """Held-out loss and perplexity after training (before: the loop's step-0 point), and the unquantized
+    base's when it fits."""
+    after = train.eval_loss(net, eval_batches, device, clock)
+    state.evals.append([state.step, after])
+    before = state.evals[0][1]
+    full = _full_precision_loss(source_dir, eval_batches, device, clock, options) if not prequantized else None
+    evaluation = {"eval_loss_before": before, "eval_loss_after": after,
+                  "perplexity_before": math.exp(min(before, 50)), "perplexity_after": math.exp(min(after, 50)),
+                  "eval_sequences": len(eval_seqs),
+                  "eval_tokens": sum(int((b.labels[:, 1:] != -100).sum()) for b in eval_batches), "held_out": held_out}
+    if full is not None:
+        evaluation["full_precision_perplexity"] = math.exp(min(full, 50))
+    clock.log(f"perplexity {evaluation['perplexity_before']:.4f} -> {evaluation['perplexity_after']:.4f}",
+              data={"before": evaluation["perplexity_before"], "after": evaluation["perplexity_after"]})
+    return evaluation
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -107,12 +107,15 @@ def run(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
         state = LoopState.from_dict(saved["loop"])
         state.resumed_from = state.step
         reporter.log(f"resumed from the checkpoint of step {state.step}", data={"step": state.step})
-    else:
+    elif eval_batches:
         torch.manual_seed(seed)
         before = eval_loss(model, eval_batches, device, reporter)
         state.evals.append([0, before])
         reporter.progress(0, steps, message=f"step 0/{steps}: eval loss {before:.4f}",
                           metrics={"step": 0, "eval_loss": before, "eval_ppl": math.exp(min(before, 50))})
+    else:  # no evaluation asked for
+        torch.manual_seed(seed)
+        reporter.progress(0, steps, message=f"step 0/{steps}", metrics={"step": 0})
 
     # Where the resumed run is in the data: which epoch, which micro-batch of it.
     epoch_len = math.ceil(len(train_seqs) / bs)
@@ -156,7 +159,7 @@ def run(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
         state.tokens += sum(b.tokens for b, _ in parts)
 
         evaluated = None
-        if training["eval_steps"] and state.step % training["eval_steps"] == 0 and state.step < steps:
+        if eval_batches and training["eval_steps"] and state.step % training["eval_steps"] == 0 and state.step < steps:
             evaluated = eval_loss(model, eval_batches, device, reporter)
             state.evals.append([state.step, evaluated])
         if state.step % training["logging_steps"] == 0 or state.step == steps or evaluated is not None:
