@@ -20,7 +20,7 @@
 The YAML front matter carries `base_model`, `base_model_relation: quantized`, `library_name: transformers`,
 `tags` (method, bits, `qaas`) and `source_revision`; it parses with huggingface_hub's `ModelCard` and passes the
 Hub's metadata validation. The body states the recipe, the calibration data, the quality measured, the sizes
-and load snippets (transformers; vLLM for GPTQ).
+and load snippets (transformers; vLLM for GPTQ and compressed-tensors).
 """
 
 from __future__ import annotations
@@ -45,7 +45,22 @@ def method_and_bits(qc: dict[str, Any]) -> tuple[str, int]:
         from qaas.quantization_rules.gguf import bits
 
         return "gguf", bits(qc) or 16
+    if method == "compressed-tensors":
+        weights = (next(iter((qc.get("config_groups") or {}).values()), None) or {}).get("weights") or {}
+        return "compressed-tensors", int(weights.get("num_bits") or 8)
     raise ValueError(f"unknown quant_method {qc.get('quant_method')!r}")
+
+
+def ct_scheme(qc: dict[str, Any]) -> str:
+    """The llm-compressor preset a compressed-tensors config_group is (FP8_DYNAMIC, W4A16, ...), read back from
+    its weights and input activations."""
+    group = next(iter((qc.get("config_groups") or {}).values()), None) or {}
+    w, x = group.get("weights") or {}, group.get("input_activations")
+    if w.get("type") == "float":
+        return {"channel": "FP8_DYNAMIC", "tensor": "FP8", "block": "FP8_BLOCK"}.get(w.get("strategy"), "FP8")
+    if x:
+        return f"W{w.get('num_bits')}A8"
+    return f"W{w.get('num_bits')}A16"
 
 
 def _human(n: int | float) -> str:
@@ -79,9 +94,13 @@ def _metadata(info: dict[str, Any], method: str, bits: int) -> dict[str, Any]:
 
 
 def _calibration(info: dict[str, Any], method: str) -> dict[str, Any] | None:
-    if method != "gptq":
+    if method != "gptq" and not (method == "compressed-tensors" and info.get("calibration")):
         return None
     calib = dict(info.get("calibration") or {})
+    if "dataset" not in calib and calib.get("source"):  # the engine's CalibrationSet.describe()
+        calib["dataset"] = calib["source"]
+    if "num_samples" not in calib and calib.get("samples") is not None:
+        calib["num_samples"] = calib["samples"]
     qc = info.get("quantization_config") or {}
     if "dataset" not in calib and qc.get("dataset") is not None:
         calib["dataset"] = qc["dataset"]
@@ -95,6 +114,13 @@ def _recipe_rows(qc: dict[str, Any], method: str, bits: int) -> list[tuple[str, 
         keys = ["bits", "group_size", "sym", "desc_act", "act_group_aware", "damp_percent", "true_sequential",
                 "static_groups", "checkpoint_format", "lm_head"]
         return [("method", "GPTQ")] + [(k, qc[k]) for k in keys if k in qc]
+    if method == "compressed-tensors":
+        group = next(iter((qc.get("config_groups") or {}).values()), None) or {}
+        w = group.get("weights") or {}
+        return [("method", f"compressed-tensors {ct_scheme(qc)}"), ("format", qc.get("format")),
+                ("weights", {k: w.get(k) for k in ("num_bits", "type", "strategy", "group_size", "block_structure")
+                             if w.get(k) is not None}),
+                ("input_activations", group.get("input_activations")), ("ignore", qc.get("ignore"))]
     rows: list[tuple[str, Any]] = [("method", "bitsandbytes " + ("LLM.int8" if bits == 8 else "4-bit"))]
     keys = (["llm_int8_threshold", "llm_int8_skip_modules"] if bits == 8 else
             ["bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage",
@@ -192,7 +218,9 @@ def render_model_card(info: dict[str, Any]) -> str:
     endpoint = str(info.get("endpoint") or DEFAULT_ENDPOINT).rstrip("/")
     method_name = "GPTQ" if method == "gptq" else "bitsandbytes"
     flavour = f"{bits}-bit {method_name}"
-    if method == "bitsandbytes" and bits == 4:
+    if method == "compressed-tensors":
+        flavour = f"compressed-tensors {ct_scheme(qc)}"
+    elif method == "bitsandbytes" and bits == 4:
         flavour = f"4-bit bitsandbytes ({str(qc.get('bnb_4bit_quant_type', 'nf4')).upper()})"
 
     meta = _metadata(info, method, bits)
@@ -213,7 +241,14 @@ def render_model_card(info: dict[str, Any]) -> str:
     # Calibration
     out += ["## Calibration data", ""]
     calib = _calibration(info, method)
-    if method != "gptq":
+    if method == "compressed-tensors" and not calib:
+        out += ["None: the weights are rounded to nearest from the weights alone, and activation scales are "
+                "computed at run time (data-free).", ""]
+    elif method == "compressed-tensors":
+        out += ["Calibration activations set the static input scales, SmoothQuant's smoothing or GPTQ's weights: "
+                f"dataset {_code(calib.get('dataset'))}, {calib.get('num_samples')} samples of "
+                f"{calib.get('seqlen')} tokens.", ""]
+    elif method != "gptq":
         out += ["None: bitsandbytes quantizes each weight block from the weights alone (data-free).", ""]
     elif calib:
         ds = calib.get("dataset")
@@ -293,7 +328,7 @@ def render_model_card(info: dict[str, Any]) -> str:
 
     # Usage
     rev_arg = f', revision="{revision}"' if revision and revision != "main" else ""
-    needs = "gptqmodel" if method == "gptq" else "bitsandbytes"
+    needs = {"gptq": "gptqmodel", "compressed-tensors": "compressed-tensors"}.get(method, "bitsandbytes")
     out += ["## How to use", "", f"With transformers (needs `{needs}` installed: `pip install transformers accelerate {needs}`):", "",
             "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f'model_id = "{repo_id}"',
@@ -304,8 +339,10 @@ def render_model_card(info: dict[str, Any]) -> str:
             "print(tokenizer.decode(output[0], skip_special_tokens=True))", "```", ""]
     engines = (info.get("gptq") or {}).get("engines")
     vllm_loads = any(e.get("engine") == "vllm" and e.get("loads") for e in engines or [])
-    if method == "gptq" and (vllm_loads or engines is None):
-        out += ["With vLLM (reads the GPTQ config; picks the Marlin kernel when the shapes allow it):", "",
+    if (method == "gptq" and (vllm_loads or engines is None)) or method == "compressed-tensors":
+        kernel = ("reads the GPTQ config; picks the Marlin kernel when the shapes allow it" if method == "gptq" else
+                  "compressed-tensors is vLLM's and SGLang's native format; FP8 runs on Hopper/Ada FP8 kernels")
+        out += [f"With vLLM ({kernel}):", "",
                 "```python", "from vllm import LLM, SamplingParams", "",
                 f'llm = LLM(model="{repo_id}"{rev_arg})',
                 'print(llm.generate(["The capital of France is"], SamplingParams(max_tokens=32))[0].outputs[0].text)',
