@@ -298,18 +298,22 @@ async def _list_stream(settings, dash: auth.DashboardSession, since: dt.datetime
 # --- submit ---------------------------------------------------------------------------------------
 
 METHODS = {"gptq": "GPTQ", "nf4": "bitsandbytes NF4 (4-bit)", "fp4": "bitsandbytes FP4 (4-bit)",
-           "int8": "bitsandbytes LLM.int8 (8-bit)", "gguf": "GGUF (llama.cpp, Ollama, LM Studio)"}
+           "int8": "bitsandbytes LLM.int8 (8-bit)", "gguf": "GGUF (llama.cpp, Ollama, LM Studio)",
+           "ct": "compressed-tensors (FP8, INT8, W4A16: vLLM / SGLang)"}
 FORM_DEFAULTS = {"model": "", "revision": "", "method": "nf4", "bits": "4", "group_size": "128", "dataset": "",
                  "double_quant": False, "compute_dtype": "", "desc_act": False, "sym": True, "evaluate": True,
                  "eval_max_windows": "", "priority": "0", "push_repo": "", "push_private": True,
-                 "webhook_url": "", "advanced": "", "gguf_types": "Q4_K_M, Q8_0"}
+                 "webhook_url": "", "advanced": "", "gguf_types": "Q4_K_M, Q8_0", "ct_scheme": "FP8_DYNAMIC",
+                 "ct_weights": "rtn", "ct_group_size": "", "ct_dataset": "", "ct_smoothing": ""}
 # Request fields -> the form input that sets them (for errors shown beside their input).
 FIELD_INPUTS = {"model": "model", "model.id": "model", "model.path": "model", "model.revision": "revision",
                 "quantization_config.bits": "bits", "quantization_config.group_size": "group_size",
                 "quantization_config.dataset": "dataset", "quantization_config.bnb_4bit_compute_dtype": "compute_dtype",
                 "quantization_config.types": "gguf_types",
                 "options.eval_max_windows": "eval_max_windows", "options.priority": "priority",
-                "push_to_hub.repo_id": "push_repo", "webhook.url": "webhook_url", "advanced": "advanced"}
+                "push_to_hub.repo_id": "push_repo", "webhook.url": "webhook_url", "advanced": "advanced",
+                "quantization_config.scheme": "ct_scheme", "quantization_config.weights": "ct_weights",
+                "quantization_config.smoothing_strength": "ct_smoothing"}
 
 
 def _int_or_raw(v: str) -> Any:
@@ -351,6 +355,19 @@ def build_request(values: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str
         qc = {"quant_method": "bitsandbytes", "load_in_8bit": True}
     elif method == "gguf":
         qc = {"quant_method": "gguf", "types": [t.strip() for t in values["gguf_types"].replace(",", " ").split()]}
+    elif method == "ct":  # llm-compressor's preset schemes; empty inputs leave the rules' defaults
+        qc = {"quant_method": "compressed-tensors", "scheme": values["ct_scheme"]}
+        if values["ct_weights"]:
+            qc["weights"] = values["ct_weights"]
+        for key, name in (("group_size", "ct_group_size"), ("smoothing_strength", "ct_smoothing")):
+            if values[name].strip():
+                raw = values[name].strip()
+                try:
+                    qc[key] = int(raw) if key == "group_size" else float(raw)
+                except ValueError:
+                    qc[key] = raw  # the rules name the field
+        if values["ct_dataset"].strip():
+            qc["dataset"] = values["ct_dataset"].strip()
     else:
         qc = {"quant_method": method}
     req["quantization_config"] = qc

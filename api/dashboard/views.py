@@ -58,6 +58,11 @@ def method_label(job: Job) -> str:
         return f"bitsandbytes {kind} 4-bit" + (" +DQ" if qc.get("bnb_4bit_use_double_quant") else "")
     if job.method == "gguf":
         return "GGUF " + " ".join(qc.get("types") or [])
+    if job.method == "compressed-tensors":  # 'compressed-tensors FP8_DYNAMIC', '... W4A16 g128 GPTQ'
+        scheme = str(qc.get("scheme") or "")
+        gs = f" g{qc['group_size']}" if qc.get("group_size") else ""
+        extra = (" GPTQ" if qc.get("weights") == "gptq" else "") + (" +SQ" if qc.get("smoothing_strength") else "")
+        return f"compressed-tensors {scheme}{gs}{extra}"
     return f"{job.method} {job.bits or ''}-bit".strip()
 
 
