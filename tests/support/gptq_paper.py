@@ -4,6 +4,14 @@ This is the yardstick for the fast path (`qaas.worker.engine.methods.gptq.algori
 `bench/gptq_speed.py`: lazy batch updates of `blocksize` columns, the upper Cholesky factor of the
 inverse Hessian, one small update per column (several kernel launches per column on a GPU).
 
+With `act_group_aware`, GPTQModel's group-aware reordering (GAR, `gptqmodel/quantization/gar.py` and its use in
+`gptqmodel/quantization/gptq.py`, version 7.7) written out plainly: whole groups of `group_size` consecutive input
+channels ordered by the largest Hessian diagonal they hold, the channels inside each group by decreasing diagonal;
+groups stay whole, so every channel keeps its group (`g_idx = i // group_size`) and the scales stay in group order.
+Two deliberate differences from GPTQModel 7.7: a partial last group is kept last with its channels sorted like any
+group's (GPTQModel keeps them in their original order), and with `static_groups` each channel uses its own group's
+precomputed scale (GPTQModel indexes the precomputed groups by the permuted position there).
+
 Quirks of the published code kept on purpose, since the fast path must match it:
   * with groups, a group's scale/zero are computed from `W` when its first column is reached, where `W`
     still holds the values at the start of the current lazy block (the intra-block updates live in `W1`);
@@ -17,6 +25,18 @@ import torch
 from qaas.kernels.gptq_reference import find_params_reference, quantize_reference
 
 
+def gar_permutation_reference(diag_h: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GAR's column order: `perm[new_position] = old_column` (see the module docstring)."""
+    d = diag_h.tolist()
+    C = len(d)
+    groups = [list(range(g, min(g + group_size, C))) for g in range(0, C, group_size)]
+    full = [g for g in groups if len(g) == group_size]
+    tail = [g for g in groups if len(g) < group_size]
+    # sorted() is stable, also with reverse=True: ties keep their original order, as torch's stable argsort does.
+    ordered = sorted(full, key=lambda g: max(d[c] for c in g), reverse=True) + tail
+    return torch.tensor([c for g in ordered for c in sorted(g, key=lambda c: d[c], reverse=True)], dtype=torch.long)
+
+
 def fasterquant_reference(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -26,6 +46,7 @@ def fasterquant_reference(
     sym: bool = True,
     damp_percent: float = 0.01,
     desc_act: bool = False,
+    act_group_aware: bool = False,
     static_groups: bool = False,
     blocksize: int = 128,
     round_scale: bool = True,
@@ -52,8 +73,11 @@ def fasterquant_reference(
         groups = [params(W[:, i : i + group_size]) for i in range(0, columns, group_size)]
 
     perm = None
-    if desc_act:
-        perm = torch.argsort(torch.diag(H), descending=True)
+    if desc_act or (act_group_aware and group_size != -1):
+        if desc_act:  # act-order replaces GAR
+            perm = torch.argsort(torch.diag(H), descending=True)
+        else:
+            perm = gar_permutation_reference(torch.diag(H), group_size)
         W = W[:, perm]
         H = H[perm][:, perm]
         invperm = torch.argsort(perm)
@@ -86,7 +110,7 @@ def fasterquant_reference(
                         scale, zero = params(W[:, (i1 + i) : (i1 + i + group_size)])
                 else:
                     idx = i1 + i
-                    if desc_act:
+                    if perm is not None:
                         idx = int(perm[idx])
                     scale, zero = groups[idx // group_size]
             c, q = quantize_reference(w, scale, zero, maxq)
@@ -99,7 +123,7 @@ def fasterquant_reference(
         codes[:, i1:i2] = C1
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
 
-    if desc_act:
+    if perm is not None:
         Q = Q[:, invperm]
         codes = codes[:, invperm]
     return {"Q": Q, "codes": codes, "perm": perm}

