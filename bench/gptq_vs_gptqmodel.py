@@ -211,8 +211,69 @@ def prepare_smol(source: str, out_dir: str) -> None:
     tok.save_pretrained(out_dir)
 
 
-def row_key(model: str, bits: int, gs: int, order: str, sym: bool) -> str:
-    return f"{model}|{bits}:{gs}|{order}|{'sym' if sym else 'asym'}"
+def layer_objective(src: str, calib_ids: torch.Tensor, configs: list[tuple[int, int]]) -> dict[str, Any]:
+    """GPTQ's own objective per ordering, with the loader and the rest of the model taken out: the output error
+    tr(dW H dW^T) of every block linear GPTQ can take whole (input width a multiple of the group), on Hessians of the
+    unquantized model's inputs for the calibration windows, as a fraction of round-to-nearest's, averaged over the
+    layers. Also with the lazy block equal to the group (every group's scale then sees the updates before it)."""
+    from transformers import AutoModelForCausalLM
+
+    from qaas.worker.engine.gptq_algorithm import gptq_quantize, output_error, rtn_quantize
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    lins = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+
+    def hook(name: str):
+        def f(_m, inp, _out):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.t() @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return f
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in lins.items()]
+    with torch.no_grad():
+        for i in range(0, calib_ids.shape[0], 8):
+            model(calib_ids[i : i + 8])
+    for h in handles:
+        h.remove()
+    out: dict[str, Any] = {}
+    for bits, gs in configs:
+        acc: dict[str, list[float]] = {}
+        for n, m in lins.items():
+            if m.in_features % gs:
+                continue
+            H = (2 * sums[n] / counts[n]).float()
+            W = m.weight.detach()
+            base = output_error(W, rtn_quantize(W, bits=bits, group_size=gs), H)
+            for order in ORDERINGS:
+                for bs in sorted({128, gs}):
+                    r = gptq_quantize(W, H, bits=bits, group_size=gs, damp_percent=0.1, desc_act=order == "act",
+                                      act_group_aware=order == "gar", blocksize=bs)
+                    acc.setdefault(f"{order}, lazy block {bs}", []).append(output_error(W, r.Q, H) / base)
+        out[f"{bits}:{gs}"] = {k: round(sum(v) / len(v), 4) for k, v in acc.items()}
+        out[f"{bits}:{gs}"]["layers"] = len(next(iter(acc.values())))
+    return out
+
+
+def row_key(model: str, bits: int, gs: int, order: str, sym: bool, seed: int = 0, calib: str = "") -> str:
+    return (f"{model}|{bits}:{gs}|{order}|{'sym' if sym else 'asym'}" + (f"|seed{seed}" if seed else "")
+            + (f"|{calib}" if calib else ""))
+
+
+def sample_stories_text(path: Path, stories: int = 200, tokens: int = 256, seed: int = 0) -> None:
+    """TinyStories-like calibration text: stories sampled (temperature 1) from stories260K, from BOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(STORIES))
+    model = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32).eval()
+    bos = torch.full((stories, 1), tok.bos_token_id)
+    with torch.no_grad():
+        out = model.generate(bos, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=tokens,
+                             pad_token_id=tok.eos_token_id)
+    path.write_text("\n\n".join(tok.batch_decode(out, skip_special_tokens=True)))
 
 
 def main() -> None:
@@ -233,6 +294,11 @@ def main() -> None:
     ap.add_argument("--orderings", default=",".join(ORDERINGS))
     ap.add_argument("--sym", default="sym,asym")
     ap.add_argument("--damp", type=float, default=0.1, help="damp_percent for both (GPTQConfig's default)")
+    ap.add_argument("--calib-text", default=str(SHAKESPEARE),
+                    help="calibration text file, or 'stories-samples': text sampled from stories260K itself "
+                         "(TinyStories-like, the kind of text the GAR finding was calibrated on)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (rows of other seeds are kept "
+                                                        "apart: they show how much a draw moves the numbers)")
     ap.add_argument("--nsamples", type=int, default=None)
     ap.add_argument("--calib-seqlen", type=int, default=None)
     ap.add_argument("--windows", type=int, default=None)
@@ -240,6 +306,8 @@ def main() -> None:
     ap.add_argument("--no-dequant", action="store_true", help="skip the independent-dequantizer perplexities")
     ap.add_argument("--workdir", default="/tmp/gptq-vs-gptqmodel")
     ap.add_argument("--out", default="bench/results/gptq_vs_gptqmodel")
+    ap.add_argument("--layer-objective", action="store_true",
+                    help="also GPTQ's layer objective per ordering (see layer_objective), no checkpoints")
     ap.add_argument("--budget", type=float, default=3 * 3600, help="seconds; no new row starts after it")
     a = ap.parse_args()
 
@@ -278,13 +346,25 @@ def main() -> None:
         mw = work / name
         mw.mkdir(exist_ok=True)
         tok = AutoTokenizer.from_pretrained(m["src"])
-        calib = load_calibration(str(SHAKESPEARE), tok, nsamples=m["nsamples"], seqlen=m["calib_seqlen"], seed=0,
+        calib_text = a.calib_text
+        if calib_text == "stories-samples":
+            calib_text = str(work / "stories-samples.txt")
+            if not Path(calib_text).exists():
+                sample_stories_text(Path(calib_text))
+        a.calib_path = calib_text
+        calib = load_calibration(calib_text, tok, nsamples=m["nsamples"], seqlen=m["calib_seqlen"], seed=a.seed,
                                  sources=EngineOptions(allowed_roots=("/",)).calibration_sources())
         save_file({"input_ids": calib.input_ids.contiguous()}, str(mw / "calib.safetensors"))
         data = load_eval_data(m["src"], WIKITEXT, seqlen=m["seqlen"], max_windows=m["windows"])
         save_file({"input_ids": data.input_ids.contiguous()}, str(mw / "eval.safetensors"))
         info = doc["models"].setdefault(name, {})
-        info.update(calibration=calib.describe(), eval=data.describe(), sizes={k: m[k] for k in m if k != "src"})
+        if a.seed == 0 or "calibration" not in info:
+            info.update(calibration=calib.describe(), eval=data.describe(), sizes={k: m[k] for k in m if k != "src"})
+        if a.layer_objective:
+            info["layer_objective"] = layer_objective(
+                m["src"], calib.input_ids, [tuple(int(x) for x in c.split(":")) for c in m["configs"].split(",")])
+            print(name, "layer objective", json.dumps(info["layer_objective"]), flush=True)
+            write(doc, out_json, out_md)
         if "fp32_ppl" not in info:
             r = run_child(["_ppl", "--src", m["src"], "--eval", str(mw / "eval.safetensors"), "--loaders", "source"],
                           3600)
@@ -295,7 +375,8 @@ def main() -> None:
             for spec in m["configs"].split(","):
                 bits, gs = (int(x) for x in spec.split(":"))
                 for order in a.orderings.split(","):
-                    key = row_key(name, bits, gs, order, sym)
+                    key = row_key(name, bits, gs, order, sym, a.seed,
+                                  "" if a.calib_text == str(SHAKESPEARE) else Path(a.calib_text).stem)
                     if key in doc["rows"] and "error" not in doc["rows"][key].get("qaas", {}):
                         continue
                     if time.time() - t_start > a.budget:
@@ -312,9 +393,11 @@ def main() -> None:
 def run_row(name, m, bits, gs, order, sym, a, mw, calib, quantize, EngineOptions) -> dict[str, Any]:
     qc = {"quant_method": "gptq", "bits": bits, "group_size": gs, "sym": sym, "desc_act": order == "act",
           "act_group_aware": order == "gar", "damp_percent": a.damp, "true_sequential": True,
-          "dataset": str(SHAKESPEARE), "nsamples": m["nsamples"], "model_seqlen": m["calib_seqlen"], "seed": 0}
-    tag = f"{bits}b-g{gs}-{order}-{'sym' if sym else 'asym'}"
-    row: dict[str, Any] = {"bits": bits, "group_size": gs, "ordering": order, "sym": sym, "damp_percent": a.damp}
+          "dataset": a.calib_path, "nsamples": m["nsamples"], "model_seqlen": m["calib_seqlen"], "seed": a.seed}
+    tag = f"{bits}b-g{gs}-{order}-{'sym' if sym else 'asym'}-s{a.seed}"
+    row: dict[str, Any] = {"bits": bits, "group_size": gs, "ordering": order, "sym": sym, "damp_percent": a.damp,
+                           "calibration_seed": a.seed, "calibration_sha256": calib.sha256,
+                           "calibration_text": Path(a.calib_path).name}
     q_out, g_out = mw / f"qaas-{tag}", mw / f"gptqmodel-{tag}"
     shutil.rmtree(q_out, ignore_errors=True)
     shutil.rmtree(g_out, ignore_errors=True)
@@ -395,12 +478,25 @@ def write(doc: dict[str, Any], out_json: Path, out_md: Path) -> None:
             s = summary(row)
             q, g = row.get("qaas", {}), row.get("gptqmodel", {})
             gerr = f" (GPTQModel failed: {s['gptqmodel_error'][:100]})" if s["gptqmodel_error"] else ""
-            lines.append(f"| {row['bits']} | {row['group_size']} | {row['ordering']} | "
+            seed = f" (calibration seed {row['calibration_seed']})" if row.get("calibration_seed") else ""
+            if row.get("calibration_text", "input.txt") != "input.txt":
+                seed += f" (calibration {row['calibration_text']})"
+            lines.append(f"| {row['bits']} | {row['group_size']} | {row['ordering']}{seed} | "
                          f"{'sym' if row['sym'] else 'asym'} | {fmt(s['qaas'])}{_by(q)} | {fmt(s['gptqmodel'])}{_by(g)}{gerr} "
                          f"| {_ratio(s['qaas'], s['gptqmodel'])} | {fmt(s['qaas_dequant'])} | {fmt(s['gptqmodel_dequant'])} | "
                          f"{_ratio(s['qaas_dequant'], s['gptqmodel_dequant'])} | {q.get('seconds', '–')} | "
                          f"{_secs(g.get('seconds'))} |")
         lines.append("")
+        lo = info.get("layer_objective")
+        if lo:
+            lines += ["GPTQ's layer objective (output error on the calibration inputs, as a fraction of "
+                      "round-to-nearest's, mean over the block linears; lower is better; damp 0.1, sym):", "",
+                      "| bits:group | " + " | ".join(k for k in next(iter(lo.values())) if k != "layers") + " | layers |",
+                      "|---" * (len(next(iter(lo.values()))) + 1) + "|"]
+            for cfg, vals in lo.items():
+                lines.append(f"| {cfg} | " + " | ".join(f"{v:.4f}" for k, v in vals.items() if k != "layers")
+                             + f" | {vals['layers']} |")
+            lines.append("")
     lines += ["ordering: none = columns in order; gar = act_group_aware (GPTQModel's group-aware reordering); "
               "act = desc_act (act-order). Goal: qaas <= GPTQModel + 1 % on every row.", ""]
     notes = doc.get("notes")

@@ -19,7 +19,7 @@ import torch
 
 from support.consumers import require
 from support.gptq_paper import fasterquant_reference, gar_permutation_reference, layer_error
-from qaas.worker.engine.methods.gptq.algorithm import gar_permutation, gptq_quantize
+from qaas.worker.engine.gptq_algorithm import gar_permutation, gptq_quantize
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "gptq_vs_gptqmodel.py"

@@ -1,6 +1,6 @@
 """The GPTQ paper's Algorithm 1, written plainly in torch, as the published `fasterquant` does it.
 
-This is the yardstick for the fast path (`qaas.worker.engine.methods.gptq.algorithm`) and the baseline of
+This is the yardstick for the fast path (`qaas.worker.engine.gptq_algorithm`) and the baseline of
 `bench/gptq_speed.py`: lazy batch updates of `blocksize` columns, the upper Cholesky factor of the
 inverse Hessian, one small update per column (several kernel launches per column on a GPU).
 

@@ -47,7 +47,9 @@ class GPTQResult:
 def gar_permutation(diag_h: torch.Tensor, group_size: int) -> torch.Tensor:
     """Group-aware reordering (GPTQModel's `act_group_aware`): whole groups ordered by their largest Hessian
     diagonal, columns inside each group by decreasing diagonal. Groups stay intact, so `g_idx` stays
-    `i // group_size` and inference needs no reordering. A partial last group stays last."""
+    `i // group_size` and inference needs no reordering. For whole groups this is GPTQModel 7.7's order exactly
+    (tests/engine/test_gptq_quality.py runs its functions); a partial last group stays last, its columns sorted
+    like any group's (GPTQModel leaves them in their original order)."""
     C = diag_h.numel()
     n_full = C // group_size
     parts = []
