@@ -1,6 +1,7 @@
 """The model card renders valid Hub metadata, says how the model was made, and its snippets parse."""
 
 import ast
+import json
 import re
 
 import pytest
@@ -77,7 +78,30 @@ def test_bnb_8bit():
 
 def test_unknown_method_refused():
     with pytest.raises(ValueError):
-        render_model_card({"repo_id": "a/b", "source": {"id": "a/c"}, "quantization_config": {"quant_method": "awq"}})
+        render_model_card({"repo_id": "a/b", "source": {"id": "a/c"}, "quantization_config": {"quant_method": "hqq"}})
+
+
+def test_awq_card_names_the_recipe_its_calibration_and_both_loaders():
+    from transformers import AwqConfig
+
+    qc = json.loads(json.dumps(AwqConfig(bits=4, group_size=128, modules_to_not_convert=["model.layers.0.mlp.down_proj"]).to_dict()))
+    info = {"repo_id": "alice/SmolLM2-135M-AWQ-4bit-g128", "source": {"id": "HuggingFaceTB/SmolLM2-135M"},
+            "quantization_config": qc,
+            # what the engine records (CalibrationSet.describe())
+            "calibration": {"source": "wikitext2", "samples": 128, "seqlen": 512, "tokens": 65536},
+            "evaluation": {"perplexity_before": 19.1, "perplexity_after": 20.2}}
+    card = render_model_card(info)
+    assert parse_front_matter(card)["tags"] == ["awq", "4-bit", "qaas"]
+    for needle in ["4-bit AWQ quantization", "AWQ (GEMM)", "`gemm`", "model.layers.0.mlp.down_proj",
+                   "AWQ searches per-channel scales", "`wikitext2`", "128 samples", "65,536 tokens",
+                   "pip install transformers accelerate gptqmodel", "from vllm import LLM",
+                   "vllm serve alice/SmolLM2-135M-AWQ-4bit-g128"]:
+        assert needle in card, needle
+    assert "data-free" not in card
+    blocks = python_blocks(card)
+    assert len(blocks) == 2
+    for b in blocks:
+        ast.parse(b)
 
 
 def test_user_text_cannot_break_the_yaml():

@@ -20,7 +20,7 @@
 The YAML front matter carries `base_model`, `base_model_relation: quantized`, `library_name: transformers`,
 `tags` (method, bits, `qaas`) and `source_revision`; it parses with huggingface_hub's `ModelCard` and passes the
 Hub's metadata validation. The body states the recipe, the calibration data, the quality measured, the sizes
-and load snippets (transformers; vLLM for GPTQ and compressed-tensors).
+and load snippets (transformers; vLLM for GPTQ, AWQ and compressed-tensors).
 """
 
 from __future__ import annotations
@@ -31,13 +31,19 @@ from typing import Any
 import yaml
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+#: Methods whose quantization reads calibration data, and what they do with it (the card's sentence).
+CALIBRATED = {"gptq": "GPTQ minimises each layer's output error on calibration activations",
+              "awq": "AWQ searches per-channel scales that protect the weights of the most active input channels, "
+                     "on calibration activations"}
+METHOD_NAMES = {"gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "gguf": "GGUF",
+                "compressed-tensors": "compressed-tensors"}
 
 
 def method_and_bits(qc: dict[str, Any]) -> tuple[str, int]:
-    """("gptq", 4) / ("bitsandbytes", 4) / ("bitsandbytes", 8) from a quantization_config."""
+    """("gptq", 4) / ("awq", 4) / ("bitsandbytes", 4) / ("bitsandbytes", 8) from a quantization_config."""
     method = str(qc.get("quant_method", "")).lower()
-    if method == "gptq":
-        return "gptq", int(qc.get("bits", 4))
+    if method in ("gptq", "awq"):
+        return method, int(qc.get("bits", 4))
     if method == "bitsandbytes":
         eight = qc.get("load_in_8bit") or qc.get("_load_in_8bit")
         return "bitsandbytes", 8 if eight else 4
@@ -94,7 +100,7 @@ def _metadata(info: dict[str, Any], method: str, bits: int) -> dict[str, Any]:
 
 
 def _calibration(info: dict[str, Any], method: str) -> dict[str, Any] | None:
-    if method != "gptq" and not (method == "compressed-tensors" and info.get("calibration")):
+    if method not in CALIBRATED and not (method == "compressed-tensors" and info.get("calibration")):
         return None
     calib = dict(info.get("calibration") or {})
     if "dataset" not in calib and calib.get("source"):  # the engine's CalibrationSet.describe()
@@ -121,6 +127,9 @@ def _recipe_rows(qc: dict[str, Any], method: str, bits: int) -> list[tuple[str, 
                 ("weights", {k: w.get(k) for k in ("num_bits", "type", "strategy", "group_size", "block_structure")
                              if w.get(k) is not None}),
                 ("input_activations", group.get("input_activations")), ("ignore", qc.get("ignore"))]
+    if method == "awq":
+        keys = ["bits", "group_size", "zero_point", "version", "modules_to_not_convert"]
+        return [("method", "AWQ (GEMM)")] + [(k, qc[k]) for k in keys if k in qc]
     rows: list[tuple[str, Any]] = [("method", "bitsandbytes " + ("LLM.int8" if bits == 8 else "4-bit"))]
     keys = (["llm_int8_threshold", "llm_int8_skip_modules"] if bits == 8 else
             ["bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage",
@@ -216,7 +225,7 @@ def render_model_card(info: dict[str, Any]) -> str:
     repo_id = str(info["repo_id"])
     revision = info.get("revision")
     endpoint = str(info.get("endpoint") or DEFAULT_ENDPOINT).rstrip("/")
-    method_name = "GPTQ" if method == "gptq" else "bitsandbytes"
+    method_name = METHOD_NAMES[method]
     flavour = f"{bits}-bit {method_name}"
     if method == "compressed-tensors":
         flavour = f"compressed-tensors {ct_scheme(qc)}"
@@ -248,7 +257,7 @@ def render_model_card(info: dict[str, Any]) -> str:
         out += ["Calibration activations set the static input scales, SmoothQuant's smoothing or GPTQ's weights: "
                 f"dataset {_code(calib.get('dataset'))}, {calib.get('num_samples')} samples of "
                 f"{calib.get('seqlen')} tokens.", ""]
-    elif method != "gptq":
+    elif method not in CALIBRATED:
         out += ["None: bitsandbytes quantizes each weight block from the weights alone (data-free).", ""]
     elif calib:
         ds = calib.get("dataset")
@@ -263,7 +272,7 @@ def render_model_card(info: dict[str, Any]) -> str:
             parts.append(f"sequence length {calib['seqlen']}")
         if calib.get("tokens") is not None:
             parts.append(f"{calib['tokens']:,} tokens in all")
-        out += ["GPTQ minimises each layer's output error on calibration activations: " + ", ".join(parts) + ".", ""]
+        out += [CALIBRATED[method] + ": " + ", ".join(parts) + ".", ""]
     else:
         out += ["Not recorded.", ""]
 
@@ -328,7 +337,8 @@ def render_model_card(info: dict[str, Any]) -> str:
 
     # Usage
     rev_arg = f', revision="{revision}"' if revision and revision != "main" else ""
-    needs = {"gptq": "gptqmodel", "compressed-tensors": "compressed-tensors"}.get(method, "bitsandbytes")
+    # transformers loads AWQ through GPTQModel's kernels
+    needs = {"gptq": "gptqmodel", "awq": "gptqmodel", "compressed-tensors": "compressed-tensors"}.get(method, "bitsandbytes")
     out += ["## How to use", "", f"With transformers (needs `{needs}` installed: `pip install transformers accelerate {needs}`):", "",
             "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f'model_id = "{repo_id}"',
@@ -339,9 +349,11 @@ def render_model_card(info: dict[str, Any]) -> str:
             "print(tokenizer.decode(output[0], skip_special_tokens=True))", "```", ""]
     engines = (info.get("gptq") or {}).get("engines")
     vllm_loads = any(e.get("engine") == "vllm" and e.get("loads") for e in engines or [])
-    if (method == "gptq" and (vllm_loads or engines is None)) or method == "compressed-tensors":
-        kernel = ("reads the GPTQ config; picks the Marlin kernel when the shapes allow it" if method == "gptq" else
-                  "compressed-tensors is vLLM's and SGLang's native format; FP8 runs on Hopper/Ada FP8 kernels")
+    if (method == "gptq" and (vllm_loads or engines is None)) or method in ("compressed-tensors", "awq"):
+        kernel = {"gptq": "reads the GPTQ config; picks the Marlin kernel when the shapes allow it",
+                  "awq": "reads the AWQ config; picks the AWQ-Marlin kernel when the shapes allow it",
+                  }.get(method, "compressed-tensors is vLLM's and SGLang's native format; FP8 runs on Hopper/Ada "
+                                "FP8 kernels")
         out += [f"With vLLM ({kernel}):", "",
                 "```python", "from vllm import LLM, SamplingParams", "",
                 f'llm = LLM(model="{repo_id}"{rev_arg})',
