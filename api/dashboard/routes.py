@@ -297,9 +297,9 @@ async def _list_stream(settings, dash: auth.DashboardSession, since: dt.datetime
 
 # --- submit ---------------------------------------------------------------------------------------
 
-METHODS = {"gptq": "GPTQ", "nf4": "bitsandbytes NF4 (4-bit)", "fp4": "bitsandbytes FP4 (4-bit)",
-           "int8": "bitsandbytes LLM.int8 (8-bit)", "gguf": "GGUF (llama.cpp, Ollama, LM Studio)",
-           "ct": "compressed-tensors (FP8, INT8, W4A16: vLLM / SGLang)"}
+METHODS = {"gptq": "GPTQ", "awq": "AWQ (4-bit, GEMM)", "nf4": "bitsandbytes NF4 (4-bit)",
+           "fp4": "bitsandbytes FP4 (4-bit)", "int8": "bitsandbytes LLM.int8 (8-bit)",
+           "gguf": "GGUF (llama.cpp, Ollama, LM Studio)", "ct": "compressed-tensors (FP8, INT8, W4A16: vLLM / SGLang)"}
 FORM_DEFAULTS = {"model": "", "revision": "", "method": "nf4", "bits": "4", "group_size": "128", "dataset": "",
                  "double_quant": False, "compute_dtype": "", "desc_act": False, "sym": True, "evaluate": True,
                  "eval_max_windows": "", "priority": "0", "push_repo": "", "push_private": True,
@@ -342,6 +342,12 @@ def build_request(values: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str
     if method == "gptq":
         qc: dict[str, Any] = {"quant_method": "gptq", "bits": _int_or_raw(values["bits"]), "desc_act": values["desc_act"],
                               "sym": values["sym"]}
+        if values["group_size"].strip():
+            qc["group_size"] = _int_or_raw(values["group_size"])
+        if values["dataset"].strip():
+            qc["dataset"] = values["dataset"].strip()
+    elif method == "awq":  # 4-bit only: bits is AwqConfig's default
+        qc = {"quant_method": "awq"}
         if values["group_size"].strip():
             qc["group_size"] = _int_or_raw(values["group_size"])
         if values["dataset"].strip():

@@ -37,7 +37,8 @@ def model_label(name: str, roots: list[Path]) -> str:
 
 
 def method_label(job: Job) -> str:
-    """'GPTQ 4-bit g128', 'bitsandbytes NF4 (double quant)', 'bitsandbytes int8', 'QLoRA r16 on NF4 +DQ'."""
+    """'GPTQ 4-bit g128', 'AWQ 4-bit g128', 'bitsandbytes NF4 (double quant)', 'bitsandbytes int8',
+    'QLoRA r16 on NF4 +DQ'."""
     qc = (job.request or {}).get("quantization_config") or {}
     if getattr(job, "kind", "quantize") == "finetune":
         request = job.request or {}
@@ -51,6 +52,8 @@ def method_label(job: Job) -> str:
     if job.method == "gptq":
         gs = qc.get("group_size")
         return f"GPTQ {job.bits}-bit" + (f" g{gs}" if gs not in (None, -1) else " per-row")
+    if job.method == "awq":
+        return f"AWQ {job.bits}-bit g{qc.get('group_size') or 128}"
     if job.method == "bitsandbytes":
         if qc.get("load_in_8bit"):
             return "bitsandbytes int8"

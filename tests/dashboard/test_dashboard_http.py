@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 import redis
-from conftest import STORIES, auth
+from conftest import SHAKESPEARE, STORIES, auth
 from sqlalchemy import select
 
 from qaas import job_store
@@ -128,6 +128,25 @@ def test_submit_form_shows_the_apis_validation_messages(client, api_key):
     r = client.post("/dashboard/jobs", data=_submit_body(html, advanced="{not json"), headers=ORIGIN)
     assert r.status_code == 422 and "not valid JSON" in r.text
     assert client.get("/v1/jobs", headers=auth(api_key)).json()["items"] == []
+
+
+def test_the_submit_form_sends_an_awq_job_and_the_list_labels_it(client, api_key):
+    sign_in(client, api_key)
+    html = client.get("/dashboard/jobs/new").text
+    assert '<option value="awq"' in html and 'data-for-method="gptq awq"' in html
+    # the GPTQ-only bits menu is sent by the form but is no part of an AWQ request
+    r = client.post("/dashboard/jobs", data=_submit_body(html, method="awq", bits="8", group_size="64",
+                                                         dataset=str(SHAKESPEARE)), headers=ORIGIN,
+                    follow_redirects=False)
+    assert r.status_code == 303, r.text
+    jid = r.headers["location"].split("/")[-1].split("?")[0]
+    qc = client.get(f"/v1/jobs/{jid}", headers=auth(api_key)).json()["request"]["quantization_config"]
+    assert qc["quant_method"] == "awq" and qc["bits"] == 4 and qc["group_size"] == 64 and qc["version"] == "gemm"
+    assert "AWQ 4-bit g64" in client.get("/dashboard/jobs").text
+    # the rules' refusals come back beside their input
+    r = client.post("/dashboard/jobs", data=_submit_body(html, method="awq", group_size="96", dataset=str(SHAKESPEARE)),
+                    headers=ORIGIN)
+    assert r.status_code == 422 and "quantization_config.group_size" in r.text
 
 
 def test_submit_cancel_and_retry_through_forms(client, api_key):

@@ -52,6 +52,8 @@ def test_labels_and_eta():
     assert views.method_label(job) == "bitsandbytes NF4 4-bit +DQ"
     job = SimpleNamespace(method="gptq", bits=4, request={"quantization_config": {"group_size": 128}})
     assert views.method_label(job) == "GPTQ 4-bit g128"
+    job = SimpleNamespace(method="awq", bits=4, request={"quantization_config": {"group_size": 64}})
+    assert views.method_label(job) == "AWQ 4-bit g64"
     assert views.duration(75) == "1 min 15 s" and views.size(2048) == "2.0 KiB"
 
 
