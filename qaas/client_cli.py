@@ -488,7 +488,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("model", metavar="MODEL", help="Hub model id (owner/name), a local model directory, or job:<id> "
                                                   "(a fine-tuning job's base: one of your jobs' output)")
     s.add_argument("--config", required=True, metavar="FILE",
-                   help="JSON or TOML file: a quantization_config (GPTQConfig/BitsAndBytesConfig fields), "
+                   help="JSON or TOML file: a quantization_config (GPTQConfig/AwqConfig/BitsAndBytesConfig fields), "
                         "a job request with quantization_config, options, webhook, ..., or a fine-tuning request "
                         '("kind": "finetune", lora, training, dataset, ...)')
     s.add_argument("--revision", help="Hub revision (branch, tag or commit)")

@@ -202,7 +202,8 @@ def test_progress_reports_each_groups_alpha_and_what_the_search_won(tmp_path, ti
     # grouped-query attention (2 KV heads): v_proj -> o_proj has no scaling group, the three others do
     assert set(per_block[0]["alphas"]) == {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}
     for block in per_block:
-        for found in block["layers"]["scale_search"].values():
+        assert set(block["scale_search"]) == set(block["alphas"])
+        for found in block["scale_search"].values():
             assert 0 <= found["alpha"] < 1 and found["loss"] <= found["loss_alpha_0"]
 
 

@@ -1,8 +1,8 @@
 """Every quantization method through the API and a real Celery worker, on stories260K (CPU).
 
-bitsandbytes NF4, FP4, NF4 + double quant and LLM.int8, and GPTQ 4-bit: each job succeeds, reports
-perplexity before/after, and its output loads (bitsandbytes through transformers; GPTQ through an
-independent dequantization of qweight/qzeros/scales/g_idx is tested in tests/engine).
+bitsandbytes NF4, FP4, NF4 + double quant and LLM.int8, GPTQ 4-bit and AWQ 4-bit: each job succeeds, reports
+perplexity before/after, and its output loads (bitsandbytes through transformers; GPTQ's and AWQ's through
+independent dequantizations and their consumers are tested in tests/engine).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ VARIANTS = {
                "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"},
     "int8": {"quant_method": "bitsandbytes", "load_in_8bit": True},
     "gptq-4bit": {"quant_method": "gptq", "bits": 4, "group_size": 32, "dataset": CALIBRATION, "model_seqlen": 256},
+    "awq-4bit": {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
+                 "dataset": CALIBRATION, "model_seqlen": 256},
     # a named dataset, from the operator's registered local copy (no `datasets` library, no hub)
     "gptq-registered-dataset": {"quant_method": "gptq", "bits": 4, "group_size": 32, "dataset": "wikitext2",
                                 "model_seqlen": 256},
@@ -70,6 +72,16 @@ def test_variant_succeeds_with_perplexity(service, submitted, name, tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
     cfg = json.loads(client.get(f"/v1/jobs/{job['id']}/files/config.json").content)
     qc = cfg["quantization_config"]
+    if name == "awq-4bit":
+        assert qc["quant_method"] == "awq" and qc["version"] == "gemm" and qc["group_size"] == 32
+        # stories' MLP (172 wide) cannot be packed: named for the loaders, every block's three
+        assert len(qc["modules_to_not_convert"]) == 5 * 3 and job["result"]["quantized_modules"] == 5 * 4
+        assert "quantize_config.json" not in files and len(job["result"]["calibration"]["sha256"]) == 64
+        events = client.get(f"/v1/jobs/{job['id']}/events").json()["items"]
+        searched = [e["data"]["metrics"]["alphas"] for e in events if e["kind"] == "progress"
+                    and "alphas" in ((e.get("data") or {}).get("metrics") or {})]
+        assert len(searched) == 5 and all("input_layernorm" in a for a in searched), searched
+        return
     if name.startswith("gptq"):
         assert qc["quant_method"] == "gptq" and qc["bits"] == 4 and qc["group_size"] == 32
         assert "quantize_config.json" in files

@@ -21,8 +21,8 @@ Peak memory: one block, its calibration inputs, and every Linear's captured inpu
 `tokens x (3 hidden + intermediate)` values).
 
 Progress metrics during `quantize`: per layer `{"layer", "block", "rel_error", "columns"}`; per block
-`{"layers": {<module>: {"rel_error"}, "scale_search": {<prev op>: {"alpha", "loss", "loss_alpha_0"}}},
-"alphas": {<prev op>: alpha}}` (loss_alpha_0 is the loss without scaling: how much the search won).
+`{"layers": {<module>: {"rel_error"}}, "alphas": {<prev op>: alpha},
+"scale_search": {<prev op>: {"alpha", "loss", "loss_alpha_0"}}}` (loss_alpha_0 is the loss without scaling: how much the search won).
 """
 
 from .method import AWQMethod

@@ -190,8 +190,8 @@ class AWQRun:
             for pg in self.groups:
                 found.append((pg, self._search_group(block, pg, cap, rep.check_cancelled)))
         alphas = {pg.group.prev: res.alpha for pg, res in found}
-        block_metrics["scale_search"] = {pg.group.prev: {"alpha": res.alpha, "loss": res.loss,
-                                                         "loss_alpha_0": res.losses[0]} for pg, res in found}
+        searched = {pg.group.prev: {"alpha": res.alpha, "loss": res.loss, "loss_alpha_0": res.losses[0]}
+                    for pg, res in found}
         self.alphas[bi] = alphas
         with torch.no_grad():
             for pg, res in found:
@@ -225,7 +225,7 @@ class AWQRun:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         rep.progress(bi + 1, n, message=f"quantizing block {bi + 1}/{n}",
-                     metrics={"layers": block_metrics, "alphas": alphas})
+                     metrics={"layers": block_metrics, "alphas": alphas, "scale_search": searched})
 
     def _search_group(self, block: torch.nn.Module, pg: PlannedGroup, cap: BlockCapture,
                       check_cancelled: Callable[[], None]) -> search.ScaleSearch:
