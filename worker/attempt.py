@@ -66,10 +66,11 @@ def build_spec(settings: Settings, job_request: dict[str, Any], out_dir: Path) -
     model = job_request["model"]
     source = {"path": model["path"]} if "path" in model else {"id": model["id"], "revision": model.get("revision")}
     qc = dict(job_request["quantization_config"])
-    calibrated = qc.get("quant_method") == "gptq" or (qc.get("quant_method") == "compressed-tensors"
-                                                       and qc.get("dataset") is not None)
+    calibrated = qc.get("quant_method") in ("gptq", "awq") or (qc.get("quant_method") == "compressed-tensors"
+                                                                and qc.get("dataset") is not None)
     if calibrated and not qc.get("nsamples"):
-        # The service option names the engine's calibration sample count (GPTQConfig has no field for it).
+        # The service option names the engine's calibration sample count (GPTQConfig and AwqConfig have no
+        # field for it).
         qc["nsamples"] = int(options.get("calibration_samples") or 128)
     return {
         "source": source,

@@ -164,7 +164,8 @@ class JobOptions(_Strict):
         default=None, description="the perplexity text (qaas.eval_text): a list of texts, the absolute path of a "
         ".txt/.jsonl file under the local roots, or a registered dataset name; default: the server's "
         "QAAS_EVAL_TEXT, else the packaged public-domain Shakespeare slice; never the calibration dataset itself")
-    calibration_samples: int = Field(default=128, ge=1, le=4096, description="GPTQ calibration sequences")
+    calibration_samples: int = Field(default=128, ge=1, le=4096,
+                                     description="calibration sequences (GPTQ, AWQ) when the config has no nsamples")
     priority: int = Field(default=0, ge=0, le=9, description="higher runs first")
     time_limit_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     targets: list[str] = Field(default_factory=list, max_length=len(engines.NAMES), description=(

@@ -61,6 +61,10 @@ def test_build_spec_names_the_source_the_method_and_the_service_options(settings
     assert local["options"]["evaluate"] is True
     assert attempt.build_spec(settings, {"model": {"path": "/m"}, "quantization_config": GPTQ}, out)[
         "quantization_config"]["nsamples"] == 128
+    awq = {"quant_method": "awq", "dataset": ["some text"]}  # AWQ calibrates too: the same service option
+    assert attempt.build_spec(settings, {"model": {"path": "/m"}, "quantization_config": awq,
+                                         "options": {"calibration_samples": 32}}, out)["quantization_config"][
+        "nsamples"] == 32
 
 
 def test_an_attempt_runs_the_engine_to_a_verdict_and_a_second_message_finds_nothing(tmp_path, clean_db, redis_db):
