@@ -19,14 +19,14 @@ pytestmark = pytest.mark.slow
 CALIBRATION = [p for p in SHAKESPEARE.read_text().split("\n\n") if len(p) > 200][:64]
 
 VARIANTS = {
+    "awq-4bit": {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
+                 "dataset": CALIBRATION, "model_seqlen": 256},
     "nf4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
     "fp4": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
     "nf4-dq": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
                "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16"},
     "int8": {"quant_method": "bitsandbytes", "load_in_8bit": True},
     "gptq-4bit": {"quant_method": "gptq", "bits": 4, "group_size": 32, "dataset": CALIBRATION, "model_seqlen": 256},
-    "awq-4bit": {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
-                 "dataset": CALIBRATION, "model_seqlen": 256},
     # a named dataset, from the operator's registered local copy (no `datasets` library, no hub)
     "gptq-registered-dataset": {"quant_method": "gptq", "bits": 4, "group_size": 32, "dataset": "wikitext2",
                                 "model_seqlen": 256},

@@ -189,8 +189,10 @@ def search_clip(w: torch.Tensor, xs: Sequence[torch.Tensor], *, group_size: int,
     x = x[::step].to(w.device, torch.float32)
     x = x.reshape(1, x.shape[0], cols // group_size, group_size)  # [1, tokens, groups, gs]
     wf = w.float().reshape(rows, 1, cols // group_size, group_size)
-    # rows in batches bound the [rows, tokens, groups, gs] products' memory
-    batch = max(1, min(rows, (64 * 2**20) // max(1, x.numel())))
+    # rows in batches bound the [rows, tokens, groups, gs] products' memory: 2 GiB of float32 on a GPU
+    # (AutoAWQ's 64-256 rows for a 14336-wide layer), 256 MiB on the CPU
+    budget = (512 if w.is_cuda else 64) * 2**20
+    batch = max(1, min(rows, budget // max(1, x.numel())))
     best_all = []
     for r0 in range(0, rows, batch):
         wb = wf[r0 : r0 + batch]
