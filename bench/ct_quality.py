@@ -137,7 +137,8 @@ def write(a: argparse.Namespace, rows: list[dict], data, meta: dict) -> None:
               "so at the preset's 128 no layer reading the hidden state could be quantized (refused at submission); "
               "FP8_BLOCK is refused for the same reason (576 does not tile 128 x 128 blocks). The output head is tied "
               "to the embeddings and stays in fp16 (ignore: lm_head), as llm-compressor leaves it. The source weights "
-              "were already on a Q4_1 grid (blocks of 32; assets README), which flatters 4-bit rounding."]
+              "were already on a Q4_1 grid (blocks of 32, asymmetric; assets README), which symmetric int4 in groups "
+              "of 64 does not land on."]
     Path(a.out).write_text("\n".join(lines) + "\n")
     Path(a.out).with_suffix(".json").write_text(json.dumps({"rows": rows, "eval": data.describe(), "calibration": calib,
                                                             "args": vars(a)}, indent=1, default=str))
