@@ -90,26 +90,6 @@ def written_format(config: dict[str, Any]) -> tuple[str, str | None]:
     return asked, None
 
 
-def check_model(config: dict[str, Any], model_config: dict[str, Any]) -> None:
-    """What config.json alone decides: a group size that divides none of a decoder block's input widths would
-    leave every layer in float16 (a partial last group is never written: see the engine table), so the job
-    could only fail; refuse it at submission instead, naming group_size."""
-    group = config["group_size"]
-    text = model_config.get("text_config") or model_config
-    hidden, mlp = text.get("hidden_size"), text.get("intermediate_size")
-    if group == -1 or not isinstance(hidden, int) or not isinstance(mlp, int):
-        return
-    heads, head_dim = text.get("num_attention_heads"), text.get("head_dim")
-    widths = {hidden, mlp}
-    if isinstance(heads, int) and isinstance(head_dim, int):
-        widths.add(heads * head_dim)  # o_proj's input where head_dim * heads != hidden_size
-    if all(w % group for w in widths):
-        shown = ", ".join(str(w) for w in sorted(widths))
-        raise FieldError("group_size", f"group_size {group} divides none of the model's layer input widths "
-                                       f"({shown}), so no layer could be quantized; use a group size that "
-                                       "divides them (e.g. 32) or -1")
-
-
 def check_sources(config: dict[str, Any], sources: CalibrationSources) -> None:
     """The calibration data can be had here (see `calibration.check_source`)."""
     check_source(config["dataset"], sources)
