@@ -279,16 +279,16 @@ def test_submit_form_shows_validation_errors_by_their_fields(browser, live):
         page.goto("/dashboard/jobs/new")
         page.get_by_label("Hub model id or local path").fill(str(STORIES))
         page.get_by_label("Quantization method").select_option("gptq")
-        assert page.get_by_label("Calibration dataset (GPTQ)").is_visible()
+        assert page.get_by_label("Calibration dataset (GPTQ, AWQ)").is_visible()
         assert not page.get_by_label("Compute dtype (bitsandbytes 4-bit)").is_visible()
-        page.get_by_label("Group size (GPTQ)").fill("0")
+        page.get_by_label("Group size (GPTQ, AWQ)").fill("0")
         page.get_by_role("button", name="Submit job").click()
         summary = page.locator("#form-errors")
         summary.wait_for()
         assert page.evaluate("document.activeElement.id") == "form-errors"  # focus moves to the errors
         text = summary.inner_text()
         assert "quantization_config.group_size: must be -1" in text
-        assert page.get_by_label("Group size (GPTQ)").get_attribute("aria-invalid") == "true"
+        assert page.get_by_label("Group size (GPTQ, AWQ)").get_attribute("aria-invalid") == "true"
         assert page.get_by_label("Hub model id or local path").input_value() == str(STORIES)  # kept
         alice.keep()
         _shot(page, "submit-errors.png")
