@@ -370,3 +370,12 @@ class BlockRunner:
             for i, piece in zip(idx, pieces):
                 out[i] = piece.to(self.hidden[i].device)
         return out  # type: ignore[return-value]
+
+
+def compute_dtype(device: torch.device, source_config: dict[str, Any]) -> torch.dtype:
+    """The dtype blocks run in: the source's half precision on CUDA (bfloat16 if it is bfloat16, else float16),
+    float32 on the CPU (where half-precision matmuls are slow and imprecise)."""
+    if device.type != "cuda":
+        return torch.float32
+    src = str(source_config.get("torch_dtype") or source_config.get("dtype") or "float16")
+    return torch.bfloat16 if "bfloat16" in src else torch.float16

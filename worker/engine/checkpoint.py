@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +162,27 @@ class CheckpointReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def load_packed_checkpoint(model: torch.nn.Module, out_dir: Path, layer_tensors: tuple[str, ...],
+                           dequantize: Callable[[str, dict[str, torch.Tensor]], torch.Tensor]) -> list[str]:
+    """Copy every tensor of a saved checkpoint of packed layers (GPTQ, AWQ: `<module>.qweight` and the other
+    `layer_tensors`) into `model`: each packed layer through `dequantize(module, tensors)`, which returns the
+    weight as `model` holds it, every other tensor as stored. Returns the names of the dequantized modules."""
+    reader = CheckpointReader(out_dir)
+    try:
+        state = model.state_dict()
+        names = reader.names()
+        packed = sorted({n[: -len(".qweight")] for n in names if n.endswith(".qweight")})
+        for m in packed:
+            target = state[m + ".weight"]
+            target.copy_(dequantize(m, {s: reader.load(f"{m}.{s}") for s in layer_tensors}).to(target.dtype))
+        for n in names:
+            if n.rpartition(".")[2] not in layer_tensors and n in state:
+                state[n].copy_(reader.load(n).to(state[n].dtype))
+        return packed
+    finally:
+        reader.close()
 
 
 def raise_if_out_of_space(exc: BaseException, what: str) -> None:

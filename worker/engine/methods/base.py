@@ -171,6 +171,28 @@ class QuantizationMethod(Protocol):
         None for a layer it did not quantize; `read_back_name` says in words which reader that is."""
 
 
+class CalibratedBlockRun(Protocol):
+    """One job of a method that calibrates and then quantizes block by block (GPTQ, AWQ)."""
+
+    def calibrate(self) -> Any: ...
+    def capture_first_block_inputs(self, calib: Any) -> Any: ...
+    def quantize_blocks(self, inputs: Any) -> None: ...
+    def write_tensors_after_blocks(self) -> None: ...
+    def result(self, calib: Any) -> MethodResult: ...
+
+
+def run_calibrated_blocks(ctx: EngineContext, run: CalibratedBlockRun) -> MethodResult:
+    """The order every calibrated block-streamed method runs in: calibration windows, the first block's inputs,
+    the blocks one at a time, the tensors after the blocks, the result."""
+    calib = run.calibrate()
+    ctx.state["calibration_windows"] = calib.input_ids  # evaluation leaves out windows sharing text with them
+    inputs = run.capture_first_block_inputs(calib)
+    run.quantize_blocks(inputs)
+    del inputs  # the captured activations are freed before the tensors after the blocks are written
+    run.write_tensors_after_blocks()
+    return run.result(calib)
+
+
 def get_method(quant_method: Any) -> QuantizationMethod:
     """The method for `quantization_config["quant_method"]`, or InvalidConfig."""
     if not isinstance(quant_method, str) or quant_method not in METHODS:

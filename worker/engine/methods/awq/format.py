@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ...checkpoint import CheckpointReader
+from ...checkpoint import load_packed_checkpoint
 
 #: Packed position i of a word holds output column AWQ_ORDER[i] of its run of eight.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -103,18 +103,5 @@ def build_quantization_config(cfg: dict[str, Any], *, modules_to_not_convert: li
 def load_saved_weights(model: torch.nn.Module, out_dir: Path, *, group_size: int) -> list[str]:
     """Copy every tensor of a saved AWQ checkpoint into `model`, dequantizing the quantized layers (the scaled
     norms and layers come with it). Returns the names of the dequantized modules."""
-    reader = CheckpointReader(out_dir)
-    state = model.state_dict()
-    names = reader.names()
-    qmods = sorted({n[: -len(".qweight")] for n in names if n.endswith(".qweight")})
-    for m in qmods:
-        w = dequantize_layer({s: reader.load(f"{m}.{s}") for s in LAYER_TENSORS}, group_size)
-        target = state[m + ".weight"]
-        target.copy_(w.to(target.dtype))
-    for n in names:
-        if n.rpartition(".")[2] in LAYER_TENSORS:
-            continue
-        if n in state:
-            state[n].copy_(reader.load(n).to(state[n].dtype))
-    reader.close()
-    return qmods
+    return load_packed_checkpoint(model, out_dir, LAYER_TENSORS,
+                                  lambda _module, tensors: dequantize_layer(tensors, group_size))

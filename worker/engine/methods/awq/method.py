@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...evaluate import load_with_replaced_weights
-from ..base import EngineContext, MethodResult, validated_config
+from ..base import EngineContext, MethodResult, run_calibrated_blocks, validated_config
 from .format import LAYER_TENSORS, dequantize_layer, load_saved_weights
 from .run import AWQRun
 
@@ -23,14 +23,7 @@ class AWQMethod:
         return ["calibrate", "quantize"]
 
     def quantize(self, ctx: EngineContext) -> MethodResult:
-        run = AWQRun(ctx)
-        calib = run.calibrate()
-        ctx.state["calibration_windows"] = calib.input_ids  # evaluation leaves out windows sharing text with them
-        inputs = run.capture_first_block_inputs(calib)
-        run.quantize_blocks(inputs)
-        del inputs
-        run.write_tensors_after_blocks()
-        return run.result(calib)
+        return run_calibrated_blocks(ctx, AWQRun(ctx))
 
     read_back_name = "qaas' AWQ reader (GEMM-packed qweight, qzeros, scales unpacked in AWQ's order)"
 

@@ -28,15 +28,6 @@ class PlannedGroup:
     quantized: tuple[str, ...]
 
 
-def compute_dtype(device: torch.device, source_config: dict[str, Any]) -> torch.dtype:
-    """The dtype blocks run in: the source's half precision on CUDA (bfloat16 if it is bfloat16, else float16),
-    float32 on the CPU (where half-precision matmuls are slow and imprecise)."""
-    if device.type != "cuda":
-        return torch.float32
-    src = str(source_config.get("torch_dtype") or source_config.get("dtype") or "float16")
-    return torch.bfloat16 if "bfloat16" in src else torch.float16
-
-
 def not_converted(full_name: str, modules_to_not_convert: list[str] | None) -> bool:
     """transformers' rule for `modules_to_not_convert`: a module whose name contains an entry."""
     return any(entry in full_name for entry in modules_to_not_convert or ())

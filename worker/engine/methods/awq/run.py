@@ -27,14 +27,14 @@ import torch
 from qaas.quantization_rules.awq import DEFAULT_NSAMPLES, N_GRID
 
 from ...architecture import BlockInfo, LinearInfo, build_meta_model
-from ...blockwise import BlockInputCapture, materialize_block
+from ...blockwise import BlockInputCapture, compute_dtype, materialize_block
 from ...calibration_data import CalibrationSet, load_calibration
 from ...evaluate import relative_error
 from ...progress import PhaseTimer
 from ..base import EngineContext, MethodResult
 from . import search
 from .format import build_quantization_config, pack_layer, stored_float
-from .planning import PlannedGroup, compute_dtype, plan_groups, skipped_layers
+from .planning import PlannedGroup, plan_groups, skipped_layers
 
 #: Tokens per calibration batch (windows are grouped so that a batch holds about this many).
 BATCH_TOKENS = 4096

@@ -19,7 +19,7 @@ import torch
 from qaas.quantization_rules.compressed_tensors import DEFAULT_NSAMPLES, needs_calibration
 
 from ...architecture import BlockInfo, LinearInfo, build_meta_model
-from ...blockwise import BlockInputCapture, BlockRunner, discover_input_groups, materialize_block
+from ...blockwise import BlockInputCapture, BlockRunner, compute_dtype, discover_input_groups, materialize_block
 from ...calibration_data import CalibrationSet, load_calibration
 from ...errors import InvalidConfig
 from ...evaluate import default_seqlen, relative_error
@@ -58,14 +58,6 @@ class ChannelAbsMax:
     def add(self, x: torch.Tensor) -> None:
         m = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
         self.value = m if self.value is None else torch.maximum(self.value, m)
-
-
-def compute_dtype(device: torch.device, source_config: dict[str, Any]) -> torch.dtype:
-    """Blocks run in the source's half precision on CUDA, float32 on the CPU (as GPTQ's blocks)."""
-    if device.type != "cuda":
-        return torch.float32
-    src = str(source_config.get("torch_dtype") or source_config.get("dtype") or "float16")
-    return torch.bfloat16 if "bfloat16" in src else torch.float16
 
 
 class CTRun:

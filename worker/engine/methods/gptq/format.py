@@ -26,7 +26,7 @@ import torch
 
 from qaas.kernels import gptq as K
 
-from ...checkpoint import CheckpointReader
+from ...checkpoint import load_packed_checkpoint
 from ...gptq_algorithm import GPTQResult
 
 FORMATS = ("gptq", "gptq_v2")
@@ -187,21 +187,11 @@ def load_saved_weights(model: torch.nn.Module, out_dir: Path, *, bits: int, fmt:
     """
     from transformers.pytorch_utils import Conv1D
 
-    reader = CheckpointReader(out_dir)
-    state = model.state_dict()
     modules = dict(model.named_modules())
-    names = reader.names()
-    qmods = sorted({n[: -len(".qweight")] for n in names if n.endswith(".qweight")})
-    for m in qmods:
-        w = dequantize_layer({s: reader.load(f"{m}.{s}") for s in LAYER_TENSORS}, bits, fmt=fmt)
-        target = state[m + ".weight"]
-        if isinstance(modules.get(m), Conv1D):  # GPT-2's Conv1D holds [in, out]; the checkpoint is Linear-oriented
-            w = w.t()
-        target.copy_(w.to(target.dtype))
-    for n in names:
-        if n.rpartition(".")[2] in LAYER_TENSORS:
-            continue
-        if n in state:
-            state[n].copy_(reader.load(n).to(state[n].dtype))
-    reader.close()
-    return qmods
+
+    def weight(module: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        w = dequantize_layer(tensors, bits, fmt=fmt)
+        # GPT-2's Conv1D holds [in, out]; the checkpoint is Linear-oriented
+        return w.t() if isinstance(modules.get(module), Conv1D) else w
+
+    return load_packed_checkpoint(model, out_dir, LAYER_TENSORS, weight)

@@ -10,7 +10,7 @@ import torch
 from qaas.quantization_rules.gptq import written_format
 
 from ...evaluate import load_with_replaced_weights
-from ..base import EngineContext, MethodResult, validated_config
+from ..base import EngineContext, MethodResult, run_calibrated_blocks, validated_config
 from .format import LAYER_TENSORS, dequantize_layer, load_saved_weights
 from .run import GPTQRun
 
@@ -26,14 +26,7 @@ class GPTQMethod:
         return ["calibrate", "quantize"]
 
     def quantize(self, ctx: EngineContext) -> MethodResult:
-        run = GPTQRun(ctx)
-        calib = run.calibrate()
-        ctx.state["calibration_windows"] = calib.input_ids  # evaluation leaves out windows sharing text with them
-        inputs = run.capture_first_block_inputs(calib)
-        run.quantize_blocks(inputs)
-        del inputs
-        run.write_tensors_after_blocks()
-        return run.result(calib)
+        return run_calibrated_blocks(ctx, GPTQRun(ctx))
 
     # -- evaluation ----------------------------------------------------------------------------------------
     read_back_name = "qaas' GPTQ reader (qweight, qzeros, scales, g_idx unpacked as GPTQ v1/v2 loaders do)"

@@ -22,15 +22,6 @@ from .format import unsupported_reason
 ACTIVATIONS_SHARE_OF_FREE_MEMORY = 0.4
 
 
-def compute_dtype(device: torch.device, source_config: dict[str, Any]) -> torch.dtype:
-    """The dtype blocks run in: the source's half precision on CUDA (bfloat16 if it is bfloat16, else float16),
-    float32 on the CPU (where half-precision matmuls are slow and imprecise)."""
-    if device.type != "cuda":
-        return torch.float32
-    src = str(source_config.get("torch_dtype") or source_config.get("dtype") or "float16")
-    return torch.bfloat16 if "bfloat16" in src else torch.float16
-
-
 def activation_device(device: torch.device, activation_bytes: int) -> torch.device:
     """Where the calibration activations are kept: on the device when a block's inputs and outputs fit in
     its share of the free memory, else on the CPU (moved to the device batch by batch)."""

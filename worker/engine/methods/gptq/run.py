@@ -24,8 +24,8 @@ from qaas.quantization_rules.fields import FieldError
 from qaas.quantization_rules.gptq import DEFAULT_NSAMPLES, written_format
 
 from ...architecture import BlockInfo, LinearInfo, build_meta_model
-from ...blockwise import (BlockInputCapture, BlockRunner, discover_input_groups, forward_chunk_tokens,
-                          materialize_block)
+from ...blockwise import (BlockInputCapture, BlockRunner, compute_dtype, discover_input_groups,
+                          forward_chunk_tokens, materialize_block)
 from ...calibration_data import CalibrationSet, load_calibration
 from ...errors import InvalidConfig, UnsupportedModel
 from ...evaluate import default_seqlen, relative_error
@@ -35,7 +35,7 @@ from ..base import EngineContext, MethodResult
 from ...gptq_algorithm import HessianFactor, gptq_quantize, hessian_factor, output_error
 from .format import build_quantization_config, pack_layer, stored_float
 from ...hessian import HessianAccumulator
-from .planning import activation_device, compute_dtype, sequential_groups, skipped_layers, without
+from .planning import activation_device, sequential_groups, skipped_layers, without
 
 
 @dataclass
