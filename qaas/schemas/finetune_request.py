@@ -16,7 +16,6 @@ from pydantic import (
     BeforeValidator,
     Discriminator,
     Field,
-    SecretStr,
     Tag,
     ValidationError,
     WithJsonSchema,
@@ -29,7 +28,7 @@ from qaas.quantization_rules import finetune as finetune_rules
 from qaas.quantization_rules import lora as lora_rules
 from qaas.quantization_rules import training as training_rules
 from qaas.schemas.base import RequestModel
-from qaas.schemas.job_request import HubModel, JobOptions, LocalModel, PushToHub, WebhookTarget
+from qaas.schemas.job_request import HubModel, HubToken, JobOptions, LocalModel, PushToHub, WebhookTarget
 
 
 class JobOutput(RequestModel):
@@ -122,7 +121,7 @@ class FinetuneRequest(RequestModel):
     options: JobOptions = Field(default_factory=JobOptions)
     push_to_hub: PushToHub | None = None
     webhook: WebhookTarget | None = None
-    hf_token: SecretStr | None = Field(default=None, description="write-only; never returned or logged")
+    hf_token: HubToken = None
 
     @field_validator("merge")
     @classmethod
@@ -130,15 +129,6 @@ class FinetuneRequest(RequestModel):
         if v is not None:
             raise ValueError(finetune_rules.MERGE_UNAVAILABLE)
         return None
-
-    @field_validator("hf_token")
-    @classmethod
-    def _token(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None:
-            raw = v.get_secret_value()
-            if not raw or len(raw) > 512 or any(c.isspace() for c in raw):
-                raise ValueError("hf_token is not a valid token")
-        return v
 
     def public_dict(self) -> dict[str, Any]:
         """The request as stored and shown back: defaults filled in, secrets removed."""

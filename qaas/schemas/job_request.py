@@ -13,6 +13,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AnyHttpUrl,
     BeforeValidator,
     Discriminator,
@@ -196,6 +197,19 @@ class JobOptions(_Strict):
             raise ValueError(exc.message) from None
 
 
+def _hub_token(v: SecretStr | None) -> SecretStr | None:
+    if v is not None:
+        raw = v.get_secret_value()
+        if not raw or len(raw) > 512 or any(c.isspace() for c in raw):
+            raise ValueError("hf_token is not a valid token")
+    return v
+
+
+#: A job's own Hub token (every job kind): write-only, never returned or logged.
+HubToken = Annotated[SecretStr | None, AfterValidator(_hub_token),
+                     Field(description="write-only; never returned or logged")]
+
+
 def _model_kind(value: Any) -> str | None:
     if isinstance(value, dict):
         if "id" in value and "path" not in value:
@@ -224,16 +238,7 @@ class JobRequest(_Strict):
     options: JobOptions = Field(default_factory=JobOptions)
     push_to_hub: PushToHub | None = None
     webhook: WebhookTarget | None = None
-    hf_token: SecretStr | None = Field(default=None, description="write-only; never returned or logged")
-
-    @field_validator("hf_token")
-    @classmethod
-    def _token(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None:
-            raw = v.get_secret_value()
-            if not raw or len(raw) > 512 or any(c.isspace() for c in raw):
-                raise ValueError("hf_token is not a valid token")
-        return v
+    hf_token: HubToken = None
 
     @model_validator(mode="after")
     def _options_fit_the_method(self) -> "JobRequest":
