@@ -39,6 +39,7 @@ MAX_PENDING = 10_000
 class _Pending:
     job_id: uuid.UUID
     priority: int
+    gpus: int
     done: asyncio.Future
 
 
@@ -51,13 +52,13 @@ class Dispatcher:
         #: a batch is being sent right now
         self.busy = False
 
-    async def dispatch(self, job_id: uuid.UUID, priority: int, wait_s: float = 1.0) -> bool:
+    async def dispatch(self, job_id: uuid.UUID, priority: int, gpus: int = 1, wait_s: float = 1.0) -> bool:
         """Queue the job's message; True once it is on the broker and marked, False if not (yet)."""
         if len(self.pending) >= MAX_PENDING:
             log.warning("dispatch backlog full; job %s is left to the sweeper", job_id)
             return False
         done = asyncio.get_running_loop().create_future()
-        self.pending.append(_Pending(job_id, priority, done))
+        self.pending.append(_Pending(job_id, priority, gpus, done))
         self.wakeup.set()
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run(), name="qaas-dispatcher")
@@ -85,7 +86,7 @@ class Dispatcher:
 
     async def _send(self, batch: list[_Pending]) -> None:
         sent = await anyio.to_thread.run_sync(
-            send_run_jobs, self.settings, [(p.job_id, p.priority) for p in batch])
+            send_run_jobs, self.settings, [(p.job_id, p.priority, p.gpus) for p in batch])
         sent_ids = [p.job_id for p in batch[:sent]]
         if sent_ids:
             # Only what really went out is marked; a job the broker refused stays NULL for the sweeper.

@@ -79,7 +79,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.ready_file:
         ready_file = Path(args.ready_file)
         worker_ready.connect(lambda **_: ready_file.touch(), weak=False)
-    queues = args.queues or f"{settings.gpu_queue},{settings.io_queue}"
+    from qaas.queue import gpu_queue_name
+
+    # the queue of the jobs of this worker's GPU count (QAAS_WORKER_GPUS), and the I/O queue
+    queues = args.queues or f"{gpu_queue_name(settings, settings.worker_gpus)},{settings.io_queue}"
     # --quiet: no banner on stdout; what it says (queues, transport) is in the log lines.
     argv = ["--quiet", "worker", "-Q", queues, "-c", "1", "-P", "solo", "--loglevel", args.loglevel,
             "-n", f"qaas-{os.getpid()}@{socket.gethostname()}", "--without-gossip", "--without-mingle"]

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from qaas.db import direct
 from qaas.db.config import Database
 from qaas.db.models import TERMINAL_STATUSES, HubCredential, Job, JobEvent, JobStatus, utcnow
+from qaas.quantization_rules import gpus as gpu_rules
 from qaas.webhooks import outbox
 
 PROGRESS_MESSAGE_MAX = 500
@@ -331,18 +332,23 @@ def dispatched_queued_count(session: Session) -> int:
 
 
 def jobs_to_dispatch(session: Session, *, redispatch_after_s: float, limit: int = 500,
-                     include_stale: bool = True, stale_limit: int | None = None) -> list[tuple[uuid.UUID, int]]:
-    """(id, priority) of queued jobs never sent to the broker, then -- with include_stale, at most
+                     include_stale: bool = True, stale_limit: int | None = None) -> list[tuple[uuid.UUID, int, int]]:
+    """(id, priority, GPUs asked) of queued jobs never sent to the broker, then -- with include_stale, at most
     stale_limit of them -- jobs sent long ago and still not claimed (message lost); each group highest
-    priority and oldest first."""
-    base = select(Job.id, Job.priority).where(Job.status == JobStatus.queued.value, Job.cancel_requested.is_(False))
+    priority and oldest first. The GPU count picks the job's queue (`qaas.queue.gpu_queue_name`)."""
+    base = select(Job.id, Job.priority, Job.request).where(Job.status == JobStatus.queued.value,
+                                                           Job.cancel_requested.is_(False))
     order = (Job.priority.desc(), Job.created_at)
-    out = [(r[0], r[1]) for r in session.execute(base.where(Job.dispatched_at.is_(None)).order_by(*order).limit(limit))]
+
+    def rows(query) -> list[tuple[uuid.UUID, int, int]]:
+        return [(r[0], r[1], gpu_rules.of_request(r[2])) for r in session.execute(query)]
+
+    out = rows(base.where(Job.dispatched_at.is_(None)).order_by(*order).limit(limit))
     if include_stale and len(out) < limit:
         stale = utcnow() - dt.timedelta(seconds=redispatch_after_s)
         n = min(limit - len(out), stale_limit if stale_limit is not None else limit)
         if n > 0:
-            out += [(r[0], r[1]) for r in session.execute(base.where(Job.dispatched_at < stale).order_by(*order).limit(n))]
+            out += rows(base.where(Job.dispatched_at < stale).order_by(*order).limit(n))
     return out
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.exceptions import ChannelError
 
 from qaas.settings import Settings
 
@@ -23,8 +24,22 @@ PUBLISH_TASK = "qaas.publish_job"
 DELIVER_TASK = "qaas.deliver_webhook"
 
 
+def gpu_queue_name(settings: Settings, gpus: int) -> str:
+    """The queue of the jobs that run on `gpus` GPUs of one host: QAAS_GPU_QUEUE for one GPU, "<it>-x<N>" for
+    N. A worker consumes the queue of its own GPU count (QAAS_WORKER_GPUS), so the N GPUs it holds are
+    claimed by one N-GPU job at a time, never shared with a one-GPU job."""
+    return settings.gpu_queue if gpus <= 1 else f"{settings.gpu_queue}-x{gpus}"
+
+
+def gpu_queue_names(settings: Settings) -> list[str]:
+    """Every GPU queue this service may send to (one per GPU count up to the largest a job may ask or a
+    worker holds)."""
+    return [gpu_queue_name(settings, n) for n in range(1, max(settings.max_gpus_per_job, settings.worker_gpus) + 1)]
+
+
 @lru_cache(maxsize=4)
-def _celery_app_for(broker_url: str, broker_folder: str, gpu_queue: str, io_queue: str) -> Celery:
+def _celery_app_for(broker_url: str, broker_folder: str, gpu_queues: tuple[str, ...], io_queue: str) -> Celery:
+    gpu_queue = gpu_queues[0]
     app = Celery("qaas", broker=broker_url, set_as_current=False)
     transport_options: dict = {}
     if broker_url.startswith("filesystem"):
@@ -56,14 +71,14 @@ def _celery_app_for(broker_url: str, broker_folder: str, gpu_queue: str, io_queu
         task_serializer="json",
         accept_content=["json"],
         task_default_queue=gpu_queue,
-        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (gpu_queue, io_queue)],
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (*gpu_queues, io_queue)],
         task_routes={
             RUN_JOB_TASK: {"queue": gpu_queue, "routing_key": gpu_queue},
             # network-bound work never waits behind (or holds) a GPU
             PUBLISH_TASK: {"queue": io_queue, "routing_key": io_queue},
             DELIVER_TASK: {"queue": io_queue, "routing_key": io_queue},
         },
-        # One job per GPU: a worker takes one message at a time.
+        # One job per worker (its GPU, or its GPUs): a worker takes one message at a time.
         worker_prefetch_multiplier=1,
         task_acks_late=False,
         worker_hijack_root_logger=False,
@@ -73,7 +88,8 @@ def _celery_app_for(broker_url: str, broker_folder: str, gpu_queue: str, io_queu
 
 
 def celery_app(settings: Settings) -> Celery:
-    return _celery_app_for(settings.resolved_broker_url, str(settings.broker_folder), settings.gpu_queue, settings.io_queue)
+    return _celery_app_for(settings.resolved_broker_url, str(settings.broker_folder), tuple(gpu_queue_names(settings)),
+                           settings.io_queue)
 
 
 def broker_priority(job_priority: int) -> int:
@@ -82,14 +98,15 @@ def broker_priority(job_priority: int) -> int:
     return 9 - max(0, min(9, job_priority))
 
 
-def send_run_job(settings: Settings, job_id: uuid.UUID, *, priority: int = 0) -> bool:
-    """Publish the message; False (logged) if the broker cannot be reached right now."""
+def send_run_job(settings: Settings, job_id: uuid.UUID, *, priority: int = 0, gpus: int = 1) -> bool:
+    """Publish the message to the queue of the job's GPU count; False (logged) if the broker cannot be
+    reached right now."""
     app = celery_app(settings)
     try:
         app.send_task(
             RUN_JOB_TASK,
             args=[str(job_id)],
-            queue=settings.gpu_queue,
+            queue=gpu_queue_name(settings, gpus),
             retry=False,
             priority=broker_priority(priority),
         )
@@ -99,8 +116,8 @@ def send_run_job(settings: Settings, job_id: uuid.UUID, *, priority: int = 0) ->
         return False
 
 
-def send_run_jobs(settings: Settings, jobs: list[tuple[uuid.UUID, int]]) -> int:
-    """Publish a batch of (job id, priority) messages over one pooled connection and producer.
+def send_run_jobs(settings: Settings, jobs: list[tuple[uuid.UUID, int, int]]) -> int:
+    """Publish a batch of (job id, priority, GPUs) messages over one pooled connection and producer.
 
     Returns how many went out, counted from the start: after the first failure the rest are left
     (logged) for the sweeper, instead of paying a broker time-out per job."""
@@ -108,8 +125,8 @@ def send_run_jobs(settings: Settings, jobs: list[tuple[uuid.UUID, int]]) -> int:
     sent = 0
     try:
         with app.producer_or_acquire() as producer:
-            for job_id, priority in jobs:
-                app.send_task(RUN_JOB_TASK, args=[str(job_id)], queue=settings.gpu_queue, retry=False,
+            for job_id, priority, gpus in jobs:
+                app.send_task(RUN_JOB_TASK, args=[str(job_id)], queue=gpu_queue_name(settings, gpus), retry=False,
                               priority=broker_priority(priority), producer=producer)
                 sent += 1
     except Exception as exc:  # broker down or unreachable: the sweeper will send the rest later
@@ -138,15 +155,23 @@ def _send_io(settings: Settings, task: str, object_id: uuid.UUID, countdown: flo
 
 
 def gpu_queue_depth(settings: Settings) -> int | None:
-    """Messages waiting in the GPU queue (all priority levels); None if the broker cannot say."""
+    """Messages waiting in the GPU queues (every GPU count, all priority levels); None if the broker cannot
+    say."""
     app = celery_app(settings)
     try:
         with app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
-            ok = conn.default_channel.queue_declare(settings.gpu_queue, passive=True)
-            return int(ok.message_count)
+            return sum(_depth(conn.default_channel, q) for q in gpu_queue_names(settings))
     except Exception:  # noqa: BLE001 - unknown; callers fall back to the cautious choice
         return None
+
+
+def _depth(channel, queue: str) -> int:
+    """Messages in one queue; a queue the broker does not hold (Redis keeps no empty list) has none."""
+    try:
+        return int(channel.queue_declare(queue, passive=True).message_count)
+    except ChannelError:
+        return 0
 
 
 def broker_reachable(settings: Settings, timeout: float = 2.0) -> bool:

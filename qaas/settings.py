@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from qaas.db.config import Database
-from qaas.quantization_rules import CalibrationSources, FieldError
+from qaas.quantization_rules import CalibrationSources, FieldError, gpus
 from qaas.quantization_rules.calibration import LOCAL_SUFFIXES, local_file
 
 DEV_SECRET_KEY = "qaas-development-secret-key-do-not-use-in-production"
@@ -97,6 +97,14 @@ class Settings(BaseSettings):
     #: `fake_engine_step_s` per block instead of quantizing, for chaos and drain tests.
     fake_engine: bool = False
     fake_engine_step_s: float = Field(default=0.0, ge=0)
+    #: The most GPUs a job may ask for (`options.gpus`; a larger ask is a 422): the largest QAAS_WORKER_GPUS
+    #: among this service's workers. 1: every job runs on one GPU.
+    max_gpus_per_job: int = Field(default=1, ge=1, le=gpus.MOST)
+    #: GPUs this worker holds (its visible devices) and gives each job it takes. It consumes the queue of the
+    #: jobs asking exactly that many (`qaas.queue.gpu_queue_name`): a several-GPU job has its GPUs to itself,
+    #: and a one-GPU job never lands on a worker holding several.
+    worker_gpus: int = Field(default=1, ge=1, le=gpus.MOST)
+    #: The one-GPU jobs' queue; a job of N GPUs goes to "<gpu_queue>-x<N>".
     gpu_queue: str = "gpu"
     io_queue: str = "io"
 

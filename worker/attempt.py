@@ -26,6 +26,7 @@ from qaas.db.retry import with_db_retry
 from qaas.kit.file_digest import sha256_file
 from qaas.kit.redaction import redact
 from qaas.logging_setup import job_context, set_attempt
+from qaas.quantization_rules import gpus as gpu_rules
 from qaas.queue import send_publish, send_run_job
 from qaas.security import decrypt_secret
 from qaas.settings import Settings
@@ -96,6 +97,7 @@ def _engine_options(settings: Settings, options: dict[str, Any]) -> dict[str, An
         "eval_text_path": settings.eval_text or None,
         "eval_text": options.get("eval_text"),
         "eval_max_windows": options.get("eval_max_windows") or settings.eval_max_windows,
+        "gpus": gpu_rules.of_request({"options": options}),
     }
 
 
@@ -169,6 +171,15 @@ def run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
 def _run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
     db = settings.database
     me = worker_name()
+    elsewhere = with_db_retry(db, lambda s: _for_other_workers(s, job_id, settings.worker_gpus))
+    if elsewhere is not None:
+        # Only a worker whose -Q names another GPU count's queue gets here: the job is left unclaimed and its
+        # message goes to the queue of its size.
+        gpus, priority = elsewhere
+        log.warning("job %s asks for %d GPUs and this worker holds %d: sent to the queue of its size",
+                    job_id, gpus, settings.worker_gpus)
+        _redispatch(settings, job_id, priority, gpus)
+        return "misrouted"
     job = with_db_retry(db, lambda s: _claim_snapshot(s, job_id, me, settings.lease_s))
     if job is None:
         log.info("job %s: nothing to claim (duplicate delivery, cancelled or taken)", job_id)
@@ -210,7 +221,7 @@ def _run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
     with_db_retry(db, lambda s: job_store.add_event(s, job_id, "log", message="engine started",
                                                      data={"pid": child.pid, "worker": me, "attempt": attempt}))
     outcome = _supervise(settings, job_id, attempt, child, time_limit, token, out_dir,
-                         bool(job["request"].get("push_to_hub")), job["priority"])
+                         bool(job["request"].get("push_to_hub")), job["priority"], gpu_rules.of_request(job["request"]))
     if finetune and outcome == "requeued":
         _carry_checkpoint(work.parent)  # the engine died: the next attempt resumes from its last checkpoint
     elif finetune:
@@ -220,6 +231,16 @@ def _run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
     if outcome in ("failed", "cancelled"):
         shutil.rmtree(settings.artifacts_dir / str(job_id), ignore_errors=True)
     return outcome
+
+
+def _for_other_workers(session, job_id: uuid.UUID, worker_gpus: int) -> tuple[int, int] | None:
+    """(GPUs asked, priority) of a queued job that asks another count of GPUs than this worker holds, else
+    None (the job is this worker's size, or there is nothing to claim)."""
+    job = job_store.get_job(session, job_id)
+    if job is None or job.status != JobStatus.queued.value:
+        return None
+    gpus = gpu_rules.of_request(job.request)
+    return None if gpus == worker_gpus else (gpus, job.priority)
 
 
 def _claim_snapshot(session, job_id: uuid.UUID, me: str, lease_s: float) -> dict[str, Any] | None:
@@ -232,7 +253,7 @@ def _claim_snapshot(session, job_id: uuid.UUID, me: str, lease_s: float) -> dict
 
 def _supervise(
     settings: Settings, job_id: uuid.UUID, attempt: int, child: ChildProcess, time_limit: float, token: str | None,
-    out_dir: Path, push_requested: bool, priority: int,
+    out_dir: Path, push_requested: bool, priority: int, gpus: int,
 ) -> str:
     db = settings.database
     state = _State()
@@ -293,7 +314,7 @@ def _supervise(
     reason = f"the engine process died (exit status {code}) during stage {state.stage or 'start-up'}"
     requeued = with_db_retry(db, lambda s: job_store.requeue_for_retry(s, job_id, attempt, reason))
     if requeued:
-        _redispatch(settings, job_id, priority)
+        _redispatch(settings, job_id, priority, gpus)
         return "requeued"
     return _fail(settings, job_id, attempt, {"code": "engine_crashed", "message": reason + "; no attempts left",
                                               "stage": state.stage}, state.timings)
@@ -391,6 +412,6 @@ def _fail(settings: Settings, job_id: uuid.UUID, attempt: int, error: dict[str, 
     return "failed" if ok else "lost"
 
 
-def _redispatch(settings: Settings, job_id: uuid.UUID, priority: int) -> None:
-    if send_run_job(settings, job_id, priority=priority):
+def _redispatch(settings: Settings, job_id: uuid.UUID, priority: int, gpus: int) -> None:
+    if send_run_job(settings, job_id, priority=priority, gpus=gpus):
         with_db_retry(settings.database, lambda s: job_store.mark_dispatched(s, job_id))

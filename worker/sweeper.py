@@ -58,8 +58,8 @@ def sweep_once(settings: Settings) -> dict[str, int]:
         missing = None if depth is None else max(0, job_store.dispatched_queued_count(s) - depth)
         pending = job_store.jobs_to_dispatch(s, redispatch_after_s=settings.redispatch_after_s,
                                              include_stale=missing is None or missing > 0, stale_limit=missing)
-    for job_id, priority in pending:
-        if not send_run_job(settings, job_id, priority=priority):
+    for job_id, priority, gpus in pending:
+        if not send_run_job(settings, job_id, priority=priority, gpus=gpus):
             break  # broker still down; try again next sweep
         with session_scope(db) as s:
             job_store.mark_dispatched(s, job_id)

@@ -26,6 +26,7 @@ from qaas import quantization_rules
 from qaas.quantization_rules import InvalidQuantizationConfig
 from qaas.queue import send_run_job
 from qaas.quantization_rules import finetune as finetune_rules
+from qaas.quantization_rules import gpus as gpu_rules
 from qaas.quantization_rules import training as training_rules
 from qaas.quantization_rules.fields import FieldError
 from qaas.schemas.finetune_request import FinetuneRequest
@@ -145,6 +146,14 @@ def check_eval_text(settings: Settings, req: JobRequest) -> None:
         raise _invalid(exc.field, exc.message) from None
 
 
+def check_gpus(settings: Settings, req: JobRequest | FinetuneRequest) -> None:
+    """`options.gpus` within what this server's workers give one job (QAAS_MAX_GPUS_PER_JOB)."""
+    try:
+        gpu_rules.check(req.options.gpus, method=req.method, bound=settings.max_gpus_per_job)
+    except FieldError as exc:
+        raise _invalid(exc.field, exc.message) from None
+
+
 def fingerprint(req: JobRequest | FinetuneRequest) -> str:
     body = req.public_dict()
     if req.hf_token is not None:
@@ -200,7 +209,7 @@ def prepare(settings: Settings, owner: str, req: JobRequest | FinetuneRequest, i
         check_quantization_sources(settings, req.quantization_config)
         check_model_architecture(req)
         check_eval_text(settings, req)
-
+    check_gpus(settings, req)
 
     token = req.hf_token.get_secret_value() if req.hf_token else None
     key = settings.secret_key.get_secret_value()
@@ -240,7 +249,7 @@ def submit(session: Session, settings: Settings, owner: str, req: JobRequest | F
         return _replay(existing.request_hash, existing.id, orm_job_document(existing), new.request_hash)
 
     # Only after the commit: a worker that gets the message must find the row.
-    if send_run_job(settings, job.id, priority=job.priority):
+    if send_run_job(settings, job.id, priority=job.priority, gpus=req.options.gpus):
         job_store.mark_dispatched(session, job.id)
         session.commit()
     return Submission(job.id, orm_job_document(job), replayed=False, webhook_secret=new.generated_secret)
@@ -293,7 +302,7 @@ async def submit_direct(settings: Settings, owner: str, req: JobRequest | Finetu
             raise RuntimeError("idempotency conflict without a stored job")
         return replay
     # Only after the INSERT committed: a worker that gets the message must find the row.
-    await dispatcher_for(settings).dispatch(row["id"], row["priority"])
+    await dispatcher_for(settings).dispatch(row["id"], row["priority"], req.options.gpus)
     return Submission(row["id"], job_document(row), replayed=False, webhook_secret=new.generated_secret)
 
 

@@ -20,15 +20,17 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from qaas.quantization_rules import InvalidQuantizationConfig
+from qaas.quantization_rules import InvalidQuantizationConfig, gpus
+from qaas.quantization_rules.fields import FieldError
 from qaas.quantization_rules import finetune as finetune_rules
 from qaas.quantization_rules import lora as lora_rules
 from qaas.quantization_rules import training as training_rules
 from qaas.schemas.base import RequestModel
-from qaas.schemas.job_request import HubModel, HubToken, JobOptions, LocalModel, PushToHub, WebhookTarget
+from qaas.schemas.job_request import HubModel, HubToken, JobOptions, LocalModel, PushToHub, WebhookTarget, rule_errors
 
 
 class JobOutput(RequestModel):
@@ -129,6 +131,14 @@ class FinetuneRequest(RequestModel):
         if v is not None:
             raise ValueError(finetune_rules.MERGE_UNAVAILABLE)
         return None
+
+    @model_validator(mode="after")
+    def _on_one_gpu(self) -> "FinetuneRequest":
+        try:
+            gpus.check(self.options.gpus, method=self.method)
+        except FieldError as exc:
+            raise rule_errors("FinetuneRequest", [exc]) from None
+        return self
 
     def public_dict(self) -> dict[str, Any]:
         """The request as stored and shown back: defaults filled in, secrets removed."""

@@ -28,7 +28,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from qaas import quantization_rules
-from qaas.quantization_rules import InvalidQuantizationConfig, engines
+from qaas.quantization_rules import InvalidQuantizationConfig, engines, gpus
 from qaas.quantization_rules.fields import FieldError
 from qaas.quantization_rules.hub_ids import repo_id_problem
 from qaas.schemas.base import RequestModel
@@ -176,6 +176,10 @@ class JobOptions(_Strict):
     cpu_compatible: bool = Field(default=False, description=(
         "bitsandbytes 4-bit: keep in float the layers bitsandbytes' CPU kernels cannot run, so the output runs "
         "on the CPU too (default: exactly what transformers + bitsandbytes convert, as on a GPU)"))
+    gpus: int = Field(default=1, ge=1, le=gpus.MOST, description=(
+        f"GPUs of one worker host the job runs on ({', '.join(gpus.METHODS_ON_SEVERAL)}: calibration windows "
+        "and Hessians split across them, the same output bytes as on one); at most the server's "
+        "QAAS_MAX_GPUS_PER_JOB"))
 
     @field_validator("targets")
     @classmethod
@@ -210,6 +214,15 @@ HubToken = Annotated[SecretStr | None, AfterValidator(_hub_token),
                      Field(description="write-only; never returned or logged")]
 
 
+def rule_errors(title: str, errors: list[FieldError]) -> ValidationError:
+    """Rules broken across fields, as one pydantic error per field (each one a 422 naming its field)."""
+    return ValidationError.from_exception_data(title, [
+        InitErrorDetails(type=PydanticCustomError("quantization_rule", "{message}", {"message": e.message}),
+                         loc=tuple(e.field.split(".")), input=None)
+        for e in errors
+    ])
+
+
 def _model_kind(value: Any) -> str | None:
     if isinstance(value, dict):
         if "id" in value and "path" not in value:
@@ -242,7 +255,8 @@ class JobRequest(_Strict):
 
     @model_validator(mode="after")
     def _options_fit_the_method(self) -> "JobRequest":
-        """`options.targets` against the config (the engine table's rules), `cpu_compatible` for bitsandbytes."""
+        """`options.targets` against the config (the engine table's rules), `cpu_compatible` for bitsandbytes,
+        `gpus` for the methods that run on several."""
         errors: list[FieldError] = []
         if self.options.cpu_compatible and self.method != "bitsandbytes":
             errors.append(FieldError("options.cpu_compatible", "applies to bitsandbytes outputs only"))
@@ -250,12 +264,12 @@ class JobRequest(_Strict):
             engines.check_targets(self.quantization_config, self.options.targets)
         except FieldError as exc:
             errors += [exc, FieldError("options.targets", exc.message)] if exc.field != "options.targets" else [exc]
+        try:
+            gpus.check(self.options.gpus, method=self.method)
+        except FieldError as exc:
+            errors.append(exc)
         if errors:
-            raise ValidationError.from_exception_data("JobRequest", [
-                InitErrorDetails(type=PydanticCustomError("quantization_rule", "{message}", {"message": e.message}),
-                                 loc=tuple(e.field.split(".")), input=None)
-                for e in errors
-            ])
+            raise rule_errors("JobRequest", errors)
         return self
 
     def public_dict(self) -> dict[str, Any]:

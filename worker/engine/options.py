@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qaas.quantization_rules import CalibrationSources
+from qaas.quantization_rules import gpus as gpu_rules
 
 from .errors import InvalidConfig
 
@@ -63,6 +64,9 @@ class EngineOptions:
     #: bitsandbytes 4-bit: keep in float the layers bitsandbytes' CPU kernels cannot run, so the output runs on
     #: the CPU too (default: every layer transformers would convert, as on a GPU).
     cpu_compatible: bool = False
+    #: GPUs the job runs on (`options.gpus`): above 1, GPTQ starts one process per GPU (`ranks`), rank r on
+    #: cuda:r (on the CPU: that many processes, the `gloo` backend), and writes the bytes one process writes.
+    gpus: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.allowed_roots, (str, Path)):
@@ -77,6 +81,8 @@ class EngineOptions:
             raise InvalidConfig("eval_max_windows must be >= 1", field="eval_max_windows")
         if self.eval_seqlen is not None and int(self.eval_seqlen) < 2:
             raise InvalidConfig("eval_seqlen must be >= 2", field="eval_seqlen")
+        if not 1 <= int(self.gpus) <= gpu_rules.MOST:
+            raise InvalidConfig(f"gpus must be 1 to {gpu_rules.MOST}", field="gpus")
         self.max_shard_size_bytes  # validate early
 
     @property
