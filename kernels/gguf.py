@@ -22,7 +22,7 @@ from .dispatch import use_triton
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 LEGACY = {"Q8_0": T.Q8_0, "Q4_0": T.Q4_0, "Q4_1": T.Q4_1, "Q5_0": T.Q5_0, "Q5_1": T.Q5_1}
-TYPES = FLOAT_TYPES + tuple(LEGACY) + ("Q4_K", "Q5_K", "Q6_K")
+TYPES = FLOAT_TYPES + tuple(LEGACY) + ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
 def block_size(type_name: str) -> int:

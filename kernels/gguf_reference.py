@@ -34,8 +34,10 @@ import torch
 
 QK = 32
 QK_K = 256
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q6_K": 210, "Q4_K": 144, "Q5_K": 176}
-BLOCK_SIZE = {"Q8_0": QK, "Q4_0": QK, "Q4_1": QK, "Q5_0": QK, "Q5_1": QK, "Q6_K": QK_K, "Q4_K": QK_K, "Q5_K": QK_K}
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24,
+               "Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+BLOCK_SIZE = {"Q8_0": QK, "Q4_0": QK, "Q4_1": QK, "Q5_0": QK, "Q5_1": QK,
+              "Q2_K": QK_K, "Q3_K": QK_K, "Q4_K": QK_K, "Q5_K": QK_K, "Q6_K": QK_K}
 #: ggml's GROUP_MAX_EPS: a group whose largest magnitude is below it is all zeros.
 GROUP_MAX_EPS = 1e-15
 
@@ -54,6 +56,17 @@ def _half_bytes(v: torch.Tensor) -> torch.Tensor:
 
 def _u32_bytes(v: torch.Tensor) -> torch.Tensor:
     return v.to(torch.int32).unsqueeze(-1).view(torch.uint8).reshape(-1, 4)
+
+
+def _div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """a / b correctly rounded in float32 on every device. Both operands are made tensors of the same shape:
+    torch computes a tensor divided by a Python number (and on CUDA by any CPU scalar) as a product with the
+    reciprocal, and a Python number divided by a tensor likewise, which is not always the quotient C gets."""
+    if not isinstance(a, torch.Tensor):
+        a = torch.full_like(b, a)
+    if not isinstance(b, torch.Tensor):
+        b = torch.full_like(a, b)
+    return a / b
 
 
 def _recip(d: torch.Tensor) -> torch.Tensor:
@@ -85,8 +98,11 @@ def _high_bits(q: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_int(x: torch.Tensor) -> torch.Tensor:
-    """ggml's nearest_int (adding 1.5 * 2^23 in float32): round half to even, as torch.round."""
-    return torch.round(x).to(torch.int32)
+    """ggml's nearest_int, the same way: 1.5 * 2^23 added in float32 and the low 23 bits of the sum read back.
+    Round half to even below 2^22; beyond (ggml asserts against it only in debug builds) the same wrapped
+    value C computes, which the clamps after it then see."""
+    v = (x.to(torch.float32) + 12582912.0).contiguous().view(torch.int32)
+    return (v & 0x007FFFFF) - 0x00400000
 
 
 def _ordered_sum(v: torch.Tensor) -> torch.Tensor:
@@ -98,14 +114,16 @@ def _ordered_sum(v: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ggml's make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) for each row of x [m, n]: (scale [m], L [m, n])."""
+def make_qx_quants_rmse1(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_qx_quants(n, nmax, x, L, rmse_type=1, qw) for each row of x [m, n]: (scale [m], L [m, n]);
+    the error weights are qw [m, n] when given, else x^2."""
     ax = x.abs()
     idx = ax.argmax(dim=1, keepdim=True)
     amax, signed_max = ax.gather(1, idx).squeeze(1), x.gather(1, idx).squeeze(1)
     zero = amax < GROUP_MAX_EPS
     safe_max = torch.where(zero, torch.ones_like(signed_max), signed_max)
-    w = x * x
+    w = x * x if qw is None else qw
 
     def codes(iscale: torch.Tensor) -> torch.Tensor:
         return torch.clamp(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
@@ -165,9 +183,10 @@ def _quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
 
 
 def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
-                     nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ggml's make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, use_mad=false) for
-    each row of x [m, n]: (scale [m], the_min [m], L [m, n] int32)."""
+                     nstep: int, use_mad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, use_mad) for each
+    row of x [m, n]: (scale [m], the_min [m], L [m, n] int32). Also ggml's make_qkx3_quants with its weights
+    given (the one difference, `max <= min` for `max == min`, is none: max >= min once min is clamped to 0)."""
     n = x.shape[1]
     lo, hi = x[:, 0], x[:, 0]
     sum_w, sum_x = w[:, 0], w[:, 0] * x[:, 0]
@@ -187,7 +206,7 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
 
     def error(scale: torch.Tensor, mn: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
         diff = scale[:, None] * L.to(torch.float32) + mn[:, None] - x
-        return _ordered_sum(w * (diff * diff))
+        return _ordered_sum(w * (diff.abs() if use_mad else diff * diff))
 
     iscale = f32(float(nmax)) / span
     scale = 1 / iscale
@@ -242,9 +261,9 @@ def _quantize_q45_k(x: torch.Tensor, type_name: str) -> torch.Tensor:
         return m
 
     max_scale, max_min = running_max(scales), running_max(mins)
-    inv_scale = torch.where(max_scale > 0, 63.0 / torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale)),
+    inv_scale = torch.where(max_scale > 0, _div(63.0, torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale))),
                             torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, 63.0 / torch.where(max_min > 0, max_min, torch.ones_like(max_min)),
+    inv_min = torch.where(max_min > 0, _div(63.0, torch.where(max_min > 0, max_min, torch.ones_like(max_min))),
                           torch.zeros_like(max_min))
     ls = torch.clamp_max(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)  # uint8, then MIN(63, .)
     lm = torch.clamp_max(nearest_int(inv_min[:, None] * mins) & 0xFF, 63)
@@ -252,8 +271,8 @@ def _quantize_q45_k(x: torch.Tensor, type_name: str) -> torch.Tensor:
     packed[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
     packed[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
     packed[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
-    d = max_scale / 63.0
-    dmin = max_min / 63.0
+    d = _div(max_scale, 63.0)
+    dmin = _div(max_min, 63.0)
     dd = d.to(torch.float16).to(torch.float32)[:, None] * ls.to(torch.float32)
     dm = dmin.to(torch.float16).to(torch.float32)[:, None] * lm.to(torch.float32)
     safe = torch.where(dd != 0, dd, torch.ones_like(dd))
@@ -277,6 +296,10 @@ def quantize_blocks_reference(x: torch.Tensor, type_name: str) -> torch.Tensor:
         return _quantize_q6_k(x.reshape(-1, QK_K).to(torch.float32)).reshape(rows, -1).contiguous()
     if type_name in ("Q4_K", "Q5_K"):
         return _quantize_q45_k(x.reshape(-1, QK_K).to(torch.float32), type_name).reshape(rows, -1).contiguous()
+    if type_name == "Q3_K":
+        return _quantize_q3_k(x.reshape(-1, QK_K).to(torch.float32)).reshape(rows, -1).contiguous()
+    if type_name == "Q2_K":
+        return _quantize_q2_k(x.reshape(-1, QK_K).to(torch.float32)).reshape(rows, -1).contiguous()
     b = x.reshape(-1, QK).to(torch.float32)
     d, m, q = legacy_codes_reference(b, type_name)
     return pack_legacy(type_name, d, m, q).reshape(rows, -1).contiguous()
@@ -285,16 +308,16 @@ def quantize_blocks_reference(x: torch.Tensor, type_name: str) -> torch.Tensor:
 def legacy_codes_reference(b: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Blocks [n, 32] -> (scale d [n] float32, minimum m [n] or None, codes [n, 32] int32), for the 32-blocks."""
     if type_name == "Q8_0":
-        d = b.abs().amax(dim=1) / 127
+        d = _div(b.abs().amax(dim=1), 127.0)
         return d, None, roundf(b * _recip(d)[:, None]).to(torch.int32)
     if type_name in ("Q4_0", "Q5_0"):
         half = 8 if type_name == "Q4_0" else 16
-        d = _signed_absmax(b) / -half
+        d = _div(_signed_absmax(b), float(-half))
         x0 = b * _recip(d)[:, None]
         return d, None, torch.clamp_max(torch.trunc(x0 + (half + 0.5)), 2 * half - 1).to(torch.int32)
     if type_name in ("Q4_1", "Q5_1"):
         lo, hi = _first_equal(b, b.amin(dim=1)), _first_equal(b, b.amax(dim=1))
-        d = (hi - lo) / (15 if type_name == "Q4_1" else 31)
+        d = _div(hi - lo, 15.0 if type_name == "Q4_1" else 31.0)
         q = torch.trunc((b - lo[:, None]) * _recip(d)[:, None] + 0.5)
         if type_name == "Q4_1":  # Q5_1's codes cannot pass 31; ggml clamps only Q4_1's
             q = torch.clamp_max(q, 15)
@@ -313,3 +336,175 @@ def pack_legacy(type_name: str, d: torch.Tensor, m: torch.Tensor | None, q: torc
         parts.append(_u32_bytes(_high_bits(q)))
     parts.append(_nibbles(q))
     return torch.cat(parts, dim=1)
+
+
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_q3_quants(n, nmax, x, L, do_rmse=true) for each row of x [m, n]: (scale [m], L [m, n]).
+
+    The first guess from the signed maximum, then up to five passes of coordinate descent, each code in turn
+    moved to the value that maximises (sum w x l)^2 / (sum w l^2) with the others fixed (w = x^2): sequential
+    in the elements as in C (each move changes the sums the next one sees), vectorized over the rows. A pass
+    that moves nothing leaves the state as it was, so running all five (C stops early) gives the same codes."""
+    ax = x.abs()
+    idx = ax.argmax(dim=1, keepdim=True)
+    amax, signed_max = ax.gather(1, idx).squeeze(1), x.gather(1, idx).squeeze(1)
+    zero = amax < GROUP_MAX_EPS
+    safe_max = torch.where(zero, torch.ones_like(signed_max), signed_max)
+    iscale = torch.tensor(float(-nmax), dtype=torch.float32) / safe_max
+    L = torch.clamp(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+    w = x * x
+    lf = L.to(torch.float32)
+    sumlx, suml2 = _ordered_sum(w * x * lf), _ordered_sum(w * lf * lf)
+    wx = w * x
+    for _ in range(5):
+        for i in range(x.shape[1]):
+            li = L[:, i].to(torch.float32)
+            slx = sumlx - wx[:, i] * li
+            sl2 = suml2 - w[:, i] * li * li
+            pos = slx > 0
+            new_l = torch.clamp(nearest_int(x[:, i] * sl2 / torch.where(pos, slx, torch.ones_like(slx))),
+                                -nmax, nmax - 1)
+            nl = new_l.to(torch.float32)
+            slx = slx + wx[:, i] * nl
+            sl2 = sl2 + w[:, i] * nl * nl
+            take = pos & (new_l != L[:, i]) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[:, i] = torch.where(take, new_l, L[:, i])
+            sumlx = torch.where(take, slx, sumlx)
+            suml2 = torch.where(take, sl2, suml2)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)),
+                        torch.zeros_like(sumlx))
+    L = torch.where(zero[:, None], torch.zeros_like(L), L + nmax)
+    return torch.where(zero, torch.zeros_like(scale), scale), L
+
+
+def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_qp_quants(n, nmax, x, L, quant_weights) for each row of x [m, n] (non-negative values: the
+    sub-block scales or minimums of a k-quant super-block): (scale [m], L [m, n], as the uint8 C stores).
+
+    Nine candidate scales by weighted squared error, then up to five passes of coordinate descent on the codes
+    (as in make_q3_quants, sequential in the elements)."""
+    mx = torch.clamp_min(x.amax(dim=1), 0.0)
+    zero = mx < GROUP_MAX_EPS
+    safe_max = torch.where(zero, torch.ones_like(mx), mx)
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+
+    def mse(iscale: torch.Tensor, clamp: bool) -> torch.Tensor:
+        l = nearest_int(iscale[:, None] * x)
+        l = torch.clamp_max(l, nmax) if clamp else l & 0xFF  # the first guess is stored unclamped in uint8
+        diff = x - (1 / iscale)[:, None] * l.to(torch.float32)
+        return _ordered_sum(qw * diff * diff)
+
+    iscale = f32(float(nmax)) / safe_max
+    best = mse(iscale, clamp=False)
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        cand = (f32(0.1) * f32(float(step)) + f32(float(nmax))) / safe_max
+        err = mse(cand, clamp=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        iscale = torch.where(better, cand, iscale)
+    l = torch.clamp_max(nearest_int(iscale[:, None] * x), nmax)
+    lf = l.to(torch.float32)
+    sumlx, suml2 = _ordered_sum(qw * x * lf), _ordered_sum(qw * lf * lf)
+    L = l & 0xFF
+    wx = qw * x
+    for _ in range(5):
+        for i in range(x.shape[1]):
+            li = L[:, i].to(torch.float32)
+            slx = sumlx - wx[:, i] * li
+            sl2 = suml2 - qw[:, i] * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            new_l = torch.clamp_max(nearest_int(x[:, i] * sl2 / torch.where(ok, slx, torch.ones_like(slx))), nmax)
+            nl = new_l.to(torch.float32)
+            slx = slx + wx[:, i] * nl
+            sl2 = sl2 + qw[:, i] * nl * nl
+            take = ok & (new_l != L[:, i]) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[:, i] = torch.where(take, new_l & 0xFF, L[:, i])
+            sumlx = torch.where(take, slx, sumlx)
+            suml2 = torch.where(take, sl2, suml2)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)),
+                        torch.zeros_like(sumlx))
+    return (torch.where(zero, torch.zeros_like(scale), scale),
+            torch.where(zero[:, None], torch.zeros_like(L), L))
+
+
+def _pack_2bit(L: torch.Tensor) -> torch.Tensor:
+    """[n, 256] codes 0..3 -> [n, 64] bytes: byte 32 h + l holds weights 128 h + l + 32 k in bits 2k."""
+    q = L.reshape(L.shape[0], 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64).to(torch.uint8)
+
+
+def _super_block_weights(x: torch.Tensor, qw: torch.Tensor, sigma_factor: float) -> torch.Tensor:
+    """ggml's imatrix error weights qw * sqrtf(sigma2 + x^2), sigma2 = factor * mean(x^2) of the rows of x
+    (super-blocks, or whole rows for the 32-blocks), sums in element order; sqrtf correctly rounded."""
+    sigma2 = _div(torch.tensor(sigma_factor, dtype=torch.float32) * _ordered_sum(x * x), float(x.shape[1]))
+    return qw * torch.sqrt((sigma2[:, None] + x * x).to(torch.float64)).to(torch.float32)
+
+
+def _quantize_q3_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, 256] super-blocks -> [n, 110] bytes (see the module docstring); qw [n, 256]: importance weights."""
+    n = x.shape[0]
+    sub = x.reshape(n * 16, 16)
+    if qw is None:
+        scales, L = make_q3_quants(sub, 4)
+        scales, L = scales.reshape(n, 16), L.reshape(n, 16, 16)
+        idx = scales.abs().argmax(dim=1, keepdim=True)  # the first of the largest magnitude, its sign kept
+        max_scale = torch.where(scales.abs().gather(1, idx).squeeze(1) > 0, scales.gather(1, idx).squeeze(1),
+                                torch.zeros(n, dtype=torch.float32, device=x.device))
+        some = max_scale != 0
+        iscale = _div(-32.0, torch.where(some, max_scale, torch.ones_like(max_scale)))
+        ls = torch.clamp(nearest_int(iscale[:, None] * scales), -32, 31) + 32
+        ls = torch.where(some[:, None], ls, torch.zeros_like(ls))
+        d = torch.where(some, 1 / iscale, torch.zeros_like(iscale))
+    else:
+        weights = _super_block_weights(x, qw, 2.0).reshape(n * 16, 16)
+        scales, L = make_qx_quants_rmse1(sub, 4, weights)
+        scales, L = scales.reshape(n, 16), L.reshape(n, 16, 16)
+        d, ls = make_qx_quants_rmse1(scales, 32, _ordered_sum(weights).reshape(n, 16))
+    dd = d.to(torch.float16).to(torch.float32)[:, None] * (ls - 32).to(torch.float32)  # [n, 16]
+    safe = torch.where(dd != 0, dd, torch.ones_like(dd))
+    l = torch.clamp(nearest_int(x.reshape(n, 16, 16) / safe[:, :, None]), -4, 3) + 4
+    L = torch.where((dd != 0)[:, :, None], l, L).reshape(n, 256)
+    high = (L > 3).to(torch.int32).reshape(n, 8, 32)  # bit k of hmask byte m: weight 32 k + m
+    hmask = (high << torch.arange(8, device=x.device, dtype=torch.int32)[None, :, None]).sum(dim=1)
+    packed = torch.zeros(n, 12, dtype=torch.int32, device=x.device)
+    packed[:, 0:8] = (ls[:, 0:8] & 0xF) | ((ls[:, 8:16] & 0xF) << 4)
+    hi = (ls >> 4).reshape(n, 4, 4)  # scale 4 q + k: its top two bits in byte 8 + k at bit 2 q
+    packed[:, 8:12] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    return torch.cat([hmask.to(torch.uint8), _pack_2bit(L & 3), packed.to(torch.uint8), _half_bytes(d)], dim=1)
+
+
+def _quantize_q2_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, 256] super-blocks -> [n, 84] bytes (see the module docstring); qw [n, 256]: importance weights."""
+    n = x.shape[0]
+    sub = x.reshape(n * 16, 16)
+    if qw is None:
+        scales, mins, L = make_qkx2_quants(sub, sub.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+        scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
+
+        def running_max(v: torch.Tensor) -> torch.Tensor:
+            m = torch.zeros(n, dtype=torch.float32, device=v.device)
+            for j in range(16):
+                m = torch.where(v[:, j] > m, v[:, j], m)
+            return m
+
+        max_scale, max_min = running_max(scales), running_max(mins)
+        on_s, on_m = max_scale > 0, max_min > 0
+        inv_s = _div(15.0, torch.where(on_s, max_scale, torch.ones_like(max_scale)))
+        inv_m = _div(15.0, torch.where(on_m, max_min, torch.ones_like(max_min)))
+        ls = torch.where(on_s[:, None], nearest_int(inv_s[:, None] * scales), 0)
+        lm = torch.where(on_m[:, None], nearest_int(inv_m[:, None] * mins), 0)
+        d = torch.where(on_s, _div(max_scale, 15.0), torch.zeros_like(max_scale))
+        dmin = torch.where(on_m, _div(max_min, 15.0), torch.zeros_like(max_min))
+    else:
+        weights = _super_block_weights(x, qw, 1.0).reshape(n * 16, 16)
+        scales, mins, L = make_qkx2_quants(sub, weights, 3, -0.9, 0.05, 36)
+        sw = _ordered_sum(weights).reshape(n, 16)
+        d, ls = make_qp_quants(scales.reshape(n, 16), 15, sw)
+        dmin, lm = make_qp_quants(mins.reshape(n, 16), 15, sw)
+    byte = ((ls & 0xFF) | (lm << 4)) & 0xFF  # as the uint8 scales[j] holds them
+    dd = d.to(torch.float16).to(torch.float32)[:, None] * (byte & 0xF).to(torch.float32)
+    dm = dmin.to(torch.float16).to(torch.float32)[:, None] * (byte >> 4).to(torch.float32)
+    safe = torch.where(dd != 0, dd, torch.ones_like(dd))
+    l = torch.clamp(nearest_int((x.reshape(n, 16, 16) + dm[:, :, None]) / safe[:, :, None]), 0, 3)
+    L = torch.where((dd != 0)[:, :, None], l, L.reshape(n, 16, 16)).reshape(n, 256)
+    return torch.cat([byte.to(torch.uint8), _pack_2bit(L), _half_bytes(d), _half_bytes(dmin)], dim=1)

@@ -38,8 +38,8 @@ LLAMA_CPP_TYPES = FLOAT_TYPES + (
 )
 #: What the engine writes, byte-exact with llama.cpp's own quantizer (tests/kernels/test_gguf_quants.py).
 #: A type leaves this list's complement only with its quantizer and its test.
-SUPPORTED_TYPES = FLOAT_TYPES + ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
-                                 "Q6_K")
+SUPPORTED_TYPES = FLOAT_TYPES + ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
+                                 "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
 #: Types whose quantizer needs an importance matrix (llama-quantize refuses them without one).
 NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S")
 #: The Hugging Face architectures converted (llama.cpp maps both to its LLAMA graph).

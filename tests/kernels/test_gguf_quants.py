@@ -29,7 +29,7 @@ def _weights(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     return x.half().float()
 
 
-@pytest.mark.parametrize("type_name", [*LEGACY, "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", [*LEGACY, "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_torch_reference_is_byte_exact_with_ggml(type_name):
     x = _weights(16, 512)
     ours = quantize_tensor(x, type_name, backend="torch").numpy()
