@@ -12,7 +12,8 @@
 #    gptq-8b-defaults gptq-factor profile-8b-fastest profile-70b-defaults ncu-nf4 gptq-70b-fastest bnb-kernels
 #    profile-8b-defaults; BNB_VARIANTS=mode:bpp:warps,... limits the NF4 kernel sweep, FACTOR_SIZES and
 #    FACTOR_TOKENS the factorization step; eval-8b eval-70b, last: the streamed evaluation of
-#    16 x 2048 tokens beside a 4- / 3-block job, extrapolated to 32 / 80 blocks)
+#    16 x 2048 tokens beside a 4- / 3-block job, extrapolated to 32 / 80 blocks; then the format benchmarks:
+#    fp8-8b qlora-8b gguf-8b gptq-engines awq-8b)
 #
 # Fail-soft: each step runs under its own time limit (and within BUDGET_S for the whole script, default 540 s);
 # a step that fails or times out is logged and the next one runs. Steps are ordered by what they are worth, so a
@@ -29,12 +30,14 @@ if [ "$SMOKE" = 1 ]; then
   PY=${PY:-.venv/bin/python}
   G8=(--shape tiny); G70=(--shape tiny); TOKENS=(--nsamples 4 --seqlen 64 --eval-windows 2); B8=4; B70=3
   FACTOR=(--sizes 256,512 --tokens 2048 --rows 64)
+  FMT=(--smoke); AWQ=(--shape tiny --blocks 2 --nsamples 2 --seqlen 64)
 else
   # shellcheck source=bench/gpu_env.sh disable=SC1091
   source bench/gpu_env.sh
   PY=${PY:-python3}
   G8=(--shape 8b); G70=(--shape 70b); TOKENS=(--nsamples 128 --seqlen 2048 --eval-windows 16); B8=4; B70=3
   FACTOR=(--sizes "${FACTOR_SIZES:-4096,14336,28672}" --tokens "${FACTOR_TOKENS:-32768}")
+  FMT=(); AWQ=(--shape 8b --blocks 4)
 fi
 W=${WORKDIR:-/tmp/qaas-gpu-session}
 R=$W/results; L=$W/logs; D=$W/models
@@ -107,6 +110,13 @@ step bnb-kernels 120 "$PY" -P bench/bnb_kernels.py --out "$R/bnb_kernels"
 gs profile-8b-defaults 90 --mode profile "${G8[@]}" --defaults
 gs eval-8b 150 "${G8[@]}" --blocks "$B8" --evaluate
 gs eval-70b 180 "${G70[@]}" --blocks "$B70" --defaults --evaluate
+# The format benchmarks of issues 12, 14, 15 and 16 (one shard store in $D shared with the steps above).
+step fp8-8b 200 "$PY" -P bench/fp8_gpu.py "${FMT[@]}" --workdir "$D" --budget 170 --out "$R/fp8_gpu.json"
+step qlora-8b 230 "$PY" -P bench/qlora_speed.py "${FMT[@]}" --workdir "$D" --budget 200 --out "$R/qlora_speed.json"
+step gguf-8b 260 "$PY" -P bench/gguf_speed.py "${FMT[@]}" --workdir "$D" --budget 230 --out "$R/gguf_speed.json"
+step gptq-engines 330 "$PY" -P bench/gptq_engines_gpu.py "${FMT[@]}" --workdir "$D" --budget 300 \
+  --out "$R/gptq_engines_gpu.json"
+step awq-8b 150 "$PY" -P bench/awq_speed.py "${AWQ[@]}" --workdir "$D" --budget 130 --out "$R/awq_speed"
 
 {
   echo "# GPU session: issue 17 measurements ($(date -u +%FT%TZ), $(($(date +%s) - START))s of ${BUDGET_S}s)"
