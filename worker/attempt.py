@@ -66,22 +66,26 @@ def build_spec(settings: Settings, job_request: dict[str, Any], out_dir: Path) -
     options = job_request.get("options") or {}
     model = job_request["model"]
     source = {"path": model["path"]} if "path" in model else {"id": model["id"], "revision": model.get("revision")}
-    qc = dict(job_request["quantization_config"])
-    calibrated = qc.get("quant_method") in ("gptq", "awq") or (qc.get("quant_method") == "compressed-tensors"
-                                                                and qc.get("dataset") is not None)
-    if calibrated and not qc.get("nsamples"):
-        # The service option names the engine's calibration sample count (GPTQConfig and AwqConfig have no
-        # field for it).
-        qc["nsamples"] = int(options.get("calibration_samples") or 128)
     return {
         "source": source,
-        "quantization_config": qc,
+        "quantization_config": engine_quantization_config(job_request["quantization_config"], options),
         "out_dir": str(out_dir),
         "options": {**_engine_options(settings, options),
                     # quantization only: engines the output must load in, bitsandbytes' CPU-runnable shapes
                     "targets": list(options.get("targets") or []),
                     "cpu_compatible": bool(options.get("cpu_compatible", False))},
     }
+
+
+def engine_quantization_config(config: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The request's quantization_config as the engine takes it: a calibrated method's sample count filled
+    in from the job's `options.calibration_samples` (GPTQConfig and AwqConfig have no field for it)."""
+    qc = dict(config)
+    calibrated = qc.get("quant_method") in ("gptq", "awq") or (qc.get("quant_method") == "compressed-tensors"
+                                                                and qc.get("dataset") is not None)
+    if calibrated and not qc.get("nsamples"):
+        qc["nsamples"] = int(options.get("calibration_samples") or 128)
+    return qc
 
 
 def _engine_options(settings: Settings, options: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +133,10 @@ def build_finetune_spec(settings: Settings, job_request: dict[str, Any], out_dir
         "training": job_request.get("training"),
         "dataset": job_request.get("dataset"),
         "eval_dataset": job_request.get("eval_dataset"),
+        # the second output (merged, re-quantized): merge.quantization_config as a quantization job's
+        "merge": {"quantization_config": engine_quantization_config(
+            job_request["merge"]["quantization_config"], job_request.get("options") or {})}
+        if job_request.get("merge") else None,
         "out_dir": str(out_dir),
         "checkpoint_dir": str(work / CHECKPOINTS),
         "resume_dir": str(work / RESUME),

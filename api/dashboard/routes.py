@@ -538,7 +538,7 @@ def job_archive(request: Request, job_id: str, db: SessionDep, settings: Setting
     return job_endpoints.download_archive(job_id, Caller(dash.owner, dash.key_id), db, settings)
 
 
-@router.get("/jobs/{job_id}/files/{name}")
+@router.get("/jobs/{job_id}/files/{name:path}")
 def job_file(request: Request, job_id: str, name: str, db: SessionDep, settings: SettingsDep):
     dash = _require(request, db, settings)
     return job_endpoints.download_file(job_id, name, Caller(dash.owner, dash.key_id), db, settings)

@@ -22,7 +22,7 @@ from qaas.db.models import TERMINAL_STATUSES, Job, JobEvent, utcnow
 
 log = logging.getLogger("qaas.api.dashboard")
 
-STAGES = ("resolve", "load", "prepare", "calibrate", "quantize", "train", "evaluate", "export", "publish")
+STAGES = ("resolve", "load", "prepare", "calibrate", "quantize", "train", "evaluate", "export", "merge", "publish")
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 

@@ -118,7 +118,7 @@ def download_archive(job_id: str, caller: CallerDep, session: SessionDep, settin
 
 
 @router.get(
-    "/{job_id}/files/{name}",
+    "/{job_id}/files/{name:path}",
     operation_id="download_job_file",
     responses={**_ERRORS, 200: {"content": {"application/octet-stream": {}}, "description": "the file"}},
 )

@@ -12,6 +12,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -71,31 +72,32 @@ def with_resolved_model_path(settings: Settings, req: JobRequest) -> JobRequest:
     return req.model_copy(update={"model": LocalModel(path=str(check_local_path(settings, req.model.path)))})
 
 
-def check_quantization_sources(settings: Settings, config: dict) -> None:
+def check_quantization_sources(settings: Settings, config: dict, where: str = "quantization_config") -> None:
     """What the job reads must be there: calibration data named by `dataset` is a file under the allowed
-    roots, a registered local copy, or a dataset a hub can give (the rules the engine applies too)."""
+    roots, a registered local copy, or a dataset a hub can give (the rules the engine applies too).
+    `where`: the config's field in the request (a fine-tuning job's merge names merge.quantization_config)."""
     try:
         quantization_rules.check_sources(config, settings.calibration_sources)
     except InvalidQuantizationConfig as exc:
-        raise _invalid(f"quantization_config.{exc.field}", exc.message) from None
+        raise _invalid(f"{where}.{exc.field}", exc.message) from None
 
 
-def check_model_architecture(req: JobRequest) -> None:
+def check_model_architecture(model: Any, config: dict, where: str = "quantization_config") -> None:
     """A method with architecture rules (AWQ's scaling maps, GGUF's converted architectures) refuses a local
     model it cannot take now, from its config.json; a Hub model's config is read by the engine before it
     loads any weight."""
-    if not isinstance(req.model, LocalModel):
+    if not isinstance(model, LocalModel):
         return
     try:
-        model_config = json.loads((Path(req.model.path) / "config.json").read_text(encoding="utf-8"))
+        model_config = json.loads((Path(model.path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # the engine reports an unreadable config.json, naming the source
     if not isinstance(model_config, dict):
         return
     try:
-        quantization_rules.check_model(req.quantization_config, model_config)
+        quantization_rules.check_model(config, model_config)
     except InvalidQuantizationConfig as exc:  # names `model` (the request's field), or a field of the config
-        field = exc.field if exc.field == "model" else f"quantization_config.{exc.field}"
+        field = exc.field if exc.field == "model" else f"{where}.{exc.field}"
         raise _invalid(field, exc.message) from None
 
 
@@ -114,6 +116,9 @@ def check_finetune(settings: Settings, req: FinetuneRequest, base_job: dict | No
     problem = training_rules.device_problem(req.training, settings.device)
     if problem:
         raise _invalid("training.optim", problem)
+    if req.merge is not None:  # the second output is a quantization job's output: the same checks
+        check_quantization_sources(settings, req.merge.quantization_config, "merge.quantization_config")
+        check_model_architecture(req.model, req.merge.quantization_config, "merge.quantization_config")
     if req.base_job is None:
         return
     if base_job is None:
@@ -207,7 +212,7 @@ def prepare(settings: Settings, owner: str, req: JobRequest | FinetuneRequest, i
         check_finetune(settings, req, base_job)
     else:
         check_quantization_sources(settings, req.quantization_config)
-        check_model_architecture(req)
+        check_model_architecture(req.model, req.quantization_config)
         check_eval_text(settings, req)
     check_gpus(settings, req)
 

@@ -141,5 +141,22 @@ def check_data_source(value: Any, sources: CalibrationSources, name: str) -> Non
         check_source(value, sources, name)
 
 
-MERGE_UNAVAILABLE = ("merging the adapter into a de-quantized base and re-quantizing it is not offered yet; the "
-                     "job delivers the adapter (load it with peft.PeftModel.from_pretrained on the 4-bit base)")
+#: What `merge.quantization_config` may re-quantize the merged model with: the methods whose pipelines
+#: take a float checkpoint and whose outputs the tests load in their consumers.
+MERGE_METHODS = ("gptq", "bitsandbytes")
+
+
+def check_merge_method(config: dict[str, Any]) -> None:
+    """InvalidQuantizationConfig (naming `quantization_config.quant_method`) unless the normalized config
+    re-quantizes with one of MERGE_METHODS."""
+    if config["quant_method"] not in MERGE_METHODS:
+        raise InvalidQuantizationConfig([FieldError("quantization_config.quant_method", (
+            f"the merged model is re-quantized with {' or '.join(MERGE_METHODS)}, not {config['quant_method']}"))])
+
+
+def check_merge_adapter(lora: dict[str, Any]) -> None:
+    """InvalidQuantizationConfig unless the normalized `lora` is an adapter the merge folds into the base
+    weights: plain LoRA deltas (DoRA's magnitude vectors rescale whole columns, merged differently)."""
+    if lora.get("use_dora"):
+        raise InvalidQuantizationConfig([FieldError("merge", (
+            "merging a DoRA adapter (lora.use_dora) is not offered: train plain LoRA to get a merged output"))])

@@ -19,7 +19,6 @@ from pydantic import (
     Tag,
     ValidationError,
     WithJsonSchema,
-    field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -30,7 +29,16 @@ from qaas.quantization_rules import finetune as finetune_rules
 from qaas.quantization_rules import lora as lora_rules
 from qaas.quantization_rules import training as training_rules
 from qaas.schemas.base import RequestModel
-from qaas.schemas.job_request import HubModel, HubToken, JobOptions, LocalModel, PushToHub, WebhookTarget, rule_errors
+from qaas.schemas.job_request import (
+    HubModel,
+    HubToken,
+    JobOptions,
+    LocalModel,
+    PushToHub,
+    QuantizationConfig,
+    WebhookTarget,
+    rule_errors,
+)
 
 
 class JobOutput(RequestModel):
@@ -38,6 +46,22 @@ class JobOutput(RequestModel):
     was not quantized with GPTQ)."""
 
     job: uuid.UUID
+
+
+class MergeSpec(RequestModel):
+    """`merge`: the adapter merged into the de-quantized base and re-quantized, a second output of the job
+    (folder `merged/`). `quantization_config` follows the rules of a quantization job's (GPTQ or
+    bitsandbytes)."""
+
+    quantization_config: QuantizationConfig
+
+    @model_validator(mode="after")
+    def _method(self) -> "MergeSpec":
+        try:
+            finetune_rules.check_merge_method(self.quantization_config)
+        except InvalidQuantizationConfig as exc:
+            raise _rule_errors("merge", "", exc, self.quantization_config) from None
+        return self
 
 
 def _rule_errors(title: str, root: str, exc: InvalidQuantizationConfig, given: Any) -> ValidationError:
@@ -119,18 +143,21 @@ class FinetuneRequest(RequestModel):
     training: TrainingSpec = Field(default_factory=lambda: training_rules.normalize({}))
     dataset: Dataset
     eval_dataset: EvalDataset = None
-    merge: dict[str, Any] | None = Field(default=None, description="not offered yet: refused")
+    merge: MergeSpec | None = Field(default=None, description="the adapter merged into the de-quantized base "
+                                                              "and re-quantized: a second output, merged/")
     options: JobOptions = Field(default_factory=JobOptions)
     push_to_hub: PushToHub | None = None
     webhook: WebhookTarget | None = None
     hf_token: HubToken = None
 
-    @field_validator("merge")
-    @classmethod
-    def _merge(cls, v: dict[str, Any] | None) -> None:
-        if v is not None:
-            raise ValueError(finetune_rules.MERGE_UNAVAILABLE)
-        return None
+    @model_validator(mode="after")
+    def _merge_fits_the_adapter(self) -> "FinetuneRequest":
+        if self.merge is not None:
+            try:
+                finetune_rules.check_merge_adapter(self.lora)
+            except InvalidQuantizationConfig as exc:
+                raise _rule_errors("FinetuneRequest", "", exc, self.lora) from None
+        return self
 
     @model_validator(mode="after")
     def _on_one_gpu(self) -> "FinetuneRequest":
@@ -142,7 +169,7 @@ class FinetuneRequest(RequestModel):
 
     def public_dict(self) -> dict[str, Any]:
         """The request as stored and shown back: defaults filled in, secrets removed."""
-        data = self.model_dump(mode="json", exclude={"hf_token", "merge"}, exclude_none=False)
+        data = self.model_dump(mode="json", exclude={"hf_token"}, exclude_none=False)
         if data.get("webhook"):
             data["webhook"].pop("secret", None)
         return data

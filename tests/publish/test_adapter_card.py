@@ -45,3 +45,20 @@ def test_only_a_hub_id_becomes_base_model():
     assert hub_base("/models/stories260K") is None and hub_base("job:123") is None and hub_base("name") is None
     text = render_adapter_card({"repo_id": "a/b", "base_model": None, "base_label": "stories260K", "result": RESULT})
     assert ModelCard(text).data.base_model is None and "`stories260K`" in text
+
+
+def test_a_merged_output_gets_its_own_section_with_how_to_load_it():
+    merged = {"folder": "merged", "method": "gptq", "merged_layers": 224,
+              "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True},
+              "float_model": {"perplexity": 4.951}, "size_after_bytes": 5_700_000_000,
+              "evaluation": {"perplexity_before": 8.1, "perplexity_after": 8.4,
+                             "text": {"source": "packaged tinyshakespeare-eval.txt"}}}
+    text = render_adapter_card({"repo_id": "alice/x-qlora-4bit", "base_model": "org/base",
+                                "result": {**RESULT, "merged": merged}})
+    assert "## Merged model" in text and "re-quantized with gptq to 4 bits" in text
+    assert 'AutoModelForCausalLM.from_pretrained("alice/x-qlora-4bit", subfolder="merged")' in text
+    assert "| layers merged | 224 |" in text and "4.950 / 4.951" in text and "8.100 / 8.400" in text
+    assert '"group_size": 128' in text
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        ast.parse(block)
+    assert "## Merged model" not in render_adapter_card({"repo_id": "a/b", "base_model": None, "result": RESULT})

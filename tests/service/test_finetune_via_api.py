@@ -4,7 +4,10 @@ A tiny Llama built here (widths that bitsandbytes' CPU inference path takes) fin
 conversations rendered with its chat template, the loss on the assistant's turns only; stories260K is first quantized to NF4 by a quantization job
 and then fine-tuned from that job's output (`{"job": id}`). Each time the loss goes down, progress events
 carry step, loss, learning rate, tokens/s, memory and ETA, and the delivered adapter loads with
-`peft.PeftModel.from_pretrained` on the 4-bit base and reproduces the worker's final logits.
+`peft.PeftModel.from_pretrained` on the 4-bit base and reproduces the worker's final logits. With `merge`, the
+job's second output (merged/) is the adapter merged into the de-quantized base -- peft's merge_and_unload on
+the base transformers de-quantizes gives the same logits -- re-quantized with GPTQ, which transformers (through
+GPTQModel's torch kernel) loads.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import shutil
 
 import httpx
 import pytest
-from conftest import STORIES, auth, fresh_redis_url, new_key, running_service, truncate_all
+from conftest import SHAKESPEARE, STORIES, auth, fresh_redis_url, new_key, running_service, truncate_all
 from support.consumers import require
 from support.processes import wait_job
 
@@ -68,7 +71,10 @@ def _progress(client, jid):
 def _download(client, job, into):
     into.mkdir(parents=True)
     for f in job["files"]:
-        (into / f["name"]).write_bytes(client.get(f"/v1/jobs/{job['id']}/files/{f['name']}").content)
+        (into / f["name"]).parent.mkdir(parents=True, exist_ok=True)  # a merged output's merged/...
+        r = client.get(f"/v1/jobs/{job['id']}/files/{f['name']}")
+        assert r.status_code == 200, (f["name"], r.text)
+        (into / f["name"]).write_bytes(r.content)
     return into
 
 
@@ -171,3 +177,76 @@ def test_quantize_then_finetune_stories260k_from_the_jobs_output(service, tmp_pa
     adapter = _download(client, job, tmp_path / "adapter")
     _check_adapter_reproduces_the_worker(base, adapter, result, prequantized=True)
     shutil.rmtree(base)
+
+
+GPTQ_CONSUMER = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, GPTQConfig
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu", quantization_config=GPTQConfig(bits=4, backend="torch"))
+kinds = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+n = sum(1 for m in model.modules() if hasattr(m, "qweight"))
+with torch.no_grad():
+    logits = model(torch.tensor([json.loads(sys.argv[2])])).logits[0, -1].float()
+print(json.dumps({"kinds": kinds, "quantized": n, "logits": logits.tolist()}))
+"""
+
+
+def test_merge_is_a_second_output_equal_to_peft_merge_and_unload_and_its_gptq_model_loads(service, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    torch = require("torch")
+    peft = require("peft")
+    require("gptqmodel")
+    require("optimum")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    client, stack, tmp = service
+    base = tiny_llama(tmp / "tiny-llama-merged")
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 32, "dataset": str(SHAKESPEARE), "nsamples": 4,
+            "model_seqlen": 64}
+    r = client.post("/v1/jobs", json={"kind": "finetune", "model": {"path": str(base)}, "dataset": TEXTS,
+                                      "lora": {"r": 8, "lora_alpha": 16, "use_rslora": True},
+                                      "training": {**TRAINING, "max_steps": 12}, "merge": {"quantization_config": gptq}})
+    assert r.status_code == 202, r.text
+    assert r.json()["request"]["merge"]["quantization_config"]["group_size"] == 32
+    job = wait_job(client, r.json()["id"], {"succeeded", "failed"}, timeout=500)
+    assert job["status"] == "succeeded", (job["error"], stack.procs[-1].log()[-3000:])
+    result, merged = job["result"], job["result"]["merged"]
+    names = {f["name"] for f in job["files"]}
+    assert {"adapter_model.safetensors", "merged/config.json", "merged/model.safetensors",
+            "merged/quantize_config.json", "merged/tokenizer.json"} <= names, names
+    assert merged["folder"] == "merged" and merged["method"] == "gptq" and merged["merged_layers"] == 14
+    assert merged["quantization_config"]["bits"] == 4 and merged["quantized_modules"] == 14
+    assert {"merge", "merge quantize"} <= set(result["timings"]), result["timings"]
+    # evaluated: the merged float model on the held-out data is the adapter on its 4-bit base, merged
+    assert merged["float_model"]["perplexity"] == pytest.approx(result["evaluation"]["perplexity_after"], rel=1e-3)
+    assert merged["evaluation"]["perplexity_after"] > 0 and merged["evaluation"]["perplexity_before"] > 0
+
+    files = _download(client, job, tmp_path / "out")
+    qc = {k: v for k, v in result["quantization_config"].items() if k != "quant_method"}
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map={"": "cpu"},
+                                                     quantization_config=BitsAndBytesConfig(**qc)).dequantize()
+    reference = peft.PeftModel.from_pretrained(reference, str(files)).merge_and_unload().eval()
+    probe = result["probe"]
+    untrained = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map={"": "cpu"},
+                                                     quantization_config=BitsAndBytesConfig(**qc)).dequantize().eval()
+    with torch.no_grad():
+        want = reference(torch.tensor([probe["input_ids"]])).logits[0, -1]
+        before = untrained(torch.tensor([probe["input_ids"]])).logits[0, -1]
+    scale = float(want.abs().max())
+    # the worker's merged float model (its logits at the probe's top indices) is peft's merge
+    got = torch.tensor(merged["float_model"]["probe_logits"])
+    assert torch.allclose(got, want[torch.tensor(probe["top_indices"])], atol=1e-3 * scale, rtol=0)
+
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "HF_HUB_OFFLINE": "1", "TORCHDYNAMO_DISABLE": "1"}
+    run = subprocess.run([sys.executable, "-P", "-c", GPTQ_CONSUMER, str(files / "merged"),
+                          json.dumps(probe["input_ids"])], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    assert loaded["kinds"] == ["TorchLinear"] and loaded["quantized"] == 14, loaded["kinds"]
+    quantized = torch.tensor(loaded["logits"])
+    # 4-bit GPTQ of the merged model: near the merged model, much nearer than the base without the adapter
+    assert float((quantized - want).abs().max()) < 0.5 * float((before - want).abs().max())

@@ -106,4 +106,36 @@ def render_adapter_card(info: dict[str, Any]) -> str:
     if evals:
         out += ["", "Held-out loss by step: " + ", ".join(f"{int(s)}: {_num(v)}" for s, v in evals) + "."]
     out += ["", "`training_log.json` holds the loss and learning rate of every step."]
+    if r.get("merged"):
+        out += [""] + _merged_section(r["merged"], repo_id, ev)
     return "\n".join(out) + "\n"
+
+
+def _merged_section(m: dict[str, Any], repo_id: str, adapter_eval: dict[str, Any]) -> list[str]:
+    """The second output (`merge`): the adapter merged into the de-quantized base and re-quantized, in
+    the repo's `merged/` folder; how to load it, its quantization config and what it measured."""
+    qc = m.get("quantization_config") or {}
+    method = str(m.get("method") or qc.get("quant_method") or "")
+    folder = m.get("folder") or "merged"
+    bits = qc.get("bits") or (4 if qc.get("load_in_4bit") else 8 if qc.get("load_in_8bit") else None)
+    fm, ev = m.get("float_model") or {}, m.get("evaluation") or {}
+    out = ["## Merged model", "",
+           f"`{folder}/` holds the adapter merged into the de-quantized base (bitsandbytes' own dequantization, "
+           f"the LoRA delta added in float32) and re-quantized with {method}"
+           + (f" to {bits} bits" if bits else "") + ": a deployable model without peft.", "",
+           "```python", "from transformers import AutoModelForCausalLM",
+           f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", subfolder="{folder}")', "```", "",
+           "| | |", "|---|---|",
+           f"| layers merged | {m.get('merged_layers', '–')} |",
+           f"| held-out perplexity: adapter on the 4-bit base / merged float model | "
+           f"{_num(adapter_eval.get('perplexity_after'), '.3f')} / {_num(fm.get('perplexity'), '.3f')} |"]
+    if ev.get("perplexity_before") is not None:
+        text = (ev.get("text") or {}).get("source") or "the evaluation text"
+        out.append(f"| perplexity on {text}: merged float / re-quantized | {_num(ev.get('perplexity_before'), '.3f')} / "
+                   f"{_num(ev.get('perplexity_after'), '.3f')} |")
+    if m.get("size_after_bytes"):
+        out.append(f"| size of the re-quantized weights | {m['size_after_bytes']} bytes |")
+    out += ["", f"Its `quantization_config` ({method}):", "", "```json",
+            json.dumps({k: v for k, v in qc.items() if k not in ("meta", "dynamic", "modules_in_block_to_quantize")},
+                       indent=2, sort_keys=True), "```"]
+    return out

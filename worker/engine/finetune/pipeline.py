@@ -11,9 +11,11 @@ loads) into a staging directory renamed into place on success.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +25,14 @@ from qaas.quantization_rules import InvalidQuantizationConfig
 from qaas.quantization_rules import lora as lora_rules
 from qaas.quantization_rules import training as training_rules
 
-from ..errors import InvalidConfig
+from ..errors import EngineError, InvalidConfig
 from ..export import StagedOutput, carry_over_files, list_files, write_json
 from ..options import EngineOptions
 from ..pipeline import _StageClock
 from ..progress import NullReporter, Reporter
 from ..source import resolve_source
 from ..version import package_version
-from . import checkpoint, data, model as base_model, train
+from . import checkpoint, data, merge, model as base_model, train
 
 #: Tokens of the probe whose final logits the result reports (a consumer reproduces them from the files).
 PROBE_TOKENS = 16
@@ -141,6 +143,14 @@ def finetune(spec: dict[str, Any], *, options: EngineOptions, reporter: Reporter
         curve = {"losses": state.losses, "evals": state.evals}
         write_json(staged.path / "training_log.json", curve)
         files = list_files(staged.path)
+
+        merged = None
+        if spec.get("merge"):
+            clock.stage("merge")
+            merged = _merge_output(net, lora, spec["merge"], resolved.path, staged.path,
+                                   Path(spec["out_dir"]).parent / ".merged-float", probe, eval_batches, evaluation,
+                                   device, clock, options)
+            files += [{**f, "name": f"{merge.MERGED_FOLDER}/{f['name']}"} for f in merged.pop("files")]
         clock.check_cancelled()
         staged.commit()
         clock._close()
@@ -176,11 +186,105 @@ def finetune(spec: dict[str, Any], *, options: EngineOptions, reporter: Reporter
         "resumed_from_step": state.resumed_from,
         "evaluation": evaluation,
         "probe": probe,
+        "merged": merged,
         "carried_over_files": carried,
         "timings": dict(clock.timings),
         "device": str(device),
         "gpu_peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
+
+
+def _merge_output(net: torch.nn.Module, lora: dict[str, Any], merge_spec: dict[str, Any], source_dir: Path,
+                  out_dir: Path, float_dir: Path, probe: dict[str, Any], eval_batches: list[Any],
+                  evaluation: dict[str, Any], device: torch.device, clock: Any,
+                  options: EngineOptions) -> dict[str, Any]:
+    """The second output (`merge`): the trained adapter merged into the de-quantized base, written as a float
+    checkpoint in `float_dir`, checked there (the probe's logits, the held-out loss), and re-quantized by the
+    quantization pipeline into `out_dir/merged` (module `merge`). Returns its part of the result."""
+    from ..pipeline import quantize
+
+    try:
+        written = merge.write_float_checkpoint(net, source_dir, float_dir, use_rslora=bool(lora["use_rslora"]),
+                                               max_shard_size=options.max_shard_size_bytes)
+        clock.log(f"adapter merged into the de-quantized base: {written.merged_layers} layers, "
+                  f"{written.tensors} tensors in {written.dtype}",
+                  data={"merged_layers": written.merged_layers, "dtype": written.dtype})
+        clock.check_cancelled()
+        float_model = _float_check(float_dir, probe, eval_batches, device, clock, options)
+        clock.check_cancelled()
+        # the merged checkpoint is read from the attempt's own directory, like any local source
+        inner = dataclasses.replace(options, allowed_roots=(*options.allowed_roots, str(float_dir.parent)),
+                                    targets=(), cpu_compatible=False)
+        try:
+            quantized = quantize({"path": str(float_dir)}, merge_spec["quantization_config"],
+                                 out_dir / merge.MERGED_FOLDER, options=inner, reporter=_Prefixed(clock, "merge "))
+        except EngineError as exc:  # a field of the merge's config is named where the request has it
+            if exc.field and not exc.field.startswith(("merge", "source", "model")):
+                exc.field = f"merge.quantization_config.{exc.field}"
+            exc.message = f"merge: {exc.message}"
+            exc.args = (exc.message,)
+            raise
+    finally:
+        shutil.rmtree(float_dir, ignore_errors=True)
+    kept = ("method", "quantization_config", "size_before_bytes", "size_after_bytes", "compression_ratio",
+            "skipped_modules", "calibration", "quantized_modules", "layer_errors", "evaluation", "notes",
+            "gptq", "bitsandbytes", "timings")
+    return {"folder": merge.MERGED_FOLDER, "files": quantized["files"],
+            "merged_layers": written.merged_layers, "float_dtype": written.dtype,
+            "untied_embeddings": written.untied, "float_model": float_model,
+            "adapter_perplexity_after": evaluation.get("perplexity_after"),
+            **{k: quantized[k] for k in kept if k in quantized}}
+
+
+@torch.no_grad()
+def _float_check(float_dir: Path, probe: dict[str, Any], eval_batches: list[Any], device: torch.device,
+                 clock: Any, options: EngineOptions) -> dict[str, Any]:
+    """The merged float model loaded back by transformers from the files written: its logits on the adapter's
+    probe (a consumer compares them with peft's merge_and_unload on the de-quantized base) and its held-out
+    loss, which equals the adapter's on its 4-bit base up to rounding (the same function, merged). Skipped,
+    saying so, when the weights exceed FULL_PRECISION_EVAL_MAX_BYTES."""
+    size = sum(p.stat().st_size for p in float_dir.glob("*.safetensors"))
+    if size > FULL_PRECISION_EVAL_MAX_BYTES:
+        return {"skipped": f"{size} bytes of merged float weights: not loaded for the check"}
+    from transformers import AutoModelForCausalLM
+
+    # float32 on the CPU (its 16-bit matmuls are slow and round more), the stored dtype on a GPU
+    model = AutoModelForCausalLM.from_pretrained(str(float_dir), dtype=torch.float32 if device.type == "cpu" else "auto",
+                                                 device_map={"": str(device)}, use_safetensors=True,
+                                                 trust_remote_code=options.allow_remote_code)
+    try:
+        model.eval()
+        ids = torch.tensor([probe["input_ids"]], dtype=torch.long, device=device)
+        logits = model(input_ids=ids, use_cache=False).logits[0, -1].float().cpu()
+        out: dict[str, Any] = {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                               "probe_logits": logits[torch.tensor(probe["top_indices"])].tolist()}
+        if eval_batches:
+            loss = train.eval_loss(model, eval_batches, device, clock)
+            out.update(eval_loss=loss, perplexity=math.exp(min(loss, 50)))
+        return out
+    finally:
+        del model
+        _free(device)
+
+
+class _Prefixed:
+    """The merge's quantization pipeline reporting through the job's reporter: its stages named
+    "merge <stage>", so the job's timeline and timings keep the adapter's stages apart from the merge's."""
+
+    def __init__(self, inner: Any, prefix: str) -> None:
+        self.inner, self.prefix = inner, prefix
+
+    def stage(self, name: str, *, total: int | None = None, message: str = "") -> None:
+        self.inner.stage(self.prefix + name, total=total, message=message)
+
+    def progress(self, done: int, total: int, *, message: str = "", metrics: dict[str, Any] | None = None) -> None:
+        self.inner.progress(done, total, message=message, metrics=metrics)
+
+    def log(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        self.inner.log(message, level=level, data=data)
+
+    def check_cancelled(self) -> None:
+        self.inner.check_cancelled()
 
 
 def _evaluation(net: torch.nn.Module, state: Any, eval_batches: list[Any], eval_seqs: list[Any], held_out: str,
