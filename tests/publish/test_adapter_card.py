@@ -62,3 +62,11 @@ def test_a_merged_output_gets_its_own_section_with_how_to_load_it():
     for block in re.findall(r"```python\n(.*?)```", text, re.S):
         ast.parse(block)
     assert "## Merged model" not in render_adapter_card({"repo_id": "a/b", "base_model": None, "result": RESULT})
+
+
+def test_auto_peft_loading_is_offered_only_for_a_hub_base():
+    # adapter_config.json names a local base by its directory name (or job:<id>): peft cannot find it
+    local = render_adapter_card({"repo_id": "a/b", "base_model": None, "base_label": "job:1234", "result": RESULT})
+    assert "AutoPeftModelForCausalLM" not in local and 'PeftModel.from_pretrained(base, "a/b")' in local
+    hub = render_adapter_card({"repo_id": "a/b", "base_model": "org/base", "result": RESULT})
+    assert 'AutoPeftModelForCausalLM.from_pretrained("a/b")' in hub

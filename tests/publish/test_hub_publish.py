@@ -63,6 +63,19 @@ def test_publish_round_trip_progress_and_idempotency(fake_hub, tmp_path):
     assert fake_hub.hub.count("POST", "commit") == 1
 
 
+def test_a_fine_tuning_output_is_published_with_its_merged_folder_beside_the_adapter(fake_hub, tmp_path):
+    src = tmp_path / "adapter"
+    src.mkdir()
+    (src / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    (src / "adapter_model.safetensors").write_bytes(os.urandom(50_000))
+    make_model(src / "merged", shard=100_000, n_shards=1)  # the merge's re-quantized model
+    publish_folder(src, repo_id="alice/ft1", token=WRITE_TOKEN, endpoint=fake_hub.url)
+    snapshot_download("alice/ft1", token=WRITE_TOKEN, local_dir=tmp_path / "dl")
+    got = files_of(tmp_path / "dl")
+    got.pop(".gitattributes", None)
+    assert got == files_of(src) and "merged/config.json" in got and "merged/model-00001-of-00001.safetensors" in got
+
+
 def test_republish_with_fewer_shards_removes_stale_ones(fake_hub, tmp_path):
     publish_folder(make_model(tmp_path / "a", n_shards=3), repo_id="alice/q2", token=WRITE_TOKEN, endpoint=fake_hub.url)
     src = make_model(tmp_path / "b", n_shards=1)

@@ -69,9 +69,14 @@ def render_adapter_card(info: dict[str, Any]) -> str:
             + ") by qaas" + (f", job {_code(info['job_id'])}" if info.get("job_id") else "")
             + (f", version {_code(info['qaas_version'])}" if info.get("qaas_version") else "") + ".", ""]
 
-    out += ["## Use", "", "```python", "from peft import AutoPeftModelForCausalLM",
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```", "",
-            "or on the 4-bit base it was trained on:", "", "```python",
+    out += ["## Use", ""]
+    if base:  # adapter_config.json names a Hub base, which peft then finds by itself
+        out += ["```python", "from peft import AutoPeftModelForCausalLM",
+                f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")', "```", "",
+                "or on the 4-bit base it was trained on:", ""]
+    else:
+        out += [f"On the 4-bit base it was trained on ({_code(label)}, not a Hub model: give its local copy):", ""]
+    out += ["```python",
             "from transformers import AutoModelForCausalLM, BitsAndBytesConfig", "from peft import PeftModel", "",
             f"bnb = BitsAndBytesConfig(**{json.dumps({k: v for k, v in qc.items() if k != 'quant_method'})})",
             f'base = AutoModelForCausalLM.from_pretrained("{base or label}", quantization_config=bnb)',
