@@ -1,12 +1,15 @@
-"""GGUF block quantizers, byte-exact with ggml's own (`ggml_quantize_chunk` without an importance matrix).
+"""GGUF block quantizers, byte-exact with ggml's own (`ggml_quantize_chunk`, with or without an importance matrix).
 
 `quantize_tensor(x, type_name)` takes float32 rows [rows, cols] (cols a multiple of the type's block: 32, or 256
 for the k-quants) and returns the bytes llama.cpp stores for them, uint8 [rows, row bytes], on x's device:
   * F32, F16, BF16: IEEE rounding to nearest even (BF16 as the gguf package rounds it: NaN kept quiet);
   * Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: the Triton kernel `legacy_quant_kernel` computes scales and codes, torch packs
     them (nibbles, the fifth bits, halves);
-  * Q4_K, Q5_K, Q6_K: the torch reference on every device (their scale searches accumulate in element order;
-    the operations are IEEE float32 on CUDA as on the CPU, so the bytes are the same).
+  * with an importance matrix (`imatrix`, ggml's quant_weights: ggml's quantize_*_impl searches), and
+    Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS always: the torch reference on every device, vectorized over
+    blocks (no Triton kernel yet: their scale searches accumulate in element order, and coordinate descents
+    run element by element; the operations are IEEE float32 on CUDA as on the CPU, divisions true ones, so the
+    bytes are the same). Q8_0 ignores an importance matrix, as ggml does.
 What each rule is and why is in gguf_reference.py. Public functions take `backend="auto" | "triton" | "torch"`
 (`qaas.kernels.dispatch.use_triton`).
 """
@@ -22,7 +25,7 @@ from .dispatch import use_triton
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 LEGACY = {"Q8_0": T.Q8_0, "Q4_0": T.Q4_0, "Q4_1": T.Q4_1, "Q5_0": T.Q5_0, "Q5_1": T.Q5_1}
-TYPES = FLOAT_TYPES + tuple(LEGACY) + ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+TYPES = FLOAT_TYPES + tuple(LEGACY) + ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 
 
 def block_size(type_name: str) -> int:
@@ -50,8 +53,10 @@ def round_float(x: torch.Tensor, type_name: str) -> torch.Tensor:
     return v.contiguous().view(torch.uint8).reshape(x.shape[0], -1)
 
 
-def quantize_tensor(x: torch.Tensor, type_name: str, *, backend: str = "auto") -> torch.Tensor:
-    """float32 rows [rows, cols] -> the bytes of `type_name` [rows, row_bytes] (see the module docstring)."""
+def quantize_tensor(x: torch.Tensor, type_name: str, *, imatrix: torch.Tensor | None = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """float32 rows [rows, cols] -> the bytes of `type_name` [rows, row_bytes] (see the module docstring);
+    `imatrix` [cols]: llama.cpp's importance of each column (ggml's quant_weights), None for none."""
     if x.dim() != 2 or x.dtype != torch.float32:
         raise ValueError(f"x must be float32 [rows, cols], got {x.dtype} {tuple(x.shape)}")
     if type_name not in TYPES:
@@ -61,9 +66,13 @@ def quantize_tensor(x: torch.Tensor, type_name: str, *, backend: str = "auto") -
         return round_float(x, type_name)
     if x.shape[1] % R.BLOCK_SIZE[type_name]:
         raise ValueError(f"{type_name} needs rows of a multiple of {R.BLOCK_SIZE[type_name]} weights, got {x.shape[1]}")
-    if type_name in LEGACY and use_triton(backend, x):
+    if imatrix is not None and imatrix.shape != (x.shape[1],):
+        raise ValueError(f"imatrix must hold one value per column ({x.shape[1]}), got {tuple(imatrix.shape)}")
+    if type_name == "Q8_0":
+        imatrix = None  # ggml's Q8_0 has no use for one
+    if type_name in LEGACY and imatrix is None and use_triton(backend, x):
         return _legacy_triton(x, type_name)
-    return R.quantize_blocks_reference(x, type_name)
+    return R.quantize_blocks_reference(x, type_name, imatrix)
 
 
 def _legacy_triton(x: torch.Tensor, type_name: str) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Torch references of the GGUF block quantizers: the bytes ggml's `quantize_row_*_ref` writes (no importance
-matrix), with ggml's float32 arithmetic step by step, vectorized over blocks.
+matrix) and its `quantize_row_*_impl` with one (quant_weights), with ggml's float32 arithmetic step by step,
+vectorized over blocks.
 
 The rules that decide the bytes (read from ggml-quants.c, re-derived here, checked against `ggml_quantize_chunk`
 in tests/kernels/test_gguf_quants.py):
@@ -26,6 +27,15 @@ weighted least squares, kept when their weighted squared error is smaller), scal
 against two f16 super-scales, codes recomputed from the stored ones. Layout: d:f16 dmin:f16 scales:u8[12]
 (6-bit pairs packed as get_scale_min_k4 reads them) [qh:u8[32], Q5_K: the fifth bits] qs:u8[128] -- 144 / 176
 bytes.
+Q3_K (16 sub-blocks of 16, codes -4..3): make_q3_quants (coordinate descent) per sub-block, 6-bit signed scales
+against one f16 scale; layout hmask:u8[32] (third bits) qs:u8[64] (2 low bits) scales:u8[12] d:f16 -- 110 bytes.
+Q2_K (16 sub-blocks of 16, codes 0..3 with a minimum): make_qkx2_quants with absolute error, 4-bit scales and
+minimums; layout scales:u8[16] qs:u8[64] d:f16 dmin:f16 -- 84 bytes.
+With an importance matrix qw the error weights are qw * sqrtf(sigma2 + x^2) (sigma2 a mean square of the
+super-block, or of the row for the 32-blocks), the k-quants' sub-block scales are fitted by make_qp_quants,
+Q4_0/Q5_0 take make_qx_quants' codes, Q4_1/Q5_1 make_qkx3_quants'. IQ4_NL (32) / IQ4_XS (256): the 16
+non-linear levels of kvalues_iq4nl, each block's scale by ggml's 15-candidate search (error weights x^2
+without a matrix), IQ4_XS' block scales as 6-bit values against one f16 scale.
 """
 
 from __future__ import annotations
@@ -35,11 +45,12 @@ import torch
 QK = 32
 QK_K = 256
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24,
-               "Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+               "Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "IQ4_NL": 18, "IQ4_XS": 136}
 BLOCK_SIZE = {"Q8_0": QK, "Q4_0": QK, "Q4_1": QK, "Q5_0": QK, "Q5_1": QK,
-              "Q2_K": QK_K, "Q3_K": QK_K, "Q4_K": QK_K, "Q5_K": QK_K, "Q6_K": QK_K}
+              "Q2_K": QK_K, "Q3_K": QK_K, "Q4_K": QK_K, "Q5_K": QK_K, "Q6_K": QK_K, "IQ4_NL": QK, "IQ4_XS": QK_K}
 #: ggml's GROUP_MAX_EPS: a group whose largest magnitude is below it is all zeros.
 GROUP_MAX_EPS = 1e-15
+K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
 def roundf(x: torch.Tensor) -> torch.Tensor:
@@ -155,11 +166,12 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = N
     return scale, L
 
 
-def _quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
-    """[n, 256] super-blocks -> [n, 210] bytes (see the module docstring)."""
+def _quantize_q6_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, 256] super-blocks -> [n, 210] bytes (see the module docstring); qw [n, 256]: importance weights, which
+    ggml takes as the error weights of each sub-block's scale search as they are."""
     n = x.shape[0]
     sub = x.reshape(n * 16, 16)
-    scales, L = make_qx_quants_rmse1(sub, 32)
+    scales, L = make_qx_quants_rmse1(sub, 32, None if qw is None else qw.reshape(n * 16, 16))
     scales, L = scales.reshape(n, 16), L.reshape(n, 16, 16)
     idx = scales.abs().argmax(dim=1, keepdim=True)
     max_abs, max_scale = scales.abs().gather(1, idx).squeeze(1), scales.gather(1, idx).squeeze(1)
@@ -242,37 +254,54 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     return scale, -mn, L
 
 
-def _quantize_q45_k(x: torch.Tensor, type_name: str) -> torch.Tensor:
-    """[n, 256] super-blocks -> [n, 144] (Q4_K) or [n, 176] (Q5_K) bytes (see the module docstring)."""
+def _quantize_q45_k(x: torch.Tensor, type_name: str, qw: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, 256] super-blocks -> [n, 144] (Q4_K) or [n, 176] (Q5_K) bytes (see the module docstring); qw [n, 256]:
+    importance weights."""
     n = x.shape[0]
-    nmax, rmin, nstep = (15, -1.0, 20) if type_name == "Q4_K" else (31, -0.5, 15)
+    nmax = 15 if type_name == "Q4_K" else 31
     sub = x.reshape(n * 8, 32)
-    # sqrtf is correctly rounded; torch's vectorized float32 sqrt on the CPU is not always (seen 1 ulp off):
-    # the float64 root rounded to float32 is the correctly rounded float32 root
-    av_x = torch.sqrt(_ordered_sum(sub * sub).to(torch.float64) / 32).to(torch.float32)
-    w = av_x[:, None] + sub.abs()
-    scales, mins, L = make_qkx2_quants(sub, w, nmax, rmin, 0.1, nstep)
+    if qw is None:
+        rmin, rdelta, nstep = (-1.0, 0.1, 20) if type_name == "Q4_K" else (-0.5, 0.1, 15)
+        # sqrtf is correctly rounded; torch's vectorized float32 sqrt on the CPU is not always (seen 1 ulp off):
+        # the float64 root rounded to float32 is the correctly rounded float32 root
+        av_x = torch.sqrt(_ordered_sum(sub * sub).to(torch.float64) / 32).to(torch.float32)
+        w = av_x[:, None] + sub.abs()
+    else:
+        rmin, rdelta, nstep = -0.9, 0.05, 36
+        w = _super_block_weights(x, qw, 2.0).reshape(n * 8, 32)
+    scales, mins, L = make_qkx2_quants(sub, w, nmax, rmin, rdelta, nstep)
     scales, mins, L = scales.reshape(n, 8), mins.reshape(n, 8), L.reshape(n, 8, 32)
+    if qw is None:
+        def running_max(v: torch.Tensor) -> torch.Tensor:
+            m = torch.zeros(n, dtype=torch.float32, device=v.device)
+            for j in range(8):
+                m = torch.where(v[:, j] > m, v[:, j], m)
+            return m
 
-    def running_max(v: torch.Tensor) -> torch.Tensor:
-        m = torch.zeros(n, dtype=torch.float32, device=v.device)
-        for j in range(8):
-            m = torch.where(v[:, j] > m, v[:, j], m)
-        return m
-
-    max_scale, max_min = running_max(scales), running_max(mins)
-    inv_scale = torch.where(max_scale > 0, _div(63.0, torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale))),
-                            torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, _div(63.0, torch.where(max_min > 0, max_min, torch.ones_like(max_min))),
-                          torch.zeros_like(max_min))
-    ls = torch.clamp_max(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)  # uint8, then MIN(63, .)
-    lm = torch.clamp_max(nearest_int(inv_min[:, None] * mins) & 0xFF, 63)
+        max_scale, max_min = running_max(scales), running_max(mins)
+        inv_scale = torch.where(max_scale > 0, _div(63.0, torch.where(max_scale > 0, max_scale,
+                                                                     torch.ones_like(max_scale))),
+                                torch.zeros_like(max_scale))
+        inv_min = torch.where(max_min > 0, _div(63.0, torch.where(max_min > 0, max_min, torch.ones_like(max_min))),
+                              torch.zeros_like(max_min))
+        ls = torch.clamp_max(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)  # uint8, then MIN(63, .)
+        lm = torch.clamp_max(nearest_int(inv_min[:, None] * mins) & 0xFF, 63)
+        d = _div(max_scale, 63.0)
+        dmin = _div(max_min, 63.0)
+    else:
+        sw = _ordered_sum(w).reshape(n, 8)
+        d, ls = make_qp_quants(scales, 63, sw)
+        dmin, lm = make_qp_quants(mins, 63, sw)
+        if type_name == "Q5_K":  # only Q5_K's imatrix path clamps (make_qp_quants' codes are <= 63 but wrap)
+            ls, lm = torch.clamp_max(ls, 63), torch.clamp_max(lm, 63)
     packed = torch.zeros(n, 12, dtype=torch.int32, device=x.device)
     packed[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
     packed[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
     packed[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
-    d = _div(max_scale, 63.0)
-    dmin = _div(max_min, 63.0)
+    packed &= 0xFF
+    # the 6-bit values read back as get_scale_min_k4 does (the same as ls, lm whenever they are below 64)
+    ls = torch.cat([packed[:, 0:4] & 63, (packed[:, 8:12] & 0xF) | ((packed[:, 0:4] >> 6) << 4)], dim=1)
+    lm = torch.cat([packed[:, 4:8] & 63, (packed[:, 8:12] >> 4) | ((packed[:, 4:8] >> 6) << 4)], dim=1)
     dd = d.to(torch.float16).to(torch.float32)[:, None] * ls.to(torch.float32)
     dm = dmin.to(torch.float16).to(torch.float32)[:, None] * lm.to(torch.float32)
     safe = torch.where(dd != 0, dd, torch.ones_like(dd))
@@ -289,20 +318,58 @@ def _quantize_q45_k(x: torch.Tensor, type_name: str) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def quantize_blocks_reference(x: torch.Tensor, type_name: str) -> torch.Tensor:
-    """float32 [rows, cols] (cols a multiple of the type's block) -> uint8 [rows, cols / block * block bytes]."""
+def quantize_blocks_reference(x: torch.Tensor, type_name: str, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 [rows, cols] (cols a multiple of the type's block) -> uint8 [rows, cols / block * block bytes].
+
+    `imatrix` [cols]: the importance of each column (ggml's quant_weights), or None for ggml's reference
+    quantizers; Q8_0 ignores it, as ggml does."""
     rows, cols = x.shape
-    if type_name == "Q6_K":
-        return _quantize_q6_k(x.reshape(-1, QK_K).to(torch.float32)).reshape(rows, -1).contiguous()
-    if type_name in ("Q4_K", "Q5_K"):
-        return _quantize_q45_k(x.reshape(-1, QK_K).to(torch.float32), type_name).reshape(rows, -1).contiguous()
-    if type_name == "Q3_K":
-        return _quantize_q3_k(x.reshape(-1, QK_K).to(torch.float32)).reshape(rows, -1).contiguous()
-    if type_name == "Q2_K":
-        return _quantize_q2_k(x.reshape(-1, QK_K).to(torch.float32)).reshape(rows, -1).contiguous()
-    b = x.reshape(-1, QK).to(torch.float32)
-    d, m, q = legacy_codes_reference(b, type_name)
+    x = x.to(torch.float32)
+    if imatrix is not None and type_name == "Q8_0":
+        imatrix = None
+    qw = None
+    if imatrix is not None:
+        imatrix = imatrix.to(device=x.device, dtype=torch.float32)
+        qw = imatrix.reshape(1, cols).expand(rows, cols).reshape(-1, BLOCK_SIZE[type_name])
+    if type_name in K_QUANTS:
+        blocks = x.reshape(-1, QK_K)
+        if type_name == "Q6_K":
+            out = _quantize_q6_k(blocks, qw)
+        elif type_name in ("Q4_K", "Q5_K"):
+            out = _quantize_q45_k(blocks, type_name, qw)
+        elif type_name == "Q3_K":
+            out = _quantize_q3_k(blocks, qw)
+        else:
+            out = _quantize_q2_k(blocks, qw)
+        return out.reshape(rows, -1).contiguous()
+    if type_name == "IQ4_NL":
+        return _quantize_iq4_nl(x.reshape(-1, QK), qw).reshape(rows, -1).contiguous()
+    if type_name == "IQ4_XS":
+        return _quantize_iq4_xs(x.reshape(-1, QK_K), qw).reshape(rows, -1).contiguous()
+    b = x.reshape(-1, QK)
+    if qw is None:
+        d, m, q = legacy_codes_reference(b, type_name)
+    else:
+        d, m, q = legacy_codes_weighted(x, qw, type_name)
     return pack_legacy(type_name, d, m, q).reshape(rows, -1).contiguous()
+
+
+def legacy_codes_weighted(x: torch.Tensor, qw: torch.Tensor, type_name: str
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """ggml's quantize_row_q4_0/q4_1/q5_0/q5_1_impl with an importance matrix: the rows x [rows, cols], their
+    blocks' qw [rows * cols / 32, 32] -> (d, m or None, codes) of the blocks. The error weights are
+    qw * sqrtf(sigma2 + x^2) with sigma2 the mean square of the whole row; Q4_0/Q5_0 take make_qx_quants'
+    signed codes as they come (no requantization), Q4_1/Q5_1 make_qkx3_quants' scale and minimum."""
+    rows, cols = x.shape
+    sigma2 = _div(_ordered_sum(x * x), float(cols))
+    b = x.reshape(-1, QK)
+    sigma2 = sigma2.repeat_interleave(cols // QK)[:, None]
+    w = qw * torch.sqrt((sigma2 + b * b).to(torch.float64)).to(torch.float32)
+    if type_name in ("Q4_0", "Q5_0"):
+        d, L = make_qx_quants_rmse1(b, 8 if type_name == "Q4_0" else 16, w)
+        return d, None, L
+    scale, the_min, L = make_qkx2_quants(b, w, 15 if type_name == "Q4_1" else 31, -0.9, 0.05, 36)
+    return scale, -the_min, L
 
 
 def legacy_codes_reference(b: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -508,3 +575,90 @@ def _quantize_q2_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Ten
     l = torch.clamp(nearest_int((x.reshape(n, 16, 16) + dm[:, :, None]) / safe[:, :, None]), 0, 3)
     L = torch.where((dd != 0)[:, :, None], l, L.reshape(n, 16, 16)).reshape(n, 256)
     return torch.cat([byte.to(torch.uint8), _pack_2bit(L), _half_bytes(d), _half_bytes(dmin)], dim=1)
+
+
+#: ggml's kvalues_iq4nl: the 16 levels of the non-linear 4-bit types.
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _nearest_level(v: torch.Tensor) -> torch.Tensor:
+    """ggml's best_index_int8(16, kvalues_iq4nl, v): the index of the nearest level, the upper one of a tie
+    (the C compares x - lower < upper - x in float32)."""
+    levels = torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=v.device)
+    upper = torch.clamp(torch.bucketize(v, levels, right=True), 1, 15)  # the first level above v
+    lo, hi = levels[upper - 1], levels[upper]
+    idx = torch.where(v - lo < hi - v, upper - 1, upper)
+    return torch.where(v <= levels[0], 0, torch.where(v >= levels[15], 15, idx))
+
+
+def _iq4_block_scales(x: torch.Tensor, w: torch.Tensor, ntry: int = 7) -> torch.Tensor:
+    """The scale of each 32-weight block x [m, 32] (error weights w): ggml's quantize_row_iq4_nl_impl search,
+    a first fit at max / 127, then the 2 ntry + 1 candidates (itry - 127) / max kept by weighted least squares
+    when sum(w q x)^2 / sum(w q^2) grows; 0 for an all-zero block."""
+    levels = torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=x.device)
+    ax = x.abs()
+    idx = ax.argmax(dim=1, keepdim=True)
+    amax, mx = ax.gather(1, idx).squeeze(1), x.gather(1, idx).squeeze(1)
+    zero = amax < GROUP_MAX_EPS
+    safe_max = torch.where(zero, torch.ones_like(mx), mx)
+
+    def fit(inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = levels[_nearest_level(inv[:, None] * x)]
+        wq = w * q
+        return _ordered_sum(wq * x), _ordered_sum(wq * q)
+
+    d = _div(-safe_max, float(IQ4_LEVELS[0]))
+    sumqx, sumq2 = fit(1 / d)
+    d = torch.where(sumq2 > 0, sumqx / torch.where(sumq2 > 0, sumq2, torch.ones_like(sumq2)), torch.zeros_like(d))
+    best = d * sumqx
+    for itry in range(-ntry, ntry + 1):
+        sumqx, sumq2 = fit(_div(float(itry + IQ4_LEVELS[0]), safe_max))
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d = torch.where(better, sumqx / torch.where(sumq2 > 0, sumq2, torch.ones_like(sumq2)), d)
+        best = torch.where(better, d * sumqx, best)
+    return torch.where(zero, torch.zeros_like(d), d)
+
+
+def _iq4_weights(x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    """The error weights of the blocks of super-blocks x [n, S]: x^2, or qw * sqrtf(sigma2 + x^2) with sigma2
+    = sum(x^2) * (2 / S) (ggml's order)."""
+    if qw is None:
+        return x * x
+    sigma2 = _ordered_sum(x * x) * torch.tensor(2.0 / x.shape[1], dtype=torch.float32)
+    return qw * torch.sqrt((sigma2[:, None] + x * x).to(torch.float64)).to(torch.float32)
+
+
+def _pack_iq4_codes(L: torch.Tensor) -> torch.Tensor:
+    """[n, S] level indices -> [n, S / 2] bytes: per 32 weights, low nibble j, high nibble j + 16."""
+    return _nibbles(L.reshape(-1, 32)).reshape(L.shape[0], -1)
+
+
+def _quantize_iq4_nl(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, 32] blocks -> [n, 18] bytes: d:f16 qs:u8[16]; the codes re-chosen from the float32 scale."""
+    d = _iq4_block_scales(x, _iq4_weights(x, qw))
+    L = _nearest_level(_recip(d)[:, None] * x)
+    return torch.cat([_half_bytes(d), _pack_iq4_codes(L)], dim=1)
+
+
+def _quantize_iq4_xs(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, 256] super-blocks -> [n, 136] bytes: d:f16 scales_h:u16 (2 high bits of block k's 6-bit scale at
+    bit 2 k) scales_l:u8[4] (low nibbles, block 2 i + 1 high) qs:u8[128]. The eight block scales quantized
+    against d = -max / 32 (max: the scale of largest magnitude), the codes re-chosen from d * l in float32."""
+    n = x.shape[0]
+    w = _iq4_weights(x, qw).reshape(n * 8, 32)
+    scales = _iq4_block_scales(x.reshape(n * 8, 32), w).reshape(n, 8)
+    idx = scales.abs().argmax(dim=1, keepdim=True)  # the first of the largest magnitude (0 when all are 0)
+    max_scale = torch.where(scales.abs().gather(1, idx).squeeze(1) > 0, scales.gather(1, idx).squeeze(1),
+                            torch.zeros(n, dtype=torch.float32, device=x.device))
+    d = _div(-max_scale, 32.0)  # -0.0 when every block is zero, as C stores it
+    l = torch.clamp(nearest_int(_recip(d)[:, None] * scales), -32, 31)
+    dl = d[:, None] * l.to(torch.float32)
+    L = _nearest_level(_recip(dl).reshape(n, 8, 1) * x.reshape(n, 8, 32)).reshape(n, 256)
+    l = l + 32
+    scales_l = (l[:, 0::2] & 0xF) | ((l[:, 1::2] & 0xF) << 4)
+    scales_h = ((l >> 4) << (2 * torch.arange(8, device=x.device, dtype=torch.int32))).sum(dim=1)
+    return torch.cat([_half_bytes(d), _u16_bytes(scales_h), scales_l.to(torch.uint8), _pack_iq4_codes(L)], dim=1)
+
+
+def _u16_bytes(v: torch.Tensor) -> torch.Tensor:
+    return v.to(torch.int32).to(torch.int16).unsqueeze(-1).view(torch.uint8).reshape(-1, 2)

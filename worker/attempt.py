@@ -81,8 +81,9 @@ def engine_quantization_config(config: dict[str, Any], options: dict[str, Any]) 
     """The request's quantization_config as the engine takes it: a calibrated method's sample count filled
     in from the job's `options.calibration_samples` (GPTQConfig and AwqConfig have no field for it)."""
     qc = dict(config)
-    calibrated = qc.get("quant_method") in ("gptq", "awq") or (qc.get("quant_method") == "compressed-tensors"
-                                                                and qc.get("dataset") is not None)
+    calibrated = (qc.get("quant_method") in ("gptq", "awq")
+                  or (qc.get("quant_method") == "compressed-tensors" and qc.get("dataset") is not None)
+                  or (qc.get("quant_method") == "gguf" and qc.get("imatrix") is True))
     if calibrated and not qc.get("nsamples"):
         qc["nsamples"] = int(options.get("calibration_samples") or 128)
     return qc

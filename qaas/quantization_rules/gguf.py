@@ -6,7 +6,12 @@
 * `types`: quant type names exactly as llama.cpp's `llama-quantize` spells them (`F16`, `Q8_0`, `Q4_K_M`, ...);
   each becomes `model-<TYPE>.gguf`. A name llama.cpp knows but this service does not produce (yet) is refused
   with that reason, never approximated: a file called Q4_K_M must hold what llama.cpp's Q4_K_M holds.
-* `imatrix`: compute llama.cpp's importance matrix from `dataset` (required by the IQ types).
+* `imatrix`: compute llama.cpp's importance matrix (imatrix.cpp's: per weight of a block, the mean over the
+  calibration tokens of each input column's square) from `dataset` on the job's device, block by block on the
+  unquantized model, and quantize every k-quant and Q4_0/Q4_1/Q5_0/Q5_1 tensor with it, as
+  `llama-quantize --imatrix` does (the recipes' imatrix rules included); the matrix is also written as
+  `imatrix.gguf` in llama.cpp's format (`llama-quantize --imatrix imatrix.gguf` takes it). `nsamples` windows of
+  `model_seqlen` tokens (default 128 x 512, llama-imatrix's context) drawn with `seed`.
 * `output_type_default`: the floating-point type of the conversion, i.e. of the tensors no quant type touches
   (norms) in every file, and of the `model-<TYPE>.gguf` written for it when asked in `types`.
 * `split_max_size`: at most this many bytes per file (`"48GB"`, `"500M"`, as `llama-gguf-split
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .calibration import CalibrationSources, Dataset, check_source
-from .fields import Boolean, Choice, FieldError, Kind, MethodRules
+from .fields import Boolean, Choice, FieldError, Integer, Kind, MethodRules
 
 #: Floating-point types (no quantization).
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -45,6 +50,10 @@ NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_
 #: The Hugging Face architectures converted (llama.cpp maps both to its LLAMA graph).
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 MAX_TYPES = 16
+#: Calibration windows of the importance matrix when neither `nsamples` nor the job's options say.
+DEFAULT_NSAMPLES = 128
+#: Their length: llama-imatrix's default context.
+DEFAULT_SEQLEN = 512
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
@@ -143,6 +152,12 @@ RULES = MethodRules(
         "types": Types(),
         "imatrix": Boolean(False, description="compute llama.cpp's importance matrix from dataset (needed by IQ types)"),
         "dataset": OptionalDataset(),
+        "nsamples": Integer(minimum=1, maximum=4096,
+                            description="importance-matrix calibration windows; default: the job's "
+                                        f"options.calibration_samples, else {DEFAULT_NSAMPLES}"),
+        "model_seqlen": Integer(DEFAULT_SEQLEN, minimum=8, maximum=131072,
+                                description="importance-matrix window length (llama-imatrix's context)"),
+        "seed": Integer(0, minimum=0, maximum=2**32 - 1, description="seed of the calibration windows' draw"),
         "output_type_default": Choice("F16", choices=FLOAT_TYPES,
                                       description="floating-point type of the conversion (and of unquantized tensors)"),
         "split_max_size": SplitSize(description="split each file into parts of at most this size (\"48GB\")"),

@@ -29,13 +29,29 @@ def _weights(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     return x.half().float()
 
 
-@pytest.mark.parametrize("type_name", [*LEGACY, "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", [*LEGACY, "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"])
 def test_torch_reference_is_byte_exact_with_ggml(type_name):
     x = _weights(16, 512)
     ours = quantize_tensor(x, type_name, backend="torch").numpy()
     theirs = ggml_quantize(type_name, x.numpy())
     assert ours.shape == theirs.shape
     assert np.array_equal(ours, theirs), f"{(ours != theirs).sum()} bytes differ"
+
+
+@pytest.mark.parametrize("type_name", [*LEGACY, "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"])
+def test_with_an_importance_matrix_byte_exact_with_ggml(type_name):
+    """ggml's quantize_*_impl paths (quant_weights): other searches, weights qw * sqrt(sigma2 + x^2), a zero
+    importance and a width (544) whose rows' mean square is not a division by a power of two."""
+    cols = 512 if type_name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS") else 544
+    x = _weights(16, cols, seed=2)
+    g = torch.Generator().manual_seed(3)
+    imatrix = torch.rand(cols, generator=g) ** 3 * 5
+    imatrix[7] = 0
+    ours = quantize_tensor(x, type_name, imatrix=imatrix, backend="torch").numpy()
+    theirs = ggml_quantize(type_name, x.numpy(), imatrix.numpy())
+    assert np.array_equal(ours, theirs), f"{(ours != theirs).sum()} bytes differ"
+    if type_name != "Q8_0":  # ggml's Q8_0 ignores the matrix
+        assert not np.array_equal(ours, quantize_tensor(x, type_name, backend="torch").numpy())
 
 
 @pytest.mark.parametrize("type_name", list(LEGACY))

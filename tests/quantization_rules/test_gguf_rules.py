@@ -19,7 +19,8 @@ def _field(qc: dict) -> str:
 def test_defaults_and_normalizing_twice():
     once = quantization_rules.normalize({"quant_method": "gguf", "types": ["Q8_0", "F16"]})
     assert once == {"quant_method": "gguf", "types": ["Q8_0", "F16"], "imatrix": False, "dataset": None,
-                    "output_type_default": "F16", "split_max_size": None}
+                    "nsamples": None, "model_seqlen": 512, "seed": 0, "output_type_default": "F16",
+                    "split_max_size": None}
     assert quantization_rules.normalize(once) == once
     assert quantization_rules.bits(once) == 8
 

@@ -50,13 +50,31 @@ def ggml_quantize(type_name: str, rows: np.ndarray, imatrix: np.ndarray | None =
     return out
 
 
-def llama_model_quantize(src: Path, dst: Path, ftype_name: str, nthread: int = 2) -> None:
-    """`llama-quantize src dst TYPE` (ftype_name as llama.cpp spells it: "Q4_K_M", "Q8_0")."""
+def read_imatrix(path: Path) -> dict[str, np.ndarray]:
+    """An imatrix.gguf as llama-quantize reads it: per tensor name, in_sum2 / counts in float32."""
+    import gguf
+
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
+    return {name[: -len(".in_sum2")]: (v.reshape(-1) / tensors[name[: -len(".in_sum2")] + ".counts"].reshape(-1)[0])
+            .astype(np.float32) for name, v in tensors.items() if name.endswith(".in_sum2")}
+
+
+def llama_model_quantize(src: Path, dst: Path, ftype_name: str, nthread: int = 2,
+                         imatrix: dict[str, np.ndarray] | None = None) -> None:
+    """`llama-quantize [--imatrix] src dst TYPE` (ftype_name as llama.cpp spells it: "Q4_K_M", "Q8_0");
+    `imatrix`: per tensor name, the importance of each column (what llama-quantize reads from the file)."""
     llama_cpp = require("llama_cpp")
     import gguf
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(gguf.LlamaFileType[f"MOSTLY_{ftype_name}"])
     params.nthread = nthread
+    if imatrix is not None:
+        keep = [(name.encode(), np.ascontiguousarray(v, dtype=np.float32)) for name, v in imatrix.items()]
+        entries = (llama_cpp.llama_model_imatrix_data * (len(keep) + 1))()
+        for e, (name, v) in zip(entries, keep):
+            e.name, e.data, e.size = name, v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
+        entries[len(keep)].name = None  # the list ends with a null name
+        params.imatrix = ctypes.cast(entries, type(params.imatrix))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     assert rc == 0, f"llama_model_quantize({ftype_name}) failed: {rc}"

@@ -20,6 +20,7 @@ from ...evaluate import default_seqlen, load_eval_data, load_original_model, per
 from ..base import EngineContext, MethodResult, validated_config
 from .convert import plan_tensors, source_values
 from .format import GGUFOutput, WrittenGGUF
+from .imatrix import ImportanceMatrix, calibration_windows, compute_imatrix
 from .recipes import loader_order, tensor_types
 from .vocab import read_vocab
 
@@ -33,6 +34,10 @@ def _rounded(values: torch.Tensor, float_type: str) -> torch.Tensor:
     return values
 
 
+#: The importance matrix beside the models, in llama.cpp's format.
+IMATRIX_FILE = "imatrix.gguf"
+
+
 class GGUFMethod:
     name: ClassVar[str] = "gguf"
     #: The method writes its own files (GGUF), not a safetensors checkpoint with config.json.
@@ -42,7 +47,7 @@ class GGUFMethod:
         return validated_config(quantization_config)
 
     def stages(self, quantization_config: dict[str, Any]) -> list[str]:
-        return ["quantize"]
+        return ["calibrate", "quantize"] if quantization_config.get("imatrix") else ["quantize"]
 
     def quantize(self, ctx: EngineContext) -> MethodResult:
         fields, config, reporter = ctx.quantization_config, ctx.config, ctx.reporter
@@ -55,11 +60,13 @@ class GGUFMethod:
         order = [planned[n] for n in loader_order(list(planned))]
         float_type = fields["output_type_default"]
         conv = [(t.name, t.shape, "F32" if t.keep_f32 else float_type) for t in order]
+        imatrix = self._importance_matrix(ctx, order) if fields["imatrix"] else None
         vocab = read_vocab(ctx.source_dir, config)
         model_name = ctx.source.repo_id.split("/")[-1] if ctx.source.repo_id else None
         hparams = {"n_layer": config["num_hidden_layers"], "n_head": config["num_attention_heads"],
                    "n_head_kv": config.get("num_key_value_heads") or config["num_attention_heads"]}
-        outputs = [GGUFOutput(ctx.work_dir, t, order, tensor_types(t, conv, hparams), config=config, vocab=vocab,
+        outputs = [GGUFOutput(ctx.work_dir, t, order, tensor_types(t, conv, hparams, has_imatrix=imatrix is not None),
+                              config=config, vocab=vocab,
                               source_dir=ctx.source_dir, model_name=model_name,
                               split_bytes=split_bytes(fields["split_max_size"])) for t in fields["types"]]
         n_blocks, done_blocks = config["num_hidden_layers"], -1
@@ -85,10 +92,12 @@ class GGUFMethod:
             if not t.keep_f32:
                 values = _rounded(values, float_type)
             rows = values.reshape(-1, t.shape[-1])
+            importance = imatrix.values(_module(t.hf_name)) if imatrix is not None and t.hf_name else None
             t0 = lap("convert", t0)
             for out in outputs:
                 ttype = out.types[t.name]
-                data = round_float(rows, ttype) if ttype in FLOAT_TYPES else quantize_tensor(rows, ttype)
+                data = (round_float(rows, ttype) if ttype in FLOAT_TYPES
+                        else quantize_tensor(rows, ttype, imatrix=importance))
                 t0 = lap(f"quantize {out.type_name}", t0)
                 out.write(data.cpu().numpy())
                 t0 = lap(f"write {out.type_name}", t0)
@@ -103,11 +112,32 @@ class GGUFMethod:
                          data={"type": d["type"], "size": d["size"], "bits_per_weight": d["bits_per_weight"]})
         ctx.state["gguf_outputs"] = written
         written_sizes = sum(d["size"] for d in described)
-        return MethodResult(quantization_config=dict(fields),
-                            details={"outputs": described, "phases_s": {k: round(v, 3) for k, v in phases.items()},
-                                     "bytes_written": written_sizes},
+        details: dict[str, Any] = {"outputs": described, "phases_s": {k: round(v, 3) for k, v in phases.items()},
+                                   "bytes_written": written_sizes}
+        if imatrix is not None:
+            details["imatrix"] = {"file": IMATRIX_FILE, "entries": len(imatrix.sums),
+                                  "seconds": round(ctx.state["imatrix_seconds"], 3)}
+        return MethodResult(quantization_config=dict(fields), details=details,
+                            calibration=imatrix.calibration.describe() if imatrix is not None else None,
                             quantized_modules=sorted(n for n, t in written[0].tensor_types.items()
                                                      if t not in FLOAT_TYPES))
+
+    def _importance_matrix(self, ctx: EngineContext, order: list[Any]) -> ImportanceMatrix:
+        """The `calibrate` stage: llama.cpp's importance matrix from the job's calibration data, written as
+        imatrix.gguf beside the models; then the `quantize` stage begins."""
+        t0 = time.perf_counter()
+        calib = calibration_windows(ctx)
+        ctx.state["calibration_windows"] = calib.input_ids  # evaluation leaves out windows sharing text with them
+        ctx.reporter.log(f"importance matrix: {calib.nsamples} windows x {calib.seqlen} tokens from {calib.source}",
+                         data=calib.describe())
+        for warning in calib.warnings:
+            ctx.reporter.log(warning, level="warning")
+        imatrix = compute_imatrix(ctx, calib)
+        imatrix.write(ctx.work_dir / IMATRIX_FILE,
+                      {_module(t.hf_name): t.name for t in order if t.hf_name and t.hf_name.endswith(".weight")})
+        ctx.state["imatrix_seconds"] = time.perf_counter() - t0
+        ctx.reporter.stage("quantize", total=ctx.config["num_hidden_layers"])
+        return imatrix
 
     # -- evaluation ----------------------------------------------------------------------------------------
     def evaluate_outputs(self, ctx: EngineContext, out_dir: Path, eval_text_path: str,
@@ -139,6 +169,11 @@ class GGUFMethod:
             reporter.progress(data.windows * (k + 2), total, message=f"model-{w.type}.gguf perplexity {ppl:.4f}")
         return {"perplexity_before": before, "per_type": per_type, "quantized_loaded_with": "llama.cpp",
                 **data.describe()}
+
+
+def _module(hf_tensor: str) -> str:
+    """"model.layers.0.mlp.up_proj.weight" -> "model.layers.0.mlp.up_proj"."""
+    return hf_tensor.rsplit(".", 1)[0]
 
 
 def gguf_perplexity(llama_cpp: Any, path: Path, windows: torch.Tensor, seqlen: int) -> float:
