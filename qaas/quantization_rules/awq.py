@@ -98,8 +98,9 @@ RULES = MethodRules(
         "model_seqlen": Integer(DEFAULT_SEQLEN, minimum=8, maximum=131072,
                                 description="calibration window length (AutoAWQ's max_calib_seq_len)"),
         "seed": Integer(0, minimum=0, maximum=2**32 - 1, description="seed of the calibration windows' draw (qaas)"),
-        "duo_scaling": Boolean(False, description="AutoAWQ's duo scaling: s = s_x^a / s_w^(1-a); false: the "
-                                                  "paper's s = s_x^a"),
+        # True as in AutoAWQ's quantize() and llm-compressor's AWQModifier (both default duo_scaling=True)
+        "duo_scaling": Boolean(True, description="AutoAWQ's duo scaling (its default and llm-compressor's): "
+                                                 "s = s_x^a / s_w^(1-a); false: the paper's s = s_x^a"),
         "apply_clip": Boolean(True, description="search a per-group clipping range after scaling (AutoAWQ's)"),
     },
     # transformers' AwqConfig is a GPTQConfig: its .to_dict() carries GPTQ's fields, which AWQ loaders ignore;

@@ -40,6 +40,15 @@ def test_every_accepted_bitsandbytes_config_is_one_transformers_builds(name, qc)
     assert quantization_rules.normalize(json.loads(json.dumps(written)))["load_in_4bit"] == fields["load_in_4bit"]
 
 
+def test_awq_searches_as_autoawq_and_llm_compressor_do_by_default():
+    """AutoAWQ's quantize() and llm-compressor's AWQModifier both default to duo scaling and the clipping search
+    over a 20-point grid; a request naming neither gets the same search."""
+    from qaas.quantization_rules.awq import N_GRID
+
+    qc = quantization_rules.normalize({"quant_method": "awq", "dataset": "wikitext2"})
+    assert (qc["duo_scaling"], qc["apply_clip"], N_GRID) == (True, True, 20)
+
+
 def test_all_broken_rules_are_reported_in_field_order():
     with pytest.raises(InvalidQuantizationConfig) as exc:
         quantization_rules.normalize({"quant_method": "gptq", "bits": 5, "group_size": 0, "damp_percent": 2})

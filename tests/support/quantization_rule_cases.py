@@ -86,7 +86,7 @@ ROWS = [
     # AWQ (transformers' AwqConfig fields; AutoAWQ's quant_config spellings)
     ("awq-minimal", {"quant_method": "awq", "dataset": TEXTS}, None),
     ("awq-full", {**AWQ, "modules_to_not_convert": ["lm_head", "mlp.down_proj"], "nsamples": 16,
-                  "model_seqlen": 256, "seed": 1, "duo_scaling": True, "apply_clip": False}, None),
+                  "model_seqlen": 256, "seed": 1, "duo_scaling": False, "apply_clip": False}, None),
     ("awq-to-dict", "awq-to-dict", None),
     ("awq-autoawq-spelling", {"quant_method": "awq", "w_bit": 4, "q_group_size": 64, "version": "GEMM",
                               "zero_point": True, "dataset": TEXTS}, None),
