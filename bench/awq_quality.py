@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-ROWS = ("fp16", "rtn-asym", "rtn-sym", "gptq", "awq", "awq-duo", "awq-noclip")
+ROWS = ("fp16", "rtn-asym", "rtn-sym", "gptq", "awq-noclip", "awq", "awq-noduo")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,12 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         elif row == "gptq":
             calibrated("gptq", {"quant_method": "gptq", "bits": 4, "group_size": gs, "sym": True, "desc_act": False,
                                 "damp_percent": 0.01}, "GPTQ (sym, damp 0.01)")
-        elif row == "awq":
-            calibrated("awq", {"quant_method": "awq", "group_size": gs}, "AWQ (s = s_x^a, clip)")
-        elif row == "awq-duo":
-            calibrated("awq", {"quant_method": "awq", "group_size": gs, "duo_scaling": True}, "AWQ duo scaling, clip")
+        elif row == "awq":  # the service's defaults, AutoAWQ's: duo scaling and the clipping search
+            calibrated("awq", {"quant_method": "awq", "group_size": gs}, "AWQ (duo scaling, clip: the defaults)")
+        elif row == "awq-noduo":
+            calibrated("awq", {"quant_method": "awq", "group_size": gs, "duo_scaling": False},
+                       "AWQ (s = s_x^a as in the paper, clip)")
         elif row == "awq-noclip":
-            calibrated("awq", {"quant_method": "awq", "group_size": gs, "apply_clip": False}, "AWQ (s = s_x^a), no clip")
+            calibrated("awq", {"quant_method": "awq", "group_size": gs, "apply_clip": False},
+                       "AWQ (duo scaling), no clip")
         else:
             raise SystemExit(f"unknown row {row!r} (rows: {', '.join(ROWS)})")
     return 0
@@ -153,10 +155,13 @@ def write(a: argparse.Namespace, rows: list[dict], data, meta: dict, gs: int) ->
     for r in rows:
         lines.append(f"| {r['model']} | {r['bits'] or '-'} | {r['group'] or '-'} | {r['ppl']:.3f} | "
                      f"{r['quantize_s']:.0f} | {r['eval_s']:.0f} |")
-    lines += ["", f"Group size {gs}: SmolLM2's hidden size 576 is not a multiple of 128, and AWQ's GEMM layout (like "
-              "every AWQ loader) holds whole groups only, so at group size 128 the 180 layers reading the hidden "
-              "state (q/k/v/o/gate/up) would stay float16; 64 divides both 576 and 1536. The source weights were "
-              "already on a Q4_1 grid (blocks of 32; assets README), which flatters plain rounding."]
+    layers = next((r["quantized_layers"] for r in rows if r.get("quantized_layers")), None)
+    lines += ["", f"Group size {gs}, {layers} block layers quantized in every 4-bit row. SmolLM2's hidden size 576 "
+              "is not a multiple of 128, and AWQ's GEMM layout and GPTQ's (like every loader of them) hold whole "
+              "groups only, so at group size 128 the 180 layers reading the hidden state (q/k/v/o/gate/up) stay "
+              "float16 in every row and only the 30 down_proj (1536 wide) are quantized; 64 divides both 576 and "
+              "1536. The source weights were already on a Q4_1 grid (blocks of 32; assets README), which flatters "
+              "plain rounding."]
     Path(a.out).write_text("\n".join(lines) + "\n")
     Path(a.out).with_suffix(".json").write_text(json.dumps({"rows": rows, "eval": data.describe(), "calibration": calib,
                                                             "args": vars(a)}, indent=1, default=str))
