@@ -40,7 +40,8 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT.parent / "shared" / "assets"
+# the test suite's rule (tests/conftest.py): QAAS_TEST_ASSETS, else ../shared/assets beside the checkout
+ASSETS = Path(os.environ.get("QAAS_TEST_ASSETS", ROOT.parent / "shared" / "assets")).resolve()
 STORIES = ASSETS / "models" / "stories260K"
 WIKITEXT = ASSETS / "text" / "wikitext-2-raw-v1" / "test.joined.txt"
 SHAKESPEARE = ASSETS / "text" / "tinyshakespeare" / "input.txt"
