@@ -287,21 +287,29 @@ class BlockRunner:
 
     With `max_tokens`, consecutive batches run as one forward pass of up to that many tokens (their inputs
     concatenated by `merge_batches`); the results are the same per batch, up to the rounding of larger matrix
-    products."""
+    products. With `shards` (shard -> batch indices; a job on several GPUs, `ranks`), a pass never takes
+    batches of two shards, so that a shard's passes are the same whichever process runs it."""
 
     def __init__(self, block: torch.nn.Module, hidden: list[torch.Tensor], rest: list[tuple[tuple, dict]],
-                 device: torch.device, max_tokens: int = 0) -> None:
+                 device: torch.device, max_tokens: int = 0, shards: dict[int, list[int]] | None = None) -> None:
         self.block = block
         self.hidden = hidden
         self.rest = rest
         self.device = device
-        self.chunks = self._chunk(max_tokens)
+        shards = shards if shards is not None else {0: list(range(len(hidden)))}
+        self.shard_chunks = {s: self._chunk(max_tokens, idx) for s, idx in shards.items()}
 
-    def _chunk(self, max_tokens: int) -> list[list[int]]:
+    @property
+    def chunks(self) -> list[list[int]]:
+        """Batch indices per forward pass, all shards in order."""
+        return [c for cs in self.shard_chunks.values() for c in cs]
+
+    def _chunk(self, max_tokens: int, indices: list[int]) -> list[list[int]]:
         """Consecutive batch indices per forward pass."""
         chunks: list[list[int]] = []
         tokens = 0
-        for i, h in enumerate(self.hidden):
+        for i in indices:
+            h = self.hidden[i]
             t = h.numel() // max(h.shape[-1], 1)
             if chunks and tokens + t <= max_tokens:
                 chunks[-1].append(i)
@@ -311,9 +319,9 @@ class BlockRunner:
                 tokens = t
         return chunks
 
-    def _passes(self):
-        """(batch indices, hidden on the device, args, kwargs) per forward pass."""
-        for idx in self.chunks:
+    def _passes(self, shard: int | None = None):
+        """(batch indices, hidden on the device, args, kwargs) per forward pass (of one shard, or all)."""
+        for idx in (self.shard_chunks[shard] if shard is not None else self.chunks):
             merged = None
             if len(idx) > 1:
                 merged = merge_batches([self.hidden[i].to(self.device) for i in idx], [self.rest[i] for i in idx])
@@ -325,10 +333,11 @@ class BlockRunner:
                 yield (idx, *merged)
 
     @torch.no_grad()
-    def collect(self, classes: list[list[str]], accumulator: Callable[[int], InputAccumulator]
-                ) -> dict[str, InputAccumulator]:
+    def collect(self, classes: list[list[str]], accumulator: Callable[[int], InputAccumulator],
+                shard: int | None = None) -> dict[str, InputAccumulator]:
         """Every calibration input of each class (linears sharing an input) fed to one accumulator made by
-        `accumulator(in_features)`, keyed by the class's first name."""
+        `accumulator(in_features)`, keyed by the class's first name (the inputs of one shard's batches only,
+        with `shard`)."""
         accs: dict[str, InputAccumulator] = {}
         fired: set[str] = set()
         hooks = []
@@ -349,7 +358,7 @@ class BlockRunner:
 
             hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
         try:
-            for _, h, args, kw in self._passes():
+            for _, h, args, kw in self._passes(shard):
                 fired.clear()
                 try:
                     self.block(h, *args, **kw)

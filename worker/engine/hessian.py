@@ -11,10 +11,14 @@ The sum is kept in tiles, only those on and above the diagonal computed (`hessia
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .ranks import Ranks
 
 _HALF = (torch.float16, torch.bfloat16)
 #: whether this torch's CUDA mm takes out_dtype (torch >= 2.8); None until the first CUDA call finds out
@@ -137,3 +141,44 @@ def uses_half_tensor_cores() -> bool | None:
     """Whether the half-precision products ran on the fp16/bf16 tensor cores with float32 output (None: none
     ran yet); False means this torch took the TF32 fallback."""
     return _mm_out_dtype
+
+
+def sum_over_shards(ranks: "Ranks", shards: int, partial: Callable[[int], dict[str, HessianAccumulator]],
+                    ) -> dict[str, torch.Tensor]:
+    """H = 2/n X^T X per input class over every calibration shard (`ranks.calibration_shards`), on every rank;
+    `partial(shard)` accumulates one shard's inputs (called on the shard's owner only).
+
+    The same bytes for any number of ranks, by design rather than by luck: each shard's X_s^T X_s is summed
+    by one rank alone (its own accumulator from zero over that shard's own forward passes: the same
+    operations whichever rank runs them), and the shards' sums are added one by one in shard order,
+    ((G_0 + G_1) + G_2) + ..., on every rank once the owner has broadcast its shard. Float addition is not
+    associative, so an all-reduce (whose order follows the ranks' count and topology), or each rank folding
+    its own shards first, would change the last bits with the count of GPUs. The ranks compute a step's
+    shards (one each) in parallel, then exchange them; the cost is a broadcast per shard and, on one GPU too,
+    the running sum beside the shard's own (two Hessians per class instead of one)."""
+    totals: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for step in range(0, shards, ranks.world):
+        positions = range(step, min(step + ranks.world, shards))
+        grams, ns = None, None
+        for pos in positions:
+            if ranks.owner_of_shard(pos) == ranks.rank:
+                accs = partial(pos)
+                ns = {k: a.n for k, a in accs.items()}
+                grams = {k: a.gram() for k, a in accs.items()}
+                del accs
+        for pos in positions:
+            owner = ranks.owner_of_shard(pos)
+            mine = owner == ranks.rank
+            shard_n = ranks.broadcast_object(ns if mine else None, src=owner)
+            shard_grams = ranks.broadcast_tensors(grams if mine else None, src=owner)
+            if mine:
+                grams = None
+            for k, g in shard_grams.items():
+                if k in totals:
+                    totals[k].add_(g)
+                else:
+                    totals[k] = g
+                counts[k] = counts.get(k, 0) + shard_n[k]
+            del shard_grams
+    return {k: (H.mul_(2.0 / counts[k]) if counts[k] else H) for k, H in totals.items()}

@@ -10,6 +10,7 @@ import torch
 from qaas.quantization_rules.gptq import written_format
 
 from ...evaluate import load_with_replaced_weights
+from ...ranks import Ranks, job_ranks
 from ..base import EngineContext, MethodResult, run_calibrated_blocks, validated_config
 from .format import LAYER_TENSORS, dequantize_layer, load_saved_weights
 from .run import GPTQRun
@@ -26,7 +27,12 @@ class GPTQMethod:
         return ["calibrate", "quantize"]
 
     def quantize(self, ctx: EngineContext) -> MethodResult:
-        return run_calibrated_blocks(ctx, GPTQRun(ctx))
+        with job_ranks(ctx) as ranks:  # one process, or one per GPU of `options.gpus`
+            return run_calibrated_blocks(ctx, GPTQRun(ctx, ranks))
+
+    def quantize_blocks_as_rank(self, ctx: EngineContext, ranks: Ranks) -> None:
+        """Ranks 1..N-1 of a several-GPU job: the same steps beside rank 0, which reports and writes."""
+        run_calibrated_blocks(ctx, GPTQRun(ctx, ranks))
 
     # -- evaluation ----------------------------------------------------------------------------------------
     read_back_name = "qaas' GPTQ reader (qweight, qzeros, scales, g_idx unpacked as GPTQ v1/v2 loaders do)"

@@ -4,9 +4,14 @@
 2. `capture_first_block_inputs`: the model without its blocks runs the batches up to the first block;
    the tensors before the blocks are written;
 3. `quantize_blocks`, the `quantize` stage: for each block (`quantize_block`), load it, plan its layers (first block only), and per sequential group
-   accumulate the Hessians of the group's inputs, quantize each layer (`quantize_layer`: GPTQ, pack, write,
-   put the quantized weight into the live block); then run the *quantized* block to produce the next
+   accumulate the Hessians of the group's inputs shard by shard (`hessian.sum_over_shards`), quantize each layer
+   (`quantize_group`: `compute_layer` -- GPTQ, pack -- on the layer's rank, `apply_layer` -- write, put the
+   quantized weight into the live block -- everywhere); then run the *quantized* block to produce the next
    block's inputs and write the block's unquantized tensors;
+
+On several GPUs (`options.gpus`) every rank runs these same steps (`ranks`): its own shards of the calibration
+batches through each block, its share of the layers; rank 0 alone reads the calibration data, plans, reports
+and writes, and the checkpoint is the same, byte for byte, as one process writes.
 4. `write_tensors_after_blocks`, then `result`: the written quantization config, skipped layers, errors.
 """
 
@@ -34,7 +39,8 @@ from ...version import package_version
 from ..base import EngineContext, MethodResult
 from ...gptq_algorithm import HessianFactor, gptq_quantize, hessian_factor, output_error
 from .format import build_quantization_config, pack_layer, stored_float
-from ...hessian import HessianAccumulator
+from ...hessian import HessianAccumulator, sum_over_shards
+from ...ranks import Ranks, calibration_shards
 from .planning import activation_device, sequential_groups, skipped_layers, without
 
 
@@ -42,10 +48,15 @@ from .planning import activation_device, sequential_groups, skipped_layers, with
 class BlockInputs:
     """The calibration inputs of the block about to be quantized, and what makes the next block's."""
 
-    #: Hidden states per batch, and (other positional args, keyword args) per batch.
+    #: Hidden states per batch, and (other positional args, keyword args) per batch: of this rank's shards'
+    #: batches (all of them in a one-process job).
     hidden: list[torch.Tensor]
     rest: list[tuple[tuple, dict[str, Any]]]
     batches: list[torch.Tensor]
+    #: This rank's calibration shards: position among all shards -> indices into `hidden`.
+    shards: dict[int, list[int]]
+    #: How many (non-empty) shards the calibration batches are cut into, over all ranks.
+    shard_count: int
     #: Where the activations are kept (the device, or the CPU when they do not fit).
     store: torch.device
     #: With cache_block_outputs=false: the model before its blocks, and the quantized blocks so far, which
@@ -55,8 +66,12 @@ class BlockInputs:
 
 
 class GPTQRun:
-    def __init__(self, ctx: EngineContext) -> None:
+    """One job's GPTQ, in one process or as one of the job's ranks (`ranks`: each rank runs its shards of the
+    calibration batches and its share of the layers; rank 0 reports and writes)."""
+
+    def __init__(self, ctx: EngineContext, ranks: Ranks | None = None) -> None:
         self.ctx = ctx
+        self.ranks = ranks or Ranks.alone(ctx.device)
         self.cfg = ctx.quantization_config
         self.layout = ctx.layout
         self.rep = ctx.reporter
@@ -87,6 +102,9 @@ class GPTQRun:
 
     # -- 1. calibration --------------------------------------------------------------------------------
     def calibrate(self) -> CalibrationSet:
+        """Rank 0 reads and tokenizes the calibration data; the other ranks get its windows."""
+        if not self.ranks.first:
+            return self.ranks.broadcast_object(None, src=0)
         seqlen = self.cfg["model_seqlen"] or default_seqlen(self.ctx.config)
         with self.clock("calibration data"):
             calib = self.calibration_windows(seqlen)
@@ -99,7 +117,7 @@ class GPTQRun:
         self._note_block_input_mode()
         if self.fmt_reason:
             self.note(self.fmt_reason)
-        return calib
+        return self.ranks.broadcast_object(calib, src=0)
 
     def calibration_windows(self, seqlen: int) -> CalibrationSet:
         """Token windows from `dataset`, tokenized with the source's tokenizer."""
@@ -123,9 +141,17 @@ class GPTQRun:
     # -- 2. inputs of the first block --------------------------------------------------------------------
     def capture_first_block_inputs(self, calib: CalibrationSet) -> BlockInputs:
         bs = self.cfg["batch_size"]
-        batches = [calib.input_ids[i : i + bs] for i in range(0, calib.nsamples, bs)]
+        every_batch = [calib.input_ids[i : i + bs] for i in range(0, calib.nsamples, bs)]
+        # this rank keeps the activations of its own shards only, through every block
+        shards = calibration_shards(len(every_batch))
+        mine = [pos for pos in range(len(shards)) if self.ranks.owner_of_shard(pos) == self.ranks.rank]
+        batches = [every_batch[b] for pos in mine for b in shards[pos]]
+        local, start = {}, 0
+        for pos in mine:
+            local[pos] = list(range(start, start + len(shards[pos])))
+            start += len(shards[pos])
         hidden_size = int(getattr(self.layout.hf_config.get_text_config(), "hidden_size", 0) or 0)
-        act_bytes = calib.tokens * max(hidden_size, 1) * torch.finfo(self.dtype).bits // 8
+        act_bytes = sum(b.numel() for b in batches) * max(hidden_size, 1) * torch.finfo(self.dtype).bits // 8
         store = activation_device(self.device, act_bytes)
         if store != self.device:
             self.note(f"calibration activations ({act_bytes / 2**30:.1f} GiB) kept on the CPU")
@@ -136,9 +162,15 @@ class GPTQRun:
             hidden, rest = capture.capture(batches, [], 0, store)
         self.rep.progress(2, 2, message="first-block inputs captured")
         for name, t in pre.items():
-            self.ctx.writer.add(name, stored_float(t))
+            self.write(name, stored_float(t))
         self.blocks = capture.blocks  # the meta blocks, materialized one at a time
-        return BlockInputs(hidden, rest, batches, store, capture=None if self.cache_outputs else capture)
+        return BlockInputs(hidden, rest, batches, local, len(shards), store,
+                           capture=None if self.cache_outputs else capture)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """A tensor of the output checkpoint, written by rank 0 (every rank has it)."""
+        if self.ranks.first:
+            self.ctx.writer.add(name, tensor)
 
     # -- 3. the blocks -----------------------------------------------------------------------------------
     def quantize_blocks(self, inputs: BlockInputs) -> None:
@@ -181,8 +213,10 @@ class GPTQRun:
             tensors = prefetched.result() if prefetched is not None else self._read_block(binfo)
             block = materialize_block(self.blocks[bi], {k[len(prefix) + 1 :]: v for k, v in tensors.items()},
                                       self.device, self.dtype)
-        runner = BlockRunner(block, inputs.hidden, inputs.rest, self.device,
-                             max_tokens=forward_chunk_tokens(block, self.device))
+        # rank 0's pass size for every rank: a shard's passes are then the same whichever rank runs them
+        max_tokens = self.ranks.broadcast_object(forward_chunk_tokens(block, self.device), src=0)
+        runner = BlockRunner(block, inputs.hidden, inputs.rest, self.device, max_tokens=max_tokens,
+                             shards=inputs.shards)
         if self.groups is None:
             self._plan(block, linears, inputs)
         written: set[str] = set()
@@ -190,24 +224,19 @@ class GPTQRun:
         for classes in self.groups:
             rep.check_cancelled()
             with self.clock("forward + Hessians"):
-                accs = runner.collect(classes, lambda n_in: HessianAccumulator(n_in, self.device))
-                hessians = {rep_name: acc.finalize() for rep_name, acc in accs.items()}
-            del accs
-            for cls in classes:
-                H = hessians.pop(cls[0])
-                factor = self.shared_factor(H, cls, binfo) if len(cls) > 1 else None
-                for r in cls:
-                    li = linears[r]
-                    block_metrics[li.name] = self.quantize_layer(block, r, li, H, binfo, factor)
-                    written.update({li.weight_name, li.bias_name})
-                del H, factor
+                hessians = sum_over_shards(
+                    self.ranks, inputs.shard_count,
+                    lambda pos: runner.collect(classes, lambda n_in: HessianAccumulator(n_in, self.device), pos))
+            block_metrics.update(self.quantize_group(block, classes, linears, hessians, binfo))
+            written.update(n for cls in classes for r in cls for n in (linears[r].weight_name, linears[r].bias_name))
+            del hessians
         if bi + 1 < n and self.cache_outputs:
             with self.clock("forward quantized block"):
                 inputs.hidden = runner.forward_all()
         with self.clock("pack + write"):
             for name, t in tensors.items():
                 if name not in written:
-                    self.ctx.writer.add(name, stored_float(t))
+                    self.write(name, stored_float(t))
         if inputs.capture is not None and bi + 1 < n:
             inputs.done_blocks.append(block)
         else:
@@ -218,7 +247,13 @@ class GPTQRun:
         rep.progress(bi + 1, n, message=f"quantizing block {bi + 1}/{n}", metrics={"layers": block_metrics})
 
     def _plan(self, block: torch.nn.Module, linears: dict[str, LinearInfo], inputs: BlockInputs) -> None:
-        """Which layers are quantized and in which groups: decided on the first block, reused for all."""
+        """Which layers are quantized and in which groups: decided on the first block by rank 0 (it holds the
+        first batch), reused for all blocks by every rank."""
+        if self.ranks.first:
+            self._plan_here(block, linears, inputs)
+        self.groups, self.skipped = self.ranks.broadcast_object((self.groups, self.skipped), src=0)
+
+    def _plan_here(self, block: torch.nn.Module, linears: dict[str, LinearInfo], inputs: BlockInputs) -> None:
         cfg = self.cfg
         classes = discover_input_groups(block, list(linears), inputs.hidden[0], inputs.rest[0][0],
                                         inputs.rest[0][1], self.device)
@@ -237,53 +272,98 @@ class GPTQRun:
                 + "; ".join(f"{r}: {why}" for r, why in self.skipped.items())
                 + " (a group_size that divides the layers' widths, or -1, quantizes them)")
 
-    def shared_factor(self, H: torch.Tensor, cls: list[str], binfo: BlockInfo) -> HessianFactor:
+    def quantize_group(self, block: torch.nn.Module, classes: list[list[str]], linears: dict[str, LinearInfo],
+                       hessians: dict[str, torch.Tensor], binfo: BlockInfo) -> dict[str, dict[str, float]]:
+        """GPTQ on the layers of one sequential group. Each rank quantizes its share of them (split by cost,
+        in_features^2 * out_features: GPTQ's sweep over the columns); then, in the group's order, each layer's
+        result travels from its rank to all (`apply_layer`: into every rank's live block, written by rank 0).
+        One process owns every layer: the same steps, the same order of writes and events."""
+        layers = [(cls, r) for cls in classes for r in cls]
+        owners = self.ranks.split_by_cost([linears[r].in_features ** 2 * linears[r].out_features for _, r in layers])
+        results: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+        factors: dict[str, HessianFactor | None] = {}
+        for (cls, r), owner in zip(layers, owners):
+            if owner != self.ranks.rank:
+                continue
+            H = hessians[cls[0]]
+            notes: list[str] = []
+            if cls[0] not in factors:
+                # the class's factorization once per rank that quantizes one of its layers; its notes go with
+                # the class's first layer (whose rank always computes it), so they are said once
+                factor_notes: list[str] = []
+                factors[cls[0]] = self.shared_factor(H, cls, binfo, factor_notes.append) if len(cls) > 1 else None
+                if r == cls[0]:
+                    notes += factor_notes
+            results[r] = self.compute_layer(block, r, linears[r], H, binfo, factors[cls[0]], notes)
+        del factors
+        block_metrics: dict[str, dict[str, float]] = {}
+        for (cls, r), owner in zip(layers, owners):
+            tensors, facts = results.pop(r) if owner == self.ranks.rank else (None, None)
+            tensors = self.ranks.broadcast_tensors(tensors, src=owner)
+            facts = self.ranks.broadcast_object(facts, src=owner)
+            block_metrics[linears[r].name] = self.apply_layer(block, r, linears[r], binfo, tensors, facts)
+        return block_metrics
+
+    def shared_factor(self, H: torch.Tensor, cls: list[str], binfo: BlockInfo,
+                      note: Any) -> HessianFactor:
         """The Hessian's factorization once for all the layers of a class (they share their input)."""
         cfg = self.cfg
         with self.clock("gptq"):
             return hessian_factor(H, group_size=cfg["group_size"], damp_percent=cfg["damp_percent"],
                                   desc_act=cfg["desc_act"], act_group_aware=cfg["act_group_aware"],
-                                  log=lambda m: self.note(f"{binfo.prefix}.{{{','.join(cls)}}}: {m}",
-                                                          level="warning"))
+                                  log=lambda m: note(f"{binfo.prefix}.{{{','.join(cls)}}}: {m}"))
 
-    def quantize_layer(self, block: torch.nn.Module, r: str, li: LinearInfo, H: torch.Tensor,
-                       binfo: BlockInfo, factor: HessianFactor | None = None) -> dict[str, float]:
-        """GPTQ on one layer of the live block: write its packed tensors, put the quantized weight back into
-        the block (the layers after it, and the next block, see the quantized model), report its errors."""
-        cfg, rep, n = self.cfg, self.rep, self.layout.num_blocks
-        prefix = binfo.prefix
+    def compute_layer(self, block: torch.nn.Module, r: str, li: LinearInfo, H: torch.Tensor, binfo: BlockInfo,
+                      factor: HessianFactor | None, notes: list[str]
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """GPTQ on one layer of the live block: its packed tensors and quantized weight ("Q"), and what is
+        said about it (errors, warnings, dead input channels)."""
+        cfg, prefix = self.cfg, binfo.prefix
         mod = block.get_submodule(r)
         W = mod.weight.data.t() if li.transposed else mod.weight.data
         with self.clock("gptq"):
             res = gptq_quantize(
                 W, H, bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],
                 damp_percent=cfg["damp_percent"], desc_act=cfg["desc_act"], act_group_aware=cfg["act_group_aware"],
-                static_groups=cfg["static_groups"], log=lambda m: self.note(f"{prefix}.{r}: {m}", level="warning"),
+                static_groups=cfg["static_groups"], log=lambda m: notes.append(f"{prefix}.{r}: {m}"),
                 factor=factor,
             )
         with self.clock("pack + write"):
-            if res.dead_columns:
-                rep.log(f"{prefix}.{r}: {res.dead_columns} input channels never active (zeroed)",
-                        data={"module": f"{prefix}.{r}", "dead_columns": res.dead_columns})
-            err = relative_error(W, res.Q)
-            metrics = {"rel_error": err, "sq_error": output_error(W, res.Q, H), "gptq_loss": res.loss,
-                       "damp_percent": res.damp_percent}
-            self.errors[li.name] = err
+            metrics = {"rel_error": relative_error(W, res.Q), "sq_error": output_error(W, res.Q, H),
+                       "gptq_loss": res.loss, "damp_percent": res.damp_percent}
+            bias = mod.bias.data if li.has_bias and mod.bias is not None else None
+            tensors = {**pack_layer(res, fmt=self.fmt, bias=bias), "Q": res.Q}
+        return tensors, {"metrics": metrics, "notes": notes, "dead_columns": res.dead_columns}
+
+    def apply_layer(self, block: torch.nn.Module, r: str, li: LinearInfo, binfo: BlockInfo,
+                    tensors: dict[str, torch.Tensor], facts: dict[str, Any]) -> dict[str, float]:
+        """One quantized layer into the live block (the layers after it, and the next block, see the quantized
+        model), its packed tensors written, its errors reported."""
+        rep, n, prefix = self.rep, self.layout.num_blocks, binfo.prefix
+        metrics = facts["metrics"]
+        with self.clock("pack + write"):
+            for message in facts["notes"]:
+                self.note(message, level="warning")
+            if facts["dead_columns"]:
+                rep.log(f"{prefix}.{r}: {facts['dead_columns']} input channels never active (zeroed)",
+                        data={"module": f"{prefix}.{r}", "dead_columns": facts["dead_columns"]})
+            self.errors[li.name] = metrics["rel_error"]
             rep.progress(binfo.index, n, message=f"block {binfo.index + 1}/{n}: {r}",
                          metrics={"layer": li.name, "block": binfo.index, **metrics, "columns": li.in_features})
-            bias = mod.bias.data if li.has_bias and mod.bias is not None else None
-            for suffix, t in pack_layer(res, fmt=self.fmt, bias=bias).items():
-                self.ctx.writer.add(f"{li.name}.{suffix}", t)
+            Q = tensors.pop("Q")
+            for suffix, t in tensors.items():
+                self.write(f"{li.name}.{suffix}", t)
             with torch.no_grad():
-                q = res.Q.t() if li.transposed else res.Q
-                mod.weight.data.copy_(q.to(mod.weight.dtype))
+                mod = block.get_submodule(r)
+                mod.weight.data.copy_((Q.t() if li.transposed else Q).to(mod.weight.dtype))
             self.quantized.append(li.name)
         return metrics
 
     # -- 4. after the blocks -----------------------------------------------------------------------------
     def write_tensors_after_blocks(self) -> None:
-        for name, t in self.ctx.reader.load_many(self.layout.post_tensors).items():
-            self.ctx.writer.add(name, stored_float(t))
+        if self.ranks.first:
+            for name, t in self.ctx.reader.load_many(self.layout.post_tensors).items():
+                self.write(name, stored_float(t))
 
     def result(self, calib: CalibrationSet) -> MethodResult:
         cfg, layout = self.cfg, self.layout
