@@ -4,7 +4,7 @@ a torch-profiler view of one block, and the per-linear comparison with the paper
 Run on the GPU machine from the repository root (`source bench/gpu_env.sh` first where the editable install
 does not work); every mode runs on the CPU too at `--shape tiny`, as a smoke test:
 
-    python -P bench/gptq_speed.py --out DIR [--shape 8b|70b|tiny] [--blocks N] [--defaults] [--evaluate]
+    python -P bench/gptq_speed.py --out DIR [--shape 8b|70b|tiny] [--blocks N] [--defaults] [--evaluate] [--gpus N]
     python -P bench/gptq_speed.py --out DIR --mode profile [--shape 8b|70b] [--defaults]
     python -P bench/gptq_speed.py --out DIR --mode linear
 
@@ -18,6 +18,10 @@ e2e (default): a Llama-shaped checkpoint of N blocks with random fp16 weights (`
   `--evaluate` runs the evaluation stage too (16 windows of 2048 tokens, streamed block by block: the original
   from the source checkpoint, then the exported files read back) and times it against the quantization time,
   extrapolated to the real model's block count alongside the job.
+  `--gpus N` runs the job on N GPUs of the machine (`options.gpus`: one engine rank per GPU, NCCL; the phase
+  timers are rank 0's); the claim is the 70B shape on 1, 2 and 4 GPUs (goal >= 1.8x on 2, >= 3.2x on 4). It has
+  not been run on GPUs yet: no machine of several GPUs was lent when it was written (on the CPU, `--shape tiny
+  --gpus 2` runs it with gloo as a smoke test).
 profile: a 3-block model; block 1 (the middle one: compiled kernels, a next block to feed) runs under
   torch.profiler with CPU and CUDA activities, engine functions wrapped in named ranges (`engine_phases`);
   `trace_summary` turns the trace into per-phase tables (host wall, device busy, device idle between launches,
@@ -265,7 +269,7 @@ def run_job(model, args, out_dir: Path, *, evaluate: bool, reporter: JobClock) -
     words = max(2 * args.nsamples * args.seqlen, MIN_CALIBRATION_TOKENS)
     calib = random_text(workdir / f"calibration-{model.shape.vocab}-{words}.txt", model.shape.vocab, words, seed=10)
     options = EngineOptions(device="cuda" if _cuda() else "cpu", evaluate=evaluate, allowed_roots=(str(workdir),),
-                            eval_max_windows=args.eval_windows, eval_seqlen=args.seqlen)
+                            eval_max_windows=args.eval_windows, eval_seqlen=args.seqlen, gpus=args.gpus)
     if evaluate:
         text = random_text(workdir / f"eval-{model.shape.vocab}-{args.eval_windows * args.seqlen}.txt",
                            model.shape.vocab, args.eval_windows * args.seqlen + 16, seed=11)
@@ -474,6 +478,7 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--workdir", default="/tmp/gptq-bench", help="checkpoints (kept and reused) and outputs")
+    ap.add_argument("--gpus", type=int, default=1, help="e2e: GPUs the job runs on (one engine rank per GPU)")
     ap.add_argument("--tag", default=None, help="name of the results files (default: from the options)")
     a = ap.parse_args()
     import triton
@@ -488,7 +493,7 @@ def main() -> int:
         a.blocks = SHAPES[a.shape].full_blocks
     opts = "defaults" if a.defaults else "fastest"
     tag = a.tag or {"linear": "linear", "profile": f"profile-{a.shape}-{opts}"}.get(
-        a.mode, f"{a.shape}-{opts}-{a.blocks}b" + ("-eval" if a.evaluate else ""))
+        a.mode, f"{a.shape}-{opts}-{a.blocks}b" + ("-eval" if a.evaluate else "") + (f"-{a.gpus}gpus" if a.gpus > 1 else ""))
     results = {
         "tag": tag, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": torch.cuda.get_device_name() if _cuda() else platform.processor() or "cpu",
