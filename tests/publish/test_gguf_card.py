@@ -37,6 +37,7 @@ def test_card_lists_every_file_with_quality_and_run_lines():
     assert "| `model-Q8_0.gguf` | Q8_0 | 340.00 KB | 10.15 | 100.1000 | +0.10% |" in card
     assert "llama-cli -hf alice/stories260K-GGUF:Q4_K_M" in card
     assert "ollama run huggingface.co/alice/stories260K-GGUF:Q4_K_M" in card
+    assert 'from_pretrained("alice/stories260K-GGUF", gguf_file="model-Q4_K_M.gguf")' in card
 
 
 def test_method_bits_and_default_repo_name():

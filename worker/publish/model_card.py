@@ -184,6 +184,12 @@ def _gguf_card(info: dict[str, Any]) -> str:
     out += ["## How to run", "", "llama.cpp:", "", "```bash", f"llama-cli -hf {repo_id}:{tag} -p \"Once upon a time\"",
             "```", "", "Ollama:", "", "```bash", f"ollama run {host}/{repo_id}:{tag}", "```", "",
             "LM Studio: search for the repo name and pick a file.", ""]
+    files = (first or {}).get("files") or []
+    if len(files) == 1:  # transformers reads one GGUF file (dequantized to floating point; needs `gguf`)
+        out += ["transformers (`pip install transformers gguf`; the weights are dequantized to float on load):", "",
+                "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", gguf_file="{files[0]["name"]}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", gguf_file="{files[0]["name"]}")', "```", ""]
     rows = [("types", ", ".join(qc.get("types") or [])), ("conversion", qc.get("output_type_default")),
             ("importance matrix", "yes" if qc.get("imatrix") else "no"), ("split", qc.get("split_max_size") or "no")]
     out += ["## Recipe", "", "| parameter | value |", "|---|---|"]
