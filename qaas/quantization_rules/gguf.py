@@ -8,7 +8,7 @@
   with that reason, never approximated: a file called Q4_K_M must hold what llama.cpp's Q4_K_M holds.
 * `imatrix`: compute llama.cpp's importance matrix (imatrix.cpp's: per weight of a block, the mean over the
   calibration tokens of each input column's square) from `dataset` on the job's device, block by block on the
-  unquantized model, and quantize every k-quant and Q4_0/Q4_1/Q5_0/Q5_1 tensor with it, as
+  unquantized model, and quantize every k-quant, IQ4 and Q4_0/Q4_1/Q5_0/Q5_1 tensor with it, as
   `llama-quantize --imatrix` does (the recipes' imatrix rules included); the matrix is also written as
   `imatrix.gguf` in llama.cpp's format (`llama-quantize --imatrix imatrix.gguf` takes it). `nsamples` windows of
   `model_seqlen` tokens (default 128 x 512, llama-imatrix's context) drawn with `seed`.
@@ -44,12 +44,14 @@ LLAMA_CPP_TYPES = FLOAT_TYPES + (
 #: What the engine writes, byte-exact with llama.cpp's own quantizer (tests/kernels/test_gguf_quants.py).
 #: A type leaves this list's complement only with its quantizer and its test.
 SUPPORTED_TYPES = FLOAT_TYPES + ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
-                                 "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
-#: Types whose quantizer needs an importance matrix (llama-quantize refuses them without one).
+                                 "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS")
+#: A job may ask for every type produced, once each.
+MAX_TYPES = len(SUPPORTED_TYPES)
+#: Types whose quantizer needs an importance matrix (llama-quantize refuses them without one; IQ4_NL and IQ4_XS
+#: take one when given, as the k-quants do).
 NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S")
 #: The Hugging Face architectures converted (llama.cpp maps both to its LLAMA graph).
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-MAX_TYPES = 16
 #: Calibration windows of the importance matrix when neither `nsamples` nor the job's options say.
 DEFAULT_NSAMPLES = 128
 #: Their length: llama-imatrix's default context.
@@ -140,7 +142,7 @@ def _combine(c: dict[str, Any]) -> dict[str, Any]:
             raise FieldError("dataset", "only the importance matrix reads calibration data; set imatrix: true "
                                         "or leave dataset out")
         for i, t in enumerate(c["types"]):
-            if t in NEEDS_IMATRIX or t.startswith("IQ"):
+            if t in NEEDS_IMATRIX:
                 raise FieldError(f"types.{i}", f"{t} needs an importance matrix: set imatrix: true and a dataset")
     return c
 
@@ -150,7 +152,7 @@ RULES = MethodRules(
     title="GGUF",
     fields={
         "types": Types(),
-        "imatrix": Boolean(False, description="compute llama.cpp's importance matrix from dataset (needed by IQ types)"),
+        "imatrix": Boolean(False, description="compute llama.cpp's importance matrix from dataset and quantize with it"),
         "dataset": OptionalDataset(),
         "nsamples": Integer(minimum=1, maximum=4096,
                             description="importance-matrix calibration windows; default: the job's "

@@ -29,7 +29,7 @@ from qaas.worker.engine.pipeline import quantize
 from .conftest import save_random_model
 
 QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
-               "Q5_K_S", "Q5_K_M", "Q6_K"]
+               "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS"]
 
 
 def _run(source: Path, out: Path, types: list[str], **fields) -> dict:

@@ -19,7 +19,7 @@ from support.ggml_oracle import llama_model_quantize, read_imatrix
 
 from .test_gguf import _fields, _run, _tensors, tiny_llama3_dir  # noqa: F401  (the fixture)
 
-TYPES = ["F16", "Q4_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K"]
+TYPES = ["F16", "Q4_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K", "IQ4_NL", "IQ4_XS"]
 CALIBRATION = {"nsamples": 6, "model_seqlen": 64, "seed": 1}
 
 

@@ -32,7 +32,7 @@ def test_defaults_and_normalizing_twice():
     ({"types": ["Q4_K_X"]}, "types.0"),
     ({"types": ["Q8_0", "q4_0"]}, "types.1"),          # llama.cpp's spelling only
     ({"types": ["Q8_0", "Q8_0"]}, "types.1"),
-    ({"types": ["IQ4_XS"]}, "types.0"),                # needs an importance matrix
+    ({"types": ["IQ2_XXS"]}, "types.0"),               # not produced (and needs an importance matrix)
     ({"types": ["Q8_0"], "dataset": ["text " * 100]}, "dataset"),  # read only by the imatrix
     ({"types": ["Q8_0"], "imatrix": True}, "dataset"),
     ({"types": ["Q8_0"], "split_max_size": "12"}, "split_max_size"),
@@ -45,7 +45,8 @@ def test_refusals_name_the_field(qc, field):
 
 
 def test_a_type_not_produced_yet_is_refused_with_that_reason():
-    not_yet = [t for t in ("Q4_K_M", "Q3_K_S", "IQ4_NL") if t not in SUPPORTED_TYPES]
+    not_yet = [t for t in ("IQ3_XS", "TQ1_0", "IQ2_XXS") if t not in SUPPORTED_TYPES]
+    assert not_yet
     for t in not_yet:
         with pytest.raises(InvalidQuantizationConfig, match="does not produce yet|importance matrix"):
             quantization_rules.normalize({"quant_method": "gguf", "types": [t]})
@@ -64,3 +65,9 @@ def test_architectures_outside_the_llama_family_are_refused_naming_model():
         with pytest.raises(InvalidQuantizationConfig) as exc:
             quantization_rules.check_model(qc, {"architectures": arch})
         assert exc.value.field == "model"
+
+
+def test_iq4_types_take_an_importance_matrix_when_given_and_do_without():
+    for qc in ({"types": ["IQ4_NL", "IQ4_XS"]},
+               {"types": ["IQ4_XS"], "imatrix": True, "dataset": ["text " * 100], "nsamples": 8}):
+        quantization_rules.normalize({"quant_method": "gguf", **qc})

@@ -58,6 +58,30 @@ def test_three_types_in_one_job(service, tmp_path):
         llm.close()
 
 
+def test_an_imatrix_job_computes_the_matrix_and_quantizes_with_it(service, tmp_path):
+    from conftest import SHAKESPEARE
+
+    client, stack, _ = service
+    qc = {"quant_method": "gguf", "types": ["Q4_K_M", "IQ4_NL"], "imatrix": True,
+          "dataset": [SHAKESPEARE.read_text()[:20000]], "nsamples": 4, "model_seqlen": 64}
+    r = client.post("/v1/jobs", json={"model": {"path": str(STORIES)}, "quantization_config": qc,
+                                      "options": {"evaluate": False}})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"], {"succeeded", "failed"}, timeout=600)
+    assert job["status"] == "succeeded", (json.dumps(job["error"]), stack.procs[-1].log()[-3000:])
+    result = job["result"]
+    assert result["gguf"]["imatrix"]["file"] == "imatrix.gguf" and result["gguf"]["imatrix"]["entries"] == 5 * 7
+    names = {f["name"] for f in result["files"]}
+    assert {"model-Q4_K_M.gguf", "model-IQ4_NL.gguf", "imatrix.gguf"} <= names
+    llama_cpp = require("llama_cpp")
+    for t in ("Q4_K_M", "IQ4_NL"):
+        path = tmp_path / f"model-{t}.gguf"
+        path.write_bytes(client.get(f"/v1/jobs/{job['id']}/files/{path.name}").content)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
+        assert llm("Once upon a time", max_tokens=4, temperature=0.0)["choices"][0]["text"].strip(), t
+        llm.close()
+
+
 def test_an_architecture_outside_the_llama_family_is_refused_at_submission(service):
     client, _, tmp = service
     model = tmp / "not-llama"

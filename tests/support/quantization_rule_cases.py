@@ -124,7 +124,7 @@ ROWS = [
     # GGUF
     ("gguf-types", {"quant_method": "gguf", "types": ["Q4_K_M", "Q8_0"]}, None),
     ("gguf-unknown-type", {"quant_method": "gguf", "types": ["Q8_0", "Q4_K_X"]}, "types.1"),
-    ("gguf-iq-without-imatrix", {"quant_method": "gguf", "types": ["IQ4_XS"]}, "types.0"),
+    ("gguf-iq2-not-produced", {"quant_method": "gguf", "types": ["IQ2_XXS"]}, "types.0"),
     ("gguf-split-size", {"quant_method": "gguf", "types": ["Q8_0"], "split_max_size": "huge"}, "split_max_size"),
     # refused: the method
     ("method-unknown", {"quant_method": "hqq", "bits": 4}, "quant_method"),
