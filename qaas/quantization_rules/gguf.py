@@ -17,10 +17,12 @@
 * `split_max_size`: at most this many bytes per file (`"48GB"`, `"500M"`, as `llama-gguf-split
   --split-max-size` takes it, 1000-based); larger outputs are split into `-0000i-of-0000N.gguf` parts.
 
-Architectures: llama.cpp's LLAMA graph (`LlamaForCausalLM`: Llama 2, TinyStories; `MistralForCausalLM`);
-Qwen2/Qwen3 (their own graphs in llama.cpp) are not converted yet; the engine also needs a SentencePiece
-tokenizer.model (tokenizer.json-only vocabularies, e.g. Llama 3's, are refused naming `model`). Others are refused at submission where the model's config.json is at
-hand (a local model), else when the engine reads it, naming `model`.
+Architectures: llama.cpp's LLAMA graph (`LlamaForCausalLM`: Llama 2/3, SmolLM, TinyStories;
+`MistralForCausalLM`), its QWEN2 graph (`Qwen2ForCausalLM`: Qwen2, Qwen2.5) and its QWEN3 graph
+(`Qwen3ForCausalLM`). The tokenizer is a SentencePiece tokenizer.model or a byte-level BPE tokenizer.json whose
+pre-tokenizer llama.cpp implements (Llama 3's, Qwen2's, SmolLM's, GPT-2's); the engine refuses another naming
+`model`. Other architectures are refused at submission where the model's config.json is at hand (a local
+model), else when the engine reads it, naming `model`.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ MAX_TYPES = len(SUPPORTED_TYPES)
 #: Types whose quantizer needs an importance matrix (llama-quantize refuses them without one; IQ4_NL and IQ4_XS
 #: take one when given, as the k-quants do).
 NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S")
-#: The Hugging Face architectures converted (llama.cpp maps both to its LLAMA graph).
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+#: The Hugging Face architectures converted: to llama.cpp's LLAMA graph (Llama, Mistral), QWEN2 (Qwen2 and
+#: Qwen2.5, whose configs both say Qwen2ForCausalLM) and QWEN3.
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 #: Calibration windows of the importance matrix when neither `nsamples` nor the job's options say.
 DEFAULT_NSAMPLES = 128
 #: Their length: llama-imatrix's default context.
@@ -183,8 +186,8 @@ def check_model(config: dict[str, Any], model_config: dict[str, Any]) -> None:
     archs = model_config.get("architectures") or []
     arch = archs[0] if isinstance(archs, list) and archs else None
     if arch not in ARCHITECTURES:
-        raise FieldError("model", f"GGUF conversion supports {', '.join(ARCHITECTURES)}; this model is "
-                                  f"{arch or 'of no declared architecture'}")
+        raise FieldError("model", f"GGUF conversion supports {', '.join(ARCHITECTURES)} (llama.cpp's LLAMA, QWEN2 "
+                                  f"and QWEN3 graphs); this model is {arch or 'of no declared architecture'}")
 
 
 def bits(config: dict[str, Any]) -> int | None:

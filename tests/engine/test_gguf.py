@@ -17,43 +17,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from support.consumers import require
 from support.ggml_oracle import llama_model_quantize
+from support.gguf_files import assert_same_gguf, gguf_fields, gguf_tensors
+from support.gguf_files import run_gguf_job as _run
 from support.llama_cpp_source import convert_hf_to_gguf
-
-from qaas.worker.engine.options import EngineOptions
-from qaas.worker.engine.pipeline import quantize
 
 from .conftest import save_random_model
 
 QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
                "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS"]
-
-
-def _run(source: Path, out: Path, types: list[str], **fields) -> dict:
-    return quantize({"path": str(source)}, {"quant_method": "gguf", "types": types, **fields}, out,
-                    options=EngineOptions(device="cpu", allowed_roots=(str(source.parent),), evaluate=False))
-
-
-def _fields(path: Path) -> dict:
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    out = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        out[key] = f.contents()
-    return out
-
-
-def _tensors(path: Path) -> dict:
-    import gguf
-
-    return {t.name: (t.tensor_type.name, [int(s) for s in t.shape], np.asarray(t.data).tobytes())
-            for t in gguf.GGUFReader(path).tensors}
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +62,7 @@ def test_f16_equals_llama_cpp_converter(which, request, tmp_path):
     source = Path(job["source"]["path"])
     theirs = tmp_path / "converter-F16.gguf"
     convert_hf_to_gguf(source, theirs, "f16")
-    ours = out / "model-F16.gguf"
-    assert _fields(ours) == _fields(theirs)
-    assert list(_fields(ours)) == list(_fields(theirs))  # the same keys in the same order
-    a, b = _tensors(ours), _tensors(theirs)
-    assert sorted(a) == sorted(b)
-    for name in b:
-        assert a[name] == b[name], name
+    a = assert_same_gguf(out / "model-F16.gguf", theirs)
     if which == "tiny":
         assert "rope_freqs.weight" in a and "output.weight" in a
 
@@ -107,8 +75,8 @@ def test_quantized_file_is_what_llama_quantize_makes(which, type_name, request, 
     llama_model_quantize(out / "model-F16.gguf", theirs, type_name)
     ours = out / f"model-{type_name}.gguf"
     if ours.read_bytes() != theirs.read_bytes():
-        a, b = _tensors(ours), _tensors(theirs)
-        assert list(_fields(ours).items()) == list(_fields(theirs).items())
+        a, b = gguf_tensors(ours), gguf_tensors(theirs)
+        assert list(gguf_fields(ours).items()) == list(gguf_fields(theirs).items())
         assert [n for n in a if a[n] != b.get(n)] == []
         raise AssertionError("same metadata and tensors, but not the same bytes")
 

@@ -58,13 +58,14 @@ def test_split_sizes_are_llama_gguf_split_units():
     assert split_bytes(None) is None
 
 
-def test_architectures_outside_the_llama_family_are_refused_naming_model():
+def test_architectures_outside_the_llama_and_qwen_graphs_are_refused_naming_model():
     qc = quantization_rules.normalize({"quant_method": "gguf", "types": ["F16"]})
-    quantization_rules.check_model(qc, {"architectures": ["LlamaForCausalLM"]})
-    for arch in (["GPT2LMHeadModel"], [], None):
+    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        quantization_rules.check_model(qc, {"architectures": [arch]})
+    for arch in (["GPT2LMHeadModel"], ["Qwen2MoeForCausalLM"], [], None):
         with pytest.raises(InvalidQuantizationConfig) as exc:
             quantization_rules.check_model(qc, {"architectures": arch})
-        assert exc.value.field == "model"
+        assert exc.value.field == "model" and "Qwen3ForCausalLM" in str(exc.value)
 
 
 def test_iq4_types_take_an_importance_matrix_when_given_and_do_without():

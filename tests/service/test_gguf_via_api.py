@@ -82,17 +82,19 @@ def test_an_imatrix_job_computes_the_matrix_and_quantizes_with_it(service, tmp_p
         llm.close()
 
 
-def test_an_architecture_outside_the_llama_family_is_refused_at_submission(service):
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "Qwen2MoeForCausalLM"])
+def test_an_architecture_outside_the_llama_and_qwen_graphs_is_refused_at_submission(service, arch):
     client, _, tmp = service
-    model = tmp / "not-llama"
+    model = tmp / f"not-converted-{arch}"
     model.mkdir()
     cfg = json.loads((STORIES / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
+    (model / "config.json").write_text(json.dumps({**cfg, "architectures": [arch]}))
     r = client.post("/v1/jobs", json={"model": {"path": str(model)},
                                       "quantization_config": {"quant_method": "gguf", "types": ["Q8_0"]}})
     assert r.status_code == 422, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
     assert [e["field"] for e in r.json()["errors"]] == ["model"]
+    assert "Qwen2ForCausalLM" in r.text and arch in r.text
 
 
 def test_an_unknown_type_is_refused_at_submission(service):

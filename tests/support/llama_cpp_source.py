@@ -39,13 +39,31 @@ def llama_cpp_dir() -> Path:
     return folder
 
 
+#: Runs the converter with its BPE pre-tokenizer lookup answering $QAAS_ORACLE_BPE_PRE (see convert_hf_to_gguf).
+_WITH_PRE_NAME = """
+import os, runpy, sys
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: os.environ["QAAS_ORACLE_BPE_PRE"]
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def convert_hf_to_gguf(model_dir: Path, outfile: Path, outtype: str = "f16", *extra: str,
-                       timeout: float = 600) -> subprocess.CompletedProcess:
+                       bpe_pre: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `convert_hf_to_gguf.py MODEL --outfile OUT --outtype TYPE` as llama.cpp documents it
-    (`PYTHONPATH=gguf-py:.` from its folder), with this interpreter; raises with its output if it fails."""
+    (`PYTHONPATH=gguf-py:.` from its folder), with this interpreter; raises with its output if it fails.
+
+    `bpe_pre`: for a BPE vocabulary built in a test, the name the converter's pre-tokenizer lookup answers.
+    The converter knows a pre-tokenizer only by the hash of a test text's token ids under a published
+    vocabulary, so it refuses any other vocabulary; everything else it writes is its own."""
     folder = llama_cpp_dir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder / "gguf-py"), str(folder)])}
-    r = subprocess.run([sys.executable, str(folder / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(outfile),
+    script = [str(folder / "convert_hf_to_gguf.py")]
+    if bpe_pre is not None:
+        env["QAAS_ORACLE_BPE_PRE"] = bpe_pre
+        script = ["-c", _WITH_PRE_NAME, *script]
+    r = subprocess.run([sys.executable, *script, str(model_dir), "--outfile", str(outfile),
                         "--outtype", outtype, *extra], cwd=folder, env=env, capture_output=True, text=True,
                        timeout=timeout)
     if r.returncode != 0:

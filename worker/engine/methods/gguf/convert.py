@@ -1,11 +1,15 @@
-"""A Hugging Face Llama-family checkpoint as GGUF: what each tensor becomes and the metadata llama.cpp reads.
+"""A Hugging Face Llama- or Qwen-family checkpoint as GGUF: what each tensor becomes and the metadata llama.cpp
+reads.
 
 Nothing here holds the model: `plan_tensors` works from the checkpoint's index (names, shapes), and
 `source_values` turns one tensor, loaded on its own, into the values every output file starts from. The
-layout is the one llama.cpp's LLAMA graph expects, as the `gguf` package's tensor-name map spells it:
-  * names mapped with `gguf.get_tensor_name_map(MODEL_ARCH.LLAMA, n_blocks)`;
-  * q_proj / k_proj rows permuted from Hugging Face's rotate-half RoPE layout back to the interleaved one
-    llama.cpp applies (per head, the two halves of each head's rows interleaved);
+layout is the one llama.cpp's graph for the architecture (`GRAPHS`: LLAMA, QWEN2, QWEN3) expects, as the
+`gguf` package's tensor-name map spells it:
+  * names mapped with `gguf.get_tensor_name_map(graph, n_blocks)` (Qwen's q/k/v biases and Qwen3's
+    q_norm / k_norm included);
+  * for the LLAMA graph only, q_proj / k_proj rows (and biases) permuted from Hugging Face's rotate-half RoPE
+    layout back to the interleaved one llama.cpp applies there (per head, the two halves of each head's rows
+    interleaved); the Qwen graphs apply rotate-half RoPE (NEOX) themselves and take the rows as they are;
   * 1-D tensors and norms stay F32 in every file; the other weights are written in the conversion's float
     type (F16 by default) and every quant type starts from those rounded values, as llama-quantize does from
     an F16 file;
@@ -23,12 +27,48 @@ import gguf
 import numpy as np
 import torch
 
+from qaas.quantization_rules.gguf import ARCHITECTURES
+
 from ...errors import InvalidConfig
 
-ARCH = gguf.MODEL_ARCH.LLAMA
 #: Hugging Face tensors llama.cpp has no use for.
 IGNORED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 ROPE_FREQS = "rope_freqs.weight"
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The llama.cpp graph a Hugging Face architecture converts to, and what that graph's conversion does."""
+
+    arch: gguf.MODEL_ARCH
+    #: q/k rows from rotate-half back to interleaved pairs (the LLAMA graph's RoPE).
+    permute_qk: bool
+    #: `<arch>.vocab_size` and `<arch>.rope.dimension_count`, which the converter writes for the Llama family.
+    llama_hparams: bool
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.arch]
+
+
+_LLAMA = Graph(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_hparams=True)
+#: Every architecture the submission rules accept (`ARCHITECTURES`), by its config.json name.
+GRAPHS: dict[str, Graph] = {
+    "LlamaForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "Qwen2ForCausalLM": Graph(gguf.MODEL_ARCH.QWEN2, permute_qk=False, llama_hparams=False),
+    "Qwen3ForCausalLM": Graph(gguf.MODEL_ARCH.QWEN3, permute_qk=False, llama_hparams=False),
+}
+assert set(GRAPHS) == set(ARCHITECTURES), "the rules and the converter must name the same architectures"
+
+
+def graph(config: dict[str, Any]) -> Graph:
+    archs = config.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs else None
+    if arch not in GRAPHS:
+        raise InvalidConfig(f"GGUF conversion supports {', '.join(GRAPHS)}; this model is "
+                            f"{arch or 'of no declared architecture'}", field="model")
+    return GRAPHS[arch]
 
 
 @dataclass(frozen=True)
@@ -88,7 +128,8 @@ def plan_tensors(config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> 
     """Every GGUF tensor in file order (the extra RoPE tensor, then the checkpoint's tensors by name, the order
     of a safetensors file), from the checkpoint's names and shapes."""
     n_blocks = config["num_hidden_layers"]
-    names = gguf.get_tensor_name_map(ARCH, n_blocks)
+    g = graph(config)
+    names = gguf.get_tensor_name_map(g.arch, n_blocks)
     planned: list[PlannedTensor] = []
     factors = llama3_rope_factors(config)
     if factors is not None:
@@ -99,7 +140,7 @@ def plan_tensors(config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> 
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise InvalidConfig(f"GGUF: the checkpoint tensor {hf_name!r} has no place in llama.cpp's "
-                                f"{gguf.MODEL_ARCH_NAMES[ARCH]} graph", field="model")
+                                f"{g.name} graph", field="model")
         shape = tuple(shapes[hf_name])
         planned.append(PlannedTensor(name, hf_name, shape, len(shape) <= 1 or name.endswith("_norm.weight")))
     return planned
@@ -117,15 +158,17 @@ def source_values(t: PlannedTensor, hf_tensor: torch.Tensor | None, config: dict
         assert factors is not None
         return torch.from_numpy(factors)
     w = hf_tensor.to(torch.float32)
-    if t.hf_name.endswith("q_proj.weight"):
-        w = _permute(w, config["num_attention_heads"])
-    elif t.hf_name.endswith("k_proj.weight"):
-        w = _permute(w, config.get("num_key_value_heads") or config["num_attention_heads"])
+    if graph(config).permute_qk:
+        if t.hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = _permute(w, config["num_attention_heads"])
+        elif t.hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = _permute(w, config.get("num_key_value_heads") or config["num_attention_heads"])
     return w.contiguous()
 
 
-def add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
-    """The architecture's hyper-parameters (`llama.*`), in the order llama.cpp's converter writes them."""
+def add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], file_type: int) -> None:
+    """The architecture's hyper-parameters (`llama.*`, `qwen2.*`, ...) and the file type, in the order
+    llama.cpp's converter writes them."""
     writer.add_block_count(config["num_hidden_layers"])
     n_ctx = config.get("max_position_embeddings")
     if n_ctx is not None:
@@ -154,6 +197,10 @@ def add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
     if config.get("head_dim") is not None:
         writer.add_key_length(config["head_dim"])
         writer.add_value_length(config["head_dim"])
+    writer.add_file_type(file_type)
+    if graph(config).llama_hparams:
+        writer.add_vocab_size(config["vocab_size"])
+        writer.add_rope_dimension_count(head_dim(config))
 
 
 def add_model_metadata(writer: gguf.GGUFWriter, source_dir: Path, model_name: str | None,

@@ -23,7 +23,7 @@ import numpy as np
 
 from qaas.kernels.gguf import FLOAT_TYPES, row_bytes
 
-from .convert import PlannedTensor, add_hparams, add_model_metadata, head_dim
+from .convert import PlannedTensor, add_hparams, add_model_metadata, graph
 from .vocab import Vocab
 
 
@@ -70,7 +70,8 @@ class GGUFOutput:
                  split_bytes: int | None) -> None:
         self.type_name, self.types = type_name, types
         self.path = directory / f"model-{type_name}.gguf"
-        w = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], split_max_size=split_bytes or 0)
+        arch = graph(config)
+        w = gguf.GGUFWriter(None, arch.name, split_max_size=split_bytes or 0)
         self.tensor_bytes = self.n_elements = 0
         for t in planned:
             ttype = types[t.name]
@@ -86,12 +87,9 @@ class GGUFOutput:
             self.tensor_bytes += nbytes
             self.n_elements += t.n_elements
         add_model_metadata(w, source_dir, model_name, w.get_total_parameter_count()[0])
-        add_hparams(w, config)
-        w.add_file_type(file_type_id(type_name))
-        w.add_vocab_size(config["vocab_size"])
-        w.add_rope_dimension_count(head_dim(config))
+        add_hparams(w, config, file_type_id(type_name))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        vocab.add_to(w, source_dir)
+        vocab.add_to(w, source_dir, arch.arch)
         if type_name not in FLOAT_TYPES:
             kv = w.kv_data[0]
             for key in (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE):
