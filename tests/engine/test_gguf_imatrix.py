@@ -16,8 +16,11 @@ import pytest
 import torch
 from conftest import SHAKESPEARE
 from support.ggml_oracle import llama_model_quantize, read_imatrix
+from support.gguf_files import gguf_fields as _fields
+from support.gguf_files import gguf_tensors as _tensors
+from support.gguf_files import run_gguf_job as _run
 
-from .test_gguf import _fields, _run, _tensors, tiny_llama3_dir  # noqa: F401  (the fixture)
+from .test_gguf import tiny_llama3_dir  # noqa: F401  (the fixture)
 
 TYPES = ["F16", "Q4_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K", "IQ4_NL", "IQ4_XS"]
 CALIBRATION = {"nsamples": 6, "model_seqlen": 64, "seed": 1}
