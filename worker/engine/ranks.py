@@ -150,7 +150,9 @@ class _Watch(threading.Thread):
     def abandon_if_a_rank_died(self, wait_s: float) -> None:
         deadline = time.monotonic() + wait_s
         while True:
-            dead = [(r, p.returncode) for r, p in enumerate(self.helpers, start=1) if p.poll() is not None]
+            # A rank that finished its share and exited 0 is not lost: only a non-zero status or a signal is
+            # (a race at the end of a job otherwise made rank 0 exit EXIT_RANK_LOST after a good run).
+            dead = [(r, p.returncode) for r, p in enumerate(self.helpers, start=1) if p.poll() not in (None, 0)]
             if self.closing.is_set() or dead or time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
