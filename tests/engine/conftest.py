@@ -10,11 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ASSETS = (Path(__file__).resolve().parents[3] / "shared" / "assets")
-if not ASSETS.is_dir():  # the repository may sit elsewhere; the assets live beside it as ../shared/assets
-    ASSETS = Path("/work/shared/assets")
-STORIES = ASSETS / "models" / "stories260K"
-WIKITEXT = ASSETS / "text" / "wikitext-2-raw-v1" / "test.joined.txt"
+from conftest import ASSETS, STORIES, WIKITEXT  # one home for where the assets are (QAAS_TEST_ASSETS or ../shared)
 
 
 @pytest.fixture(scope="session")

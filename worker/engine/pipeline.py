@@ -23,17 +23,17 @@ from .evaluate import choose_text, default_seqlen, load_eval_data, load_original
 from .export import StagedOutput, carry_over_files, list_files, write_config, write_json
 from .methods.base import EngineContext, check_config_model, check_config_sources, get_method
 from .options import EngineOptions
-from .progress import NullReporter, Reporter
+from .progress import ForwardingReporter, NullReporter, Reporter
 from .source import resolve_source
 from .streamed_eval import StreamedEvaluator, eval_dtype
 from .version import package_version
 
 
-class _StageClock:
+class _StageClock(ForwardingReporter):
     """Forwards to the caller's reporter and times every stage, whoever announces it."""
 
     def __init__(self, inner: Reporter) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.current: str | None = None
         self._t0 = 0.0
         self.timings: dict[str, float] = {}
@@ -48,15 +48,6 @@ class _StageClock:
         if self.current is not None:
             self.timings[self.current] = round(self.timings.get(self.current, 0.0) + time.monotonic() - self._t0, 3)
             self.current = None
-
-    def progress(self, done: int, total: int, *, message: str = "", metrics: dict[str, Any] | None = None) -> None:
-        self.inner.progress(done, total, message=message, metrics=metrics)
-
-    def log(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
-        self.inner.log(message, level=level, data=data)
-
-    def check_cancelled(self) -> None:
-        self.inner.check_cancelled()
 
 
 def _free(device: torch.device) -> None:
@@ -344,20 +335,12 @@ class _ReaderOnDevice:
         return getattr(self.reader, name)
 
 
-class _Offset:
+class _Offset(ForwardingReporter):
     """Maps each perplexity pass's progress onto the evaluate stage's count (before, then after)."""
 
     def __init__(self, inner: _StageClock, offset: int, total: int) -> None:
-        self.inner, self.offset, self.total = inner, offset, total
+        super().__init__(inner)
+        self.offset, self.total = offset, total
 
     def progress(self, done: int, total: int, *, message: str = "", metrics: dict[str, Any] | None = None) -> None:
         self.inner.progress(done + self.offset, self.total, message=message, metrics=metrics)
-
-    def check_cancelled(self) -> None:
-        self.inner.check_cancelled()
-
-    def log(self, *a: Any, **k: Any) -> None:
-        self.inner.log(*a, **k)
-
-    def stage(self, *a: Any, **k: Any) -> None:
-        self.inner.stage(*a, **k)

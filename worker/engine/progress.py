@@ -60,6 +60,26 @@ class NullReporter:
             raise JobCancelled("cancelled")
 
 
+class ForwardingReporter:
+    """A reporter that hands every call to `inner`: the base of the reporters that change one call (a stage
+    prefix, stage timing, an offset on the progress count) and forward the rest unchanged."""
+
+    def __init__(self, inner: Reporter) -> None:
+        self.inner = inner
+
+    def stage(self, name: str, *, total: int | None = None, message: str = "") -> None:
+        self.inner.stage(name, total=total, message=message)
+
+    def progress(self, done: int, total: int, *, message: str = "", metrics: dict[str, Any] | None = None) -> None:
+        self.inner.progress(done, total, message=message, metrics=metrics)
+
+    def log(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        self.inner.log(message, level=level, data=data)
+
+    def check_cancelled(self) -> None:
+        self.inner.check_cancelled()
+
+
 class PhaseTimer:
     """Wall time per named phase of a stage, summed over its repetitions (reported as a job's timings).
 

@@ -29,7 +29,7 @@ from ..errors import EngineError, InvalidConfig
 from ..export import StagedOutput, carry_over_files, list_files, write_json
 from ..options import EngineOptions
 from ..pipeline import _StageClock
-from ..progress import NullReporter, Reporter
+from ..progress import ForwardingReporter, NullReporter, Reporter
 from ..source import resolve_source
 from ..version import package_version
 from . import checkpoint, data, merge, model as base_model, train
@@ -267,24 +267,16 @@ def _float_check(float_dir: Path, probe: dict[str, Any], eval_batches: list[Any]
         _free(device)
 
 
-class _Prefixed:
+class _Prefixed(ForwardingReporter):
     """The merge's quantization pipeline reporting through the job's reporter: its stages named
     "merge <stage>", so the job's timeline and timings keep the adapter's stages apart from the merge's."""
 
     def __init__(self, inner: Any, prefix: str) -> None:
-        self.inner, self.prefix = inner, prefix
+        super().__init__(inner)
+        self.prefix = prefix
 
     def stage(self, name: str, *, total: int | None = None, message: str = "") -> None:
         self.inner.stage(self.prefix + name, total=total, message=message)
-
-    def progress(self, done: int, total: int, *, message: str = "", metrics: dict[str, Any] | None = None) -> None:
-        self.inner.progress(done, total, message=message, metrics=metrics)
-
-    def log(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
-        self.inner.log(message, level=level, data=data)
-
-    def check_cancelled(self) -> None:
-        self.inner.check_cancelled()
 
 
 def _evaluation(net: torch.nn.Module, state: Any, eval_batches: list[Any], eval_seqs: list[Any], held_out: str,
