@@ -5,11 +5,13 @@ for the k-quants) and returns the bytes llama.cpp stores for them, uint8 [rows, 
   * F32, F16, BF16: IEEE rounding to nearest even (BF16 as the gguf package rounds it: NaN kept quiet);
   * Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: the Triton kernel `legacy_quant_kernel` computes scales and codes, torch packs
     them (nibbles, the fifth bits, halves);
-  * with an importance matrix (`imatrix`, ggml's quant_weights: ggml's quantize_*_impl searches), and
-    Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS always: the torch reference on every device, vectorized over
-    blocks (no Triton kernel yet: their scale searches accumulate in element order, and coordinate descents
-    run element by element; the operations are IEEE float32 on CUDA as on the CPU, divisions true ones, so the
-    bytes are the same). Q8_0 ignores an importance matrix, as ggml does.
+  * Q3_K, Q6_K, IQ4_NL, IQ4_XS (scales, no minimum), with or without an importance matrix: the Triton kernels
+    of gguf_triton_symmetric.py compute codes and scales (ggml's searches step by step: sums in element
+    order, the coordinate descent element by element), the reference's packers pack them;
+  * with an importance matrix (`imatrix`, ggml's quant_weights: ggml's quantize_*_impl searches) for the
+    legacy types, and Q2_K, Q4_K, Q5_K always: the torch reference on every device, vectorized over
+    blocks (no Triton kernel yet: the operations are IEEE float32 on CUDA as on the CPU, divisions true ones,
+    so the bytes are the same). Q8_0 ignores an importance matrix, as ggml does.
 What each rule is and why is in gguf_reference.py. Public functions take `backend="auto" | "triton" | "torch"`
 (`qaas.kernels.dispatch.use_triton`).
 """
@@ -21,6 +23,7 @@ import triton
 
 from . import gguf_reference as R
 from . import gguf_triton as T
+from . import gguf_triton_symmetric as TS
 from .dispatch import use_triton
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -72,6 +75,8 @@ def quantize_tensor(x: torch.Tensor, type_name: str, *, imatrix: torch.Tensor | 
         imatrix = None  # ggml's Q8_0 has no use for one
     if type_name in LEGACY and imatrix is None and use_triton(backend, x):
         return _legacy_triton(x, type_name)
+    if type_name in TS.TYPES and use_triton(backend, x):
+        return TS.quantize(x, type_name, imatrix)
     return R.quantize_blocks_reference(x, type_name, imatrix)
 
 

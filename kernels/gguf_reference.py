@@ -185,7 +185,14 @@ def _quantize_q6_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Ten
     l = torch.clamp(nearest_int(x.reshape(n, 16, 16) / safe[:, :, None]), -32, 31) + 32
     L = torch.where((dd != 0)[:, :, None], l, L)
     L = torch.where(empty[:, None, None], torch.zeros_like(L), L)
-    q = L.reshape(n, 2, 4, 32)  # weight 128 h + 32 k + l
+    return pack_q6_k(L.reshape(n, 256), q_scales, d)
+
+
+def pack_q6_k(L: torch.Tensor, q_scales: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Q6_K super-blocks' codes L [n, 256] (0..63), sub-block scales [n, 16] (int8 values) and float32 super-scales
+    d [n] -> their bytes [n, 210] (layout in the module docstring)."""
+    n = L.shape[0]
+    q = L.to(torch.int32).reshape(n, 2, 4, 32)  # weight 128 h + 32 k + l
     ql = torch.cat([(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4), (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)],
                    dim=2).reshape(n, 128)
     qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6))
@@ -531,9 +538,17 @@ def _quantize_q3_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Ten
     safe = torch.where(dd != 0, dd, torch.ones_like(dd))
     l = torch.clamp(nearest_int(x.reshape(n, 16, 16) / safe[:, :, None]), -4, 3) + 4
     L = torch.where((dd != 0)[:, :, None], l, L).reshape(n, 256)
+    return pack_q3_k(L, ls, d)
+
+
+def pack_q3_k(L: torch.Tensor, ls: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Q3_K super-blocks' codes L [n, 256] (0..7), 6-bit sub-block scales ls [n, 16] (0..63) and
+    float32 super-scales d [n] -> their bytes [n, 110] (layout in the module docstring)."""
+    n = L.shape[0]
+    L, ls = L.to(torch.int32), ls.to(torch.int32)
     high = (L > 3).to(torch.int32).reshape(n, 8, 32)  # bit k of hmask byte m: weight 32 k + m
-    hmask = (high << torch.arange(8, device=x.device, dtype=torch.int32)[None, :, None]).sum(dim=1)
-    packed = torch.zeros(n, 12, dtype=torch.int32, device=x.device)
+    hmask = (high << torch.arange(8, device=L.device, dtype=torch.int32)[None, :, None]).sum(dim=1)
+    packed = torch.zeros(n, 12, dtype=torch.int32, device=L.device)
     packed[:, 0:8] = (ls[:, 0:8] & 0xF) | ((ls[:, 8:16] & 0xF) << 4)
     hi = (ls >> 4).reshape(n, 4, 4)  # scale 4 q + k: its top two bits in byte 8 + k at bit 2 q
     packed[:, 8:12] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
@@ -637,7 +652,12 @@ def _quantize_iq4_nl(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.T
     """[n, 32] blocks -> [n, 18] bytes: d:f16 qs:u8[16]; the codes re-chosen from the float32 scale."""
     d = _iq4_block_scales(x, _iq4_weights(x, qw))
     L = _nearest_level(_recip(d)[:, None] * x)
-    return torch.cat([_half_bytes(d), _pack_iq4_codes(L)], dim=1)
+    return pack_iq4_nl(d, L)
+
+
+def pack_iq4_nl(d: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """IQ4_NL blocks' float32 scales d [n] and level indices L [n, 32] -> their bytes [n, 18]."""
+    return torch.cat([_half_bytes(d), _pack_iq4_codes(L.to(torch.int32))], dim=1)
 
 
 def _quantize_iq4_xs(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
@@ -654,9 +674,15 @@ def _quantize_iq4_xs(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.T
     l = torch.clamp(nearest_int(_recip(d)[:, None] * scales), -32, 31)
     dl = d[:, None] * l.to(torch.float32)
     L = _nearest_level(_recip(dl).reshape(n, 8, 1) * x.reshape(n, 8, 32)).reshape(n, 256)
-    l = l + 32
+    return pack_iq4_xs(d, l + 32, L)
+
+
+def pack_iq4_xs(d: torch.Tensor, l: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """IQ4_XS super-blocks' float32 scales d [n], 6-bit block scales l [n, 8] (0..63) and level
+    indices L [n, 256] -> their bytes [n, 136] (layout in _quantize_iq4_xs)."""
+    l = l.to(torch.int32)
     scales_l = (l[:, 0::2] & 0xF) | ((l[:, 1::2] & 0xF) << 4)
-    scales_h = ((l >> 4) << (2 * torch.arange(8, device=x.device, dtype=torch.int32))).sum(dim=1)
+    scales_h = ((l >> 4) << (2 * torch.arange(8, device=l.device, dtype=torch.int32))).sum(dim=1)
     return torch.cat([_half_bytes(d), _u16_bytes(scales_h), scales_l.to(torch.uint8), _pack_iq4_codes(L)], dim=1)
 
 

@@ -4,6 +4,9 @@
   block's scale (and minimum) and its codes, with ggml's float32 steps: correctly rounded division
   (`div_rn`: Triton's `/` is approximate on CUDA), no fused multiply-add (the launcher passes
   `enable_fp_fusion=False`), C truncation and roundf. The bytes are packed by the launcher.
+
+Shared by every GGUF Triton module: `_recip` (1 / d correctly rounded, 0 for d == 0) and `nearest_int` (ggml's
+bit trick, as gguf_reference.nearest_int).
 """
 
 from __future__ import annotations
@@ -18,6 +21,14 @@ Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 = 0, 1, 2, 3, 4
 def _recip(d):
     safe = tl.where(d != 0.0, d, 1.0)
     return tl.where(d != 0.0, tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), safe), 0.0)
+
+
+@triton.jit
+def nearest_int(v):
+    # ggml's nearest_int: 1.5 * 2^23 added in float32 and the low 23 bits of the sum read back (round half to
+    # even below 2^22; beyond, the same wrapped value C computes, which the clamps after it then see)
+    bits = (v + 12582912.0).to(tl.int32, bitcast=True)
+    return (bits & 0x007FFFFF) - 0x00400000
 
 
 @triton.jit

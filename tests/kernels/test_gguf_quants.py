@@ -61,6 +61,36 @@ def test_triton_kernel_is_byte_exact_with_ggml(type_name):
     assert np.array_equal(ours, ggml_quantize(type_name, x.numpy()))
 
 
+def _edge_weights(cols: int) -> torch.Tensor:
+    """_weights' blocks, and a negative-only super-block, a constant one, huge and tiny magnitudes."""
+    x = _weights(8, cols, seed=4)
+    x[6, :256] = -x[6, :256].abs()                   # negative only
+    x[6, 256:] = 0.25                                # constant (every block and sub-block of it)
+    x[7, :256] *= 2e5                                # huge: up to about 2e4, near F16's largest
+    x[7, 256:] *= 1e-3                               # tiny: F16 subnormals
+    return x.half().float()
+
+
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("type_name", ["Q3_K", "Q6_K", "IQ4_NL", "IQ4_XS"])
+def test_symmetric_triton_kernels_are_byte_exact_with_ggml(type_name, with_imatrix):
+    """Q3_K, Q6_K, IQ4_NL, IQ4_XS through their Triton kernels (gguf_triton_symmetric), with and without an
+    importance matrix; widths that leave a program's last blocks masked (768 = 3 super-blocks a row; 544 = 17
+    blocks) and the imatrix read per column across super-blocks."""
+    cols = 544 if type_name == "IQ4_NL" else 768
+    x = _edge_weights(cols)
+    imatrix = None
+    if with_imatrix:
+        g = torch.Generator().manual_seed(5)
+        imatrix = torch.rand(cols, generator=g) ** 3 * 5
+        imatrix[7] = 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ours = quantize_tensor(x.to(device), type_name, imatrix=imatrix, backend="triton").cpu().numpy()
+    theirs = ggml_quantize(type_name, x.numpy(), None if imatrix is None else imatrix.numpy())
+    assert ours.shape == theirs.shape
+    assert np.array_equal(ours, theirs), f"{(ours != theirs).sum()} bytes differ"
+
+
 def test_q6_k_on_a_real_model_tensor_is_byte_exact(stories_f16_rows):
     ours = quantize_tensor(stories_f16_rows, "Q6_K", backend="torch").numpy()
     assert np.array_equal(ours, ggml_quantize("Q6_K", stories_f16_rows.numpy()))
