@@ -4,8 +4,8 @@ machine's CPUs) making Q4_K_M from our F16 file: the peer.
 
 The checkpoint is `random_llama`'s (fp16 random weights, Llama-3-8B shapes, `--blocks` of its 32 blocks plus the
 full embedding and head; stories260K's SentencePiece tokenizer so the file has a vocabulary llama.cpp loads).
-Reported: our job's wall time and its phases (read, convert, quantize per type, write per type, sha256), peak
-GPU memory and peak host RSS; the peer's wall time for Q4_K_M alone; whether our Q4_K_M file is byte-identical to
+Reported: our job's wall time and its phases (read, convert, quantize per type, copy to the host and hand to the
+type's writer thread, the last writes + sha256 of all files side by side), peak GPU memory and peak host RSS; the peer's wall time for Q4_K_M alone; whether our Q4_K_M file is byte-identical to
 the peer's (it must be); per-block figures extrapolated to the full 32 blocks. The goal: the whole multi-type job
 faster than the peer's single Q4_K_M.
 

@@ -14,7 +14,8 @@ Metadata, as llama.cpp's own tools write it:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ class WrittenGGUF:
     tensor_bytes: int
     n_elements: int
     tensor_types: dict[str, str]
+    #: sha256 of each file, by name (computed when the output is closed)
+    sha256: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         sizes = {p.name: p.stat().st_size for p in self.files}
@@ -46,7 +49,8 @@ class WrittenGGUF:
             counts[t] = counts.get(t, 0) + 1
         return {
             "type": self.type,
-            "files": [{"name": n, "size": s, "sha256": _sha256(p)} for (n, s), p in zip(sizes.items(), self.files)],
+            "files": [{"name": n, "size": s, "sha256": self.sha256.get(n) or _sha256(p)}
+                      for (n, s), p in zip(sizes.items(), self.files)],
             "size": sum(sizes.values()),
             # as llama-quantize reports it: the tensors' bytes over their weights
             "bits_per_weight": round(self.tensor_bytes * 8 / self.n_elements, 4),
@@ -63,7 +67,15 @@ def _sha256(path: Path) -> str:
 
 
 class GGUFOutput:
-    """One output type: `model-<TYPE>.gguf` (or its parts), opened with every tensor's type known."""
+    """One output type: `model-<TYPE>.gguf` (or its parts), opened with every tensor's type known.
+
+    Tensor data is written by a thread of the output's own (`write` returns at once; the order is kept), so the
+    disk writes of all outputs overlap each other and the next tensor's quantization on the device; `close`
+    hashes the files on that thread too, so the outputs' hashes run side by side (hashlib and file writes
+    release the GIL)."""
+
+    #: tensors handed over and not yet written, per output: bounds the host memory held for the writer
+    MAX_PENDING = 2
 
     def __init__(self, directory: Path, type_name: str, planned: list[PlannedTensor], types: dict[str, str],
                  *, config: dict[str, Any], vocab: Vocab, source_dir: Path, model_name: str | None,
@@ -99,11 +111,31 @@ class GGUFOutput:
         w.write_ti_data_to_file()
         self.writer = w
         self.paths = [Path(p) for p in w.format_shard_names(self.path)] if len(w.tensors) > 1 else [self.path]
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gguf-{type_name}")
+        self._pending: list[Future] = []
 
     def write(self, data: np.ndarray) -> None:
-        """The next tensor's bytes (uint8, or float32/float16 values), in table order."""
-        self.writer.write_tensor_data(np.ascontiguousarray(data))
+        """The next tensor's bytes (uint8, or float32/float16 values), in table order; written in the background
+        (a write error is raised by a later `write` or by `close`)."""
+        while len(self._pending) >= self.MAX_PENDING:
+            self._pending.pop(0).result()
+        self._pending.append(self._thread.submit(self.writer.write_tensor_data, np.ascontiguousarray(data)))
+
+    def close_async(self) -> Future:
+        """Every pending write, then the file closed and hashed, on the output's thread: a future of the
+        `WrittenGGUF`."""
+        return self._thread.submit(self._finish)
 
     def close(self) -> WrittenGGUF:
-        self.writer.close()
-        return WrittenGGUF(self.type_name, self.paths, self.tensor_bytes, self.n_elements, dict(self.types))
+        return self.close_async().result()
+
+    def _finish(self) -> WrittenGGUF:
+        try:
+            for f in self._pending:  # all done before this task ran (one thread); re-raise a write error
+                f.result()
+            self.writer.close()
+            hashes = {p.name: _sha256(p) for p in self.paths}
+            return WrittenGGUF(self.type_name, self.paths, self.tensor_bytes, self.n_elements, dict(self.types),
+                               sha256=hashes)
+        finally:
+            self._thread.shutdown(wait=False)

@@ -100,13 +100,14 @@ class GGUFMethod:
                         else quantize_tensor(rows, ttype, imatrix=importance))
                 t0 = lap(f"quantize {out.type_name}", t0)
                 out.write(data.cpu().numpy())
-                t0 = lap(f"write {out.type_name}", t0)
+                t0 = lap(f"to host + queue write {out.type_name}", t0)
             del hf, values, rows
-        written = [o.close() for o in outputs]
-        reporter.progress(n_blocks, n_blocks, message=f"block {n_blocks}/{n_blocks}")
         t0 = time.perf_counter()
-        described = [w.describe() for w in written]  # sizes and sha256 of every file
-        lap("sha256", t0)
+        # the outputs finish side by side: their last writes, then each file's sha256
+        written = [f.result() for f in [o.close_async() for o in outputs]]
+        lap("finish writes + sha256", t0)
+        reporter.progress(n_blocks, n_blocks, message=f"block {n_blocks}/{n_blocks}")
+        described = [w.describe() for w in written]
         for d in described:
             reporter.log(f"model-{d['type']}.gguf: {d['size']} bytes, {d['bits_per_weight']} bits per weight",
                          data={"type": d["type"], "size": d["size"], "bits_per_weight": d["bits_per_weight"]})
