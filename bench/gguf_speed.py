@@ -9,7 +9,10 @@ type's writer thread, the last writes + sha256 of all files side by side), peak 
 the peer's (it must be); per-block figures extrapolated to the full 32 blocks. The goal: the whole multi-type job
 faster than the peer's single Q4_K_M.
 
-Not measured: an importance matrix (not produced by the engine yet).
+With `--imatrix N` the same job runs a second time with `imatrix: true` on N calibration windows of 512 tokens
+(texts made here from the tokenizer's vocabulary: the weights are random, so only the time means anything), and
+the report adds its stages and phases (`ours_imatrix`); the peer has no importance-matrix run (llama-cpp-python
+cannot hand llama_model_quantize an imatrix through its ctypes parameters).
 
     python -P bench/gguf_speed.py                      # GPU: 8B shape, 4 blocks, --budget 240 s
     python -P bench/gguf_speed.py --smoke              # CPU: tiny shape (256-wide rows), 2 blocks
@@ -22,6 +25,7 @@ import ctypes
 import hashlib
 import json
 import os
+import random
 import resource
 import shutil
 import sys
@@ -57,6 +61,12 @@ def _with_sentencepiece(model_dir: Path, stories: Path) -> None:
         shutil.copyfile(stories / name, target)
 
 
+def _vocab_words(stories: Path) -> list[str]:
+    """The vocabulary's pieces (word-initial marker dropped), read from tokenizer.json, for calibration text."""
+    vocab = json.loads((stories / "tokenizer.json").read_text())["model"]["vocab"]
+    return [piece.lstrip("\u2581") for piece in vocab]
+
+
 def peer_quantize(src: Path, dst: Path, ftype: str, nthread: int) -> float:
     import gguf
     import llama_cpp
@@ -81,6 +91,8 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/qaas-bench-gguf")
     ap.add_argument("--out", default=None, help="JSON report (default bench/results/gguf_speed[-smoke].json)")
     ap.add_argument("--stories", default=str(STORIES), help="the SentencePiece tokenizer's model directory")
+    ap.add_argument("--imatrix", type=int, default=0, metavar="N",
+                    help="also time the job with an importance matrix from N windows of 512 tokens")
     args = ap.parse_args()
 
     from random_llama import SHAPES, random_model
@@ -134,6 +146,19 @@ def main() -> int:
                               "wall_s": round(peer_s, 2), "byte_identical_to_ours": same}
             report["ours_all_types_vs_peer_one_type"] = round(ours_s / peer_s, 3)
             dst.unlink()
+    if args.imatrix:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        words = [w for w in _vocab_words(Path(args.stories)) if w.isalpha()]
+        rng = random.Random(0)
+        texts = [" ".join(rng.choice(words) for _ in range(600)) for _ in range(args.imatrix)]
+        t0 = time.perf_counter()
+        res = quantize({"path": str(model.path)},
+                       {"quant_method": "gguf", "types": TYPES, "imatrix": True, "dataset": texts,
+                        "nsamples": args.imatrix, "model_seqlen": 512}, out_dir,
+                       options=EngineOptions(device=device, evaluate=False, allowed_roots=(str(workdir),)))
+        report["ours_imatrix"] = {"wall_s": round(time.perf_counter() - t0, 2), "stages_s": res["timings"],
+                                  "phases_s": res["gguf"]["phases_s"], "imatrix": res["gguf"].get("imatrix"),
+                                  "windows": f"{args.imatrix} x 512 tokens"}
     full = SHAPES[shape_name].full_blocks
     scale = full / blocks
     report["note"] = (f"{blocks} of {full} blocks plus the full embedding and head; block-proportional phases "
