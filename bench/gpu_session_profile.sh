@@ -30,14 +30,14 @@ if [ "$SMOKE" = 1 ]; then
   PY=${PY:-.venv/bin/python}
   G8=(--shape tiny); G70=(--shape tiny); TOKENS=(--nsamples 4 --seqlen 64 --eval-windows 2); B8=4; B70=3
   FACTOR=(--sizes 256,512 --tokens 2048 --rows 64)
-  FMT=(--smoke); AWQ=(--shape tiny --blocks 2 --nsamples 2 --seqlen 64)
+  FMT=(--smoke); AWQ=(--shape tiny --blocks 2 --nsamples 2 --seqlen 64); GGUF_IMATRIX=${GGUF_IMATRIX:-2}
 else
   # shellcheck source=bench/gpu_env.sh disable=SC1091
   source bench/gpu_env.sh
   PY=${PY:-python3}
   G8=(--shape 8b); G70=(--shape 70b); TOKENS=(--nsamples 128 --seqlen 2048 --eval-windows 16); B8=4; B70=3
   FACTOR=(--sizes "${FACTOR_SIZES:-4096,14336,28672}" --tokens "${FACTOR_TOKENS:-32768}")
-  FMT=(); AWQ=(--shape 8b --blocks 4)
+  FMT=(); AWQ=(--shape 8b --blocks 4); GGUF_IMATRIX=${GGUF_IMATRIX:-64}
 fi
 W=${WORKDIR:-/tmp/qaas-gpu-session}
 R=$W/results; L=$W/logs; D=$W/models
@@ -113,7 +113,7 @@ gs eval-70b 180 "${G70[@]}" --blocks "$B70" --defaults --evaluate
 # The format benchmarks of issues 12, 14, 15 and 16 (one shard store in $D shared with the steps above).
 step fp8-8b 200 "$PY" -P bench/fp8_gpu.py "${FMT[@]}" --workdir "$D" --budget 170 --out "$R/fp8_gpu.json"
 step qlora-8b 230 "$PY" -P bench/qlora_speed.py "${FMT[@]}" --workdir "$D" --budget 200 --out "$R/qlora_speed.json"
-step gguf-8b 260 "$PY" -P bench/gguf_speed.py "${FMT[@]}" --workdir "$D" --budget 230 --out "$R/gguf_speed.json"
+step gguf-8b 300 "$PY" -P bench/gguf_speed.py "${FMT[@]}" --workdir "$D" --budget 270 --imatrix "$GGUF_IMATRIX" --out "$R/gguf_speed.json"
 step gptq-engines 330 "$PY" -P bench/gptq_engines_gpu.py "${FMT[@]}" --workdir "$D" --budget 300 \
   --out "$R/gptq_engines_gpu.json"
 step awq-8b 150 "$PY" -P bench/awq_speed.py "${AWQ[@]}" --workdir "$D" --budget 130 --out "$R/awq_speed"
