@@ -13,7 +13,7 @@
 #    profile-8b-defaults; BNB_VARIANTS=mode:bpp:warps,... limits the NF4 kernel sweep, FACTOR_SIZES and
 #    FACTOR_TOKENS the factorization step; eval-8b eval-70b, last: the streamed evaluation of
 #    16 x 2048 tokens beside a 4- / 3-block job, extrapolated to 32 / 80 blocks; then the format benchmarks:
-#    fp8-8b qlora-8b gguf-8b gptq-engines awq-8b)
+#    fp8-8b qlora-8b gguf-kernels gguf-8b gptq-engines awq-8b)
 #
 # Fail-soft: each step runs under its own time limit (and within BUDGET_S for the whole script, default 540 s);
 # a step that fails or times out is logged and the next one runs. Steps are ordered by what they are worth, so a
@@ -113,6 +113,7 @@ gs eval-70b 180 "${G70[@]}" --blocks "$B70" --defaults --evaluate
 # The format benchmarks of issues 12, 14, 15 and 16 (one shard store in $D shared with the steps above).
 step fp8-8b 200 "$PY" -P bench/fp8_gpu.py "${FMT[@]}" --workdir "$D" --budget 170 --out "$R/fp8_gpu.json"
 step qlora-8b 230 "$PY" -P bench/qlora_speed.py "${FMT[@]}" --workdir "$D" --budget 200 --out "$R/qlora_speed.json"
+step gguf-kernels 150 "$PY" -P bench/gguf_kernels.py "${FMT[@]}" --budget 120 --out "$R/gguf_kernels.json"
 step gguf-8b 300 "$PY" -P bench/gguf_speed.py "${FMT[@]}" --workdir "$D" --budget 270 --imatrix "$GGUF_IMATRIX" --out "$R/gguf_speed.json"
 step gptq-engines 330 "$PY" -P bench/gptq_engines_gpu.py "${FMT[@]}" --workdir "$D" --budget 300 \
   --out "$R/gptq_engines_gpu.json"
