@@ -3,8 +3,13 @@
 * the importance matrix the job writes (imatrix.gguf, llama.cpp's format) is the mean over the calibration
   tokens of each input column's square of every block linear layer, as forward hooks on the transformers
   model running the same windows compute it independently;
-* every file quantized with it is byte for byte what `llama_model_quantize` makes of our F16 file given the
-  same importance matrix (llama-quantize --imatrix).
+* every file quantized with it is byte for byte what `llama-quantize --imatrix imatrix.gguf` makes of our F16
+  file: `llama_model_quantize` given the matrix and the `quantize.imatrix.*` metadata that tools/quantize adds
+  from the file (its name as given on the command line, first dataset, entry and chunk counts).
+
+Deliberate difference: none in these files. quantize.cpp cuts the file name and the dataset to 127 bytes; ours
+are cut at a character boundary at most 127 bytes in (the same text unless the cut falls inside a multibyte
+character).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHAKESPEARE
-from support.ggml_oracle import llama_model_quantize, read_imatrix
+from support.ggml_oracle import imatrix_args, llama_model_quantize, read_imatrix
 from support.gguf_files import gguf_fields as _fields
 from support.gguf_files import gguf_tensors as _tensors
 from support.gguf_files import run_gguf_job as _run
@@ -74,7 +79,7 @@ def test_imatrix_is_the_mean_square_input_of_each_column(imatrix_job, tiny_llama
 def test_imatrix_file_is_what_llama_quantize_makes_with_that_imatrix(imatrix_job, type_name, tmp_path):
     job, out = imatrix_job
     theirs = tmp_path / f"llama-quantize-{type_name}.gguf"
-    llama_model_quantize(out / "model-F16.gguf", theirs, type_name, imatrix=read_imatrix(out / "imatrix.gguf"))
+    llama_model_quantize(out / "model-F16.gguf", theirs, type_name, **imatrix_args(out / "imatrix.gguf", "imatrix.gguf"))
     ours = out / f"model-{type_name}.gguf"
     if ours.read_bytes() != theirs.read_bytes():
         a, b = _tensors(ours), _tensors(theirs)
@@ -89,3 +94,22 @@ def test_the_imatrix_changes_the_bytes(imatrix_job, tmp_path):
     plain = tmp_path / "plain-Q4_K_M.gguf"
     llama_model_quantize(out / "model-F16.gguf", plain, "Q4_K_M")
     assert plain.read_bytes() != (out / "model-Q4_K_M.gguf").read_bytes()
+
+
+def test_quantized_files_record_the_imatrix_as_llama_quantize_does(imatrix_job):
+    """The keys llama.cpp's tools read back (llama-quantize's log, the Hub's GGUF viewer), with llama-quant.cpp's
+    types: strings, and UINT32 counts."""
+    import gguf
+
+    job, out = imatrix_job
+    for type_name in TYPES[1:]:
+        fields = gguf.GGUFReader(out / f"model-{type_name}.gguf").fields
+        keys = list(fields)
+        assert keys[-5:] == ["general.file_type", "quantize.imatrix.file", "quantize.imatrix.dataset",
+                             "quantize.imatrix.entries_count", "quantize.imatrix.chunks_count"], type_name
+        got = {k: (fields[k].types, fields[k].contents()) for k in keys[-4:]}
+        assert got == {"quantize.imatrix.file": ([gguf.GGUFValueType.STRING], "imatrix.gguf"),
+                       "quantize.imatrix.dataset": ([gguf.GGUFValueType.STRING], job["calibration"]["source"]),
+                       "quantize.imatrix.entries_count": ([gguf.GGUFValueType.UINT32], 2 * 7),
+                       "quantize.imatrix.chunks_count": ([gguf.GGUFValueType.UINT32], CALIBRATION["nsamples"])}
+    assert not any(k.startswith("quantize.") for k in gguf.GGUFReader(out / "model-F16.gguf").fields)

@@ -3,7 +3,8 @@
 * `ggml_quantize(type_name, rows, imatrix=None)`: `ggml_quantize_chunk` of `llama_cpp/lib/libggml-base.so`
   through ctypes: the bytes llama-quantize writes for one tensor of float32 rows;
 * `llama_model_quantize(src, dst, ftype_name)`: `llama_cpp.llama_model_quantize` of a GGUF file, as
-  `llama-quantize SRC DST TYPE` does it.
+  `llama-quantize SRC DST TYPE` does it; with `imatrix_args(path, as_given)`, as `llama-quantize --imatrix
+  <as_given> SRC DST TYPE` does it (the importance matrix and the metadata that tool adds).
 """
 
 from __future__ import annotations
@@ -59,16 +60,50 @@ def read_imatrix(path: Path) -> dict[str, np.ndarray]:
             .astype(np.float32) for name, v in tensors.items() if name.endswith(".in_sum2")}
 
 
+def imatrix_args(path: Path, as_given: str) -> dict:
+    """What tools/quantize/quantize.cpp hands llama_model_quantize for `--imatrix <as_given>` naming the
+    imatrix.gguf at `path`: the importance of each column per tensor, and the metadata overrides it builds from
+    the file -- quantize.imatrix.file (the name as given), .dataset (the file's first imatrix.datasets),
+    .entries_count (the entries loaded), .chunks_count (imatrix.chunk_count, when positive). Keyword arguments
+    of `llama_model_quantize`."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    imatrix = read_imatrix(path)
+    overrides: list[tuple[str, str | int]] = [("quantize.imatrix.file", as_given)]
+    datasets = fields["imatrix.datasets"].contents() if "imatrix.datasets" in fields else []
+    if datasets:
+        overrides.append(("quantize.imatrix.dataset", datasets[0]))
+    overrides.append(("quantize.imatrix.entries_count", len(imatrix)))
+    chunks = fields["imatrix.chunk_count"].contents() if "imatrix.chunk_count" in fields else 0
+    if chunks > 0:
+        overrides.append(("quantize.imatrix.chunks_count", chunks))
+    return {"imatrix": imatrix, "kv_overrides": overrides}
+
+
 def llama_model_quantize(src: Path, dst: Path, ftype_name: str, nthread: int = 2,
-                         imatrix: dict[str, np.ndarray] | None = None) -> None:
+                         imatrix: dict[str, np.ndarray] | None = None,
+                         kv_overrides: list[tuple[str, str | int]] = ()) -> None:
     """`llama-quantize [--imatrix] src dst TYPE` (ftype_name as llama.cpp spells it: "Q4_K_M", "Q8_0");
-    `imatrix`: per tensor name, the importance of each column (what llama-quantize reads from the file)."""
+    `imatrix`: per tensor name, the importance of each column (what llama-quantize reads from the file);
+    `kv_overrides`: (key, str or int) metadata that llama-quant.cpp writes after general.file_type (an int as
+    UINT32), as `--override-kv` and `--imatrix` pass them."""
     llama_cpp = require("llama_cpp")
     import gguf
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(gguf.LlamaFileType[f"MOSTLY_{ftype_name}"])
     params.nthread = nthread
+    if kv_overrides:
+        kvs = (llama_cpp.llama_model_kv_override * (len(kv_overrides) + 1))()
+        for o, (key, value) in zip(kvs, kv_overrides):
+            o.key = key.encode()
+            if isinstance(value, str):
+                o.tag, o.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127]
+            else:
+                o.tag, o.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, int(value)
+        kvs[len(kv_overrides)].key = b""  # the list ends with an empty key
+        params.kv_overrides = ctypes.cast(kvs, type(params.kv_overrides))
     if imatrix is not None:
         keep = [(name.encode(), np.ascontiguousarray(v, dtype=np.float32)) for name, v in imatrix.items()]
         entries = (llama_cpp.llama_model_imatrix_data * (len(keep) + 1))()

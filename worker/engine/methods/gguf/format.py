@@ -8,7 +8,15 @@ a size limit is set.
 Metadata, as llama.cpp's own tools write it:
   * the conversion's float file (F16/BF16/F32) carries convert_hf_to_gguf.py's keys in its order;
   * a quantized file carries the same keys with `general.quantization_version` and `general.file_type` last,
-    as llama-quantize rewrites them, so that our file is the one `llama-quantize F16.gguf OUT TYPE` makes.
+    as llama-quantize rewrites them, so that our file is the one `llama-quantize F16.gguf OUT TYPE` makes;
+    made with an importance matrix, it ends with the `quantize.imatrix.*` keys `llama-quantize --imatrix`
+    adds (`quantize_keys`);
+  * split parts (`split_max_size`) are gguf-py's, as convert_hf_to_gguf.py --split-max-size writes them:
+    `model-<TYPE>-0000i-of-0000N.gguf` (llama.cpp's llama_split_path names), every key in the first part,
+    each part with `split.no` (UINT16), `split.count` (UINT16) and `split.tensors.count` (INT32), the keys
+    llama.cpp's model loader reads to find and check the other parts; whole tensors per part, a new part
+    started when the next tensor's bytes would take the part's tensor bytes past the limit. A file within
+    the limit keeps its unsplit name, as the converter leaves it.
 """
 
 from __future__ import annotations
@@ -79,7 +87,7 @@ class GGUFOutput:
 
     def __init__(self, directory: Path, type_name: str, planned: list[PlannedTensor], types: dict[str, str],
                  *, config: dict[str, Any], vocab: Vocab, source_dir: Path, model_name: str | None,
-                 split_bytes: int | None) -> None:
+                 split_bytes: int | None, quantize_keys: list[tuple[str, Any, Any]] = ()) -> None:
         self.type_name, self.types = type_name, types
         self.path = directory / f"model-{type_name}.gguf"
         arch = graph(config)
@@ -106,6 +114,8 @@ class GGUFOutput:
             kv = w.kv_data[0]
             for key in (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE):
                 kv[key] = kv.pop(key)
+            for key, value, vtype in quantize_keys:  # after file_type, where llama-quant.cpp sets its overrides
+                w.add_key_value(key, value, vtype)
         w.write_header_to_file(path=self.path)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()

@@ -58,9 +58,27 @@ class ImportanceMatrix:
         s = self.sums[module]
         return s / torch.full_like(s, float(self.counts[module]))  # a true division on every device
 
-    def write(self, path: Path, gguf_names: dict[str, str]) -> None:
+    def quantize_metadata(self, file_name: str, n_entries: int) -> list[tuple[str, Any, Any]]:
+        """(key, value, gguf value type) of what `llama-quantize --imatrix <file_name>` adds to every file it
+        quantizes (tools/quantize/quantize.cpp hands them to llama_model_quantize as metadata overrides, which
+        llama-quant.cpp writes after general.file_type, integers as UINT32): the file name as given on the
+        command line, the first of the file's `imatrix.datasets`, its entry count, and its `imatrix.chunk_count`
+        (written when positive, as the windows' count always is). quantize.cpp copies the strings into 128-byte buffers, so at most 127 bytes of
+        each reach the file; here they are cut at a character boundary instead (a cut through a multibyte
+        character would not be a valid GGUF string)."""
+        import gguf
+
+        def cut(text: str) -> str:
+            return text.encode("utf-8")[:127].decode("utf-8", errors="ignore")
+
+        return [("quantize.imatrix.file", cut(file_name), gguf.GGUFValueType.STRING),
+                ("quantize.imatrix.dataset", cut(self.calibration.source), gguf.GGUFValueType.STRING),
+                ("quantize.imatrix.entries_count", n_entries, gguf.GGUFValueType.UINT32),
+                ("quantize.imatrix.chunks_count", self.calibration.nsamples, gguf.GGUFValueType.UINT32)]
+
+    def write(self, path: Path, gguf_names: dict[str, str]) -> int:
         """`imatrix.gguf` as llama-imatrix writes it, the entries named by GGUF tensor names (`gguf_names`:
-        module -> "blk.0.attn_q.weight"), sorted by name."""
+        module -> "blk.0.attn_q.weight"), sorted by name; returns the number of entries written."""
         import gguf
 
         w = gguf.GGUFWriter(path, "imatrix")
@@ -69,13 +87,15 @@ class ImportanceMatrix:
         w.add_array(gguf.Keys.IMatrix.DATASETS, [self.calibration.source])
         w.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, self.calibration.nsamples)
         w.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, self.calibration.seqlen)
-        for name, module in sorted((gguf_names[m], m) for m in self.sums if m in gguf_names):
+        entries = sorted((gguf_names[m], m) for m in self.sums if m in gguf_names)
+        for name, module in entries:
             w.add_tensor(f"{name}.in_sum2", self.sums[module].cpu().numpy().reshape(1, -1))
             w.add_tensor(f"{name}.counts", torch.tensor([[float(self.counts[module])]]).numpy())
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        return len(entries)
 
 
 def calibration_windows(ctx: EngineContext) -> CalibrationSet:

@@ -65,10 +65,14 @@ class GGUFMethod:
         model_name = ctx.source.repo_id.split("/")[-1] if ctx.source.repo_id else None
         hparams = {"n_layer": config["num_hidden_layers"], "n_head": config["num_attention_heads"],
                    "n_head_kv": config.get("num_key_value_heads") or config["num_attention_heads"]}
+        # what `llama-quantize --imatrix imatrix.gguf` records in each file it quantizes with the matrix
+        imatrix_keys = (imatrix.quantize_metadata(IMATRIX_FILE, ctx.state["imatrix_entries"])
+                        if imatrix is not None else [])
         outputs = [GGUFOutput(ctx.work_dir, t, order, tensor_types(t, conv, hparams, has_imatrix=imatrix is not None),
                               config=config, vocab=vocab,
                               source_dir=ctx.source_dir, model_name=model_name,
-                              split_bytes=split_bytes(fields["split_max_size"])) for t in fields["types"]]
+                              split_bytes=split_bytes(fields["split_max_size"]), quantize_keys=imatrix_keys)
+                   for t in fields["types"]]
         n_blocks, done_blocks = config["num_hidden_layers"], -1
         phases: dict[str, float] = {}  # seconds per phase (the device synchronized before each is closed)
 
@@ -116,7 +120,7 @@ class GGUFMethod:
         details: dict[str, Any] = {"outputs": described, "phases_s": {k: round(v, 3) for k, v in phases.items()},
                                    "bytes_written": written_sizes}
         if imatrix is not None:
-            details["imatrix"] = {"file": IMATRIX_FILE, "entries": len(imatrix.sums),
+            details["imatrix"] = {"file": IMATRIX_FILE, "entries": ctx.state["imatrix_entries"],
                                   "seconds": round(ctx.state["imatrix_seconds"], 3)}
         return MethodResult(quantization_config=dict(fields), details=details,
                             calibration=imatrix.calibration.describe() if imatrix is not None else None,
@@ -134,8 +138,9 @@ class GGUFMethod:
         for warning in calib.warnings:
             ctx.reporter.log(warning, level="warning")
         imatrix = compute_imatrix(ctx, calib)
-        imatrix.write(ctx.work_dir / IMATRIX_FILE,
-                      {_module(t.hf_name): t.name for t in order if t.hf_name and t.hf_name.endswith(".weight")})
+        ctx.state["imatrix_entries"] = imatrix.write(
+            ctx.work_dir / IMATRIX_FILE,
+            {_module(t.hf_name): t.name for t in order if t.hf_name and t.hf_name.endswith(".weight")})
         ctx.state["imatrix_seconds"] = time.perf_counter() - t0
         ctx.reporter.stage("quantize", total=ctx.config["num_hidden_layers"])
         return imatrix
