@@ -14,6 +14,7 @@ source feeds all files; the converter writes the checkpoint's name order (which 
 
 from __future__ import annotations
 
+import ctypes
 import json
 from pathlib import Path
 
@@ -110,6 +111,75 @@ def test_split_files_load_as_one_model(tiny_llama3_dir, tmp_path):
     llm = llama_cpp.Llama(model_path=str(tmp_path / "out" / names[0]), n_ctx=64, verbose=False)
     assert len(llm.tokenize(b"Once upon a time")) > 1
     llm.close()
+
+
+def test_split_parts_of_stories260k_are_the_unsplit_file_for_llama_cpp(stories_dir, tmp_path):
+    """stories260K in F32 (1.04 MB of tensors) with split_max_size 1M: parts named as llama.cpp's
+    llama_split_path names them, the split keys its model loader reads, every tensor in exactly one part in
+    the unsplit file's order, and llama.cpp loading the first part computes the unsplit file's logits bit
+    for bit and continues the prompt as it does."""
+    import hashlib
+
+    import gguf
+    import numpy as np
+
+    llama_cpp = require("llama_cpp")
+    whole = _run(stories_dir, tmp_path / "whole", ["F32"], output_type_default="F32")
+    split = _run(stories_dir, tmp_path / "split", ["F32"], output_type_default="F32", split_max_size="1M")
+    unsplit = tmp_path / "whole" / "model-F32.gguf"
+    (listed,) = split["gguf"]["outputs"]
+    n = len(listed["files"])
+    assert n == 2
+    prefix = str(tmp_path / "split" / "model-F32").encode()
+    expected_paths = []
+    for i in range(n):
+        buf = ctypes.create_string_buffer(4096)
+        llama_cpp.llama_split_path(buf, len(buf), prefix, i, n)
+        expected_paths.append(Path(buf.value.decode()))
+    assert [f["name"] for f in listed["files"]] == [p.name for p in expected_paths]
+    assert [p.name for p in expected_paths] == ["model-F32-00001-of-00002.gguf", "model-F32-00002-of-00002.gguf"]
+    back = ctypes.create_string_buffer(4096)
+    assert llama_cpp.llama_split_prefix(back, len(back), str(expected_paths[0]).encode(), 0, n) > 0
+    assert back.value == prefix
+    # the result lists each part with its size and sha256, and the job's files are the parts
+    for f, path in zip(listed["files"], expected_paths):
+        data = path.read_bytes()
+        assert f["size"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
+    assert listed["size"] == sum(f["size"] for f in listed["files"])
+    assert sorted(f["name"] for f in split["files"]) == [p.name for p in expected_paths]
+    # metadata: all of it in the first part, then split.no / split.count / split.tensors.count in every part
+    whole_fields = gguf_fields(unsplit)
+    total = len(gguf_tensors(unsplit))
+    for i, path in enumerate(expected_paths):
+        reader = gguf.GGUFReader(path)
+        fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        split_keys = {k: (fields[k].types, fields[k].contents()) for k in list(fields)[-3:]}
+        assert split_keys == {"split.no": ([gguf.GGUFValueType.UINT16], i),
+                              "split.count": ([gguf.GGUFValueType.UINT16], n),
+                              "split.tensors.count": ([gguf.GGUFValueType.INT32], total)}
+        rest = {k: f.contents() for k, f in list(fields.items())[:-3]}
+        assert list(rest.items()) == (list(whole_fields.items()) if i == 0 else [])
+        assert sum(int(t.n_bytes) for t in reader.tensors) <= 1_000_000  # the limit counts tensor bytes
+    parts = [gguf_tensors(p) for p in expected_paths]
+    assert all(parts)
+    assert [(name, t) for part in parts for name, t in part.items()] == list(gguf_tensors(unsplit).items())
+    # llama.cpp: the same model from the first part as from the unsplit file
+    prompt = "Once upon a time"
+    results = []
+    for path in (unsplit, expected_paths[0]):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
+        try:
+            ids = llm.tokenize(prompt.encode())
+            llm.eval(ids)
+            logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
+            llm.reset()
+            text = llm(prompt, max_tokens=16, temperature=0.0, top_k=1)["choices"][0]["text"]
+            results.append((ids, logits, text))
+        finally:
+            llm.close()
+    (ids_a, logits_a, text_a), (ids_b, logits_b, text_b) = results
+    assert ids_a == ids_b and np.array_equal(logits_a, logits_b) and np.isfinite(logits_a).all()
+    assert text_a == text_b and text_a.strip(), (text_a, text_b)
 
 
 def test_llama_cpp_loads_every_type_and_lossless_ones_continue_like_the_source(stories_job, stories_dir):
