@@ -188,3 +188,79 @@ def test_hub_errors_fail_the_job_clearly_never_half_published(delivery_stack):
         commits = HfApi(endpoint=hub.url, token=WRITE_TOKEN).list_repo_commits("alice/retry-nf4")
         assert len([c for c in commits if "qaas" in (c.title or "").lower() or c.title]) >= 1
         assert job["result"]["hub"]["commit_sha"] == commits[0].commit_id
+
+
+def test_a_gguf_job_goes_up_in_one_commit_with_its_card_and_loads_in_llama_cpp(delivery_stack, tmp_path):
+    """A GGUF job on stories260K from the Hub: four types, one of them in two parts (F32 over split_max_size
+    1M), the importance matrix beside them; every file in ONE commit with byte progress in the job's events,
+    the card naming each file with its type, size, bits per weight, perplexity and delta (the job's own
+    figures) and the llama-cli -hf / Ollama line of each type; the downloaded files load in llama.cpp (the
+    split type from its first part)."""
+    import hashlib
+
+    from conftest import SHAKESPEARE
+    from huggingface_hub import HfApi, snapshot_download
+    from support.consumers import require
+
+    settings, stack, url, hub = delivery_stack
+    api = HfApi(endpoint=hub.url, token=WRITE_TOKEN)
+    api.create_repo("alice/stories260K", private=True)
+    api.upload_folder(folder_path=str(STORIES), repo_id="alice/stories260K")
+    commits_before = hub.hub.count("POST", "commit")
+    types = ["Q4_K_M", "Q8_0", "Q6_K", "F32"]
+    qc = {"quant_method": "gguf", "types": types, "output_type_default": "F32", "split_max_size": "1M",
+          "imatrix": True, "dataset": [SHAKESPEARE.read_text()[:20000]], "nsamples": 4, "model_seqlen": 64}
+    key = new_key(settings, "alice")
+    with httpx.Client(base_url=url, headers=auth(key), timeout=30) as c:
+        r = c.post("/v1/jobs", json={"model": {"id": "alice/stories260K"}, "quantization_config": qc,
+                                     "options": {"eval_max_windows": 2}, "hf_token": WRITE_TOKEN,
+                                     "push_to_hub": {"repo_id": "alice/stories260K-GGUF", "private": True}})
+        assert r.status_code == 202, r.text
+        jid = r.json()["id"]
+        job = wait_job(c, jid, {"succeeded", "failed"}, timeout=600)
+        assert job["status"] == "succeeded", (json.dumps(job["error"]), stack.procs[-1].log()[-3000:])
+        events = c.get(f"/v1/jobs/{jid}/events").json()["items"]
+    result = job["result"]
+    outputs = {o["type"]: o for o in result["gguf"]["outputs"]}
+    assert list(outputs) == types and len(outputs["F32"]["files"]) == 2
+    assert all(len(outputs[t]["files"]) == 1 for t in types[:-1])
+    gguf_names = [f["name"] for t in types for f in outputs[t]["files"]]
+    # one commit holds them all, with the card and the importance matrix
+    assert hub.hub.count("POST", "commit") == commits_before + 1
+    head = hub.hub.head("alice/stories260K-GGUF")
+    assert result["hub"]["commit_sha"] == head.sha
+    assert set(head.files) == {".gitattributes", "README.md", "imatrix.gguf", *gguf_names}
+    local = tmp_path / "dl"
+    snapshot_download("alice/stories260K-GGUF", endpoint=hub.url, token=READ_TOKEN, local_dir=str(local))
+    for o in outputs.values():
+        for f in o["files"]:
+            data = (local / f["name"]).read_bytes()
+            assert len(data) == f["size"] and hashlib.sha256(data).hexdigest() == f["sha256"], f["name"]
+    published = sum(p.stat().st_size for p in local.iterdir() if p.is_file() and p.name != ".gitattributes")
+    progress = [e["data"] for e in events if e["stage"] == "publish" and (e["data"] or {}).get("bytes_total")]
+    assert progress and progress[-1] == {"bytes_done": published, "bytes_total": published}
+    # the card: this job's figures, one row per type, and a run line per type
+    card = (local / "README.md").read_text()
+    ev = result["evaluation"]
+    before = ev["perplexity_before"]
+    rows = [line for line in card.splitlines() if line.startswith("| `model-")]
+    assert len(rows) == len(types)
+    for t, row in zip(types, rows):
+        o, ppl = outputs[t], ev["per_type"][t]["perplexity"]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == ", ".join(f"`{f['name']}`" for f in o["files"]) and cells[1] == t
+        size = f"{o['size'] / 1000:.2f} KB" if o["size"] < 1e6 else f"{o['size'] / 1e6:.2f} MB"
+        assert cells[2] == size, (t, row)
+        assert cells[3] == f"{o['bits_per_weight']:.2f}" and cells[4] == f"{ppl:.4f}"
+        assert cells[5] == f"{ppl - before:+.4f} ({100 * (ppl - before) / before:+.2f}%)"
+        host = hub.url.split("://", 1)[-1]
+        assert f"llama-cli -hf alice/stories260K-GGUF:{t} " in card and f"ollama run {host}/alice/stories260K-GGUF:{t}\n" in card
+    assert "llama-quantize --imatrix imatrix.gguf" in card
+    assert abs(ev["per_type"]["F32"]["perplexity"] - before) < 1e-3 * before  # the F32 file is the source model
+    llama_cpp = require("llama_cpp")
+    for t in types:
+        llm = llama_cpp.Llama(model_path=str(local / outputs[t]["files"][0]["name"]), n_ctx=64, verbose=False)
+        try:
+            assert llm("Once upon a time", max_tokens=8, temperature=0.0)["choices"][0]["text"].strip(), t
+        finally:
+            llm.close()

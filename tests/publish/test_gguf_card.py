@@ -33,10 +33,11 @@ def test_card_lists_every_file_with_quality_and_run_lines():
     assert meta["base_model"] == "karpathy/stories260K" and meta["base_model_relation"] == "quantized"
     assert meta["library_name"] == "gguf" and {"gguf", "Q4_K_M", "Q8_0"} <= set(meta["tags"])
     assert ModelCard(card).data.base_model == "karpathy/stories260K"
-    assert "| `model-Q4_K_M.gguf` | Q4_K_M | 250.00 KB | 7.90 | 104.0000 | +4.00% |" in card
-    assert "| `model-Q8_0.gguf` | Q8_0 | 340.00 KB | 10.15 | 100.1000 | +0.10% |" in card
-    assert "llama-cli -hf alice/stories260K-GGUF:Q4_K_M" in card
-    assert "ollama run huggingface.co/alice/stories260K-GGUF:Q4_K_M" in card
+    assert "| `model-Q4_K_M.gguf` | Q4_K_M | 250.00 KB | 7.90 | 104.0000 | +4.0000 (+4.00%) |" in card
+    assert "| `model-Q8_0.gguf` | Q8_0 | 340.00 KB | 10.15 | 100.1000 | +0.1000 (+0.10%) |" in card
+    for t in ("Q4_K_M", "Q8_0"):
+        assert f"llama-cli -hf alice/stories260K-GGUF:{t}" in card
+        assert f"ollama run hf.co/alice/stories260K-GGUF:{t}" in card
     assert 'from_pretrained("alice/stories260K-GGUF", gguf_file="model-Q4_K_M.gguf")' in card
 
 

@@ -157,19 +157,26 @@ def _gguf_card(info: dict[str, Any]) -> str:
     src_rev = f" at revision {_code(source['revision'])}" if source.get("revision") else ""
     out += [f"GGUF files of [{source_id}]({endpoint}/{source_id}){src_rev} for llama.cpp, Ollama and LM Studio, made "
             "with qaas (quantization as a service)" + (f", job {_code(info['job_id'])}" if info.get("job_id") else "")
-            + ". Each quantized file holds the bytes llama.cpp's own `llama-quantize` writes for that type from the "
-            f"{qc.get('output_type_default', 'F16')} conversion.", ""]
+            + ". Each quantized file holds the bytes llama.cpp's own `llama-quantize"
+            + (" --imatrix imatrix.gguf" if qc.get("imatrix") else "") + "` writes for that type from the "
+            f"{qc.get('output_type_default', 'F16')} conversion"
+            + (" (`imatrix.gguf`: the importance matrix computed from the job's calibration data, in "
+               "llama.cpp's format)" if qc.get("imatrix") else "") + ".", ""]
     ev = info.get("evaluation") or {}
     per_type = ev.get("per_type") or {}
     before = ev.get("perplexity_before")
-    out += ["## Files", "", "| file | type | size | bits per weight | perplexity | change |", "|---|---|---|---|---|---|"]
+    out += ["## Files", "", "| file | type | size | bits per weight | perplexity | delta |", "|---|---|---|---|---|---|"]
     for o in outputs:
         ppl = (per_type.get(o["type"]) or {}).get("perplexity")
-        change = f"{100 * (ppl - before) / before:+.2f}%" if ppl is not None and before else "-"
+        delta = (f"{ppl - before:+.4f} ({100 * (ppl - before) / before:+.2f}%)" if ppl is not None and before
+                 else "-")
         names = ", ".join(_code(f["name"]) for f in o["files"])
         out.append(f"| {names} | {o['type']} | {_human(o['size'])} | {o['bits_per_weight']:.2f} | "
-                   f"{f'{ppl:.4f}' if ppl is not None else '-'} | {change} |")
+                   f"{f'{ppl:.4f}' if ppl is not None else '-'} | {delta} |")
     out.append("")
+    if any(len(o["files"]) > 1 for o in outputs):
+        out += ["A type in several parts (`-00001-of-0000N.gguf`) loads from its first part: llama.cpp finds "
+                "the others beside it.", ""]
     if before is not None:
         where = [f"sequence length {ev['seqlen']}"] if ev.get("seqlen") else []
         if ev.get("tokens"):
@@ -179,10 +186,12 @@ def _gguf_card(info: dict[str, Any]) -> str:
     elif ev.get("skipped"):
         out += [f"Perplexity not measured: {ev['skipped']}.", ""]
     first = next((o for o in outputs if o["type"] == "Q4_K_M"), outputs[0] if outputs else None)
-    tag = first["type"] if first else "Q4_K_M"
-    host = endpoint.split("://", 1)[-1]
-    out += ["## How to run", "", "llama.cpp:", "", "```bash", f"llama-cli -hf {repo_id}:{tag} -p \"Once upon a time\"",
-            "```", "", "Ollama:", "", "```bash", f"ollama run {host}/{repo_id}:{tag}", "```", "",
+    tags = [o["type"] for o in outputs] or ["Q4_K_M"]
+    # Ollama's own spelling of a Hugging Face repo (hf.co/...); another Hub endpoint by its host
+    host = "hf.co" if endpoint == DEFAULT_ENDPOINT else endpoint.split("://", 1)[-1]
+    out += ["## How to run", "", "llama.cpp (the tag picks the file):", "", "```bash",
+            *[f"llama-cli -hf {repo_id}:{t} -p \"Once upon a time\"" for t in tags], "```", "",
+            "Ollama:", "", "```bash", *[f"ollama run {host}/{repo_id}:{t}" for t in tags], "```", "",
             "LM Studio: search for the repo name and pick a file.", ""]
     files = (first or {}).get("files") or []
     if len(files) == 1:  # transformers reads one GGUF file (dequantized to floating point; needs `gguf`)
