@@ -9,7 +9,9 @@ blocks a program, and computes the codes and scales; the launchers here pack the
   * where the reference sums in element order (`_ordered_sum`: float32 sums are not associative), the kernels
     add the columns one by one in a static loop; a column is read out of its tile as a sum of it and zeros,
     which is exact (only the sign of a zero can change, and a running sum from +0.0 does not see it);
-  * ggml's nearest_int bit trick (`gguf_triton.nearest_int`), C's first-of-the-largest scans.
+  * ggml's nearest_int bit trick (`gguf_triton.nearest_int`), C's first-of-the-largest scans;
+  * no unary minus where the operand can be +0.0: compiled, Triton negates as 0 - x (+0.0, where C gets -0.0;
+    the interpreter's numpy gets -0.0, so only the GPU shows it).
 Sub-blocks are tile rows ([SB * 16, 16] for the 16-weight sub-blocks of Q6_K / Q3_K, [SB * 8, 32] for IQ4_XS'
 blocks); a program's super-block steps see them as [SB, sub-blocks] through `tl.reshape`.
 """
@@ -302,7 +304,9 @@ def iq4_xs_kernel(x_ptr, qw_ptr, levels_ptr, l_ptr, ls_ptr, d_ptr, n_super, cols
     eight = tl.arange(0, 8)
     max_abs, first = _first_of_largest(s, eight, 8)
     max_scale = tl.where(max_abs > 0.0, first, 0.0)
-    d = tl.math.div_rn(-max_scale, tl.full((SB,), 32.0, tl.float32))  # -0.0 when every block is zero, as C stores
+    # C's -max_scale / 32, written max_scale / -32 (the same quotient): Triton's unary minus is 0 - x on the GPU,
+    # +0.0 for +0.0, and C stores -0.0 when every block is zero
+    d = tl.math.div_rn(max_scale, tl.full((SB,), -32.0, tl.float32))
     l = tl.minimum(tl.maximum(nearest_int(_recip(d)[:, None] * s), -32), 31)
     dl = tl.reshape(d[:, None] * l.to(tl.float32), (ROWS,))
     L = _nearest_level(_recip(dl)[:, None] * x, levels_ptr)
