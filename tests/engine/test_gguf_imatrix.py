@@ -27,7 +27,7 @@ from support.gguf_files import run_gguf_job as _run
 
 from .test_gguf import tiny_llama3_dir  # noqa: F401  (the fixture)
 
-TYPES = ["F16", "Q4_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K", "IQ4_NL", "IQ4_XS"]
+TYPES = ["F16", "Q8_0", "Q4_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_S", "Q6_K", "IQ4_NL", "IQ4_XS"]
 CALIBRATION = {"nsamples": 6, "model_seqlen": 64, "seed": 1}
 
 
