@@ -24,6 +24,7 @@ import triton
 from . import gguf_reference as R
 from . import gguf_triton as T
 from . import gguf_triton_symmetric as TS
+from . import gguf_triton_affine as TA
 from .dispatch import use_triton
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -77,6 +78,8 @@ def quantize_tensor(x: torch.Tensor, type_name: str, *, imatrix: torch.Tensor | 
         return _legacy_triton(x, type_name)
     if type_name in TS.TYPES and use_triton(backend, x):
         return TS.quantize(x, type_name, imatrix)
+    if type_name in TA.SHAPES and use_triton(backend, x):
+        return _affine_triton(x, type_name, imatrix)
     return R.quantize_blocks_reference(x, type_name, imatrix)
 
 
@@ -92,3 +95,27 @@ def _legacy_triton(x: torch.Tensor, type_name: str) -> torch.Tensor:
                                                      num_warps=4, enable_fp_fusion=False)
     with_min = type_name in ("Q4_1", "Q5_1")
     return R.pack_legacy(type_name, d, m if with_min else None, q).reshape(rows, -1).contiguous()
+
+
+def _affine_triton(x: torch.Tensor, type_name: str, imatrix: torch.Tensor | None) -> torch.Tensor:
+    """Q2_K / Q4_K / Q5_K: `affine_k_quant_kernel` computes the scales and codes, the reference's packers pack them."""
+    rows, cols = x.shape
+    n = rows * cols // R.QK_K
+    kind, subs, width, nmax = TA.SHAPES[type_name]
+    rmin, rdelta, nstep, use_mad = TA.SEARCH[type_name] if imatrix is None else TA.SEARCH_QW
+    qw = None if imatrix is None else imatrix.to(device=x.device, dtype=torch.float32).contiguous()
+    q = torch.empty((n, R.QK_K), dtype=torch.int32, device=x.device)
+    d = torch.empty(n, dtype=torch.float32, device=x.device)
+    dmin = torch.empty(n, dtype=torch.float32, device=x.device)
+    ls = torch.empty((n, subs), dtype=torch.int32, device=x.device)
+    lm = torch.empty((n, subs), dtype=torch.int32, device=x.device)
+    blocks = 16
+    TA.affine_k_quant_kernel[(triton.cdiv(n, blocks),)](
+        x, x if qw is None else qw, q, d, dmin, ls, lm, n, cols // R.QK_K, KIND=kind, HAS_QW=qw is not None,
+        SB=blocks, S=subs, N=width, NMAX=nmax, RMIN=rmin, RDELTA=rdelta, NSTEP=nstep, USE_MAD=use_mad,
+        SIGMA_FACTOR=TA.SIGMA_FACTOR[type_name], num_warps=4, enable_fp_fusion=False)
+    if type_name == "Q2_K":
+        out = R.pack_q2_k(d, dmin, R.q2_k_scale_bytes(ls, lm), q)
+    else:
+        out = R.pack_q45_k(type_name, d, dmin, R.pack_k4_scales(ls, lm), q)
+    return out.reshape(rows, -1).contiguous()

@@ -301,11 +301,7 @@ def _quantize_q45_k(x: torch.Tensor, type_name: str, qw: torch.Tensor | None = N
         dmin, lm = make_qp_quants(mins, 63, sw)
         if type_name == "Q5_K":  # only Q5_K's imatrix path clamps (make_qp_quants' codes are <= 63 but wrap)
             ls, lm = torch.clamp_max(ls, 63), torch.clamp_max(lm, 63)
-    packed = torch.zeros(n, 12, dtype=torch.int32, device=x.device)
-    packed[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
-    packed[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
-    packed[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
-    packed &= 0xFF
+    packed = pack_k4_scales(ls, lm)
     # the 6-bit values read back as get_scale_min_k4 does (the same as ls, lm whenever they are below 64)
     ls = torch.cat([packed[:, 0:4] & 63, (packed[:, 8:12] & 0xF) | ((packed[:, 0:4] >> 6) << 4)], dim=1)
     lm = torch.cat([packed[:, 4:8] & 63, (packed[:, 8:12] >> 4) | ((packed[:, 4:8] >> 6) << 4)], dim=1)
@@ -314,11 +310,29 @@ def _quantize_q45_k(x: torch.Tensor, type_name: str, qw: torch.Tensor | None = N
     safe = torch.where(dd != 0, dd, torch.ones_like(dd))
     l = torch.clamp(nearest_int((x.reshape(n, 8, 32) + dm[:, :, None]) / safe[:, :, None]), 0, nmax)
     L = torch.where((dd != 0)[:, :, None], l, L)
-    q = L.reshape(n, 4, 2, 32)  # weight 64 c + 32 h + j
+    return pack_q45_k(type_name, d, dmin, packed, L.reshape(n, 256))
+
+
+def pack_k4_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """The eight 6-bit scales and minimums [n, 8] (int32, 0..255 as ggml's uint8 holds them) -> the 12 bytes
+    [n, 12] (int32) of a Q4_K / Q5_K super-block, laid out as get_scale_min_k4 reads them."""
+    packed = torch.zeros(ls.shape[0], 12, dtype=torch.int32, device=ls.device)
+    packed[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    packed[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    packed[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    return packed & 0xFF
+
+
+def pack_q45_k(type_name: str, d: torch.Tensor, dmin: torch.Tensor, packed: torch.Tensor,
+               L: torch.Tensor) -> torch.Tensor:
+    """(d, dmin [n] float32, the scale bytes [n, 12] of pack_k4_scales, codes [n, 256]) -> the [n, 144] (Q4_K)
+    or [n, 176] (Q5_K) bytes of the super-blocks (layout in the module docstring)."""
+    n = L.shape[0]
+    q = L.to(torch.int32).reshape(n, 4, 2, 32)  # weight 64 c + 32 h + j
     qs = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(n, 128)
     parts = [_half_bytes(d), _half_bytes(dmin), packed.to(torch.uint8)]
     if type_name == "Q5_K":
-        shifts = (2 * torch.arange(4, device=x.device)).reshape(1, 4, 1)
+        shifts = (2 * torch.arange(4, device=L.device)).reshape(1, 4, 1)
         qh = (((q[:, :, 0] >> 4) & 1) << shifts) | (((q[:, :, 1] >> 4) & 1) << (shifts + 1))
         parts.append(qh.sum(dim=1).to(torch.uint8))
     parts.append(qs.to(torch.uint8))
@@ -583,13 +597,25 @@ def _quantize_q2_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Ten
         sw = _ordered_sum(weights).reshape(n, 16)
         d, ls = make_qp_quants(scales.reshape(n, 16), 15, sw)
         dmin, lm = make_qp_quants(mins.reshape(n, 16), 15, sw)
-    byte = ((ls & 0xFF) | (lm << 4)) & 0xFF  # as the uint8 scales[j] holds them
+    byte = q2_k_scale_bytes(ls, lm)
     dd = d.to(torch.float16).to(torch.float32)[:, None] * (byte & 0xF).to(torch.float32)
     dm = dmin.to(torch.float16).to(torch.float32)[:, None] * (byte >> 4).to(torch.float32)
     safe = torch.where(dd != 0, dd, torch.ones_like(dd))
     l = torch.clamp(nearest_int((x.reshape(n, 16, 16) + dm[:, :, None]) / safe[:, :, None]), 0, 3)
     L = torch.where((dd != 0)[:, :, None], l, L.reshape(n, 16, 16)).reshape(n, 256)
-    return torch.cat([byte.to(torch.uint8), _pack_2bit(L), _half_bytes(d), _half_bytes(dmin)], dim=1)
+    return pack_q2_k(d, dmin, byte, L)
+
+
+def q2_k_scale_bytes(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """The sixteen 4-bit scales and minimums [n, 16] (int32) -> the scale bytes [n, 16] (int32): scale in the low
+    nibble, minimum in the high one, as the uint8 scales[j] holds them (a value past 15 spills as in C)."""
+    return ((ls & 0xFF) | (lm << 4)) & 0xFF
+
+
+def pack_q2_k(d: torch.Tensor, dmin: torch.Tensor, byte: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """(d, dmin [n] float32, the scale bytes [n, 16] of q2_k_scale_bytes, codes [n, 256]) -> the [n, 84] bytes."""
+    return torch.cat([byte.to(torch.uint8), _pack_2bit(L.to(torch.int32)), _half_bytes(d), _half_bytes(dmin)],
+                     dim=1)
 
 
 #: ggml's kvalues_iq4nl: the 16 levels of the non-linear 4-bit types.

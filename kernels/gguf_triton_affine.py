@@ -1,0 +1,336 @@
+"""Triton kernel of the affine k-quants of `qaas.kernels.gguf` (codes with a per-sub-block minimum): Q2_K, Q4_K,
+Q5_K, with and without an importance matrix. The torch reference, and why each step is what it is, is in
+gguf_reference.py (`_quantize_q45_k`, `_quantize_q2_k`, `make_qkx2_quants`, `make_qp_quants`).
+
+`affine_k_quant_kernel`: SB super-blocks of 256 weights a program, each S sub-blocks of N weights (Q2_K: 16 x 16,
+Q4_K / Q5_K: 8 x 32), held as [SB, S] tiles (one lane a sub-block). It computes, with ggml's float32 steps:
+  1. each sub-block's scale and minimum: make_qkx2_quants (a first fit from the range, then NSTEP + 1 candidate
+     scales refit by weighted least squares, kept when their weighted error is smaller), the error weights
+     av|x| + |x| (Q4_K, Q5_K), |x| (Q2_K, absolute error) or qw * sqrtf(sigma2 + x^2) with an importance matrix;
+  2. the super-block's two scales and the sub-blocks' 6-bit (4-bit for Q2_K) scales and minimums: from the
+     largest ones, or with an importance matrix by make_qp_quants (nine candidates, then coordinate descent);
+  3. the codes again from the scales as they are stored (half super-scales times the read-back small ones).
+Every sum the C code accumulates in a loop is accumulated here in the same element order, a column at a time
+(float32 additions are not associative); divisions are correctly rounded (`div_rn`: Triton's `/` is not on
+CUDA), square roots too (`sqrt_rn`), and the launcher passes `enable_fp_fusion=False` (no fused multiply-add:
+C rounds each product). Outputs: d, dmin [n] float32, the small scales and minimums [n, S] int32 (0..255, as
+ggml's uint8 holds them before packing) and the codes [n, 256] int32; the launcher packs them with the
+reference's packers.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .gguf_triton import nearest_int
+
+Q2_K, Q4_K, Q5_K = 0, 1, 2
+#: ggml's GROUP_MAX_EPS (make_qp_quants: a group whose largest value is below it is all zeros)
+GROUP_MAX_EPS = tl.constexpr(1e-15)
+
+
+@triton.jit
+def _fdiv(a, b):
+    """a / b correctly rounded (a may be a Python number)."""
+    return tl.math.div_rn(tl.zeros(b.shape, tl.float32) + a, b)
+
+
+@triton.jit
+def _col(v, kk, j):
+    """Column j of a float [SB, S] tile, exactly (signed zeros kept: the one other candidate is -inf)."""
+    return tl.max(tl.where(kk == j, v, float("-inf")), axis=1)
+
+
+@triton.jit
+def _icol(v, kk, j):
+    return tl.sum(tl.where(kk == j, v, 0), axis=1)
+
+
+@triton.jit
+def _row_sum(v, kk, S: tl.constexpr):
+    """Sum over the S columns of a float [SB, S] tile in column order, from +0.0 (the C loop's rounding)."""
+    s = tl.zeros([v.shape[0]], tl.float32)
+    for j in range(S):
+        s = s + _col(v, kk, j)
+    return s
+
+
+@triton.jit
+def _weight(xi, qwi, sigma2, av_x, HAS_QW: tl.constexpr, USE_MAD: tl.constexpr):
+    """The error weight of one weight of each sub-block (see the module docstring)."""
+    if HAS_QW:
+        w = qwi * tl.sqrt_rn(sigma2 + xi * xi)
+    elif USE_MAD:
+        w = tl.abs(xi)
+    else:
+        w = av_x + tl.abs(xi)
+    return w
+
+
+@triton.jit
+def _codes(iscale, mn, xi, NMAX: tl.constexpr):
+    return tl.minimum(tl.maximum(nearest_int(iscale * (xi - mn)), 0), NMAX)
+
+
+@triton.jit
+def _fit_error(x_ptr, qw_ptr, xoff, qoff, live, sigma2, av_x, scale, mn, iscale, lmn,
+               N: tl.constexpr, NMAX: tl.constexpr, HAS_QW: tl.constexpr, USE_MAD: tl.constexpr):
+    """make_qkx2_quants' weighted error of (scale, mn) with the codes cut at (iscale, lmn), in element order."""
+    err = tl.zeros(scale.shape, tl.float32)
+    for i in range(N):
+        xi = tl.load(x_ptr + xoff + i, mask=live, other=0.0)
+        qwi = xi
+        if HAS_QW:
+            qwi = tl.load(qw_ptr + qoff + i, mask=live, other=0.0)
+        w = _weight(xi, qwi, sigma2, av_x, HAS_QW, USE_MAD)
+        diff = scale * _codes(iscale, lmn, xi, NMAX).to(tl.float32) + mn - xi
+        if USE_MAD:
+            diff = tl.abs(diff)
+        else:
+            diff = diff * diff
+        err = err + w * diff
+    return err
+
+
+@triton.jit
+def _qp_mse(x, qw, iscale, kk, NMAX: tl.constexpr, S: tl.constexpr, CLAMP: tl.constexpr):
+    l = nearest_int(iscale[:, None] * x)
+    if CLAMP:
+        l = tl.minimum(l, NMAX)
+    else:
+        l = l & 0xFF  # the first guess is stored unclamped in uint8
+    diff = x - _fdiv(1.0, iscale)[:, None] * l.to(tl.float32)
+    return _row_sum(qw * diff * diff, kk, S)
+
+
+@triton.jit
+def _qp_try(x, qw, safe_max, step, best, iscale, kk, NMAX: tl.constexpr, S: tl.constexpr):
+    stepf = tl.zeros(safe_max.shape, tl.float32) + step
+    cand = tl.math.div_rn(0.1 * stepf + NMAX, safe_max)
+    err = _qp_mse(x, qw, cand, kk, NMAX, S, True)
+    better = err < best
+    return tl.where(better, err, best), tl.where(better, cand, iscale)
+
+
+@triton.jit
+def _qp_quants(x, qw, kk, NMAX: tl.constexpr, S: tl.constexpr):
+    """ggml's make_qp_quants(S, NMAX, x, L, qw) for each row of the [SB, S] tile x (non-negative values: the
+    sub-block scales or minimums): (scale [SB], L [SB, S] int32 as the uint8 C stores)."""
+    mx = tl.max(x, axis=1)
+    mx = tl.where(mx > 0.0, mx, 0.0)
+    zero = mx < GROUP_MAX_EPS
+    safe_max = tl.where(zero, 1.0, mx)
+    iscale = _fdiv(NMAX * 1.0, safe_max)
+    best = _qp_mse(x, qw, iscale, kk, NMAX, S, False)
+    for step in range(-4, 0):
+        best, iscale = _qp_try(x, qw, safe_max, step, best, iscale, kk, NMAX, S)
+    for step in range(1, 5):
+        best, iscale = _qp_try(x, qw, safe_max, step, best, iscale, kk, NMAX, S)
+    l = tl.minimum(nearest_int(iscale[:, None] * x), NMAX)
+    lf = l.to(tl.float32)
+    sumlx = _row_sum(qw * x * lf, kk, S)
+    suml2 = _row_sum(qw * lf * lf, kk, S)
+    L = l & 0xFF
+    wx = qw * x
+    # coordinate descent: each code in turn moved where (sum w x l)^2 / (sum w l^2) grows, the others fixed;
+    # five passes (C stops at a pass that moves nothing, which would leave everything as it is anyway)
+    for _ in range(5):
+        for i in range(S):
+            Li = _icol(L, kk, i)
+            li = Li.to(tl.float32)
+            wxi = _col(wx, kk, i)
+            qwi = _col(qw, kk, i)
+            slx = sumlx - wxi * li
+            sl2 = suml2 - qwi * li * li
+            ok = (slx > 0.0) & (sl2 > 0.0)
+            new_l = tl.minimum(nearest_int(tl.math.div_rn(_col(x, kk, i) * sl2, tl.where(ok, slx, 1.0))), NMAX)
+            nl = new_l.to(tl.float32)
+            slx = slx + wxi * nl
+            sl2 = sl2 + qwi * nl * nl
+            take = ok & (new_l != Li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L = tl.where((kk == i) & take[:, None], (new_l & 0xFF)[:, None], L)
+            sumlx = tl.where(take, slx, sumlx)
+            suml2 = tl.where(take, sl2, suml2)
+    scale = tl.where(suml2 > 0.0, tl.math.div_rn(sumlx, tl.where(suml2 > 0.0, suml2, 1.0)), 0.0)
+    return tl.where(zero, 0.0, scale), tl.where(zero[:, None], 0, L)
+
+
+@triton.jit
+def _largest(v):
+    """ggml's running maximum from 0 with a strict `>`: the largest positive value of each row, else +0.0."""
+    m = tl.max(v, axis=1)
+    return tl.where(m > 0.0, m, 0.0)
+
+
+@triton.jit
+def affine_k_quant_kernel(x_ptr, qw_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, lm_ptr, n_sb, sb_per_row,
+                          KIND: tl.constexpr, HAS_QW: tl.constexpr, SB: tl.constexpr, S: tl.constexpr,
+                          N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.constexpr, RDELTA: tl.constexpr,
+                          NSTEP: tl.constexpr, USE_MAD: tl.constexpr, SIGMA_FACTOR: tl.constexpr):
+    pid = tl.program_id(0)
+    sb = pid * SB + tl.arange(0, SB)
+    kk = tl.arange(0, S)[None, :]
+    live_sb = sb < n_sb
+    live = live_sb[:, None] & (kk < S)
+    xoff = sb[:, None] * 256 + kk * N  # the first weight of each sub-block
+    qoff = (sb[:, None] % sb_per_row) * 256 + kk * N  # ... and its column's importance
+    zeros = tl.zeros([SB, S], tl.float32)
+
+    sigma2 = zeros
+    av_x = zeros
+    if HAS_QW:
+        # sigma2 = factor * sum(x^2) / 256 over the super-block
+        s = tl.zeros([SB], tl.float32)
+        for i in range(256):
+            xi = tl.load(x_ptr + sb * 256 + i, mask=live_sb, other=0.0)
+            s = s + xi * xi
+        sigma2 = zeros + _fdiv(SIGMA_FACTOR * s, tl.zeros([SB], tl.float32) + 256.0)[:, None]
+    elif not USE_MAD:
+        # av_x = sqrtf(sum(x^2) / 32) over the sub-block
+        s2 = zeros
+        for i in range(N):
+            xi = tl.load(x_ptr + xoff + i, mask=live, other=0.0)
+            s2 = s2 + xi * xi
+        av_x = tl.sqrt_rn(_fdiv(s2, zeros + 32.0))
+
+    # make_qkx2_quants, step 0: the range and the weighted sums, as the C loop runs them (from element 0)
+    x0 = tl.load(x_ptr + xoff, mask=live, other=0.0)
+    qw0 = x0
+    if HAS_QW:
+        qw0 = tl.load(qw_ptr + qoff, mask=live, other=0.0)
+    w0 = _weight(x0, qw0, sigma2, av_x, HAS_QW, USE_MAD)
+    lo = x0
+    hi = x0
+    sum_w = w0
+    sum_x = w0 * x0
+    sw = zeros + w0  # the sub-block's total weight from +0.0, as make_qp_quants' callers sum it
+    for i in range(1, N):
+        xi = tl.load(x_ptr + xoff + i, mask=live, other=0.0)
+        qwi = xi
+        if HAS_QW:
+            qwi = tl.load(qw_ptr + qoff + i, mask=live, other=0.0)
+        wi = _weight(xi, qwi, sigma2, av_x, HAS_QW, USE_MAD)
+        lo = tl.where(xi < lo, xi, lo)
+        hi = tl.where(xi > hi, xi, hi)
+        sum_w = sum_w + wi
+        sum_x = sum_x + wi * xi
+        sw = sw + wi
+    lo = tl.where(lo > 0.0, 0.0, lo)
+    flat = hi == lo
+    span = tl.where(flat, 1.0, hi - lo)
+    iscale = _fdiv(NMAX * 1.0, span)
+    scale = _fdiv(1.0, iscale)
+    best = _fit_error(x_ptr, qw_ptr, xoff, qoff, live, sigma2, av_x, scale, lo, iscale, lo,
+                      N, NMAX, HAS_QW, USE_MAD)
+    mn = lo
+    l_iscale = iscale  # the codes of the best fit are those cut at (l_iscale, l_mn): recomputed at the end
+    l_mn = lo
+    for step in range(NSTEP + 1):
+        # a better fit's minimum moves the range every later candidate is cut from (as in the C loop)
+        span = tl.where(flat, 1.0, hi - mn)
+        stepf = zeros + step
+        isc = tl.math.div_rn((RMIN + RDELTA * stepf) + NMAX, span)
+        sum_l = zeros
+        sum_l2 = zeros
+        sum_xl = zeros
+        for i in range(N):
+            xi = tl.load(x_ptr + xoff + i, mask=live, other=0.0)
+            qwi = xi
+            if HAS_QW:
+                qwi = tl.load(qw_ptr + qoff + i, mask=live, other=0.0)
+            wi = _weight(xi, qwi, sigma2, av_x, HAS_QW, USE_MAD)
+            lf = _codes(isc, mn, xi, NMAX).to(tl.float32)
+            wl = wi * lf
+            sum_l = sum_l + wl
+            sum_l2 = sum_l2 + wl * lf
+            sum_xl = sum_xl + wl * xi
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0.0
+        safe_d = tl.where(ok, D, 1.0)
+        this_scale = tl.math.div_rn(sum_w * sum_xl - sum_x * sum_l, safe_d)
+        this_min = tl.math.div_rn(sum_l2 * sum_x - sum_l * sum_xl, safe_d)
+        pos = this_min > 0.0
+        this_min = tl.where(pos, 0.0, this_min)
+        this_scale = tl.where(pos, tl.math.div_rn(sum_xl, tl.where(sum_l2 != 0.0, sum_l2, 1.0)), this_scale)
+        cur = _fit_error(x_ptr, qw_ptr, xoff, qoff, live, sigma2, av_x, this_scale, this_min, isc, mn,
+                         N, NMAX, HAS_QW, USE_MAD)
+        better = ok & (cur < best)
+        l_iscale = tl.where(better, isc, l_iscale)
+        l_mn = tl.where(better, mn, l_mn)
+        best = tl.where(better, cur, best)
+        scale = tl.where(better, this_scale, scale)
+        mn = tl.where(better, this_min, mn)
+    scales = tl.where(flat, 0.0, scale)
+    mins = -tl.where(flat, lo, mn)
+
+    # the super-block's scales
+    if HAS_QW:
+        d, ls = _qp_quants(scales, sw, kk, 15 if KIND == 0 else 63, S)
+        dmin, lm = _qp_quants(mins, sw, kk, 15 if KIND == 0 else 63, S)
+        if KIND == 2:  # only Q5_K's imatrix path clamps (make_qp_quants' codes wrap past 63)
+            ls = tl.minimum(ls, 63)
+            lm = tl.minimum(lm, 63)
+    else:
+        QMAX: tl.constexpr = 15 if KIND == 0 else 63
+        max_scale = _largest(scales)
+        max_min = _largest(mins)
+        on_s = max_scale > 0.0
+        on_m = max_min > 0.0
+        inv_s = tl.where(on_s, _fdiv(QMAX * 1.0, tl.where(on_s, max_scale, 1.0)), 0.0)
+        inv_m = tl.where(on_m, _fdiv(QMAX * 1.0, tl.where(on_m, max_min, 1.0)), 0.0)
+        ls = nearest_int(inv_s[:, None] * scales)
+        lm = nearest_int(inv_m[:, None] * mins)
+        if KIND == 0:
+            ls = tl.where(on_s[:, None], ls, 0)
+            lm = tl.where(on_m[:, None], lm, 0)
+            d = tl.where(on_s, _fdiv(max_scale, tl.zeros([SB], tl.float32) + 15.0), 0.0)
+            dmin = tl.where(on_m, _fdiv(max_min, tl.zeros([SB], tl.float32) + 15.0), 0.0)
+        else:
+            ls = tl.minimum(ls & 0xFF, 63)  # uint8, then MIN(63, .)
+            lm = tl.minimum(lm & 0xFF, 63)
+            d = _fdiv(max_scale, tl.zeros([SB], tl.float32) + 63.0)
+            dmin = _fdiv(max_min, tl.zeros([SB], tl.float32) + 63.0)
+
+    # the small scales as the decoder reads them back from their bytes
+    if KIND == 0:
+        byte = ((ls & 0xFF) | (lm << 4)) & 0xFF
+        ls_r = byte & 0xF
+        lm_r = byte >> 4
+    else:
+        # get_scale_min_k4 of the 12 bytes (the same as ls, lm whenever they are below 64)
+        ls_r = tl.zeros([SB, S], tl.int32)
+        lm_r = tl.zeros([SB, S], tl.int32)
+        for j in tl.static_range(4):
+            a = _icol(ls, kk, j)
+            b = _icol(ls, kk, j + 4)
+            am = _icol(lm, kk, j)
+            bm = _icol(lm, kk, j + 4)
+            p0 = (a | ((b >> 4) << 6)) & 0xFF
+            p4 = (am | ((bm >> 4) << 6)) & 0xFF
+            p8 = ((b & 0xF) | ((bm & 0xF) << 4)) & 0xFF
+            ls_r = tl.where(kk == j, (p0 & 63)[:, None], ls_r)
+            ls_r = tl.where(kk == j + 4, ((p8 & 0xF) | ((p0 >> 6) << 4))[:, None], ls_r)
+            lm_r = tl.where(kk == j, (p4 & 63)[:, None], lm_r)
+            lm_r = tl.where(kk == j + 4, ((p8 >> 4) | ((p4 >> 6) << 4))[:, None], lm_r)
+    dd = d.to(tl.float16).to(tl.float32)[:, None] * ls_r.to(tl.float32)
+    dm = dmin.to(tl.float16).to(tl.float32)[:, None] * lm_r.to(tl.float32)
+    on = dd != 0.0
+    safe_dd = tl.where(on, dd, 1.0)
+    for i in range(N):
+        xi = tl.load(x_ptr + xoff + i, mask=live, other=0.0)
+        l = tl.minimum(tl.maximum(nearest_int(tl.math.div_rn(xi + dm, safe_dd)), 0), NMAX)
+        l0 = tl.where(flat, 0, _codes(l_iscale, l_mn, xi, NMAX))  # a sub-block whose scale is 0 keeps its fit
+        tl.store(q_ptr + xoff + i, tl.where(on, l, l0), mask=live)
+    tl.store(d_ptr + sb, d, mask=live_sb)
+    tl.store(dmin_ptr + sb, dmin, mask=live_sb)
+    tl.store(ls_ptr + sb[:, None] * S + kk, ls, mask=live)
+    tl.store(lm_ptr + sb[:, None] * S + kk, lm, mask=live)
+
+
+#: per type: (S sub-blocks of N weights, NMAX) and make_qkx2_quants' (rmin, rdelta, nstep, use_mad) without and
+#: with an importance matrix, and the factor of the imatrix weights' sigma2
+SHAPES = {"Q2_K": (Q2_K, 16, 16, 3), "Q4_K": (Q4_K, 8, 32, 15), "Q5_K": (Q5_K, 8, 32, 31)}
+SEARCH = {"Q2_K": (-0.5, 0.1, 15, True), "Q4_K": (-1.0, 0.1, 20, False), "Q5_K": (-0.5, 0.1, 15, False)}
+SEARCH_QW = (-0.9, 0.05, 36, False)
+SIGMA_FACTOR = {"Q2_K": 1.0, "Q4_K": 2.0, "Q5_K": 2.0}
