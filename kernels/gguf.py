@@ -105,13 +105,14 @@ def _affine_triton(x: torch.Tensor, type_name: str, imatrix: torch.Tensor | None
     rmin, rdelta, nstep, use_mad = TA.SEARCH[type_name] if imatrix is None else TA.SEARCH_QW
     qw = None if imatrix is None else imatrix.to(device=x.device, dtype=torch.float32).contiguous()
     q = torch.empty((n, R.QK_K), dtype=torch.int32, device=x.device)
+    scratch = torch.empty((n, 3, R.QK_K), dtype=torch.float32, device=x.device)  # the kernel's sums' terms
     d = torch.empty(n, dtype=torch.float32, device=x.device)
     dmin = torch.empty(n, dtype=torch.float32, device=x.device)
     ls = torch.empty((n, subs), dtype=torch.int32, device=x.device)
     lm = torch.empty((n, subs), dtype=torch.int32, device=x.device)
     blocks = 16
     TA.affine_k_quant_kernel[(triton.cdiv(n, blocks),)](
-        x, x if qw is None else qw, q, d, dmin, ls, lm, n, cols // R.QK_K, KIND=kind, HAS_QW=qw is not None,
+        x, x if qw is None else qw, scratch, q, d, dmin, ls, lm, n, cols // R.QK_K, KIND=kind, HAS_QW=qw is not None,
         SB=blocks, S=subs, N=width, NMAX=nmax, RMIN=rmin, RDELTA=rdelta, NSTEP=nstep, USE_MAD=use_mad,
         SIGMA_FACTOR=TA.SIGMA_FACTOR[type_name], num_warps=4, enable_fp_fusion=False)
     if type_name == "Q2_K":

@@ -37,14 +37,12 @@ def _fdiv(a, b):
 
 
 @triton.jit
-def _col(v, kk, j):
-    """Column j of a float [SB, S] tile, exactly (signed zeros kept: the one other candidate is -inf)."""
-    return tl.max(tl.where(kk == j, v, float("-inf")), axis=1)
-
-
-@triton.jit
 def _icol(v, kk, j):
-    return tl.sum(tl.where(kk == j, v, 0), axis=1)
+    """Column j of an int [SB, S] tile. A float column is taken as max(where(kk == j, v, -inf)): exact, signed
+    zeros kept; written out where it is used. Both through `tl.reduce` with tl.max's / tl.sum's combine
+    functions: what tl.max and tl.sum run, without their jit wrappers, which the interpreter the CPU tests run
+    pays for at every call (milliseconds each: it re-patches triton.language)."""
+    return tl.reduce(tl.where(kk == j, v, 0), 1, tl.standard._sum_combine)
 
 
 @triton.jit
@@ -52,45 +50,8 @@ def _row_sum(v, kk, S: tl.constexpr):
     """Sum over the S columns of a float [SB, S] tile in column order, from +0.0 (the C loop's rounding)."""
     s = tl.zeros([v.shape[0]], tl.float32)
     for j in range(S):
-        s = s + _col(v, kk, j)
+        s = s + tl.reduce(tl.where(kk == j, v, float("-inf")), 1, tl.standard._elementwise_max)
     return s
-
-
-@triton.jit
-def _weight(xi, qwi, sigma2, av_x, HAS_QW: tl.constexpr, USE_MAD: tl.constexpr):
-    """The error weight of one weight of each sub-block (see the module docstring)."""
-    if HAS_QW:
-        w = qwi * tl.sqrt_rn(sigma2 + xi * xi)
-    elif USE_MAD:
-        w = tl.abs(xi)
-    else:
-        w = av_x + tl.abs(xi)
-    return w
-
-
-@triton.jit
-def _codes(iscale, mn, xi, NMAX: tl.constexpr):
-    return tl.minimum(tl.maximum(nearest_int(iscale * (xi - mn)), 0), NMAX)
-
-
-@triton.jit
-def _fit_error(x_ptr, qw_ptr, xoff, qoff, live, sigma2, av_x, scale, mn, iscale, lmn,
-               N: tl.constexpr, NMAX: tl.constexpr, HAS_QW: tl.constexpr, USE_MAD: tl.constexpr):
-    """make_qkx2_quants' weighted error of (scale, mn) with the codes cut at (iscale, lmn), in element order."""
-    err = tl.zeros(scale.shape, tl.float32)
-    for i in range(N):
-        xi = tl.load(x_ptr + xoff + i, mask=live, other=0.0)
-        qwi = xi
-        if HAS_QW:
-            qwi = tl.load(qw_ptr + qoff + i, mask=live, other=0.0)
-        w = _weight(xi, qwi, sigma2, av_x, HAS_QW, USE_MAD)
-        diff = scale * _codes(iscale, lmn, xi, NMAX).to(tl.float32) + mn - xi
-        if USE_MAD:
-            diff = tl.abs(diff)
-        else:
-            diff = diff * diff
-        err = err + w * diff
-    return err
 
 
 @triton.jit
@@ -137,19 +98,23 @@ def _qp_quants(x, qw, kk, NMAX: tl.constexpr, S: tl.constexpr):
     # five passes (C stops at a pass that moves nothing, which would leave everything as it is anyway)
     for _ in range(5):
         for i in range(S):
-            Li = _icol(L, kk, i)
+            at = kk == i
+            # the columns i, taken inline (a call costs in the interpreter)
+            Li = tl.reduce(tl.where(at, L, 0), 1, tl.standard._sum_combine)
             li = Li.to(tl.float32)
-            wxi = _col(wx, kk, i)
-            qwi = _col(qw, kk, i)
+            wxi = tl.reduce(tl.where(at, wx, float("-inf")), 1, tl.standard._elementwise_max)
+            qwi = tl.reduce(tl.where(at, qw, float("-inf")), 1, tl.standard._elementwise_max)
+            xi = tl.reduce(tl.where(at, x, float("-inf")), 1, tl.standard._elementwise_max)
             slx = sumlx - wxi * li
             sl2 = suml2 - qwi * li * li
             ok = (slx > 0.0) & (sl2 > 0.0)
-            new_l = tl.minimum(nearest_int(tl.math.div_rn(_col(x, kk, i) * sl2, tl.where(ok, slx, 1.0))), NMAX)
+            v = tl.math.div_rn(xi * sl2, tl.where(ok, slx, 1.0)) + 12582912.0  # nearest_int, inline
+            new_l = tl.minimum((v.to(tl.int32, bitcast=True) & 0x007FFFFF) - 0x00400000, NMAX)
             nl = new_l.to(tl.float32)
             slx = slx + wxi * nl
             sl2 = sl2 + qwi * nl * nl
             take = ok & (new_l != Li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            L = tl.where((kk == i) & take[:, None], (new_l & 0xFF)[:, None], L)
+            L = tl.where(at & take[:, None], (new_l & 0xFF)[:, None], L)
             sumlx = tl.where(take, slx, sumlx)
             suml2 = tl.where(take, sl2, suml2)
     scale = tl.where(suml2 > 0.0, tl.math.div_rn(sumlx, tl.where(suml2 > 0.0, suml2, 1.0)), 0.0)
@@ -164,53 +129,65 @@ def _largest(v):
 
 
 @triton.jit
-def affine_k_quant_kernel(x_ptr, qw_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, lm_ptr, n_sb, sb_per_row,
+def affine_k_quant_kernel(x_ptr, qw_ptr, t_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, lm_ptr, n_sb, sb_per_row,
                           KIND: tl.constexpr, HAS_QW: tl.constexpr, SB: tl.constexpr, S: tl.constexpr,
                           N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.constexpr, RDELTA: tl.constexpr,
                           NSTEP: tl.constexpr, USE_MAD: tl.constexpr, SIGMA_FACTOR: tl.constexpr):
+    # The element-wise work runs on [SB, S, N] tiles; what C sums in a loop is written to the scratch t_ptr
+    # (float32, three planes of 256 a super-block) and summed a column at a time in element order. The hot
+    # loops are written out, with no jit calls in them: a call costs much more than an operation in the
+    # interpreter the CPU tests run. The barriers order the scratch writes and reads of the program's threads.
     pid = tl.program_id(0)
     sb = pid * SB + tl.arange(0, SB)
     kk = tl.arange(0, S)[None, :]
+    nn = tl.arange(0, N)[None, None, :]
     live_sb = sb < n_sb
     live = live_sb[:, None] & (kk < S)
+    live3 = live[:, :, None] & (nn < N)
     xoff = sb[:, None] * 256 + kk * N  # the first weight of each sub-block
-    qoff = (sb[:, None] % sb_per_row) * 256 + kk * N  # ... and its column's importance
+    toff = sb[:, None] * 768 + kk * N  # ... its place in the scratch's first plane
+    px = x_ptr + xoff
+    p0 = t_ptr + toff
+    p1 = p0 + 256
+    p2 = p0 + 512
     zeros = tl.zeros([SB, S], tl.float32)
+    X = tl.load(px[:, :, None] + nn, mask=live3, other=0.0)
 
-    sigma2 = zeros
-    av_x = zeros
+    # the error weights (see the module docstring)
     if HAS_QW:
         # sigma2 = factor * sum(x^2) / 256 over the super-block
         s = tl.zeros([SB], tl.float32)
         for i in range(256):
             xi = tl.load(x_ptr + sb * 256 + i, mask=live_sb, other=0.0)
             s = s + xi * xi
-        sigma2 = zeros + _fdiv(SIGMA_FACTOR * s, tl.zeros([SB], tl.float32) + 256.0)[:, None]
-    elif not USE_MAD:
+        sigma2 = _fdiv(SIGMA_FACTOR * s, tl.zeros([SB], tl.float32) + 256.0)[:, None, None]
+        qoff = (sb[:, None] % sb_per_row) * 256 + kk * N  # each sub-block's first column's importance
+        QW = tl.load(qw_ptr + qoff[:, :, None] + nn, mask=live3, other=0.0)
+        W = QW * tl.sqrt_rn(sigma2 + X * X)
+    elif USE_MAD:
+        W = tl.abs(X)
+    else:
         # av_x = sqrtf(sum(x^2) / 32) over the sub-block
         s2 = zeros
         for i in range(N):
-            xi = tl.load(x_ptr + xoff + i, mask=live, other=0.0)
+            xi = tl.load(px + i, mask=live, other=0.0)
             s2 = s2 + xi * xi
         av_x = tl.sqrt_rn(_fdiv(s2, zeros + 32.0))
+        W = av_x[:, :, None] + tl.abs(X)
+    tl.store(p0[:, :, None] + nn, W, mask=live3)
+    tl.debug_barrier()
 
-    # make_qkx2_quants, step 0: the range and the weighted sums, as the C loop runs them (from element 0)
-    x0 = tl.load(x_ptr + xoff, mask=live, other=0.0)
-    qw0 = x0
-    if HAS_QW:
-        qw0 = tl.load(qw_ptr + qoff, mask=live, other=0.0)
-    w0 = _weight(x0, qw0, sigma2, av_x, HAS_QW, USE_MAD)
+    # make_qkx2_quants: the range and the weighted sums, as the C loop runs them (from element 0)
+    x0 = tl.load(px, mask=live, other=0.0)
+    w0 = tl.load(p0, mask=live, other=0.0)
     lo = x0
     hi = x0
     sum_w = w0
     sum_x = w0 * x0
     sw = zeros + w0  # the sub-block's total weight from +0.0, as make_qp_quants' callers sum it
     for i in range(1, N):
-        xi = tl.load(x_ptr + xoff + i, mask=live, other=0.0)
-        qwi = xi
-        if HAS_QW:
-            qwi = tl.load(qw_ptr + qoff + i, mask=live, other=0.0)
-        wi = _weight(xi, qwi, sigma2, av_x, HAS_QW, USE_MAD)
+        xi = tl.load(px + i, mask=live, other=0.0)
+        wi = tl.load(p0 + i, mask=live, other=0.0)
         lo = tl.where(xi < lo, xi, lo)
         hi = tl.where(xi > hi, xi, hi)
         sum_w = sum_w + wi
@@ -218,44 +195,64 @@ def affine_k_quant_kernel(x_ptr, qw_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, lm_ptr,
         sw = sw + wi
     lo = tl.where(lo > 0.0, 0.0, lo)
     flat = hi == lo
-    span = tl.where(flat, 1.0, hi - lo)
-    iscale = _fdiv(NMAX * 1.0, span)
-    scale = _fdiv(1.0, iscale)
-    best = _fit_error(x_ptr, qw_ptr, xoff, qoff, live, sigma2, av_x, scale, lo, iscale, lo,
-                      N, NMAX, HAS_QW, USE_MAD)
     mn = lo
-    l_iscale = iscale  # the codes of the best fit are those cut at (l_iscale, l_mn): recomputed at the end
+    scale = zeros
+    best = zeros
+    l_iscale = zeros  # the codes of the best fit are those cut at (l_iscale, l_mn): recomputed at the end
     l_mn = lo
-    for step in range(NSTEP + 1):
+    # candidate -1 is the first guess (nmax / range, its scale the reciprocal, the minimum the range's); each
+    # later one is refit by weighted least squares and kept when its error is smaller
+    for step in range(-1, NSTEP + 1):
         # a better fit's minimum moves the range every later candidate is cut from (as in the C loop)
         span = tl.where(flat, 1.0, hi - mn)
-        stepf = zeros + step
-        isc = tl.math.div_rn((RMIN + RDELTA * stepf) + NMAX, span)
+        if step < 0:
+            isc = _fdiv(NMAX * 1.0, span)
+        else:
+            isc = tl.math.div_rn((RMIN + RDELTA * (zeros + step)) + NMAX, span)
+        v = isc[:, :, None] * (X - mn[:, :, None]) + 12582912.0  # nearest_int, inline
+        LF = tl.minimum(tl.maximum((v.to(tl.int32, bitcast=True) & 0x007FFFFF) - 0x00400000, 0),
+                        NMAX).to(tl.float32)
+        WL = W * LF
+        tl.debug_barrier()  # every thread is done reading the planes
+        tl.store(p0[:, :, None] + nn, WL, mask=live3)
+        tl.store(p1[:, :, None] + nn, WL * LF, mask=live3)
+        tl.store(p2[:, :, None] + nn, WL * X, mask=live3)
+        tl.debug_barrier()
         sum_l = zeros
         sum_l2 = zeros
         sum_xl = zeros
         for i in range(N):
-            xi = tl.load(x_ptr + xoff + i, mask=live, other=0.0)
-            qwi = xi
-            if HAS_QW:
-                qwi = tl.load(qw_ptr + qoff + i, mask=live, other=0.0)
-            wi = _weight(xi, qwi, sigma2, av_x, HAS_QW, USE_MAD)
-            lf = _codes(isc, mn, xi, NMAX).to(tl.float32)
-            wl = wi * lf
-            sum_l = sum_l + wl
-            sum_l2 = sum_l2 + wl * lf
-            sum_xl = sum_xl + wl * xi
-        D = sum_w * sum_l2 - sum_l * sum_l
-        ok = D > 0.0
-        safe_d = tl.where(ok, D, 1.0)
-        this_scale = tl.math.div_rn(sum_w * sum_xl - sum_x * sum_l, safe_d)
-        this_min = tl.math.div_rn(sum_l2 * sum_x - sum_l * sum_xl, safe_d)
-        pos = this_min > 0.0
-        this_min = tl.where(pos, 0.0, this_min)
-        this_scale = tl.where(pos, tl.math.div_rn(sum_xl, tl.where(sum_l2 != 0.0, sum_l2, 1.0)), this_scale)
-        cur = _fit_error(x_ptr, qw_ptr, xoff, qoff, live, sigma2, av_x, this_scale, this_min, isc, mn,
-                         N, NMAX, HAS_QW, USE_MAD)
-        better = ok & (cur < best)
+            sum_l = sum_l + tl.load(p0 + i, mask=live, other=0.0)
+            sum_l2 = sum_l2 + tl.load(p1 + i, mask=live, other=0.0)
+            sum_xl = sum_xl + tl.load(p2 + i, mask=live, other=0.0)
+        if step < 0:
+            ok = zeros == 0.0
+            this_scale = _fdiv(1.0, isc)
+            this_min = mn
+        else:
+            D = sum_w * sum_l2 - sum_l * sum_l
+            ok = D > 0.0
+            safe_d = tl.where(ok, D, 1.0)
+            this_scale = tl.math.div_rn(sum_w * sum_xl - sum_x * sum_l, safe_d)
+            this_min = tl.math.div_rn(sum_l2 * sum_x - sum_l * sum_xl, safe_d)
+            pos = this_min > 0.0
+            this_min = tl.where(pos, 0.0, this_min)
+            this_scale = tl.where(pos, tl.math.div_rn(sum_xl, tl.where(sum_l2 != 0.0, sum_l2, 1.0)), this_scale)
+        diff = this_scale[:, :, None] * LF + this_min[:, :, None] - X
+        if USE_MAD:
+            diff = tl.abs(diff)
+        else:
+            diff = diff * diff
+        tl.debug_barrier()
+        tl.store(p0[:, :, None] + nn, W * diff, mask=live3)
+        tl.debug_barrier()
+        cur = zeros
+        for i in range(N):
+            cur = cur + tl.load(p0 + i, mask=live, other=0.0)
+        if step < 0:
+            better = ok
+        else:
+            better = ok & (cur < best)
         l_iscale = tl.where(better, isc, l_iscale)
         l_mn = tl.where(better, mn, l_mn)
         best = tl.where(better, cur, best)
@@ -315,13 +312,14 @@ def affine_k_quant_kernel(x_ptr, qw_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, lm_ptr,
             lm_r = tl.where(kk == j + 4, ((p8 >> 4) | ((p4 >> 6) << 4))[:, None], lm_r)
     dd = d.to(tl.float16).to(tl.float32)[:, None] * ls_r.to(tl.float32)
     dm = dmin.to(tl.float16).to(tl.float32)[:, None] * lm_r.to(tl.float32)
-    on = dd != 0.0
-    safe_dd = tl.where(on, dd, 1.0)
-    for i in range(N):
-        xi = tl.load(x_ptr + xoff + i, mask=live, other=0.0)
-        l = tl.minimum(tl.maximum(nearest_int(tl.math.div_rn(xi + dm, safe_dd)), 0), NMAX)
-        l0 = tl.where(flat, 0, _codes(l_iscale, l_mn, xi, NMAX))  # a sub-block whose scale is 0 keeps its fit
-        tl.store(q_ptr + xoff + i, tl.where(on, l, l0), mask=live)
+    on = (dd != 0.0)[:, :, None]
+    v = tl.math.div_rn(X + dm[:, :, None], tl.where(on, dd[:, :, None], 1.0)) + 12582912.0  # nearest_int, inline
+    L = tl.minimum(tl.maximum((v.to(tl.int32, bitcast=True) & 0x007FFFFF) - 0x00400000, 0), NMAX)
+    # a sub-block whose stored scale is 0 keeps the codes of its fit
+    v0 = l_iscale[:, :, None] * (X - l_mn[:, :, None]) + 12582912.0
+    L0 = tl.minimum(tl.maximum((v0.to(tl.int32, bitcast=True) & 0x007FFFFF) - 0x00400000, 0), NMAX)
+    L = tl.where(on, L, tl.where(flat[:, :, None], 0, L0))
+    tl.store(q_ptr + xoff[:, :, None] + nn, L, mask=live3)
     tl.store(d_ptr + sb, d, mask=live_sb)
     tl.store(dmin_ptr + sb, dmin, mask=live_sb)
     tl.store(ls_ptr + sb[:, None] * S + kk, ls, mask=live)

@@ -91,6 +91,41 @@ def test_symmetric_triton_kernels_are_byte_exact_with_ggml(type_name, with_imatr
     assert np.array_equal(ours, theirs), f"{(ours != theirs).sum()} bytes differ"
 
 
+def _affine_edge_rows() -> torch.Tensor:
+    """4 rows x 512 (8 super-blocks) of the blocks where the affine k-quants' rules bite: an all-zero
+    super-block (and negative zeros), constant blocks (positive: the minimum clamps to 0; negative: a flat
+    range), huge and tiny magnitudes, a negative-only super-block, an outlier beside an all-zero sub-block."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 512, generator=g) * 0.02
+    x[0, :256] = 0
+    x[0, 40:48] = -0.0
+    x[1, :256] = 0.01                               # constant, positive
+    x[1, 256:320] = -0.03                           # constant, negative (two Q4_K sub-blocks, four Q2_K ones)
+    x[1, 320:336] = 0.5                             # a constant Q2_K sub-block inside a varying Q4_K one
+    x[2, :256] = x[2, :256] * 5e5                   # huge (rounded to F16 below: up to ~6e4)
+    x[2, 256:] = x[2, 256:] * 1e-4                  # tiny (subnormal halves)
+    x[3, :256] = -x[3, :256].abs()                  # negative only
+    x[3, 300] = 2.0                                 # one outlier ...
+    x[3, 320:352] = 0                               # ... beside an all-zero sub-block
+    return x.clamp(-6e4, 6e4).half().float()
+
+
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q4_K", "Q5_K"])
+def test_affine_k_quant_kernel_is_byte_exact_with_ggml(type_name, with_imatrix):
+    """The Triton kernel of the affine k-quants (gguf_triton_affine.py), in the interpreter, against ggml."""
+    x = _affine_edge_rows()
+    imatrix = None
+    if with_imatrix:
+        imatrix = torch.rand(512, generator=torch.Generator().manual_seed(5)) ** 3 * 5
+        imatrix[7] = 0
+    ours = quantize_tensor(x, type_name, imatrix=imatrix, backend="triton").cpu().numpy()
+    theirs = ggml_quantize(type_name, x.numpy(), None if imatrix is None else imatrix.numpy())
+    assert ours.shape == theirs.shape
+    differ = np.flatnonzero((ours != theirs).any(axis=1))
+    assert differ.size == 0, f"rows {differ.tolist()} differ ({(ours != theirs).sum()} bytes)"
+
+
 def test_q6_k_on_a_real_model_tensor_is_byte_exact(stories_f16_rows):
     ours = quantize_tensor(stories_f16_rows, "Q6_K", backend="torch").numpy()
     assert np.array_equal(ours, ggml_quantize("Q6_K", stories_f16_rows.numpy()))
