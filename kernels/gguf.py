@@ -12,6 +12,14 @@ for the k-quants) and returns the bytes llama.cpp stores for them, uint8 [rows, 
     legacy types, and Q2_K, Q4_K, Q5_K always: the torch reference on every device, vectorized over
     blocks (no Triton kernel yet: the operations are IEEE float32 on CUDA as on the CPU, divisions true ones,
     so the bytes are the same). Q8_0 ignores an importance matrix, as ggml does.
+  * Q2_K, Q4_K, Q5_K (the affine k-quants), with or without an importance matrix: the Triton kernel
+    `affine_k_quant_kernel` (gguf_triton_affine.py) computes the scales, minimums and codes, the reference's
+    packers pack them;
+  * the legacy types with an importance matrix (`imatrix`, ggml's quant_weights: ggml's quantize_*_impl
+    searches), and Q3_K, Q6_K, IQ4_NL, IQ4_XS always: the torch reference on every device, vectorized over
+    blocks (no Triton kernel yet: their scale searches accumulate in element order, and coordinate descents
+    run element by element; the operations are IEEE float32 on CUDA as on the CPU, divisions true ones, so the
+    bytes are the same). Q8_0 ignores an importance matrix, as ggml does.
 What each rule is and why is in gguf_reference.py. Public functions take `backend="auto" | "triton" | "torch"`
 (`qaas.kernels.dispatch.use_triton`).
 """
@@ -25,7 +33,7 @@ from . import gguf_reference as R
 from . import gguf_triton as T
 from . import gguf_triton_symmetric as TS
 from . import gguf_triton_affine as TA
-from .dispatch import use_triton
+from .dispatch import interpreting, use_triton
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 LEGACY = {"Q8_0": T.Q8_0, "Q4_0": T.Q4_0, "Q4_1": T.Q4_1, "Q5_0": T.Q5_0, "Q5_1": T.Q5_1}
@@ -97,24 +105,36 @@ def _legacy_triton(x: torch.Tensor, type_name: str) -> torch.Tensor:
     return R.pack_legacy(type_name, d, m if with_min else None, q).reshape(rows, -1).contiguous()
 
 
+#: super-blocks a launch of the affine kernel takes at most: bounds its scratch (12 bytes a weight) and keeps
+#: its offsets in int32
+AFFINE_CHUNK = 1 << 18
+
+
 def _affine_triton(x: torch.Tensor, type_name: str, imatrix: torch.Tensor | None) -> torch.Tensor:
     """Q2_K / Q4_K / Q5_K: `affine_k_quant_kernel` computes the scales and codes, the reference's packers pack them."""
     rows, cols = x.shape
-    n = rows * cols // R.QK_K
+    per_row = cols // R.QK_K
+    n = rows * per_row
     kind, subs, width, nmax = TA.SHAPES[type_name]
     rmin, rdelta, nstep, use_mad = TA.SEARCH[type_name] if imatrix is None else TA.SEARCH_QW
     qw = None if imatrix is None else imatrix.to(device=x.device, dtype=torch.float32).contiguous()
     q = torch.empty((n, R.QK_K), dtype=torch.int32, device=x.device)
-    scratch = torch.empty((n, 3, R.QK_K), dtype=torch.float32, device=x.device)  # the kernel's sums' terms
     d = torch.empty(n, dtype=torch.float32, device=x.device)
     dmin = torch.empty(n, dtype=torch.float32, device=x.device)
     ls = torch.empty((n, subs), dtype=torch.int32, device=x.device)
     lm = torch.empty((n, subs), dtype=torch.int32, device=x.device)
-    blocks = 16
-    TA.affine_k_quant_kernel[(triton.cdiv(n, blocks),)](
-        x, x if qw is None else qw, scratch, q, d, dmin, ls, lm, n, cols // R.QK_K, KIND=kind, HAS_QW=qw is not None,
-        SB=blocks, S=subs, N=width, NMAX=nmax, RMIN=rmin, RDELTA=rdelta, NSTEP=nstep, USE_MAD=use_mad,
-        SIGMA_FACTOR=TA.SIGMA_FACTOR[type_name], num_warps=4, enable_fp_fusion=False)
+    step = max(1, AFFINE_CHUNK // per_row)  # rows a launch
+    scratch = torch.empty((min(rows, step) * per_row, 3, R.QK_K), dtype=torch.float32, device=x.device)
+    # fewer super-blocks a program on the GPU keeps its [SB, S, N] tiles in registers; the interpreter is
+    # fastest with few programs
+    blocks = 64 if interpreting() else 4
+    for r0 in range(0, rows, step):
+        a, b = r0 * per_row, min(rows, r0 + step) * per_row
+        TA.affine_k_quant_kernel[(triton.cdiv(b - a, blocks),)](
+            x[r0:r0 + step], x if qw is None else qw, scratch, q[a:b], d[a:b], dmin[a:b], ls[a:b], lm[a:b], b - a,
+            per_row, KIND=kind, HAS_QW=qw is not None, SB=blocks, S=subs, N=width, NMAX=nmax, RMIN=rmin,
+            RDELTA=rdelta, NSTEP=nstep, USE_MAD=use_mad, SIGMA_FACTOR=TA.SIGMA_FACTOR[type_name], num_warps=4,
+            enable_fp_fusion=False)
     if type_name == "Q2_K":
         out = R.pack_q2_k(d, dmin, R.q2_k_scale_bytes(ls, lm), q)
     else:

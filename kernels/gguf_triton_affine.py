@@ -95,8 +95,12 @@ def _qp_quants(x, qw, kk, NMAX: tl.constexpr, S: tl.constexpr):
     L = l & 0xFF
     wx = qw * x
     # coordinate descent: each code in turn moved where (sum w x l)^2 / (sum w l^2) grows, the others fixed;
-    # five passes (C stops at a pass that moves nothing, which would leave everything as it is anyway)
-    for _ in range(5):
+    # at most five passes. C stops a row at a pass that moves nothing; here the program stops when no row
+    # moved (a pass over a row that did not move in the last one leaves it as it is)
+    passes = tl.zeros([], tl.int32)
+    moved = tl.zeros([], tl.int32) + 1
+    while (moved > 0) & (passes < 5):
+        took = tl.zeros([x.shape[0]], tl.int32)
         for i in range(S):
             at = kk == i
             # the columns i, taken inline (a call costs in the interpreter)
@@ -117,6 +121,9 @@ def _qp_quants(x, qw, kk, NMAX: tl.constexpr, S: tl.constexpr):
             L = tl.where(at & take[:, None], (new_l & 0xFF)[:, None], L)
             sumlx = tl.where(take, slx, sumlx)
             suml2 = tl.where(take, sl2, suml2)
+            took = took | take.to(tl.int32)
+        moved = tl.max(took, axis=0)
+        passes += 1
     scale = tl.where(suml2 > 0.0, tl.math.div_rn(sumlx, tl.where(suml2 > 0.0, suml2, 1.0)), 0.0)
     return tl.where(zero, 0.0, scale), tl.where(zero[:, None], 0, L)
 

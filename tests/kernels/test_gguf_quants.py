@@ -11,6 +11,7 @@ import pytest
 import torch
 from support.ggml_oracle import ggml_quantize
 
+from qaas.kernels import gguf as gguf_kernels
 from qaas.kernels.gguf import LEGACY, quantize_tensor, round_float
 
 
@@ -92,11 +93,13 @@ def test_symmetric_triton_kernels_are_byte_exact_with_ggml(type_name, with_imatr
 
 
 def _affine_edge_rows() -> torch.Tensor:
-    """4 rows x 512 (8 super-blocks) of the blocks where the affine k-quants' rules bite: an all-zero
-    super-block (and negative zeros), constant blocks (positive: the minimum clamps to 0; negative: a flat
-    range), huge and tiny magnitudes, a negative-only super-block, an outlier beside an all-zero sub-block."""
+    """32 rows x 512 (64 super-blocks, one program of the interpreter's launch): random rows, and in the first
+    four the blocks where the affine k-quants' rules bite: an all-zero super-block (and negative zeros),
+    constant blocks (positive: the minimum clamps to 0; negative: a flat range), huge and tiny magnitudes, a
+    negative-only super-block, an outlier beside an all-zero sub-block."""
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(4, 512, generator=g) * 0.02
+    x = torch.randn(32, 512, generator=g) * 0.02
+    x[16:] = torch.rand(16, 512, generator=g) ** 4 - 0.1  # skewed rows: mostly small, a long positive tail
     x[0, :256] = 0
     x[0, 40:48] = -0.0
     x[1, :256] = 0.01                               # constant, positive
@@ -124,6 +127,16 @@ def test_affine_k_quant_kernel_is_byte_exact_with_ggml(type_name, with_imatrix):
     assert ours.shape == theirs.shape
     differ = np.flatnonzero((ours != theirs).any(axis=1))
     assert differ.size == 0, f"rows {differ.tolist()} differ ({(ours != theirs).sum()} bytes)"
+
+
+def test_affine_k_quant_kernel_in_launches_of_a_few_rows(monkeypatch):
+    """A tensor taken in several launches (gguf.AFFINE_CHUNK super-blocks each) gives the same bytes: each
+    launch's importance columns start at its first row."""
+    monkeypatch.setattr(gguf_kernels, "AFFINE_CHUNK", 2)
+    x = _affine_edge_rows()[:2]
+    imatrix = torch.rand(512, generator=torch.Generator().manual_seed(6)) + 0.1
+    ours = quantize_tensor(x, "Q2_K", imatrix=imatrix, backend="triton").cpu().numpy()
+    assert np.array_equal(ours, ggml_quantize("Q2_K", x.numpy(), imatrix.numpy()))
 
 
 def test_q6_k_on_a_real_model_tensor_is_byte_exact(stories_f16_rows):
