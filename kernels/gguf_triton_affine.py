@@ -266,7 +266,7 @@ def affine_k_quant_kernel(x_ptr, qw_ptr, t_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, 
         scale = tl.where(better, this_scale, scale)
         mn = tl.where(better, this_min, mn)
     scales = tl.where(flat, 0.0, scale)
-    mins = -tl.where(flat, lo, mn)
+    mins = tl.where(flat, lo, mn) * -1.0  # exact negation: compiled, a unary minus is 0 - x, +0.0 for +0.0
 
     # the super-block's scales
     if HAS_QW:
