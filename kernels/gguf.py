@@ -8,18 +8,13 @@ for the k-quants) and returns the bytes llama.cpp stores for them, uint8 [rows, 
   * Q3_K, Q6_K, IQ4_NL, IQ4_XS (scales, no minimum), with or without an importance matrix: the Triton kernels
     of gguf_triton_symmetric.py compute codes and scales (ggml's searches step by step: sums in element
     order, the coordinate descent element by element), the reference's packers pack them;
-  * with an importance matrix (`imatrix`, ggml's quant_weights: ggml's quantize_*_impl searches) for the
-    legacy types, and Q2_K, Q4_K, Q5_K always: the torch reference on every device, vectorized over
-    blocks (no Triton kernel yet: the operations are IEEE float32 on CUDA as on the CPU, divisions true ones,
-    so the bytes are the same). Q8_0 ignores an importance matrix, as ggml does.
-  * Q2_K, Q4_K, Q5_K (the affine k-quants), with or without an importance matrix: the Triton kernel
-    `affine_k_quant_kernel` (gguf_triton_affine.py) computes the scales, minimums and codes, the reference's
-    packers pack them;
+  * Q2_K, Q4_K, Q5_K (the affine k-quants: a minimum a sub-block), with or without an importance matrix: the
+    Triton kernel `affine_k_quant_kernel` (gguf_triton_affine.py) computes scales, minimums and codes, the
+    reference's packers pack them;
   * the legacy types with an importance matrix (`imatrix`, ggml's quant_weights: ggml's quantize_*_impl
-    searches), and Q3_K, Q6_K, IQ4_NL, IQ4_XS always: the torch reference on every device, vectorized over
-    blocks (no Triton kernel yet: their scale searches accumulate in element order, and coordinate descents
-    run element by element; the operations are IEEE float32 on CUDA as on the CPU, divisions true ones, so the
-    bytes are the same). Q8_0 ignores an importance matrix, as ggml does.
+    searches): the torch reference on every device, vectorized over blocks (the operations are IEEE float32
+    on CUDA as on the CPU, divisions true ones, so the bytes are the same). Q8_0 ignores an importance
+    matrix, as ggml does.
 What each rule is and why is in gguf_reference.py. Public functions take `backend="auto" | "triton" | "torch"`
 (`qaas.kernels.dispatch.use_triton`).
 """
@@ -31,8 +26,8 @@ import triton
 
 from . import gguf_reference as R
 from . import gguf_triton as T
-from . import gguf_triton_symmetric as TS
 from . import gguf_triton_affine as TA
+from . import gguf_triton_symmetric as TS
 from .dispatch import interpreting, use_triton
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
