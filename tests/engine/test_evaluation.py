@@ -94,8 +94,8 @@ def test_gptq_calibrated_on_the_default_text_is_evaluated_only_where_calibration
     ev = r["evaluation"]
     assert ev["text_sha256"] == eval_text.packaged_sha256()
     assert ev["windows"] == 4 and ev["windows_left_out"] >= 1
-    assert ev["perplexity_after"] > 1 and "GPTQ reader" in ev["quantized_loaded_with"]
-    assert "exported checkpoint as written" in ev["measured"]["quantized"]
+    assert ev["perplexity_after"] > 1 and ev["mode"] == "streamed beside the quantization"
+    assert "as the checkpoint stores them" in ev["measured"]["quantized"]
 
 
 def test_job_eval_text_is_used_and_never_the_calibration_dataset(tmp_path):
@@ -141,3 +141,77 @@ def test_streamed_pass_holds_one_block_at_a_time(monkeypatch):
     streamed, whole = _streamed_vs_whole(STORIES, data, 4096)
     assert alive_at_load == [0, 0, 0, 0, 0]  # five blocks, each loaded into an otherwise empty device
     assert streamed.perplexity == pytest.approx(whole, rel=1e-5)
+
+
+def _gptq_evaluated(src, out, **opts):
+    """A GPTQ job on `src` evaluated on 3 windows of the packaged text, on the CPU."""
+    options = EngineOptions(device="cpu", allowed_roots=(str(ASSETS), str(src)), eval_max_windows=3,
+                            eval_seqlen=128, **opts)
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "dataset": str(WIKITEXT), "nsamples": 8,
+          "model_seqlen": 128}
+    return quantize({"path": str(src)}, qc, out, options=options)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_fp16(tmp_path_factory):
+    """A float16 checkpoint (untied head): its embeddings are stored as they are, so both of the evaluation's
+    streams start from the one capture."""
+    from transformers import LlamaConfig
+
+    from .conftest import save_random_model
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    return save_random_model(tmp_path_factory.mktemp("tiny_llama_fp16"), cfg, seed=3, dtype=torch.float16,
+                             tokenizer_from=STORIES)
+
+
+@pytest.mark.parametrize("model", ["stories260K", "tiny_llama_fp16"])
+def test_gptq_evaluated_beside_the_quantization_equals_the_exported_files_read_back(model, tmp_path, request):
+    """The windows ride GPTQ's block stream (the original through each block before it is quantized, the
+    quantized after, every tensor as stored): the same perplexities as the streamed passes over the source and
+    over the exported files read back, and as the whole-model evaluation; the same checkpoint written."""
+    src = STORIES if model == "stories260K" else request.getfixturevalue(model)
+    beside = _gptq_evaluated(src, tmp_path / "beside")
+    read_back = _gptq_evaluated(src, tmp_path / "read_back", eval_read_back=True)
+    whole = _gptq_evaluated(src, tmp_path / "whole", eval_streamed=False)
+    b, r, w = beside["evaluation"], read_back["evaluation"], whole["evaluation"]
+    assert b["mode"] == "streamed beside the quantization" and r["mode"] == "streamed block by block"
+    assert "in the quantization's block stream" in b["measured"]["quantized"]
+    assert "eval_read_back=True" in b["measured"]["quantized"]
+    assert b["windows"] == r["windows"] == 3 and b["text_sha256"] == r["text_sha256"]
+    assert b["perplexity_before"] == pytest.approx(r["perplexity_before"], rel=1e-5)
+    assert b["perplexity_before"] == pytest.approx(w["perplexity_before"], rel=1e-5)
+    assert b["perplexity_after"] == pytest.approx(r["perplexity_after"], rel=1e-5)
+    assert b["perplexity_after"] == pytest.approx(w["perplexity_after"], rel=1e-5)
+    assert b["perplexity_after"] != pytest.approx(b["perplexity_before"], rel=1e-4)  # it measured the quantized
+    assert set(b["seconds"]) >= {"original", "quantized", "total"} and b["seconds"]["total"] > 0
+    assert beside["layer_errors"] == read_back["layer_errors"]  # the evaluation never touched the quantization
+    shards = sorted(p.name for p in (tmp_path / "beside").glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in (tmp_path / "read_back").glob("*.safetensors"))
+    for name in shards:
+        assert (tmp_path / "beside" / name).read_bytes() == (tmp_path / "read_back" / name).read_bytes()
+
+
+def test_evaluation_beside_the_quantization_reports_its_stage_after_the_blocks(tiny_llama_fp16, tmp_path):
+    """The windows' block passes happen inside the quantize stage without events of their own (its progress is
+    the blocks'); the evaluate stage that follows is the two heads, a step each, with their perplexities."""
+    from .conftest import RecordingReporter
+
+    rec = RecordingReporter()
+    options = EngineOptions(device="cpu", allowed_roots=(str(ASSETS), str(tiny_llama_fp16)), eval_max_windows=2,
+                            eval_seqlen=64)
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "dataset": str(WIKITEXT), "nsamples": 4,
+          "model_seqlen": 64}
+    ev = quantize({"path": str(tiny_llama_fp16)}, qc, tmp_path / "out", options=options, reporter=rec)["evaluation"]
+    assert rec.stages == ["resolve", "load", "calibrate", "quantize", "evaluate", "export"]
+    at = [i for i, e in enumerate(rec.events) if e[0] == "stage"]
+    stage_of = {name: rec.events[a + 1 : b] for name, a, b in zip(rec.stages, at, at[1:] + [len(rec.events)])}
+    assert ("stage", "evaluate", 2) in rec.events
+    heads = [e for e in stage_of["evaluate"] if e[0] == "progress"]
+    assert [(e[1], e[2]) for e in heads] == [(1, 2), (2, 2)]
+    assert [e[3]["perplexity"] for e in heads] == [ev["perplexity_before"], ev["perplexity_after"]]
+    blocks = [e for e in stage_of["quantize"] if e[0] == "progress" and e[3] and "layers" in e[3]]
+    assert [(e[1], e[2]) for e in blocks] == [(1, 3), (2, 3), (3, 3)]
+    assert all(e[2] == 3 for e in stage_of["quantize"] if e[0] == "progress")

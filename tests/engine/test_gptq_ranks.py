@@ -23,7 +23,9 @@ GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "
 
 
 def _run(source, out, gpus: int) -> dict:
-    opts = EngineOptions(device="cpu", allowed_roots=(str(ASSETS), str(source.parent)), evaluate=False, gpus=gpus)
+    # evaluated beside the quantization (`beside_eval`): rank 0 alone runs the evaluation windows
+    opts = EngineOptions(device="cpu", allowed_roots=(str(ASSETS), str(source.parent)), gpus=gpus,
+                         eval_max_windows=2, eval_seqlen=64)
     return quantize({"path": str(source)}, GPTQ, out, options=opts)
 
 
@@ -34,6 +36,9 @@ def test_two_gloo_ranks_write_the_bytes_one_process_writes(tiny_llama_dir, tmp_p
     a, b = (tmp_path / "one" / "model.safetensors").read_bytes(), (tmp_path / "two" / "model.safetensors").read_bytes()
     assert len(a) == len(b) and a == b
     assert one["layer_errors"] == two["layer_errors"]
+    e1, e2 = one["evaluation"], two["evaluation"]
+    assert e1["mode"] == e2["mode"] == "streamed beside the quantization"
+    assert (e1["perplexity_before"], e1["perplexity_after"]) == (e2["perplexity_before"], e2["perplexity_after"])
 
 
 def test_the_shards_and_the_split_of_the_layers():

@@ -52,6 +52,11 @@ class EngineOptions:
     #: from the exported files by the method's format reader); False: the whole model at once, quantized
     #: model loaded by `method.load_for_evaluation`.
     eval_streamed: bool = True
+    #: With eval_streamed, for a method that evaluates beside its quantization (GPTQ, `beside_eval`: the windows
+    #: ride its block stream, the weights streamed once): True evaluates the quantized model from the exported
+    #: files read back by the method's format reader, in passes of their own after the quantization, which
+    #: proves the files as written at the cost of streaming the weights twice more.
+    eval_read_back: bool = False
     #: At most this many non-overlapping windows of eval_seqlen tokens.
     eval_max_windows: int = 16
     #: Window length; None = min(2048, the model's max_position_embeddings).

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .architecture import inspect_model, load_hf_config
+from .beside_eval import EvaluationBeside
 from .checkpoint import CheckpointReader, ShardedWriter
 from .errors import InvalidConfig
 from .evaluate import choose_text, default_seqlen, load_eval_data, load_original_model, perplexity
@@ -129,6 +130,13 @@ def quantize(
             reader=reader, writer=writer, layout=layout, device=device, reporter=clock,
             options=options, work_dir=staged.path,
         )
+        if (eval_text is not None and options.eval_streamed and not options.eval_read_back
+                and getattr(method, "evaluates_beside", False)):
+            # the evaluation windows ride the method's own block stream (`beside_eval`); the data is read once
+            # the calibration windows are known (the method calls `begin` then)
+            ctx.evaluation_beside = EvaluationBeside(
+                layout, reader, device, lambda: _eval_data(ctx, clock, config, eval_text),
+                allow_remote_code=options.allow_remote_code)
 
         # quantize counts blocks; an earlier method stage (GPTQ's calibrate) reports a count of its own
         clock.stage(method_stages[0], total=layout.num_blocks if method_stages[0] == "quantize" else None)
@@ -149,7 +157,13 @@ def quantize(
         clock.check_cancelled()
 
         evaluation = None
-        if eval_text is not None and hasattr(method, "evaluate_outputs"):
+        beside = ctx.evaluation_beside
+        if beside is not None and beside.began:
+            if beside.skipped is None:
+                clock.stage("evaluate", total=2, message=f"{beside.data.windows} windows of {beside.data.seqlen} "
+                                                         "tokens, beside the quantization's blocks")
+            evaluation = beside.finish(clock)
+        elif eval_text is not None and hasattr(method, "evaluate_outputs"):
             # a method whose outputs another runtime evaluates (GGUF through llama.cpp); `load_eval_data` takes
             # the chosen text where it takes a path
             evaluation = method.evaluate_outputs(ctx, staged.path, eval_text, clock)
@@ -220,10 +234,9 @@ def _check_eval_text(options: EngineOptions, fields: dict[str, Any]) -> None:
         raise InvalidConfig(f"eval_text: {exc.message}", field="eval_text") from None
 
 
-def _evaluate(ctx: EngineContext, method: Any, staged_dir: Path, clock: _StageClock,
-              config: dict[str, Any], text: Any) -> dict[str, Any]:
-    """Perplexity before/after on the same windows; block by block unless the options or the method say
-    otherwise. A text left with no window (all of it in the calibration set) skips evaluation, saying why."""
+def _eval_data(ctx: EngineContext, clock: _StageClock, config: dict[str, Any], text: Any) -> Any:
+    """The evaluation windows (`EvalData`), leaving out those that share text with the calibration windows; or,
+    when the text is left with no window (all of it in the calibration set), the result that says why."""
     options = ctx.options
     seqlen = default_seqlen(config, options.eval_seqlen)
     try:
@@ -239,6 +252,18 @@ def _evaluate(ctx: EngineContext, method: Any, staged_dir: Path, clock: _StageCl
         clock.log(f"evaluation: {data.left_out} windows of {text.source} left out, they share text with the "
                   f"calibration data; {data.windows} evaluated", level="warning",
                   data={"windows_left_out": data.left_out})
+    return data
+
+
+def _evaluate(ctx: EngineContext, method: Any, staged_dir: Path, clock: _StageClock,
+              config: dict[str, Any], text: Any) -> dict[str, Any]:
+    """Perplexity before/after on the same windows, after the quantization; block by block unless the options or
+    the method say otherwise. A text left with no window skips evaluation, saying why."""
+    options = ctx.options
+    data = _eval_data(ctx, clock, config, text)
+    if isinstance(data, dict):
+        return data
+    seqlen = data.seqlen
     read_back = getattr(method, "read_back_weight", None)
     if options.eval_streamed and read_back is not None:
         return _evaluate_streamed(ctx, method, staged_dir, clock, data)
@@ -266,9 +291,10 @@ def _evaluate(ctx: EngineContext, method: Any, staged_dir: Path, clock: _StageCl
 
 def _evaluate_streamed(ctx: EngineContext, method: Any, staged_dir: Path, clock: _StageClock,
                        data: Any) -> dict[str, Any]:
-    """Both passes block by block (`streamed_eval`): the original from the source checkpoint, the quantized
-    model from the exported files as written, every quantized layer dequantized by the method's format
-    reader (`read_back_weight`) and every other tensor as stored."""
+    """Both passes block by block (`streamed_eval`), after the quantization: the original from the source
+    checkpoint, the quantized model from the exported files as written, every quantized layer dequantized by
+    the method's format reader (`read_back_weight`) and every other tensor as stored. (A method that evaluates
+    beside its quantization comes here only with `EngineOptions(eval_read_back=True)`.)"""
     layout, device = ctx.layout, ctx.device
     dtype = eval_dtype(ctx.config, device)
     ev = StreamedEvaluator(layout, data, device=device, dtype=dtype, allow_remote_code=ctx.options.allow_remote_code)

@@ -12,7 +12,10 @@ its blocks (logit soft-capping, scaling) are the model's own code, and the numbe
 evaluation (`evaluate.perplexity`) within float tolerance.
 
 Where a block's tensors come from is the caller's `load(names) -> {name: tensor}`: the source checkpoint for the
-original model, the exported files read back by the method's format reader for the quantized one.
+original model, the exported files read back by the method's format reader for the quantized one. Or the caller
+holds the blocks itself and uses the parts of a pass (`outside_model`, `start`, `through`, `head`): the
+evaluation beside the quantization (`beside_eval`) runs the windows through each block while the quantization
+holds it.
 
 Blocks of different types (sliding-window and full attention layers) get the mask and position inputs of their
 own type: they are computed for the first block of each type, from the embeddings, once per pass.
@@ -84,8 +87,32 @@ class StreamedPass:
     nll: list[float]
 
 
+@dataclass
+class WindowStream:
+    """The evaluation windows of one model on their way through its blocks."""
+
+    #: Hidden states per batch of windows, after the blocks run so far (replaced block by block).
+    hidden: list[torch.Tensor]
+    #: The blocks' other inputs (mask, positions) per batch, for every block type (`layer_types`).
+    inputs_by_type: dict[Any, list[tuple[tuple, dict]]]
+    #: Where the hidden states live between blocks (the device, or the CPU when they do not fit).
+    store: torch.device
+    #: Whether the blocks return a tuple (the head's stand-in answers alike).
+    as_tuple: bool = False
+
+    def copy(self) -> "WindowStream":
+        """A second stream starting where this one is (the block inputs besides the hidden states are only
+        read, never written: they are shared)."""
+        return WindowStream([h.clone() for h in self.hidden], self.inputs_by_type, self.store, self.as_tuple)
+
+
 class StreamedEvaluator:
-    """Perplexity of the model described by `layout`, block by block (see the module docstring)."""
+    """Perplexity of the model described by `layout`, block by block (see the module docstring).
+
+    `run` is one whole pass with the tensors a loader gives. Its parts serve a caller that holds the blocks
+    itself (`beside_eval`: the quantization's own block stream): `outside_model` (the model without its
+    blocks), `start` (the windows up to the first block), `through` (every window through one live block),
+    `head` (the model's own forward after the blocks: the NLLs)."""
 
     def __init__(self, layout: ModelLayout, data: EvalData, *, device: torch.device, dtype: torch.dtype,
                  allow_remote_code: bool = False, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> None:
@@ -99,17 +126,17 @@ class StreamedEvaluator:
         """Progress steps of one pass: every block, then the head."""
         return self.layout.num_blocks + 1
 
-    def _store(self) -> torch.device:
-        """Where the windows' hidden states live between blocks: the device when they take under a quarter of
-        its free memory, else the CPU."""
+    def _store(self, streams: int = 1) -> torch.device:
+        """Where the windows' hidden states live between blocks: the device when `streams` of them take under a
+        quarter of its free memory, else the CPU."""
         if self.device.type != "cuda":
             return self.device
         hidden = int(getattr(self.layout.hf_config.get_text_config(), "hidden_size", 0) or 0)
-        need = self.data.tokens * hidden * torch.finfo(self.dtype).bits // 8
+        need = streams * self.data.tokens * hidden * torch.finfo(self.dtype).bits // 8
         free, _ = torch.cuda.mem_get_info(self.device)
         return self.device if need < free // 4 else torch.device("cpu")
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -117,21 +144,12 @@ class StreamedEvaluator:
     def run(self, load: TensorLoader, *, reporter: Reporter | None = None, step_offset: int = 0,
             total_steps: int | None = None, label: str = "") -> StreamedPass:
         """One pass over every window with the tensors `load` gives; progress reported per block."""
-        layout, device, dtype = self.layout, self.device, self.dtype
+        layout, device = self.layout, self.device
         total = total_steps or self.steps
-        self._sync()
+        self.sync()
         t0 = time.perf_counter()
-        meta = build_meta_model(layout.hf_config, allow_remote_code=self.allow_remote_code)
-        outside = load(list(layout.pre_tensors) + list(layout.post_tensors))
-        capture = BlockInputCapture(meta, layout.block_name, outside, device=device, dtype=dtype)
-        del outside
-        model = capture.model
-        if layout.tied_embeddings:  # to_empty gave the head its own (empty) weight: share the embeddings again
-            model.get_output_embeddings().weight = model.get_input_embeddings().weight
-        store = self._store()
-        hidden, rest = capture.capture(self.batches, [], 0, store)
-        rest_by_type = self._inputs_per_block_type(capture, store, rest)
-        as_tuple = False
+        capture = self.outside_model(load(list(layout.pre_tensors) + list(layout.post_tensors)))
+        stream = self.start(capture)
         # the next block's tensors are read (and, for the quantized model, dequantized) while this one runs;
         # only the loader thread touches `load` meanwhile
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-load")
@@ -149,8 +167,12 @@ class StreamedEvaluator:
                 nxt = binfo.index + 1
                 pending = (pool.submit(load_block, layout.blocks[nxt].tensor_names) if nxt < layout.num_blocks
                            else None)
-                as_tuple = self._run_block(capture, binfo, tensors, hidden, rest, rest_by_type, store)
+                prefix = binfo.prefix
+                block = materialize_block(capture.blocks[binfo.index],
+                                          {k[len(prefix) + 1 :]: v for k, v in tensors.items()}, device, self.dtype)
                 del tensors
+                self.through(stream, block, binfo.index)
+                block.to("meta")
                 if reporter is not None:
                     reporter.progress(step_offset + binfo.index + 1, total,
                                       message=f"{label} block {binfo.index + 1}/{layout.num_blocks}".strip())
@@ -158,16 +180,45 @@ class StreamedEvaluator:
             if pending is not None:
                 pending.cancel()
             pool.shutdown(wait=True)
-        nll = self._head(capture, hidden, as_tuple)
-        self._sync()
+        nll = self.head(capture, stream)
+        self.sync()
         seconds = time.perf_counter() - t0
+        ppl = math.exp(sum(nll) / len(nll))
         if reporter is not None:
             reporter.progress(step_offset + self.steps, total, message=f"{label} head".strip(),
-                              metrics={"perplexity": math.exp(sum(nll) / len(nll)), "seconds": round(seconds, 3)})
-        del hidden, rest, capture, model
+                              metrics={"perplexity": ppl, "seconds": round(seconds, 3)})
+        del stream, capture
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return StreamedPass(float(math.exp(sum(nll) / len(nll))), seconds, nll)
+        return StreamedPass(float(ppl), seconds, nll)
+
+    def outside_model(self, tensors: dict[str, torch.Tensor]) -> BlockInputCapture:
+        """The model without its blocks on the device, with `tensors` (those before the blocks are enough to
+        `start`; `head` needs those after them too)."""
+        meta = build_meta_model(self.layout.hf_config, allow_remote_code=self.allow_remote_code)
+        capture = BlockInputCapture(meta, self.layout.block_name, tensors, device=self.device, dtype=self.dtype)
+        if self.layout.tied_embeddings:  # to_empty gave the head its own (empty) weight: share the embeddings again
+            capture.model.get_output_embeddings().weight = capture.model.get_input_embeddings().weight
+        return capture
+
+    @torch.no_grad()
+    def start(self, capture: BlockInputCapture, *, streams: int = 1) -> WindowStream:
+        """Every window up to the first block (`capture`: a model without its blocks holding the embeddings),
+        and the other inputs of every block type; kept where `streams` such streams fit."""
+        store = self._store(streams)
+        hidden, rest = capture.capture(self.batches, [], 0, store)
+        return WindowStream(hidden, self._inputs_per_block_type(capture, store, rest), store)
+
+    @torch.no_grad()
+    def through(self, stream: WindowStream, block: torch.nn.Module, index: int) -> None:
+        """Every batch of windows through one live block (block `index`, on the device, in this evaluator's
+        dtype); the stream's hidden states replaced."""
+        hidden = stream.hidden
+        for j, (args, kw) in enumerate(stream.inputs_by_type.get(self._block_type(index),
+                                                                 stream.inputs_by_type[self._block_type(0)])):
+            out = block(hidden[j].to(self.device), *args, **kw)
+            stream.as_tuple = isinstance(out, (tuple, list))
+            hidden[j] = (out[0] if stream.as_tuple else out).to(stream.store)
 
     def _onto_device(self, load: TensorLoader) -> TensorLoader:
         """On CUDA, the loader thread also copies the block's tensors to the device, on a stream of its own, so
@@ -183,20 +234,6 @@ class StreamedEvaluator:
             return out
 
         return loaded
-
-    def _run_block(self, capture: BlockInputCapture, binfo: Any, tensors: dict[str, torch.Tensor],
-                   hidden: list[torch.Tensor], rest: list, rest_by_type: dict, store: torch.device) -> bool:
-        """Every batch of windows through one block (its hidden states replaced in place); the block freed."""
-        device, dtype, prefix = self.device, self.dtype, binfo.prefix
-        block = materialize_block(capture.blocks[binfo.index], {k[len(prefix) + 1 :]: v for k, v in tensors.items()},
-                                  device, dtype)
-        as_tuple = False
-        for j, (args, kw) in enumerate(rest_by_type.get(self._block_type(binfo.index), rest)):
-            out = block(hidden[j].to(device), *args, **kw)
-            as_tuple = isinstance(out, (tuple, list))
-            hidden[j] = (out[0] if as_tuple else out).to(store)
-        block.to("meta")
-        return as_tuple
 
     def _block_type(self, index: int) -> Any:
         types = getattr(self.layout.hf_config.get_text_config(), "layer_types", None)
@@ -216,10 +253,14 @@ class StreamedEvaluator:
                                                store)
         return out
 
-    def _head(self, capture: BlockInputCapture, hidden: list[torch.Tensor], as_tuple: bool) -> list[float]:
-        """The model's own forward after its blocks, window by window (logits of one window at a time)."""
+    @torch.no_grad()
+    def head(self, capture: BlockInputCapture, stream: WindowStream) -> list[float]:
+        """The model's own forward after its blocks, window by window (logits of one window at a time), on the
+        stream's last hidden states: each window's mean next-token NLL. `capture` holds every tensor outside the
+        blocks."""
         parent, attr = capture._parent, capture._attr
-        replay = _Replay(capture.blocks[len(capture.blocks) - 1], as_tuple)
+        hidden = stream.hidden
+        replay = _Replay(capture.blocks[len(capture.blocks) - 1], stream.as_tuple)
         setattr(parent, attr, torch.nn.ModuleList([replay]))
         nll: list[float] = []
         try:

@@ -106,6 +106,9 @@ class EngineContext:
     #: "calibration_windows" (`[samples, seqlen]` token ids): set by a method that calibrates, so that
     #: evaluation leaves out the windows sharing text with them.
     state: dict[str, Any] = field(default_factory=dict)
+    #: The evaluation run beside the quantization (`beside_eval.EvaluationBeside`), for a method that
+    #: `evaluates_beside` when the job evaluates streamed and not from the exported files read back; else None.
+    evaluation_beside: Any = None
 
 
 @dataclass
@@ -168,7 +171,10 @@ class QuantizationMethod(Protocol):
         The whole-model path (`EngineOptions(eval_streamed=False)`). The pipeline evaluates block by block when
         the method also has `read_back_weight(ctx, reader, module) -> Tensor [out, in] | None`: the weight of one
         layer dequantized by the method's format reader from the exported files (`reader` reads `out_dir`),
-        None for a layer it did not quantize; `read_back_name` says in words which reader that is."""
+        None for a layer it did not quantize; `read_back_name` says in words which reader that is. A method that
+        holds each block once (GPTQ) may set `evaluates_beside = True`: it then runs `ctx.evaluation_beside`'s
+        windows through each block while it holds it (`beside_eval`), and the exported files are read back only
+        with `EngineOptions(eval_read_back=True)`."""
 
 
 class CalibratedBlockRun(Protocol):

@@ -35,6 +35,9 @@ class GPTQMethod:
         run_calibrated_blocks(ctx, GPTQRun(ctx, ranks))
 
     # -- evaluation ----------------------------------------------------------------------------------------
+    #: The evaluation windows ride the block loop (`beside_eval`); the exported files are read back
+    #: (`read_back_weight`) only with `EngineOptions(eval_read_back=True)`.
+    evaluates_beside = True
     read_back_name = "qaas' GPTQ reader (qweight, qzeros, scales, g_idx unpacked as GPTQ v1/v2 loaders do)"
 
     def read_back_weight(self, ctx: EngineContext, reader: Any, module: str) -> torch.Tensor | None:

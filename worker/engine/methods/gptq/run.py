@@ -7,7 +7,9 @@
    accumulate the Hessians of the group's inputs shard by shard (`hessian.sum_over_shards`), quantize each layer
    (`quantize_group`: `compute_layer` -- GPTQ, pack -- on the layer's rank, `apply_layer` -- write, put the
    quantized weight into the live block -- everywhere); then run the *quantized* block to produce the next
-   block's inputs and write the block's unquantized tensors;
+   block's inputs and write the block's unquantized tensors. With the evaluation beside the quantization
+   (`beside_eval`, `ctx.evaluation_beside`), the evaluation windows go through each block too: the original
+   model's just after it is loaded, the quantized model's once all its layers are quantized (rank 0 alone);
 
 On several GPUs (`options.gpus`) every rank runs these same steps (`ranks`): its own shards of the calibration
 batches through each block, its share of the layers; rank 0 alone reads the calibration data, plans, reports
@@ -81,6 +83,8 @@ class GPTQRun:
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
         self.clock = PhaseTimer(self.device, self.timings)
+        #: The evaluation windows riding this run's blocks (`beside_eval`): rank 0 alone runs them.
+        self.beside = ctx.evaluation_beside if self.ranks.first else None
         self.quantized: list[str] = []
         self.errors: dict[str, float] = {}
         #: The plan, made on the first block: layers kept in float16 (block-relative names, why), and the
@@ -160,6 +164,8 @@ class GPTQRun:
         with self.clock("capture first-block inputs"):
             capture = BlockInputCapture(meta, self.layout.block_name, pre, device=self.device, dtype=self.dtype)
             hidden, rest = capture.capture(batches, [], 0, store)
+        if self.beside is not None:  # the evaluation windows up to the first block, by the same capture
+            self.beside.begin(capture, pre, dtype=self.dtype, stored=stored_float)
         self.rep.progress(2, 2, message="first-block inputs captured")
         for name, t in pre.items():
             self.write(name, stored_float(t))
@@ -219,6 +225,8 @@ class GPTQRun:
                              shards=inputs.shards)
         if self.groups is None:
             self._plan(block, linears, inputs)
+        if self.beside is not None:  # the original model's windows, through the block before it is quantized
+            self.beside.before(block, bi)
         written: set[str] = set()
         block_metrics: dict[str, Any] = {}
         for classes in self.groups:
@@ -233,6 +241,10 @@ class GPTQRun:
         if bi + 1 < n and self.cache_outputs:
             with self.clock("forward quantized block"):
                 inputs.hidden = runner.forward_all()
+        if self.beside is not None:  # the quantized model's windows, every tensor of the block as stored
+            quantized = {linears[r].weight_name for g in self.groups for cls in g for r in cls}
+            self.beside.after(block, bi, {k[len(prefix) + 1 :]: stored_float(t) for k, t in tensors.items()
+                                          if k not in quantized})
         with self.clock("pack + write"):
             for name, t in tensors.items():
                 if name not in written:
