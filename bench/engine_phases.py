@@ -37,10 +37,14 @@ GPTQ_PHASES = {
     "ShardedWriter.add": "pack + write",
     "BlockRunner.forward_all": "forward (quantized block)",
 }
-#: the evaluation stage: both passes streamed block by block (original, then the exported files read back)
+#: the evaluation: beside the quantization (GPTQ's default: the windows through each block the job holds, the
+#: heads in the evaluate stage), or with eval_read_back both passes streamed after it (original, then the
+#: exported files read back); the windows' block passes and heads are common to both
 EVAL_PHASES = {
-    "StreamedEvaluator.run": "eval: streamed passes",
-    "StreamedEvaluator._head": "eval: head (logits, NLL)",
+    "StreamedEvaluator.run": "eval: streamed passes (read back)",
+    "StreamedEvaluator.start": "eval: windows to the first block",
+    "StreamedEvaluator.through": "eval: windows through the blocks",
+    "StreamedEvaluator.head": "eval: head (logits, NLL)",
     "GPTQMethod.read_back_weight": "eval: read back quantized layers",
 }
 PREFIX = "phase: "

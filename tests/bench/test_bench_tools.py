@@ -178,17 +178,28 @@ def _gptq_speed(tmp_path, *args):
     return json.loads((tmp_path / "res" / "gptq_speed-t.json").read_text())
 
 
-def test_gptq_speed_e2e_times_blocks_phases_and_the_evaluation(tmp_path):
-    r = _gptq_speed(tmp_path, "--blocks", "2", "--evaluate", "--eval-windows", "2")
+@pytest.mark.parametrize("read_back", [False, True])
+def test_gptq_speed_e2e_times_blocks_phases_and_the_evaluation(tmp_path, read_back):
+    """The evaluation beside the quantization (its own clock: its block passes run inside the quantize stage),
+    or after it from the exported files read back (the evaluate stage); parts named by `EVAL_PHASES`."""
+    r = _gptq_speed(tmp_path, "--blocks", "2", "--evaluate", "--eval-windows", "2",
+                    *(["--eval-read-back"] if read_back else []))
     e = r["e2e"]
     assert len(e["block_s"]) == 2 and all(b > 0 for b in e["block_s"])
     assert {"forward + Hessians", "gptq", "pack + write"} <= set(e["phases_s"])
     assert e["extrapolated_full_model"]["blocks"] == 4
-    assert set(e["evaluation"]["parts_s"]) == {"eval: streamed passes", "eval: head (logits, NLL)",
-                                               "eval: read back quantized layers"}
-    assert e["evaluation"]["windows"] == 2 and e["evaluation"]["perplexity_after"] > 1
-    assert e["evaluation"]["mode"] == "streamed block by block" and e["evaluation"]["passes_s"]["total"] > 0
-    assert e["evaluation"]["extrapolated_full_model"]["blocks"] == 4
+    ev = e["evaluation"]
+    common = {"eval: windows to the first block", "eval: windows through the blocks", "eval: head (logits, NLL)"}
+    if read_back:
+        assert set(ev["parts_s"]) == common | {"eval: streamed passes (read back)", "eval: read back quantized layers"}
+        assert ev["mode"] == "streamed block by block" and ev["stage_s"] == ev["evaluate_stage_s"]
+    else:
+        assert set(ev["parts_s"]) == common
+        assert ev["mode"] == "streamed beside the quantization" and ev["stage_s"] == ev["passes_s"]["total"]
+        assert 0 < ev["evaluate_stage_s"] and ev["parts_s"]["eval: windows through the blocks"] < ev["stage_s"]
+    assert e["job_without_evaluation_s"] == pytest.approx(e["wall_s"] - ev["stage_s"], abs=0.02)
+    assert ev["windows"] == 2 and ev["perplexity_after"] > 1 and ev["passes_s"]["total"] > 0
+    assert ev["extrapolated_full_model"]["blocks"] == 4
     assert "partial" not in r
 
 

@@ -36,6 +36,8 @@ from .evaluate import EvalData
 from .progress import Reporter
 from .streamed_eval import StreamedEvaluator, WindowStream
 
+#: The evaluation result's "mode" on this path.
+MODE = "streamed beside the quantization"
 #: The evaluation data, or the result that says why there is none (every window shares text with calibration).
 DataLoader = Callable[[], "EvalData | dict[str, Any]"]
 
@@ -155,7 +157,7 @@ class EvaluationBeside:
             "perplexity_after": ppl["quantized"],
             "quantized_loaded_with": "the quantized blocks' weights as the checkpoint stores them, in the "
                                      "quantization's block stream",
-            "mode": "streamed beside the quantization",
+            "mode": MODE,
             "measured": {
                 "original": (f"the source checkpoint's tensors in the original architecture, {where}: each block "
                              "with its original weights as the quantization loaded it"),
