@@ -288,7 +288,11 @@ def run_job(model, args, out_dir: Path, *, evaluate: bool, reporter: JobClock) -
         res = quantize({"path": str(model.path)}, request, out_dir, options=options, reporter=reporter)
     wall = time.perf_counter() - t0
     shutil.rmtree(out_dir, ignore_errors=True)
-    return res, seen["ctx"].state.get("gptq", {}), wall
+    state = dict(seen["ctx"].state.get("gptq", {}))
+    beside = seen["ctx"].evaluation_beside
+    if beside is not None:  # the evaluation's passes inside each block's time, by block index
+        state["eval_block_s"] = dict(beside.block_seconds)
+    return res, state, wall
 
 
 def evaluation_s(res: dict) -> float:
@@ -303,7 +307,9 @@ def evaluation_s(res: dict) -> float:
 
 
 def job_figures(model, res: dict, state: dict, wall: float, clock: JobClock) -> dict:
-    blocks = clock.block_s()
+    # beside the quantization the evaluation's passes run inside each block: the block times are without them
+    in_block = state.get("eval_block_s") or {}
+    blocks = [b - in_block.get(i, 0.0) for i, b in enumerate(clock.block_s())]
     steady = steady_block_s(blocks)
     stages = res["timings"]
     quant_wall = wall - evaluation_s(res)
@@ -314,6 +320,7 @@ def job_figures(model, res: dict, state: dict, wall: float, clock: JobClock) -> 
         "phases_s": {k: round(v, 2) for k, v in state.get("timings", {}).items()},
         "block_s": [round(b, 3) for b in blocks], "first_block_s": round(blocks[0], 3),
         "steady_block_s": round(steady, 3),
+        "eval_in_blocks_s": round(sum(in_block.values()), 3) if in_block else None,
         "peak_gpu_gib_quantize": round(clock.quantize_peak / 2**30, 2) if clock.quantize_peak else None,
         "layer_rel_error_mean": res["layer_errors"]["mean"], "quantized_modules": res["quantized_modules"],
         "size_after_bytes": res["size_after_bytes"], "notes": res.get("notes"),
@@ -425,7 +432,9 @@ def write_md(results: dict, path: Path) -> None:
             x = e["extrapolated_full_model"]
             L.append(f"| extrapolated to {x['blocks']} blocks | **{x['job_without_evaluation_s']:.0f} s** ({x['how']}) |")
         L += [f"| first block / steady block | {e['first_block_s']:.2f} s / **{e['steady_block_s']:.2f} s** |",
-              f"| every block (s) | {', '.join(f'{b:.2f}' for b in e['block_s'])} |",
+              f"| every block (s) | {', '.join(f'{b:.2f}' for b in e['block_s'])}"
+              + (f" (without the evaluation's passes through them, {e['eval_in_blocks_s']:.1f} s in all)"
+                 if e.get("eval_in_blocks_s") else "") + " |",
               f"| peak GPU memory while quantizing | {e['peak_gpu_gib_quantize']} GiB |",
               f"| stages (s) | {', '.join(f'{k} {v:.1f}' for k, v in e['stages_s'].items())} |",
               f"| engine phases (s, all blocks) | {', '.join(f'{k} {v:.1f}' for k, v in e['phases_s'].items())} |",

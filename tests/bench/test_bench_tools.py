@@ -197,6 +197,7 @@ def test_gptq_speed_e2e_times_blocks_phases_and_the_evaluation(tmp_path, read_ba
         assert set(ev["parts_s"]) == common
         assert ev["mode"] == "streamed beside the quantization" and ev["stage_s"] == ev["passes_s"]["total"]
         assert 0 < ev["evaluate_stage_s"] and ev["parts_s"]["eval: windows through the blocks"] < ev["stage_s"]
+        assert 0 < e["eval_in_blocks_s"] < ev["stage_s"]  # taken off the block times
     assert e["job_without_evaluation_s"] == pytest.approx(e["wall_s"] - ev["stage_s"], abs=0.02)
     assert ev["windows"] == 2 and ev["perplexity_after"] > 1 and ev["passes_s"]["total"] > 0
     assert ev["extrapolated_full_model"]["blocks"] == 4

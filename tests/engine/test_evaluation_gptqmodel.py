@@ -42,7 +42,8 @@ def test_reported_gptq_perplexity_is_what_gptqmodel_measures_on_the_exported_che
     options = EngineOptions(device="cpu", allowed_roots=(str(ASSETS),), eval_text_path=str(WIKITEXT),
                             eval_max_windows=4, eval_seqlen=256)
     ev = quantize({"path": str(STORIES)}, qc, tmp_path / "out", options=options)["evaluation"]
-    assert ev["mode"] == "streamed block by block" and "GPTQ reader" in ev["quantized_loaded_with"]
+    # the default: measured beside the quantization, on the weights as the checkpoint stores them
+    assert ev["mode"] == "streamed beside the quantization" and "as the checkpoint stores them" in ev["measured"]["quantized"]
     data = load_eval_data(STORIES, WIKITEXT, seqlen=256, max_windows=4)
     assert data.text_sha256 == ev["text_sha256"]
     (tmp_path / "ids.json").write_text(json.dumps(data.input_ids.tolist()))

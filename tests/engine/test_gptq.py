@@ -21,10 +21,7 @@ from qaas.worker.engine.methods.gptq import GPTQMethod
 from qaas.worker.engine.options import EngineOptions
 from qaas.worker.engine.pipeline import quantize
 
-ASSETS = Path(__file__).resolve().parents[3] / "shared" / "assets"
-STORIES = ASSETS / "models" / "stories260K"
-WIKITEXT = ASSETS / "text" / "wikitext-2-raw-v1" / "test.joined.txt"
-SHAKESPEARE = ASSETS / "text" / "tinyshakespeare" / "input.txt"
+from conftest import ASSETS, SHAKESPEARE, STORIES, WIKITEXT  # one home: QAAS_TEST_ASSETS or ../shared
 
 
 # ---- an independent v1/v2 reader, from FORMATS.md §1 only ------------------------------------------------

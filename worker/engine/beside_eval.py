@@ -59,6 +59,9 @@ class EvaluationBeside:
         self._stored: Callable[[torch.Tensor], torch.Tensor] | None = None
         #: Seconds of each model's passes, and of the whole evaluation (data, captures, blocks, heads).
         self.seconds = {"original": 0.0, "quantized": 0.0, "total": 0.0}
+        #: Seconds of both models' passes through each block, by block index: what the evaluation adds to the
+        #: quantization's time per block (the benchmarks take it off the block times).
+        self.block_seconds: dict[int, float] = {}
 
     # -- called by the method ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -95,7 +98,7 @@ class EvaluationBeside:
         self.seconds["total"] += t2 - t0
 
     @contextmanager
-    def _timed(self, which: str) -> Iterator[None]:
+    def _timed(self, which: str, index: int) -> Iterator[None]:
         assert self.evaluator is not None
         self.evaluator.sync()
         t0 = time.perf_counter()
@@ -104,12 +107,13 @@ class EvaluationBeside:
         dt = time.perf_counter() - t0
         self.seconds[which] += dt
         self.seconds["total"] += dt
+        self.block_seconds[index] = self.block_seconds.get(index, 0.0) + dt
 
     def before(self, block: torch.nn.Module, index: int) -> None:
         """The original model's windows through block `index`, live with its original weights."""
         if self.evaluator is None:
             return
-        with self._timed("original"):
+        with self._timed("original", index):
             self.evaluator.through(self.original, block, index)
 
     def after(self, block: torch.nn.Module, index: int, stored: dict[str, torch.Tensor]) -> None:
@@ -117,7 +121,7 @@ class EvaluationBeside:
         other tensors (block-relative names) as the checkpoint stores them, put into the block for this pass."""
         if self.evaluator is None:
             return
-        with self._timed("quantized"), _holding(block, stored):
+        with self._timed("quantized", index), _holding(block, stored):
             self.evaluator.through(self.quantized, block, index)
 
     # -- called by the pipeline ----------------------------------------------------------------------------
