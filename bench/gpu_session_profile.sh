@@ -12,7 +12,8 @@
 #    gptq-8b-defaults gptq-factor profile-8b-fastest profile-70b-defaults ncu-nf4 gptq-70b-fastest bnb-kernels
 #    profile-8b-defaults; BNB_VARIANTS=mode:bpp:warps,... limits the NF4 kernel sweep, FACTOR_SIZES and
 #    FACTOR_TOKENS the factorization step; eval-8b eval-70b, last: the streamed evaluation of
-#    16 x 2048 tokens beside a 4- / 3-block job, extrapolated to 32 / 80 blocks; then the format benchmarks:
+#    16 x 2048 tokens beside a 4- / 3-block job, extrapolated to 32 / 80 blocks; eval-8b-read-back: the same
+#    evaluation streamed after the job from the exported files read back (the path before); then the format benchmarks:
 #    fp8-8b qlora-8b gguf-kernels gguf-8b gptq-engines awq-8b)
 #
 # Fail-soft: each step runs under its own time limit (and within BUDGET_S for the whole script, default 540 s);
@@ -110,6 +111,7 @@ step bnb-kernels 120 "$PY" -P bench/bnb_kernels.py --out "$R/bnb_kernels"
 gs profile-8b-defaults 90 --mode profile "${G8[@]}" --defaults
 gs eval-8b 150 "${G8[@]}" --blocks "$B8" --evaluate
 gs eval-70b 180 "${G70[@]}" --blocks "$B70" --defaults --evaluate
+gs eval-8b-read-back 150 "${G8[@]}" --blocks "$B8" --evaluate --eval-read-back
 # The format benchmarks of issues 12, 14, 15 and 16 (one shard store in $D shared with the steps above).
 step fp8-8b 200 "$PY" -P bench/fp8_gpu.py "${FMT[@]}" --workdir "$D" --budget 170 --out "$R/fp8_gpu.json"
 step qlora-8b 230 "$PY" -P bench/qlora_speed.py "${FMT[@]}" --workdir "$D" --budget 200 --out "$R/qlora_speed.json"
