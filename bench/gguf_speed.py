@@ -39,9 +39,12 @@ sys.path.append(str(Path(__file__).resolve().parent))  # the sibling bench modul
 TYPES = ["F16", "Q4_K_M", "Q5_K_M", "Q8_0"]
 PEER_TYPE = "Q4_K_M"
 _ROOT = Path(__file__).resolve().parents[1]
-#: the shared assets beside the checkout (../shared) or inside it (shared/, as the GPU machine gets them)
-STORIES = next((p for p in (_ROOT.parent / "shared", _ROOT / "shared") if (p / "assets").is_dir()),
-               _ROOT.parent / "shared") / "assets" / "models" / "stories260K"
+#: the shared assets: $QAAS_TEST_ASSETS, else beside the checkout (../shared) or inside it (shared/, as the GPU
+#: machine gets them when the session carries it)
+_ASSETS = (Path(os.environ["QAAS_TEST_ASSETS"]) if os.environ.get("QAAS_TEST_ASSETS") else
+           next((p / "assets" for p in (_ROOT.parent / "shared", _ROOT / "shared") if (p / "assets").is_dir()),
+                _ROOT.parent / "shared" / "assets"))
+STORIES = _ASSETS / "models" / "stories260K"
 
 
 def _sha256(path: Path) -> str:

@@ -13,9 +13,7 @@ from pathlib import Path
 from support.consumers import require
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-STORIES = Path(__file__).resolve().parents[3] / "shared" / "assets" / "models" / "stories260K"
-if not STORIES.is_dir():
-    STORIES = Path("/work/shared/assets/models/stories260K")
+from conftest import STORIES  # where the assets are: QAAS_TEST_ASSETS or ../shared
 
 
 def _run(*args: str) -> None:

@@ -14,10 +14,7 @@ from qaas.worker.engine.errors import CalibrationDataError
 from qaas.worker.engine.options import EngineOptions
 from qaas.worker.engine.pipeline import quantize
 
-ASSETS = Path(__file__).resolve().parents[3] / "shared" / "assets"
-STORIES = ASSETS / "models" / "stories260K"
-WIKITEXT = ASSETS / "text" / "wikitext-2-raw-v1" / "test.joined.txt"
-SHAKESPEARE = ASSETS / "text" / "tinyshakespeare" / "input.txt"
+from conftest import ASSETS, SHAKESPEARE, STORIES, WIKITEXT  # where the assets are: QAAS_TEST_ASSETS or ../shared
 
 
 @pytest.fixture(scope="module")
