@@ -122,7 +122,7 @@ def _affine_triton(x: torch.Tensor, type_name: str, imatrix: torch.Tensor | None
     scratch = torch.empty((min(rows, step) * per_row, 3, R.QK_K), dtype=torch.float32, device=x.device)
     # fewer super-blocks a program on the GPU keeps its [SB, S, N] tiles in registers; the interpreter is
     # fastest with few programs
-    blocks = 64 if interpreting() else 4
+    blocks = 256 if interpreting() else 4
     for r0 in range(0, rows, step):
         a, b = r0 * per_row, min(rows, r0 + step) * per_row
         TA.affine_k_quant_kernel[(triton.cdiv(b - a, blocks),)](

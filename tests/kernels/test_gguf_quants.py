@@ -93,13 +93,14 @@ def test_symmetric_triton_kernels_are_byte_exact_with_ggml(type_name, with_imatr
 
 
 def _affine_edge_rows() -> torch.Tensor:
-    """32 rows x 512 (64 super-blocks, one program of the interpreter's launch): random rows, and in the first
+    """128 rows x 512 (256 super-blocks: one program of the interpreter's launch, whose cost is per operation,
+    not per element, so 128 rows cost what 4 would, and catch more one-ulp slips): random rows, and in the first
     four the blocks where the affine k-quants' rules bite: an all-zero super-block (and negative zeros),
     constant blocks (positive: the minimum clamps to 0; negative: a flat range), huge and tiny magnitudes, a
     negative-only super-block, an outlier beside an all-zero sub-block."""
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(32, 512, generator=g) * 0.02
-    x[16:] = torch.rand(16, 512, generator=g) ** 4 - 0.1  # skewed rows: mostly small, a long positive tail
+    x = torch.randn(128, 512, generator=g) * 0.02
+    x[64:] = torch.rand(64, 512, generator=g) ** 4 - 0.1  # skewed rows: mostly small, a long positive tail
     x[0, :256] = 0
     x[0, 40:48] = -0.0
     x[1, :256] = 0.01                               # constant, positive
