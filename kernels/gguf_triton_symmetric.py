@@ -315,14 +315,33 @@ def iq4_xs_kernel(x_ptr, qw_ptr, levels_ptr, l_ptr, ls_ptr, d_ptr, n_super, cols
     tl.store(d_ptr + sb, d, mask=sb_live)
 
 
+#: weights a launch takes at most: the codes are int32 and the packers' temporaries a few times that, so a whole
+#: embedding (128256 x 8192 = 1.05 G weights) in one launch would hold tens of GB; whole rows a launch
+CHUNK_WEIGHTS = 1 << 26
+
+
 def quantize(x: torch.Tensor, type_name: str, imatrix: torch.Tensor | None) -> torch.Tensor:
     """float32 rows [rows, cols] (cols a multiple of the type's block) -> the bytes of `type_name` [rows, row
-    bytes]: codes and scales from the kernel, packed by the reference's packers. `imatrix` [cols] or None."""
+    bytes]: codes and scales from the kernels, packed by the reference's packers, CHUNK_WEIGHTS at a time.
+    `imatrix` [cols] or None."""
     rows, cols = x.shape
     x = x.contiguous()
+    qw = None if imatrix is None else imatrix.to(device=x.device, dtype=torch.float32).contiguous()
+    out = torch.empty((rows, cols // R.BLOCK_SIZE[type_name] * R.BLOCK_BYTES[type_name]), dtype=torch.uint8,
+                      device=x.device)
+    step = max(1, CHUNK_WEIGHTS // cols)
+    for a in range(0, rows, step):
+        out[a:a + step] = _quantize_rows(x[a:a + step], type_name, qw)
+    return out
+
+
+def _quantize_rows(x: torch.Tensor, type_name: str, qw: torch.Tensor | None) -> torch.Tensor:
+    """One launch of `type_name`'s kernel over contiguous rows x, and the packing."""
+    rows, cols = x.shape
     dev = x.device
-    has_qw = imatrix is not None
-    qw = imatrix.to(device=dev, dtype=torch.float32).contiguous() if has_qw else x  # x: a pointer never read
+    has_qw = qw is not None
+    if not has_qw:
+        qw = x  # a pointer the kernel never reads
     n = x.numel() // R.BLOCK_SIZE[type_name]
     codes = torch.empty(x.numel(), dtype=torch.int32, device=dev)
     d = torch.empty(n, dtype=torch.float32, device=dev)

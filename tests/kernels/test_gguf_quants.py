@@ -140,6 +140,19 @@ def test_affine_k_quant_kernel_in_launches_of_a_few_rows(monkeypatch):
     assert np.array_equal(ours, ggml_quantize("Q2_K", x.numpy(), imatrix.numpy()))
 
 
+def test_symmetric_triton_tensor_in_several_launches_is_the_same(monkeypatch):
+    """A tensor larger than a launch (CHUNK_WEIGHTS) is taken in runs of whole rows: the same bytes, the imatrix
+    still read per column."""
+    from qaas.kernels import gguf_triton_symmetric
+
+    x = _edge_weights(512)
+    imatrix = torch.rand(512, generator=torch.Generator().manual_seed(6)) + 0.1
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(gguf_triton_symmetric, "CHUNK_WEIGHTS", 3 * 512)  # 3 rows a launch: 3 + 3 + 2
+    ours = quantize_tensor(x.to(device), "Q6_K", imatrix=imatrix, backend="triton").cpu().numpy()
+    assert np.array_equal(ours, ggml_quantize("Q6_K", x.numpy(), imatrix.numpy()))
+
+
 def test_q6_k_on_a_real_model_tensor_is_byte_exact(stories_f16_rows):
     ours = quantize_tensor(stories_f16_rows, "Q6_K", backend="torch").numpy()
     assert np.array_equal(ours, ggml_quantize("Q6_K", stories_f16_rows.numpy()))
