@@ -201,12 +201,12 @@ def main():
     n = xs[0].numel()
     sweep = []
     default = dict(bnb4.FAST_TILE)
-    for mode, bpp, warps, per_sm in [(1, 32, 4, 0), (3, 32, 4, 0), (3, 64, 8, 0), (1, 64, 8, 0), (2, 32, 4, 0),
-                                     (0, 32, 4, 0)]:
+    for mode, bpp, warps, per_sm in [(1, 32, 4, 0), (3, 32, 4, 0), (1, 64, 8, 0), (4, 32, 4, 0), (5, 32, 4, 0),
+                                     (5, 64, 8, 0), (5, 16, 4, 0), (0, 32, 4, 0)]:
         bnb4.FAST_TILE.update(mode=mode, bpp=bpp, warps=warps, per_sm=per_sm)
         ms = bench_graph(lambda x: bnb4.quantize_4bit(x, blocksize=64), xs)
         gbps = (2 * n + n // 2 + 4 * (n // 64)) / ms / 1e6
-        sweep.append({"mode": {0: "tree", 1: "bins", 2: "bins+tree", 3: "popc"}[mode], "bpp": bpp, "warps": warps, "per_sm": per_sm, "ms": ms,
+        sweep.append({"mode": bnb4.FAST_MODES[mode], "bpp": bpp, "warps": warps, "per_sm": per_sm, "ms": ms,
                       "GBps": gbps, "frac_copy": gbps / bw})  # fmt: skip
         print(f"sweep {sweep[-1]}", flush=True)
     bnb4.FAST_TILE.update(default)

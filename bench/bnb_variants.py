@@ -66,11 +66,11 @@ def main():
     # -- variants
     rows = []
     configs = [dict(fast=False)]
-    # NF4 code modes: 1 bin table (8-byte gather), 3 popcount + 16-entry table (4-byte gather, one line),
-    # 2 half table half tree, 0 immediate tree; tiles (blocks per program, warps), one program per tile
-    for mode in (1, 3, 2, 0):
-        for bpp, warps in ((32, 4), (64, 8), (16, 4), (64, 4), (128, 8)):
-            if mode in (0, 2) and (bpp, warps) != (32, 4):
+    # NF4 code modes (bnb4.FAST_MODES): tiles (blocks per program, warps), one program per tile; the table modes
+    # at their best tiles of earlier sweeps, the half2 modes at all
+    for mode in (1, 3, 4, 5, 0):
+        for bpp, warps in ((32, 4), (64, 8), (16, 4), (64, 4), (128, 8), (16, 2)):
+            if mode in (1, 3) and (bpp, warps) not in ((32, 4), (64, 8)) or mode == 0 and (bpp, warps) != (32, 4):
                 continue
             configs.append(dict(fast=True, mode=mode, per_sm=0, bpp=bpp, warps=warps))
     if os.environ.get("BNB_VARIANTS"):  # e.g. "1:32:4,3:32:4": mode:bpp:warps, for a short run
@@ -83,15 +83,15 @@ def main():
         k = min(8, max(2, -(-256 * 2**20 // (2 * n))))
         xs = [torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(k)]
         nbytes = 2 * n + n // 2 + 4 * (n // 64)
-        ref = F.quantize_4bit(xs[0], blocksize=64, quant_type="nf4")[0]
+        ref, ref_state = F.quantize_4bit(xs[0], blocksize=64, quant_type="nf4")
         for cfg in configs:
             bnb4.FAST_TILE.update(saved)
             bnb4.FAST_TILE.update({k2: v for k2, v in cfg.items() if k2 != "fast"})
             fast = cfg["fast"]
             f = lambda x: bnb4.quantize_4bit_triton(x, 64, "nf4", False, "cuda", fast=fast)  # noqa: E731
             try:
-                p = f(xs[0])[0]
-                ok = torch.equal(p, ref)
+                p, am = f(xs[0])[:2]
+                ok = torch.equal(p, ref) and torch.equal(am, ref_state.absmax)  # bitsandbytes' bytes and absmax
                 ms = bench(f, xs)
             except Exception as e:  # noqa: BLE001 - one variant that fails to compile must not end the sweep
                 print(f"{str(shape):14s} {str(cfg):70s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -125,9 +125,13 @@ def main():
         best = min(mine, key=lambda r: r[2])
         dflt = [r for r in mine if all(r[1].get(k) == saved[k] for k in ("mode", "bpp", "warps"))]
         c = best[1]
-        parts.append(f"{shape[0]}x{shape[1]} best mode {c['mode']}/{c['bpp']}/{c['warps']}w {best[2] * 1e3:.1f} us "
+        parts.append(f"{shape[0]}x{shape[1]} best mode {bnb4.FAST_MODES[c['mode']]}/{c['bpp']}/{c['warps']}w {best[2] * 1e3:.1f} us "
                      f"({best[3]:.0%} of copy)" + (f", default {dflt[0][2] * 1e3:.1f} us ({dflt[0][3]:.0%})" if dflt else "")
                      + (f", bitsandbytes {bnb_by_shape[shape] * 1e3:.1f} us" if shape in bnb_by_shape else ""))
+    bad = sorted({f"{bnb4.FAST_MODES[r[1]['mode']]}/{r[1]['bpp']}/{r[1]['warps']}w" for r in rows
+                  if r[1].get("fast") and not r[4]})
+    if bad:
+        parts.append("NOT bitsandbytes' bytes: " + ", ".join(bad))
     print("SUMMARY bnb-variants: " + "; ".join(parts), flush=True)
     # dump the compile report of the default variant: registers per kernel from the last compiled entries
     for kern in (bnb4_triton.quantize4_pairs_kernel,):

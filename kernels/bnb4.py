@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,10 +167,23 @@ def _thr_tables(quant_type: str, flavor: str, device) -> tuple[torch.Tensor, tor
 
 # Tile of the general quantize kernel (CPU rule set, fp32 inputs, odd lengths): elements per program and warps.
 QUANT_TILE = {"elems": 1024, "warps": 4}  # sweep on H100: 1024/4w 412 us vs 2048/4w 488 us (28672x8192)
+# NF4 code modes of the fast quantize kernel (bnb4_triton._pairs_tile; all give bitsandbytes' bytes). The bin
+# table and popcount modes gather per element from L1 and, through those gathers' layout, move the tile through
+# shared memory; the half2 modes use no memory but the rare tie (their docstrings say why that is exact).
+FAST_MODES = {
+    0: "tree",  # 4-level float32 tree, immediates
+    1: "bins",  # 35-entry bin table on s + 3.0, one 8-byte gather
+    2: "bins+tree",  # half of the elements each way
+    3: "popc",  # popcount of the bins below + 16-entry table
+    4: "half2",  # both elements of a word in one packed-f16x2 tree (inline PTX), float32 only on ties
+    5: "half2+st",  # half2, and absmax stored from the reduction's layout: no shared memory or barrier at all
+}
 # Fast path (CUDA rule set, fp16/bf16, even length): blocks per tile, warps, programs per SM for the persistent
-# grid (0: one program per tile), NF4 code mode (1: bin table, 0: immediate tree, 2: half table half tree,
-# 3: popcount + 16-entry table). See bench/NOTES-bnb.md.
-FAST_TILE = {"bpp": 32, "warps": 4, "per_sm": 0, "mode": 1}
+# grid (0: one program per tile), NF4 code mode (FAST_MODES; QAAS_NF4_FAST_MODE overrides the default, so a
+# GPU run can pick one without an edit). See bench/NOTES-bnb.md.
+FAST_TILE = {"bpp": 32, "warps": 4, "per_sm": 0, "mode": int(os.environ.get("QAAS_NF4_FAST_MODE", "1"))}
+if FAST_TILE["mode"] not in FAST_MODES:
+    raise ValueError(f"QAAS_NF4_FAST_MODE must be one of {sorted(FAST_MODES)}, got {FAST_TILE['mode']}")
 
 
 def _bpp(blocksize: int) -> int:

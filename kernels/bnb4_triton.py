@@ -20,11 +20,18 @@ the CUDA rule set falls back to the IEEE quotient (the torch reference does the 
   shared memory but the warp shuffles of the row max. NF4 codes come from a 34-bin table on ``s + 3.0`` (one
   8-byte gather from L1 + one compare per element) instead of a 4-level tree (15 ALU ops per element); MODE 3
   (``_nf4_popc``): the bin's count of lower thresholds by a popcount of a 32-bit mask and one 4-byte gather from
-  a 16-entry table (one cache line), lighter on the L1 pipe.
+  a 16-entry table (one cache line), lighter on the L1 pipe. Compiled, both gathers also cost a layout change:
+  Triton gives the gather its own thread order, so s0/s1 go to it and the bytes come back through shared memory
+  (3 conversions and barriers per tile; most of the shared-memory traffic and barrier stalls that Nsight
+  Compute shows). MODEs 4 and 5 (``_nf4_half2_byte``): both elements of a word through one packed-f16x2 tree
+  in inline PTX, no memory but for the rare tie (rn16(s) equal to a float16 threshold: float32 decision with
+  one gather, skipped by the warps without a tie); MODE 5 also stores absmax from the reduction's layout, so
+  the tile never touches shared memory.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import triton
 import triton.language as tl
 
@@ -213,6 +220,110 @@ def _nf4_popc(s, thr_ptr, MASK: tl.constexpr, USE_ASM: tl.constexpr):
     return tl.where(s == s, c, 0)
 
 
+def _nf4_half2_tree_ptx() -> str:
+    """PTX of the packed NF4 tree: $1, $2 = s0, s1 (float32) -> $0 = code(s0) | code(s1) << 16 with bit 4 of a
+    half set where rn16(s) equals the threshold it was compared with at some level (a tie: decided in float32
+    by `_NF4_H2_FIX_PTX`). Both elements go through one cvt.rn.f16x2 and 4 levels of set.gt.u32.f16x2 (0xFFFF
+    per half where greater) with the next threshold picked by lop3 (m ? a : b, LUT 0xCA): about 31 instructions
+    for two elements, no memory. Exact: rn16 is monotone, so rn16(s) > T <=> s > t and rn16(s) < T => s < t for
+    T = rn16(t); only rn16(s) == T is open, and a binary search visits the successor threshold of every leaf,
+    so a tie with T_j shows at some level, with code j = (thresholds below rn16(s)) so far."""
+    T = [f"0x{b:04X}{b:04X}" for b in cb.NF4_CUDA_THRESHOLD_F16_BITS]
+    L = ["{", ".reg .b32 h, k, l, m3, m2, m1, m0, t, u, v, w, e, f, c;", "cvt.rn.f16x2.f32 h, $2, $1;"]
+
+    def pick(d, m, a, b):
+        out = []
+        if isinstance(a, int):
+            out.append(f"mov.b32 k, {T[a]};")
+            a = "k"
+        if isinstance(b, int):
+            out.append(f"mov.b32 l, {T[b]};")
+            b = "l"
+        out.append(f"lop3.b32 {d}, {m}, {a}, {b}, 0xCA;")
+        return out
+
+    def level(m, t, first=False):
+        return [f"set.gt.u32.f16x2 {m}, h, {t};",
+                f"set.eq.u32.f16x2 {'e' if first else 'f'}, h, {t};"] + ([] if first else ["or.b32 e, e, f;"])
+
+    L += [f"mov.b32 t, {T[7]};"] + level("m3", "t", first=True)
+    L += pick("t", "m3", 11, 3) + level("m2", "t")
+    L += pick("u", "m2", 13, 9) + pick("v", "m2", 5, 1) + pick("t", "m3", "u", "v") + level("m1", "t")
+    L += pick("u", "m1", 14, 12) + pick("v", "m1", 10, 8) + pick("u", "m2", "u", "v")
+    L += pick("v", "m1", 6, 4) + pick("w", "m1", 2, 0) + pick("v", "m2", "v", "w") + pick("t", "m3", "u", "v")
+    L += level("m0", "t")
+    L += ["and.b32 c, m0, 0x00010001;", "and.b32 e, e, 0x00100010;", "or.b32 c, c, e;"]
+    for m, bit in (("m1", 0x00020002), ("m2", 0x00040004), ("m3", 0x00080008)):
+        L += [f"mov.b32 k, 0x{bit:08X};", f"lop3.b32 c, {m}, k, c, 0xEA;"]  # c |= m & bit
+    L += ["mov.b32 $0, c;", "}"]
+    return "\n".join(L)
+
+
+_NF4_H2_TREE_PTX: tl.constexpr = tl.constexpr(_nf4_half2_tree_ptx())
+# Ties (bit 4 of a half of $1) decided in float32: code += s > thr[code], the threshold loaded from the 16-entry
+# table at $4 only in warps where some lane has a tie (vote + branch: the load and compare are skipped by ~90 %
+# of the warps); then the output byte (code(s0) << 4) | code(s1) in the low 8 bits of $0.
+_NF4_H2_FIX_PTX: tl.constexpr = tl.constexpr("\n".join([
+    "{", ".reg .b32 c, x, f; .reg .b64 a; .reg .pred p, q, z;",
+    "and.b32 x, $1, 0x00100010;", "setp.ne.b32 z, x, 0;", "vote.sync.any.pred z, z, 0xffffffff;",
+    "and.b32 c, $1, 0x000F000F;", "@!z bra DONE;",
+    # low half: s0 ($2)
+    "and.b32 f, x, 0x10;", "setp.ne.b32 p, f, 0;", "and.b32 f, c, 15;", "mul.wide.u32 a, f, 4;", "add.s64 a, a, $4;",
+    "mov.b32 f, 0x7F800000;", "@p ld.global.nc.b32 f, [a];", "setp.gt.f32 q, $2, f;", "@q add.u32 c, c, 1;",
+    # high half: s1 ($3)
+    "setp.gt.u32 p, x, 0xFFFF;", "shr.b32 f, c, 16;", "mul.wide.u32 a, f, 4;", "add.s64 a, a, $4;",
+    "mov.b32 f, 0x7F800000;", "@p ld.global.nc.b32 f, [a];", "setp.gt.f32 q, $3, f;", "@q add.u32 c, c, 0x10000;",
+    "DONE:", "shl.b32 x, c, 4;", "shr.b32 c, c, 16;", "or.b32 $0, x, c;", "}",
+]))
+
+_H0, _H1, _H2, _H3, _H4, _H5, _H6, _H7, _H8, _H9, _H10, _H11, _H12, _H13, _H14 = (
+    tl.constexpr(float(v)) for v in np.array(cb.NF4_CUDA_THRESHOLD_F16_BITS, np.uint16).view(np.float16)
+)
+
+
+@triton.jit
+def _nf4_half2_code_twin(s, thr16_ptr):
+    """Plain-Triton twin of the two PTX blocks for one element (interpreter): h = rn16(s) (exact in float32), the
+    tree over the float16 thresholds, ties (h equal to a compared threshold) decided by s > thr[code]."""
+    h = s.to(tl.float16).to(tl.float32)
+    b3 = h > _H7
+    tie = h == _H7
+    t = tl.where(b3, _H11, _H3)
+    b2 = h > t
+    tie = tie | (h == t)
+    t = tl.where(b3, tl.where(b2, _H13, _H9), tl.where(b2, _H5, _H1))
+    b1 = h > t
+    tie = tie | (h == t)
+    t = tl.where(
+        b3,
+        tl.where(b2, tl.where(b1, _H14, _H12), tl.where(b1, _H10, _H8)),
+        tl.where(b2, tl.where(b1, _H6, _H4), tl.where(b1, _H2, _H0)),
+    )
+    b0 = h > t
+    tie = tie | (h == t)
+    c = b3.to(tl.int32) * 8 + b2.to(tl.int32) * 4 + b1.to(tl.int32) * 2 + b0.to(tl.int32)
+    thr = tl.load(thr16_ptr + c, mask=tie, other=float("inf"))
+    return c + (s > thr).to(tl.int32)
+
+
+@triton.jit
+def _nf4_half2_byte(s0, s1, thr16_ptr, USE_ASM: tl.constexpr):
+    """NF4 byte (code(s0) << 4) | code(s1) of two float32 scaled values by the packed-half2 tree of
+    `_nf4_half2_tree_ptx` (no gather but the rare tie), as int32. In the interpreter (USE_ASM False): the same
+    steps in plain Triton: rn16(s) compared with the float16 thresholds (exact in float32), the same tree, the
+    same tie rule (tests/kernels/test_bnb4.py checks this twin)."""
+    if USE_ASM:
+        r = tl.inline_asm_elementwise(_NF4_H2_TREE_PTX, "=r,r,r", [s0, s1], dtype=tl.int32, is_pure=True, pack=1)
+        addr = tl.full(s0.shape, 0, tl.int64) + thr16_ptr.to(tl.int64, bitcast=True)
+        b = tl.inline_asm_elementwise(_NF4_H2_FIX_PTX, "=r,r,r,r,l", [r, s0, s1, addr], dtype=tl.int32,
+                                      is_pure=True, pack=1)  # fmt: skip
+    else:
+        c0 = _nf4_half2_code_twin(s0, thr16_ptr)
+        c1 = _nf4_half2_code_twin(s1, thr16_ptr)
+        b = (c0 << 4) | c1
+    return b
+
+
 @triton.jit
 def _pairs_tile(w_ptr, packed_ptr, absmax_ptr, tab_ptr, thr16_ptr, tile, n_words, n_blocks,
                 WPB: tl.constexpr, BPP: tl.constexpr, IS_BF16: tl.constexpr, QT: tl.constexpr,
@@ -228,11 +339,23 @@ def _pairs_tile(w_ptr, packed_ptr, absmax_ptr, tab_ptr, thr16_ptr, tile, n_words
         lo = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     am = tl.max(tl.maximum(tl.abs(lo), tl.abs(hi)), axis=1)
-    tl.store(absmax_ptr + blk, am, mask=blk < n_blocks)
+    if MODE == 5 and USE_ASM:
+        # st.global from the reduction's own layout (each row's value is held by the lanes of its row, which
+        # store the same word to the same address): tl.store of `am` would first move it to a 1-D layout
+        # through shared memory, a layout conversion and a barrier per tile
+        addr = absmax_ptr.to(tl.int64, bitcast=True) + blk.to(tl.int64) * 4
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p st.global.b32 [$1], $3; mov.b32 $0, 0; }", "=r,l,r,r",
+            [addr, (blk < n_blocks).to(tl.int32), am], dtype=tl.int32, is_pure=False, pack=1,
+        )
+    else:
+        tl.store(absmax_ptr + blk, am, mask=blk < n_blocks)
     inv = _rcp_cuda(am, USE_ASM)[:, None]
     s0 = lo * inv
     s1 = hi * inv
-    if QT == 0:
+    if QT == 0 and (MODE == 4 or MODE == 5):
+        byte = _nf4_half2_byte(s0, s1, thr16_ptr, USE_ASM)
+    elif QT == 0:
         if MODE == 1:
             c0 = _nf4_bins(s0, tab_ptr)
             c1 = _nf4_bins(s1, tab_ptr)
@@ -248,7 +371,9 @@ def _pairs_tile(w_ptr, packed_ptr, absmax_ptr, tab_ptr, thr16_ptr, tile, n_words
     else:
         c0 = _fp4_tree_const(s0)
         c1 = _fp4_tree_const(s1)
-    tl.store(packed_ptr + offs, ((c0 << 4) | c1).to(tl.uint8), mask=m)
+    if QT != 0 or (MODE != 4 and MODE != 5):
+        byte = (c0 << 4) | c1
+    tl.store(packed_ptr + offs, byte.to(tl.uint8), mask=m)
 
 
 @triton.jit

@@ -118,7 +118,7 @@ def test_cuda_rules_triton_equals_reference(seed):
     p1, a1 = bnb4_reference.quantize_4bit_codes_reference(x, blocksize, quant_type, "cuda")
     q1, o1, n1 = bnb4_reference.double_quant_reference(a1, "cuda")
     fast_ok = bnb4.fast_path_ok(x, "cuda")
-    variants = [(False, 1)] + ([(True, 1), (True, 0), (True, 2), (True, 3)] if fast_ok else [])
+    variants = [(False, 1)] + ([(True, 1), (True, 0), (True, 2), (True, 3), (True, 4), (True, 5)] if fast_ok else [])
     saved = dict(bnb4.FAST_TILE)
     try:
         for fast, mode in variants:
@@ -178,6 +178,41 @@ def test_nf4_popc_tables_equal_threshold_count():
 
     assert np.array_equal(code(s), (s[:, None] > thr[None, :]).sum(1))
     assert list(code(np.float32([np.nan, -np.nan]))) == [0, 0]
+
+
+@cpu_only
+def test_nf4_half2_ties_decided_in_float32():
+    """The packed-half2 NF4 code (MODEs 4 and 5, their interpreter twin) on weights built to land on its ties:
+    blocks whose elements are float16 neighbours (+-3 ulps) of threshold * absmax, so that rn16(x / absmax)
+    often equals a float16 threshold and only the float32 decision gives bitsandbytes' code."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    nblk = 96
+    am = rng.uniform(0.01, 50.0, nblk).astype(np.float16)
+    thr = np.array(codebooks.NF4_CUDA_THRESHOLDS, dtype=np.float32)
+    near = (thr[rng.integers(0, 15, (nblk, 63))] * am.astype(np.float32)[:, None]).astype(np.float16)
+    near = (near.view(np.int16) + rng.integers(-3, 4, near.shape).astype(np.int16)).view(np.float16)
+    sign = np.where(rng.random(nblk) < 0.5, -1, 1).astype(np.float16)
+    x = torch.from_numpy(np.concatenate([(am * sign)[:, None], near], axis=1).reshape(-1).copy())
+    assert bool((x.view(nblk, 64).abs().amax(1) == torch.from_numpy(am)).all())
+
+    s = x.view(nblk, 64).float() * (1.0 / torch.from_numpy(am).float())[:, None]
+    t16 = torch.from_numpy(np.array(codebooks.NF4_CUDA_THRESHOLD_F16_BITS, np.uint16).view(np.float16).copy())
+    ties = torch.isin(s.half(), t16)
+    assert ties.sum() > 300  # the data does reach the tie rule, with both outcomes
+    assert 0 < (ties & (s > s.half().float())).sum() < ties.sum()
+
+    p1, a1 = bnb4_reference.quantize_4bit_codes_reference(x, 64, "nf4", "cuda")
+    saved = dict(bnb4.FAST_TILE)
+    try:
+        for mode in (4, 5):
+            bnb4.FAST_TILE.update(mode=mode, per_sm=0)
+            p2, a2, *_ = bnb4.quantize_4bit_triton(x, 64, "nf4", False, "cuda", fast=True)
+            assert torch.equal(a1, a2), mode
+            assert torch.equal(p1, p2), (mode, int((p1 != p2).sum()))
+    finally:
+        bnb4.FAST_TILE.update(saved)
 
 
 def test_cuda_rules_agree_with_cpu_rules_mostly():
