@@ -26,7 +26,8 @@ the CUDA rule set falls back to the IEEE quotient (the torch reference does the 
   Compute shows). MODEs 4 and 5 (``_nf4_half2_byte``): both elements of a word through one packed-f16x2 tree
   in inline PTX, no memory but for the rare tie (rn16(s) equal to a float16 threshold: float32 decision with
   one gather, skipped by the warps without a tie); MODE 5 also stores absmax from the reduction's layout, so
-  the tile never touches shared memory.
+  the tile never touches shared memory. MODE 6: MODE 1's table with its gather (and the absmax store) in
+  inline PTX, which keeps the tile in one layout: no shared memory, and the fewest instructions.
 """
 
 from __future__ import annotations
@@ -180,14 +181,21 @@ def _fp4_tree_const(s):
 
 
 @triton.jit
-def _nf4_bins(s, tab_ptr):
+def _nf4_bins(s, tab_ptr, ASM_GATHER: tl.constexpr = False):
     """NF4 code by table: bin = (bits(s + 3.0) >> 18) - 4095 in [0, 34]: entry 0 holds s < -1 (x * rcp(absmax)
     can undershoot -1 by an ulp: s + 3.0 then drops into the binade below 2), entries 1..33 the bins of 1/16 over
     [-1, 1], entry 34 NaN (all-zero block; clamped). Each bin holds at most one threshold; entry =
     (base code << 32) | threshold bits; code = base + (s > threshold)."""
     u = (s + 3.0).to(tl.uint32, bitcast=True) >> 18
     u = tl.minimum(u, 4095 + 34)
-    e = tl.load(tab_ptr + (u.to(tl.int32) - 4095))
+    if ASM_GATHER:
+        # the same 8-byte load through inline PTX: Triton then keeps the tile's layout for it instead of giving
+        # the gather its own thread order (moving s there and the codes back through shared memory)
+        addr = tab_ptr.to(tl.int64, bitcast=True) + (u.to(tl.int64) - 4095) * 8
+        e = tl.inline_asm_elementwise("ld.global.nc.b64 $0, [$1];", "=l,l", [addr], dtype=tl.int64, is_pure=True,
+                                      pack=1)  # fmt: skip
+    else:
+        e = tl.load(tab_ptr + (u.to(tl.int32) - 4095))
     thr = e.to(tl.int32).to(tl.float32, bitcast=True)
     return (e >> 32).to(tl.int32) + (s > thr).to(tl.int32)
 
@@ -339,7 +347,7 @@ def _pairs_tile(w_ptr, packed_ptr, absmax_ptr, tab_ptr, thr16_ptr, tile, n_words
         lo = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     am = tl.max(tl.maximum(tl.abs(lo), tl.abs(hi)), axis=1)
-    if MODE == 5 and USE_ASM:
+    if (MODE == 5 or MODE == 6) and USE_ASM:
         # st.global from the reduction's own layout (each row's value is held by the lanes of its row, which
         # store the same word to the same address): tl.store of `am` would first move it to a 1-D layout
         # through shared memory, a layout conversion and a barrier per tile
@@ -359,6 +367,9 @@ def _pairs_tile(w_ptr, packed_ptr, absmax_ptr, tab_ptr, thr16_ptr, tile, n_words
         if MODE == 1:
             c0 = _nf4_bins(s0, tab_ptr)
             c1 = _nf4_bins(s1, tab_ptr)
+        elif MODE == 6:
+            c0 = _nf4_bins(s0, tab_ptr, USE_ASM)
+            c1 = _nf4_bins(s1, tab_ptr, USE_ASM)
         elif MODE == 2:  # half of the elements by the table (L1 pipe), half by the tree (ALU pipes)
             c0 = _nf4_bins(s0, tab_ptr)
             c1 = _nf4_tree_const(s1)
