@@ -68,7 +68,7 @@ def main():
     configs = [dict(fast=False)]
     # NF4 code modes (bnb4.FAST_MODES): tiles (blocks per program, warps), one program per tile; the table modes
     # at their best tiles of earlier sweeps, the half2 modes at all
-    for mode in (1, 3, 4, 5, 6, 0):
+    for mode in (1, 3, 4, 5, 6, 7, 0):
         for bpp, warps in ((32, 4), (64, 8), (16, 4), (64, 4), (128, 8), (16, 2)):
             if mode in (1, 3, 4) and (bpp, warps) not in ((32, 4), (64, 8)) or mode == 0 and (bpp, warps) != (32, 4):
                 continue

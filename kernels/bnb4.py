@@ -178,6 +178,7 @@ FAST_MODES = {
     4: "half2",  # both elements of a word in one packed-f16x2 tree (inline PTX), float32 only on ties
     5: "half2+st",  # half2, and absmax stored from the reduction's layout: no shared memory or barrier at all
     6: "bins+st",  # bins with the gather and the absmax store in inline PTX: the tile keeps one layout
+    7: "popc+st",  # popc, the same way
 }
 # Fast path (CUDA rule set, fp16/bf16, even length): blocks per tile, warps, programs per SM for the persistent
 # grid (0: one program per tile), NF4 code mode (FAST_MODES; QAAS_NF4_FAST_MODE overrides the default, so a

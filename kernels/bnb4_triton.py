@@ -27,7 +27,8 @@ the CUDA rule set falls back to the IEEE quotient (the torch reference does the 
   in inline PTX, no memory but for the rare tie (rn16(s) equal to a float16 threshold: float32 decision with
   one gather, skipped by the warps without a tie); MODE 5 also stores absmax from the reduction's layout, so
   the tile never touches shared memory. MODE 6: MODE 1's table with its gather (and the absmax store) in
-  inline PTX, which keeps the tile in one layout: no shared memory, and the fewest instructions.
+  inline PTX, which keeps the tile in one layout: no shared memory, and the fewest instructions; MODE 7 the
+  same for MODE 3's popcount table.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ def _popc(x, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _nf4_popc(s, thr_ptr, MASK: tl.constexpr, USE_ASM: tl.constexpr):
+def _nf4_popc(s, thr_ptr, MASK: tl.constexpr, USE_ASM: tl.constexpr, ASM_GATHER: tl.constexpr = False):
     """NF4 code = number of thresholds below s, from the bin b of s (32 bins of 1/16 over [-1, 1], s outside
     clamped into the end bins, which hold no threshold): base = popc(MASK & ((1 << b) - 1)) thresholds lie in
     the bins below (MASK: the bins that hold one, at most one each), and the only other candidate is the next
@@ -223,7 +224,12 @@ def _nf4_popc(s, thr_ptr, MASK: tl.constexpr, USE_ASM: tl.constexpr):
     u = (s + 3.0).to(tl.uint32, bitcast=True) >> 18
     b = tl.minimum(tl.maximum(u.to(tl.int32) - 4096, 0), 31)
     base = _popc(MASK & ((1 << b) - 1), USE_ASM)
-    thr = tl.load(thr_ptr + base)
+    if ASM_GATHER:  # as in _nf4_bins: the load in inline PTX keeps the tile's layout
+        addr = thr_ptr.to(tl.int64, bitcast=True) + base.to(tl.int64) * 4
+        thr = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [addr], dtype=tl.float32,
+                                        is_pure=True, pack=1)  # fmt: skip
+    else:
+        thr = tl.load(thr_ptr + base)
     c = base + (s > thr).to(tl.int32)
     return tl.where(s == s, c, 0)
 
@@ -347,7 +353,7 @@ def _pairs_tile(w_ptr, packed_ptr, absmax_ptr, tab_ptr, thr16_ptr, tile, n_words
         lo = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     am = tl.max(tl.maximum(tl.abs(lo), tl.abs(hi)), axis=1)
-    if (MODE == 5 or MODE == 6) and USE_ASM:
+    if MODE >= 5 and USE_ASM:
         # st.global from the reduction's own layout (each row's value is held by the lanes of its row, which
         # store the same word to the same address): tl.store of `am` would first move it to a 1-D layout
         # through shared memory, a layout conversion and a barrier per tile
@@ -367,6 +373,9 @@ def _pairs_tile(w_ptr, packed_ptr, absmax_ptr, tab_ptr, thr16_ptr, tile, n_words
         if MODE == 1:
             c0 = _nf4_bins(s0, tab_ptr)
             c1 = _nf4_bins(s1, tab_ptr)
+        elif MODE == 7:
+            c0 = _nf4_popc(s0, thr16_ptr, MASK, USE_ASM, USE_ASM)
+            c1 = _nf4_popc(s1, thr16_ptr, MASK, USE_ASM, USE_ASM)
         elif MODE == 6:
             c0 = _nf4_bins(s0, tab_ptr, USE_ASM)
             c1 = _nf4_bins(s1, tab_ptr, USE_ASM)
