@@ -201,8 +201,9 @@ def main():
     n = xs[0].numel()
     sweep = []
     default = dict(bnb4.FAST_TILE)
-    for mode, bpp, warps, per_sm in [(1, 32, 4, 0), (3, 32, 4, 0), (1, 64, 8, 0), (4, 32, 4, 0), (5, 32, 4, 0),
-                                     (5, 64, 8, 0), (6, 32, 4, 0), (6, 64, 8, 0), (6, 16, 4, 0), (7, 32, 4, 0), (0, 32, 4, 0)]:
+    tiles = [(1, 32, 4, 0), (3, 32, 4, 0), (1, 64, 8, 0), (4, 32, 4, 0), (5, 32, 4, 0), (5, 64, 8, 0),
+             (6, 32, 4, 0), (6, 64, 8, 0), (6, 16, 4, 0), (7, 32, 4, 0), (0, 32, 4, 0)]
+    for mode, bpp, warps, per_sm in tiles:
         bnb4.FAST_TILE.update(mode=mode, bpp=bpp, warps=warps, per_sm=per_sm)
         ms = bench_graph(lambda x: bnb4.quantize_4bit(x, blocksize=64), xs)
         gbps = (2 * n + n // 2 + 4 * (n // 64)) / ms / 1e6

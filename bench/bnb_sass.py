@@ -35,7 +35,8 @@ def compile_mode(mode: int, bpp: int, warps: int):
              "PERSIST": False}  # fmt: skip
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}  # the 5 pointers, n_words, n_blocks
     src = ASTSource(T.quantize4_pairs_kernel, SIGNATURE, const, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False})
+    opts = {"num_warps": warps, "enable_fp_fusion": False}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def sass_report(kernel) -> tuple[dict, str]:

@@ -63,7 +63,9 @@ FP4_CUDA_THRESHOLDS = _bits_to_f32(FP4_CUDA_THRESHOLD_BITS)
 # The NF4 CUDA thresholds rounded to the nearest float16 (bit patterns, ascending, all distinct): the packed-half2
 # NF4 code of the fast quantize kernel compares rn16(s) with these and decides exactly in float32 only where
 # rn16(s) equals one of them (see bnb4_triton._nf4_half2_byte).
-NF4_CUDA_THRESHOLD_F16_BITS = [int(b) for b in np.array(NF4_CUDA_THRESHOLDS, np.float32).astype(np.float16).view(np.uint16)]
+NF4_CUDA_THRESHOLD_F16_BITS = [
+    int(b) for b in np.array(NF4_CUDA_THRESHOLDS, np.float32).astype(np.float16).view(np.uint16)
+]
 assert all(np.diff(np.array(NF4_CUDA_THRESHOLD_F16_BITS, np.uint16).view(np.float16).astype(np.float64)) > 0)
 
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -112,7 +112,8 @@ def test_quantize_dequantize_match_bitsandbytes(seed, device):
 @pytest.mark.parametrize("seed", range(16))
 def test_cuda_rules_triton_equals_reference(seed):
     """The CUDA rule set (decision trees, binary search of the 8-bit map) checked on the CPU: the Triton kernels
-    (the general one, and the fast pair-word one in every NF4 code mode of bnb4.FAST_MODES) against the torch reference, all forced to the CUDA flavor."""
+    (the general one, and the fast pair-word one in every NF4 code mode of bnb4.FAST_MODES) against the torch
+    reference, all forced to the CUDA flavor."""
     x, blocksize, quant_type, _ = _case(1000 + seed, "cpu")
     p1, a1 = bnb4_reference.quantize_4bit_codes_reference(x, blocksize, quant_type, "cuda")
     q1, o1, n1 = bnb4_reference.double_quant_reference(a1, "cuda")
