@@ -310,6 +310,10 @@ def main() -> None:
     ap.add_argument("--layer-objective", action="store_true",
                     help="also GPTQ's layer objective per ordering (see layer_objective), no checkpoints")
     ap.add_argument("--budget", type=float, default=3 * 3600, help="seconds; no new row starts after it")
+    ap.add_argument("--rerun-qaas", action="store_true",
+                    help="rerun the rows already in --out on qaas's side only, keeping their GPTQModel side where the "
+                         "calibration tokens (sha256) and damp are the same (GPTQModel's output does not depend on "
+                         "qaas, and its quantization and loading are most of a row's time)")
     a = ap.parse_args()
 
     if a.prepare_smol:
@@ -378,20 +382,25 @@ def main() -> None:
                 for order in a.orderings.split(","):
                     key = row_key(name, bits, gs, order, sym, a.seed,
                                   "" if a.calib_text == str(SHAKESPEARE) else Path(a.calib_text).stem)
-                    if key in doc["rows"] and "error" not in doc["rows"][key].get("qaas", {}):
+                    old = doc["rows"].get(key)
+                    if old and "error" not in old.get("qaas", {}) and not a.rerun_qaas:
                         continue
                     if time.time() - t_start > a.budget:
                         print("budget spent; rerun to resume", flush=True)
                         write(doc, out_json, out_md)
                         return
-                    row = run_row(name, m, bits, gs, order, sym, a, mw, calib, quantize, EngineOptions)
+                    peer = old if (a.rerun_qaas and old and old.get("calibration_sha256") == calib.sha256
+                                   and old.get("damp_percent") == a.damp and "error" not in old.get("gptqmodel", {})
+                                   ) else None
+                    row = run_row(name, m, bits, gs, order, sym, a, mw, calib, quantize, EngineOptions, peer)
                     doc["rows"][key] = row
                     write(doc, out_json, out_md)
                     print(key, json.dumps(summary(row)), flush=True)
     write(doc, out_json, out_md)
 
 
-def run_row(name, m, bits, gs, order, sym, a, mw, calib, quantize, EngineOptions) -> dict[str, Any]:
+def run_row(name, m, bits, gs, order, sym, a, mw, calib, quantize, EngineOptions, peer=None) -> dict[str, Any]:
+    """One row; `peer`: an earlier row of the same key and calibration tokens whose GPTQModel side is kept."""
     qc = {"quant_method": "gptq", "bits": bits, "group_size": gs, "sym": sym, "desc_act": order == "act",
           "act_group_aware": order == "gar", "damp_percent": a.damp, "true_sequential": True,
           "dataset": a.calib_path, "nsamples": m["nsamples"], "model_seqlen": m["calib_seqlen"], "seed": a.seed}
@@ -412,14 +421,18 @@ def run_row(name, m, bits, gs, order, sym, a, mw, calib, quantize, EngineOptions
                    "quantized_layers": res["quantized_modules"], "dynamic": qconf.get("dynamic") or {}}
     spec = {"bits": bits, "group_size": gs, "sym": sym, "desc_act": order == "act", "act_group_aware": order == "gar",
             "damp_percent": a.damp, "dynamic": qconf.get("dynamic") or {}}
-    g = run_child(["_gptqmodel", "--src", m["src"], "--calib", str(mw / "calib.safetensors"), "--out", str(g_out),
-                   "--spec", json.dumps(spec)], 7200)
-    row["gptqmodel"] = {k: v for k, v in g.items() if k != "log"}
     loaders = "transformers|gptqmodel" if a.no_dequant else "dequant,transformers|gptqmodel"
     ev = str(mw / "eval.safetensors")
+    if peer is not None:
+        g = {**peer["gptqmodel"], "reused": True}
+        row["gptqmodel"] = g
+    else:
+        g = run_child(["_gptqmodel", "--src", m["src"], "--calib", str(mw / "calib.safetensors"), "--out", str(g_out),
+                       "--spec", json.dumps(spec)], 7200)
+        row["gptqmodel"] = {k: v for k, v in g.items() if k != "log"}
     row["qaas"]["ppl"] = run_child(["_ppl", "--src", m["src"], "--ckpt", str(q_out), "--eval", ev, "--loaders", loaders],
                                    3600)
-    if "error" not in g:
+    if "error" not in g and peer is None:
         row["gptqmodel"]["ppl"] = run_child(["_ppl", "--src", m["src"], "--ckpt", str(g_out), "--eval", ev,
                                              "--loaders", loaders], 3600)
     for d in (q_out, g_out):  # keep the disk small: checkpoints are rebuilt by a rerun

@@ -4,8 +4,9 @@ against, and what runs for tensors off CUDA.
 Conventions (GPTQ paper / FORMATS.md §1):
   * a weight is `[rows=out_features, cols=in_features]`; GPTQ walks the columns (input channels);
   * `q = clamp(round_half_even(w / scale) + zero, 0, maxq)`, `w_hat = scale * (q - zero)`;
-  * scales are rounded to float16 before use (`round_scale=True`) so that the float16 scales stored in the
-    checkpoint reproduce the quantizer's weights bit for bit;
+  * `round_scale=True` rounds a scale to the float16 the checkpoint stores (`stored_scale`) before it is used, so
+    that the stored scales reproduce the quantizer's weights bit for bit (round-to-nearest); GPTQ's column loop uses
+    float32 scales (`round_scale=False`, GPTQModel's choice) and rounds them once, when they are stored;
   * packing is a little-endian bit stream: value j of a run of 32 sits at stream bit `bits * j`, stream
     bit b lives in word `b // 32` at bit `b % 32` (for 2/4/8 bits that is "value j at bit bits*j"; for 3 bits
     it is exactly FORMATS.md's three-word layout).
@@ -16,6 +17,12 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def stored_scale(scale: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """`scale` rounded to the dtype a checkpoint stores it in (as float32 values), never to zero or infinity."""
+    fi = torch.finfo(dtype)
+    return scale.float().clamp(min=fi.smallest_normal * fi.eps, max=fi.max).to(dtype).float()
 
 
 def find_params_reference(
@@ -38,8 +45,7 @@ def find_params_reference(
     xmax = torch.where(both_zero, torch.full_like(xmax, 1.0), xmax)
     scale = (xmax - xmin) / maxq
     if round_scale:
-        # Round to the storage dtype, never to zero or infinity.
-        scale = scale.clamp(min=2.0**-24, max=65504.0).half().float()
+        scale = stored_scale(scale)
     if sym:
         zero = torch.full_like(scale, float((maxq + 1) // 2))
     else:

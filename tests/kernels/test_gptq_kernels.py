@@ -34,7 +34,7 @@ def test_torch_fast_path_matches_algorithm1(bits, group_size, desc_act, sym):
     ref = fasterquant_reference(W, H, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
     res = gptq_quantize(W, H, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
                         act_group_aware=False, backend="torch")
-    e_ref, e_fast = layer_error(W, ref["Q"], H), layer_error(W, res.Q, H)
+    e_ref, e_fast = layer_error(W, ref["Q_stored"], H), layer_error(W, res.Q, H)
     assert abs(e_fast / e_ref - 1) < 0.01
     # The codes reproduce the weights through the per-group tensors the export stores.
     g = res.g_idx.long()
@@ -52,13 +52,17 @@ def test_triton_path_matches_algorithm1(bits, group_size, desc_act, sym):
     ref = fasterquant_reference(W, H, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
     res = gptq_quantize(W, H, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
                         act_group_aware=False, backend="triton")
-    e_ref, e_fast = layer_error(W, ref["Q"], H), layer_error(W, res.Q, H)
+    e_ref, e_fast = layer_error(W, ref["Q_stored"], H), layer_error(W, res.Q, H)
     assert abs(e_fast / e_ref - 1) < 0.01
+    # quantized with float32 scales, stored (and written back) with float16 ones, as on the torch path
+    assert torch.equal(res.scales, res.scales.half().float())
+    g = res.g_idx.long()
+    assert torch.equal(res.scales[g].t() * (res.codes - res.zeros[g].t()), res.Q)
 
 
 def test_static_groups_and_gar_run_and_stay_close():
     W, H = _problem(24, 256, seed=3)
-    base = layer_error(W, fasterquant_reference(W, H, bits=4, group_size=32)["Q"], H)
+    base = layer_error(W, fasterquant_reference(W, H, bits=4, group_size=32)["Q_stored"], H)
     for kw in ({"static_groups": True}, {"act_group_aware": True}, {"static_groups": True, "desc_act": True}):
         res = gptq_quantize(W, H, bits=4, group_size=32, backend="torch", **kw)
         assert layer_error(W, res.Q, H) < 1.5 * base
@@ -66,7 +70,7 @@ def test_static_groups_and_gar_run_and_stay_close():
         assert torch.equal(res.scales[g].t() * (res.codes - res.zeros[g].t()), res.Q)
     ref = fasterquant_reference(W, H, bits=4, group_size=32, static_groups=True, desc_act=True)
     res = gptq_quantize(W, H, bits=4, group_size=32, static_groups=True, desc_act=True, backend="torch")
-    assert torch.equal(ref["Q"], res.Q)
+    assert torch.equal(ref["codes"], res.codes)
 
 
 def test_dead_inputs_and_non_pd_hessian_do_not_crash():
@@ -85,10 +89,11 @@ def test_dead_inputs_and_non_pd_hessian_do_not_crash():
 def test_group_params_pack_dequant_triton_match_torch(bits):
     g = torch.Generator().manual_seed(bits)
     w = torch.randn(40, 96, generator=g)
-    for sym in (True, False):
-        s1, z1 = K.group_params(w, bits, sym, 32, backend="torch")
-        s2, z2 = K.group_params(w, bits, sym, 32, backend="triton")
+    for sym, round_scale in itertools.product((True, False), (True, False)):
+        s1, z1 = K.group_params(w, bits, sym, 32, round_scale=round_scale, backend="torch")
+        s2, z2 = K.group_params(w, bits, sym, 32, round_scale=round_scale, backend="triton")
         assert torch.equal(s1, s2) and torch.equal(z1, z2)
+        assert torch.equal(s1, s1.half().float()) == round_scale
     codes = torch.randint(0, 2**bits, (64, 48), generator=g, dtype=torch.int32)
     p1 = K.pack_rows(codes, bits, backend="torch")
     p2 = K.pack_rows(codes, bits, backend="triton")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from qaas.kernels.gptq_reference import find_params_reference, quantize_reference
+from qaas.kernels.gptq_reference import find_params_reference, quantize_reference, stored_scale
 
 
 def gar_permutation_reference(diag_h: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -49,11 +49,13 @@ def fasterquant_reference(
     act_group_aware: bool = False,
     static_groups: bool = False,
     blocksize: int = 128,
-    round_scale: bool = True,
+    round_scale: bool = False,
 ) -> dict:
     """Quantize `W` (`[out, in]`) against the Hessian `H` (`[in, in]`); returns dict(Q=..., codes=..., ...).
 
-    `Q` is the dequantized weight in the original column order (float32).
+    `Q` is the dequantized weight in the original column order (float32), with the scales the loop used: float32 as
+    in the published code, or rounded to float16 first with `round_scale`; `Q_stored` the same codes with the
+    scales rounded to the float16 a checkpoint stores (what a consumer computes, and what qaas writes back).
     """
     maxq = 2**bits - 1
     W = W.clone().float()
@@ -84,6 +86,8 @@ def fasterquant_reference(
 
     Q = torch.zeros_like(W)
     codes = torch.zeros(rows, columns, dtype=torch.int32, device=W.device)
+    col_scale = torch.zeros_like(W)
+    col_zero = torch.zeros_like(W)
 
     damp = damp_percent * torch.mean(torch.diag(H))
     diag = torch.arange(columns, device=W.device)
@@ -114,6 +118,8 @@ def fasterquant_reference(
                         idx = int(perm[idx])
                     scale, zero = groups[idx // group_size]
             c, q = quantize_reference(w, scale, zero, maxq)
+            col_scale[:, i1 + i] = scale
+            col_zero[:, i1 + i] = zero
             Q1[:, i] = q
             C1[:, i] = c.to(torch.int32)
             err1 = (w - q) / d
@@ -123,10 +129,12 @@ def fasterquant_reference(
         codes[:, i1:i2] = C1
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
 
+    Q_stored = stored_scale(col_scale) * (codes - col_zero)
     if perm is not None:
         Q = Q[:, invperm]
+        Q_stored = Q_stored[:, invperm]
         codes = codes[:, invperm]
-    return {"Q": Q, "codes": codes, "perm": perm}
+    return {"Q": Q, "Q_stored": Q_stored, "codes": codes, "perm": perm}
 
 
 def layer_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:

@@ -17,18 +17,20 @@ from typing import Callable
 import torch
 
 from qaas.kernels import gptq as K
-from qaas.kernels.gptq_reference import SUPPORTED_BITS, find_params_reference, quantize_reference
+from qaas.kernels.gptq_reference import SUPPORTED_BITS, find_params_reference, quantize_reference, stored_scale
 
 from .hessian import tf32_matmuls
 
 
 @dataclass
 class GPTQResult:
-    #: dequantized weight `[out, in]`, float32, original column order: exactly scale[g]*(code - zero[g])
+    #: dequantized weight `[out, in]`, float32, original column order: exactly scales[g]*(code - zero[g]), i.e. what
+    #: a consumer computes from the stored tensors
     Q: torch.Tensor
     #: integer codes `[out, in]` (int32), original column order
     codes: torch.Tensor
-    #: `[G, out]` float32 (values representable in float16)
+    #: `[G, out]` float32, the stored scales: the column loop's float32 scales rounded to `scale_dtype` (values
+    #: representable in it)
     scales: torch.Tensor
     #: `[G, out]` float32 true zero points (integers in [0, 2^bits - 1])
     zeros: torch.Tensor
@@ -36,7 +38,8 @@ class GPTQResult:
     g_idx: torch.Tensor
     bits: int
     group_size: int
-    #: GPTQ's own loss: sum of squared scaled errors (= tr(dW H_damped dW^T) on the calibration inputs)
+    #: GPTQ's own loss: sum of squared scaled errors of the column loop (float32 scales; = tr(dW H_damped dW^T) on
+    #: the calibration inputs)
     loss: float
     damp_percent: float
     dead_columns: int
@@ -166,11 +169,17 @@ def gptq_quantize(
     backend: str = "auto",
     log: Callable[[str], None] | None = None,
     factor: HessianFactor | None = None,
+    scale_dtype: torch.dtype = torch.float16,
 ) -> GPTQResult:
     """Quantize `W` (`[out, in]`) given the Hessian `H` (`[in, in]`, = 2/n X X^T). Inputs are not modified.
 
     `factor`: `hessian_factor(H, ...)` with the same group_size, damp_percent, desc_act and act_group_aware,
-    when several layers share H (then `H` itself is not read)."""
+    when several layers share H (then `H` itself is not read). `scale_dtype`: the dtype the checkpoint stores the
+    scales in.
+
+    The column loop (codes and error feedback) uses float32 scales and zeros, as the paper's code and GPTQModel's
+    `GPTQ.quantize` do (tests/engine/test_gptq_quality.py compares the codes with GPTQModel's); the scales are
+    rounded to `scale_dtype` once, after the loop, and `Q` is computed from those (see there why)."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}")
     maxq = 2**bits - 1
@@ -184,7 +193,7 @@ def gptq_quantize(
                                 act_group_aware=act_group_aware, log=log)
 
     if not grouped:
-        s_all, z_all = find_params_reference(W, bits, sym)  # before dead columns, as the paper's code
+        s_all, z_all = find_params_reference(W, bits, sym, round_scale=False)  # before dead columns, as the paper
 
     dead = factor.dead
     n_dead = int(dead.sum())
@@ -197,11 +206,11 @@ def gptq_quantize(
         nfull = ncol // gs
         ss, zz = [], []
         if nfull:
-            s, z = K.group_params(x[:, : nfull * gs], bits, sym, gs, backend=backend)
+            s, z = K.group_params(x[:, : nfull * gs], bits, sym, gs, round_scale=False, backend=backend)
             ss.append(s)
             zz.append(z)
         if ncol % gs:
-            s, z = find_params_reference(x[:, nfull * gs :], bits, sym)
+            s, z = find_params_reference(x[:, nfull * gs :], bits, sym, round_scale=False)
             ss.append(s[:, None])
             zz.append(z[:, None])
         return torch.cat(ss, 1), torch.cat(zz, 1)
@@ -255,9 +264,17 @@ def gptq_quantize(
     loss = sum(float(E[r : r + 2048].double().square().sum()) for r in range(0, R, 2048))
     del E
 
-    # Back to the original column order and per-group tensors.
+    # The codes stand; the scales are rounded to what the checkpoint stores, and Q is recomputed from the stored
+    # scales and zeros instead of the loop's float32-scale weights: Q goes back into the live block, so the later
+    # layers' and blocks' calibration inputs (and any evaluation of the in-memory model) see the weights every
+    # consumer of the checkpoint computes, not ones that exist nowhere after this function returns.
+    S = stored_scale(S, scale_dtype)
     col_s = S[:, slot.long()]
     col_z = Z[:, slot.long()]
+    torch.sub(codes, col_z, out=Q)
+    Q.mul_(col_s)
+
+    # Back to the original column order and per-group tensors.
     if perm is not None:
         inv = torch.argsort(perm)
         Q = Q[:, inv]

@@ -254,7 +254,7 @@ class CTRun:
         with self.clock("gptq"):
             res = gptq_quantize(W, H, bits=bits, group_size=scheme.group_size or -1, sym=True,
                                 damp_percent=self.cfg["dampening_frac"], desc_act=scheme.group_size is None,
-                                act_group_aware=scheme.group_size is not None,
+                                act_group_aware=scheme.group_size is not None, scale_dtype=stored_dtype,
                                 log=lambda m: self.note(f"{li.name}: {m}", level="warning"))
         # symmetric GPTQ codes sit around a zero of 2^(bits-1): the signed codes compressed-tensors stores
         codes = (res.codes - (1 << (bits - 1))).to(torch.int8)
