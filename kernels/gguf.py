@@ -100,8 +100,8 @@ def _legacy_triton(x: torch.Tensor, type_name: str) -> torch.Tensor:
     return R.pack_legacy(type_name, d, m if with_min else None, q).reshape(rows, -1).contiguous()
 
 
-#: super-blocks a launch of the affine kernel takes at most: bounds its scratch (12 bytes a weight) and keeps
-#: its offsets in int32
+#: super-blocks a launch of the affine kernel takes at most: keeps its offsets in int32 and bounds the int32
+#: codes it writes before packing
 AFFINE_CHUNK = 1 << 18
 
 
@@ -119,17 +119,14 @@ def _affine_triton(x: torch.Tensor, type_name: str, imatrix: torch.Tensor | None
     ls = torch.empty((n, subs), dtype=torch.int32, device=x.device)
     lm = torch.empty((n, subs), dtype=torch.int32, device=x.device)
     step = max(1, AFFINE_CHUNK // per_row)  # rows a launch
-    scratch = torch.empty((min(rows, step) * per_row, 3, R.QK_K), dtype=torch.float32, device=x.device)
-    # fewer super-blocks a program on the GPU keeps its [SB, S, N] tiles in registers; the interpreter is
-    # fastest with few programs
-    blocks = 256 if interpreting() else 4
+    blocks, warps = TA.program_shape(type_name, interpreting())
     for r0 in range(0, rows, step):
         a, b = r0 * per_row, min(rows, r0 + step) * per_row
         TA.affine_k_quant_kernel[(triton.cdiv(b - a, blocks),)](
-            x[r0:r0 + step], x if qw is None else qw, scratch, q[a:b], d[a:b], dmin[a:b], ls[a:b], lm[a:b], b - a,
+            x[r0:r0 + step], x if qw is None else qw, q[a:b], d[a:b], dmin[a:b], ls[a:b], lm[a:b], b - a,
             per_row, KIND=kind, HAS_QW=qw is not None, SB=blocks, S=subs, N=width, NMAX=nmax, RMIN=rmin,
-            RDELTA=rdelta, NSTEP=nstep, USE_MAD=use_mad, SIGMA_FACTOR=TA.SIGMA_FACTOR[type_name], num_warps=4,
-            enable_fp_fusion=False)
+            RDELTA=rdelta, NSTEP=nstep, USE_MAD=use_mad, SIGMA_FACTOR=TA.SIGMA_FACTOR[type_name],
+            num_warps=warps, enable_fp_fusion=False)
     if type_name == "Q2_K":
         out = R.pack_q2_k(d, dmin, R.q2_k_scale_bytes(ls, lm), q)
     else:

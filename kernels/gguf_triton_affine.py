@@ -3,15 +3,17 @@ Q5_K, with and without an importance matrix. The torch reference, and why each s
 gguf_reference.py (`_quantize_q45_k`, `_quantize_q2_k`, `make_qkx2_quants`, `make_qp_quants`).
 
 `affine_k_quant_kernel`: SB super-blocks of 256 weights a program, each S sub-blocks of N weights (Q2_K: 16 x 16,
-Q4_K / Q5_K: 8 x 32), held as [SB, S] tiles (one lane a sub-block). It computes, with ggml's float32 steps:
+Q4_K / Q5_K: 8 x 32), one lane a sub-block ([SB * S] vectors; the super-block steps see them as [SB, S] tiles).
+It computes, with ggml's float32 steps:
   1. each sub-block's scale and minimum: make_qkx2_quants (a first fit from the range, then NSTEP + 1 candidate
      scales refit by weighted least squares, kept when their weighted error is smaller), the error weights
      av|x| + |x| (Q4_K, Q5_K), |x| (Q2_K, absolute error) or qw * sqrtf(sigma2 + x^2) with an importance matrix;
   2. the super-block's two scales and the sub-blocks' 6-bit (4-bit for Q2_K) scales and minimums: from the
      largest ones, or with an importance matrix by make_qp_quants (nine candidates, then coordinate descent);
   3. the codes again from the scales as they are stored (half super-scales times the read-back small ones).
-Every sum the C code accumulates in a loop is accumulated here in the same element order, a column at a time
-(float32 additions are not associative); divisions are correctly rounded (`div_rn`: Triton's `/` is not on
+Every sum the C code accumulates in a loop over a sub-block is accumulated by its lane in the same element
+order, a static loop over the elements that loads each from x (float32 additions are not associative; the
+super-block steps take the columns of their [SB, S] tiles one at a time); divisions are correctly rounded (`div_rn`: Triton's `/` is not on
 CUDA), square roots too (`sqrt_rn`), and the launcher passes `enable_fp_fusion=False` (no fused multiply-add:
 C rounds each product). Outputs: d, dmin [n] float32, the small scales and minimums [n, S] int32 (0..255, as
 ggml's uint8 holds them before packing) and the codes [n, 256] int32; the launcher packs them with the
@@ -136,70 +138,67 @@ def _largest(v):
 
 
 @triton.jit
-def affine_k_quant_kernel(x_ptr, qw_ptr, t_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, lm_ptr, n_sb, sb_per_row,
+def _error_weight(xj, pqj, live, aux, HAS_QW: tl.constexpr, USE_MAD: tl.constexpr):
+    """An element's error weight (see the module docstring): xj the element, pqj its importance's address (read
+    only with an importance matrix), aux sigma2 with an importance matrix, else av_x."""
+    if HAS_QW:
+        w = tl.load(pqj, mask=live, other=0.0) * tl.sqrt_rn(aux + xj * xj)
+    elif USE_MAD:
+        w = tl.abs(xj)
+    else:
+        w = aux + tl.abs(xj)
+    return w
+
+
+@triton.jit
+def affine_k_quant_kernel(x_ptr, qw_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, lm_ptr, n_sb, sb_per_row,
                           KIND: tl.constexpr, HAS_QW: tl.constexpr, SB: tl.constexpr, S: tl.constexpr,
                           N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.constexpr, RDELTA: tl.constexpr,
                           NSTEP: tl.constexpr, USE_MAD: tl.constexpr, SIGMA_FACTOR: tl.constexpr):
-    # The element-wise work runs on [SB, S, N] tiles; what C sums in a loop is written to the scratch t_ptr
-    # (float32, three planes of 256 a super-block) and summed a column at a time in element order. The hot
-    # loops are written out, with no jit calls in them: a call costs much more than an operation in the
-    # interpreter the CPU tests run. The barriers order the scratch writes and reads of the program's threads.
+    # One lane a sub-block: the fit's sums run over the sub-block's elements in a static loop, element j loaded
+    # straight from x (the same 128-byte line for all N loads of a lane: they hit L1), so every sum is the C
+    # loop's in its order with no column extraction and no scratch. The error weights are recomputed where an
+    # element is read (registers cannot be indexed by j). The super-block steps see the lanes as [SB, S].
+    R: tl.constexpr = SB * S
     pid = tl.program_id(0)
-    sb = pid * SB + tl.arange(0, SB)
-    kk = tl.arange(0, S)[None, :]
-    nn = tl.arange(0, N)[None, None, :]
-    live_sb = sb < n_sb
-    live = live_sb[:, None] & (kk < S)
-    live3 = live[:, :, None] & (nn < N)
-    xoff = sb[:, None] * 256 + kk * N  # the first weight of each sub-block
-    toff = sb[:, None] * 768 + kk * N  # ... its place in the scratch's first plane
-    px = x_ptr + xoff
-    p0 = t_ptr + toff
-    p1 = p0 + 256
-    p2 = p0 + 512
-    zeros = tl.zeros([SB, S], tl.float32)
-    X = tl.load(px[:, :, None] + nn, mask=live3, other=0.0)
-
-    # the error weights (see the module docstring)
+    sub = pid * R + tl.arange(0, R)  # the launch's sub-blocks, in memory order
+    live = sub < n_sb * S
+    px = x_ptr + sub * N
     if HAS_QW:
-        # sigma2 = factor * sum(x^2) / 256 over the super-block
-        s = tl.zeros([SB], tl.float32)
+        # sigma2 = factor * sum(x^2) / 256 over the super-block (each of its lanes sums it, in element order)
+        s = tl.zeros([R], tl.float32)
         for i in range(256):
-            xi = tl.load(x_ptr + sb * 256 + i, mask=live_sb, other=0.0)
+            xi = tl.load(x_ptr + (sub // S) * 256 + i, mask=live, other=0.0)
             s = s + xi * xi
-        sigma2 = _fdiv(SIGMA_FACTOR * s, tl.zeros([SB], tl.float32) + 256.0)[:, None, None]
-        qoff = (sb[:, None] % sb_per_row) * 256 + kk * N  # each sub-block's first column's importance
-        QW = tl.load(qw_ptr + qoff[:, :, None] + nn, mask=live3, other=0.0)
-        W = QW * tl.sqrt_rn(sigma2 + X * X)
-    elif USE_MAD:
-        W = tl.abs(X)
+        aux = _fdiv(SIGMA_FACTOR * s, tl.zeros([R], tl.float32) + 256.0)
+        pq = qw_ptr + ((sub // S) % sb_per_row) * 256 + (sub % S) * N  # the sub-block's first column's importance
     else:
-        # av_x = sqrtf(sum(x^2) / 32) over the sub-block
-        s2 = zeros
-        for i in range(N):
-            xi = tl.load(px + i, mask=live, other=0.0)
-            s2 = s2 + xi * xi
-        av_x = tl.sqrt_rn(_fdiv(s2, zeros + 32.0))
-        W = av_x[:, :, None] + tl.abs(X)
-    tl.store(p0[:, :, None] + nn, W, mask=live3)
-    tl.debug_barrier()
+        pq = px  # never read
+        aux = tl.zeros([R], tl.float32)
+        if not USE_MAD:
+            # av_x = sqrtf(sum(x^2) / 32) over the sub-block
+            for j in tl.static_range(N):
+                xj = tl.load(px + j, mask=live, other=0.0)
+                aux = aux + xj * xj
+            aux = tl.sqrt_rn(_fdiv(aux, tl.zeros([R], tl.float32) + 32.0))
+    zeros = tl.zeros([R], tl.float32)
 
     # make_qkx2_quants: the range and the weighted sums, as the C loop runs them (from element 0)
     x0 = tl.load(px, mask=live, other=0.0)
-    w0 = tl.load(p0, mask=live, other=0.0)
+    w0 = _error_weight(x0, pq, live, aux, HAS_QW, USE_MAD)
     lo = x0
     hi = x0
     sum_w = w0
     sum_x = w0 * x0
     sw = zeros + w0  # the sub-block's total weight from +0.0, as make_qp_quants' callers sum it
-    for i in range(1, N):
-        xi = tl.load(px + i, mask=live, other=0.0)
-        wi = tl.load(p0 + i, mask=live, other=0.0)
-        lo = tl.where(xi < lo, xi, lo)
-        hi = tl.where(xi > hi, xi, hi)
-        sum_w = sum_w + wi
-        sum_x = sum_x + wi * xi
-        sw = sw + wi
+    for j in tl.static_range(1, N):
+        xj = tl.load(px + j, mask=live, other=0.0)
+        wj = _error_weight(xj, pq + j, live, aux, HAS_QW, USE_MAD)
+        lo = tl.where(xj < lo, xj, lo)
+        hi = tl.where(xj > hi, xj, hi)
+        sum_w = sum_w + wj
+        sum_x = sum_x + wj * xj
+        sw = sw + wj
     lo = tl.where(lo > 0.0, 0.0, lo)
     flat = hi == lo
     mn = lo
@@ -208,7 +207,8 @@ def affine_k_quant_kernel(x_ptr, qw_ptr, t_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, 
     l_iscale = zeros  # the codes of the best fit are those cut at (l_iscale, l_mn): recomputed at the end
     l_mn = lo
     # candidate -1 is the first guess (nmax / range, its scale the reciprocal, the minimum the range's); each
-    # later one is refit by weighted least squares and kept when its error is smaller
+    # later one is refit by weighted least squares and kept when its error is smaller. A loop, not unrolled:
+    # its body holds the two static passes over the N elements (2 N element steps)
     for step in range(-1, NSTEP + 1):
         # a better fit's minimum moves the range every later candidate is cut from (as in the C loop)
         span = tl.where(flat, 1.0, hi - mn)
@@ -216,22 +216,19 @@ def affine_k_quant_kernel(x_ptr, qw_ptr, t_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, 
             isc = _fdiv(NMAX * 1.0, span)
         else:
             isc = tl.math.div_rn((RMIN + RDELTA * (zeros + step)) + NMAX, span)
-        v = isc[:, :, None] * (X - mn[:, :, None]) + 12582912.0  # nearest_int, inline
-        LF = tl.minimum(tl.maximum((v.to(tl.int32, bitcast=True) & 0x007FFFFF) - 0x00400000, 0),
-                        NMAX).to(tl.float32)
-        WL = W * LF
-        tl.debug_barrier()  # every thread is done reading the planes
-        tl.store(p0[:, :, None] + nn, WL, mask=live3)
-        tl.store(p1[:, :, None] + nn, WL * LF, mask=live3)
-        tl.store(p2[:, :, None] + nn, WL * X, mask=live3)
-        tl.debug_barrier()
         sum_l = zeros
         sum_l2 = zeros
         sum_xl = zeros
-        for i in range(N):
-            sum_l = sum_l + tl.load(p0 + i, mask=live, other=0.0)
-            sum_l2 = sum_l2 + tl.load(p1 + i, mask=live, other=0.0)
-            sum_xl = sum_xl + tl.load(p2 + i, mask=live, other=0.0)
+        for j in tl.static_range(N):
+            xj = tl.load(px + j, mask=live, other=0.0)
+            wj = _error_weight(xj, pq + j, live, aux, HAS_QW, USE_MAD)
+            v = isc * (xj - mn) + 12582912.0  # nearest_int, inline
+            lj = tl.minimum(tl.maximum((v.to(tl.int32, bitcast=True) & 0x007FFFFF) - 0x00400000, 0),
+                            NMAX).to(tl.float32)
+            wl = wj * lj
+            sum_l = sum_l + wl
+            sum_l2 = sum_l2 + wl * lj
+            sum_xl = sum_xl + wl * xj
         if step < 0:
             ok = zeros == 0.0
             this_scale = _fdiv(1.0, isc)
@@ -245,17 +242,19 @@ def affine_k_quant_kernel(x_ptr, qw_ptr, t_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, 
             pos = this_min > 0.0
             this_min = tl.where(pos, 0.0, this_min)
             this_scale = tl.where(pos, tl.math.div_rn(sum_xl, tl.where(sum_l2 != 0.0, sum_l2, 1.0)), this_scale)
-        diff = this_scale[:, :, None] * LF + this_min[:, :, None] - X
-        if USE_MAD:
-            diff = tl.abs(diff)
-        else:
-            diff = diff * diff
-        tl.debug_barrier()
-        tl.store(p0[:, :, None] + nn, W * diff, mask=live3)
-        tl.debug_barrier()
         cur = zeros
-        for i in range(N):
-            cur = cur + tl.load(p0 + i, mask=live, other=0.0)
+        for j in tl.static_range(N):
+            xj = tl.load(px + j, mask=live, other=0.0)
+            wj = _error_weight(xj, pq + j, live, aux, HAS_QW, USE_MAD)
+            v = isc * (xj - mn) + 12582912.0  # the same codes as the pass above
+            lj = tl.minimum(tl.maximum((v.to(tl.int32, bitcast=True) & 0x007FFFFF) - 0x00400000, 0),
+                            NMAX).to(tl.float32)
+            diff = this_scale * lj + this_min - xj
+            if USE_MAD:
+                diff = tl.abs(diff)
+            else:
+                diff = diff * diff
+            cur = cur + wj * diff
         if step < 0:
             better = ok
         else:
@@ -265,8 +264,14 @@ def affine_k_quant_kernel(x_ptr, qw_ptr, t_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, 
         best = tl.where(better, cur, best)
         scale = tl.where(better, this_scale, scale)
         mn = tl.where(better, this_min, mn)
-    scales = tl.where(flat, 0.0, scale)
-    mins = tl.where(flat, lo, mn) * -1.0  # exact negation: compiled, a unary minus is 0 - x, +0.0 for +0.0
+    sw = tl.reshape(sw, (SB, S))
+    scales = tl.reshape(tl.where(flat, 0.0, scale), (SB, S))
+    # exact negation: compiled, a unary minus is 0 - x, +0.0 for +0.0
+    mins = tl.reshape(tl.where(flat, lo, mn) * -1.0, (SB, S))
+    sb = pid * SB + tl.arange(0, SB)
+    live_sb = sb < n_sb
+    kk = tl.arange(0, S)[None, :]
+    live2 = live_sb[:, None] & (kk < S)
 
     # the super-block's scales
     if HAS_QW:
@@ -317,20 +322,24 @@ def affine_k_quant_kernel(x_ptr, qw_ptr, t_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, 
             ls_r = tl.where(kk == j + 4, ((p8 & 0xF) | ((p0 >> 6) << 4))[:, None], ls_r)
             lm_r = tl.where(kk == j, (p4 & 63)[:, None], lm_r)
             lm_r = tl.where(kk == j + 4, ((p8 >> 4) | ((p4 >> 6) << 4))[:, None], lm_r)
-    dd = d.to(tl.float16).to(tl.float32)[:, None] * ls_r.to(tl.float32)
-    dm = dmin.to(tl.float16).to(tl.float32)[:, None] * lm_r.to(tl.float32)
-    on = (dd != 0.0)[:, :, None]
-    v = tl.math.div_rn(X + dm[:, :, None], tl.where(on, dd[:, :, None], 1.0)) + 12582912.0  # nearest_int, inline
+    dd = tl.reshape(d.to(tl.float16).to(tl.float32)[:, None] * ls_r.to(tl.float32), (R,))[:, None]
+    dm = tl.reshape(dmin.to(tl.float16).to(tl.float32)[:, None] * lm_r.to(tl.float32), (R,))[:, None]
+    nn = tl.arange(0, N)[None, :]
+    xoff = sub[:, None] * N + nn
+    live_x = live[:, None] & (nn < N)
+    X = tl.load(x_ptr + xoff, mask=live_x, other=0.0)
+    on = dd != 0.0
+    v = tl.math.div_rn(X + dm, tl.where(on, dd, 1.0)) + 12582912.0  # nearest_int, inline
     L = tl.minimum(tl.maximum((v.to(tl.int32, bitcast=True) & 0x007FFFFF) - 0x00400000, 0), NMAX)
     # a sub-block whose stored scale is 0 keeps the codes of its fit
-    v0 = l_iscale[:, :, None] * (X - l_mn[:, :, None]) + 12582912.0
+    v0 = l_iscale[:, None] * (X - l_mn[:, None]) + 12582912.0
     L0 = tl.minimum(tl.maximum((v0.to(tl.int32, bitcast=True) & 0x007FFFFF) - 0x00400000, 0), NMAX)
-    L = tl.where(on, L, tl.where(flat[:, :, None], 0, L0))
-    tl.store(q_ptr + xoff[:, :, None] + nn, L, mask=live3)
+    L = tl.where(on, L, tl.where(flat[:, None], 0, L0))
+    tl.store(q_ptr + xoff, L, mask=live_x)
     tl.store(d_ptr + sb, d, mask=live_sb)
     tl.store(dmin_ptr + sb, dmin, mask=live_sb)
-    tl.store(ls_ptr + sb[:, None] * S + kk, ls, mask=live)
-    tl.store(lm_ptr + sb[:, None] * S + kk, lm, mask=live)
+    tl.store(ls_ptr + sb[:, None] * S + kk, ls, mask=live2)
+    tl.store(lm_ptr + sb[:, None] * S + kk, lm, mask=live2)
 
 
 #: per type: (S sub-blocks of N weights, NMAX) and make_qkx2_quants' (rmin, rdelta, nstep, use_mad) without and
@@ -339,3 +348,16 @@ SHAPES = {"Q2_K": (Q2_K, 16, 16, 3), "Q4_K": (Q4_K, 8, 32, 15), "Q5_K": (Q5_K, 8
 SEARCH = {"Q2_K": (-0.5, 0.1, 15, True), "Q4_K": (-1.0, 0.1, 20, False), "Q5_K": (-0.5, 0.1, 15, False)}
 SEARCH_QW = (-0.9, 0.05, 36, False)
 SIGMA_FACTOR = {"Q2_K": 1.0, "Q4_K": 2.0, "Q5_K": 2.0}
+
+#: a program's size on the GPU, in one place for a sweep to set: sub-blocks a program (one lane each: 128 fills
+#: 4 warps; a multiple of every type's S, so super-blocks stay whole) and warps
+GPU_SUBBLOCKS = 128
+GPU_WARPS = 4
+#: in the interpreter, whose cost is per operation, not per element, the fewest programs are fastest
+INTERPRETER_SUBBLOCKS = 4096
+
+
+def program_shape(type_name: str, interpreted: bool) -> tuple[int, int]:
+    """(super-blocks a program, warps) of `type_name`'s launch."""
+    subs = SHAPES[type_name][1]
+    return (INTERPRETER_SUBBLOCKS if interpreted else GPU_SUBBLOCKS) // subs, GPU_WARPS
