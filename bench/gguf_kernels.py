@@ -6,7 +6,7 @@ compiled kernels do (a unary minus compiled as 0 - x, say). This is the check th
 where ggml's rules bite (zeros, constants, negative-only, huge, subnormal, an outlier, -0.0), quantized by the
 compiled kernel on the GPU, against the torch reference on the CPU (which tests/kernels/test_gguf_quants.py holds
 byte-exact with ggml_quantize_chunk); (2) one weight-sized tensor through both backends on the GPU, bytes compared
-and timed. Types without a Triton kernel (the legacy types with an imatrix) run the torch reference on both sides.
+and timed. Every type has a Triton kernel, with and without an imatrix (Q8_0 ignores one, as ggml does).
 
     # GPU machine, from the repository root (bench/gpu_env.sh first):
     python -P bench/gguf_kernels.py --out $OUT/gguf_kernels.json

@@ -3,7 +3,7 @@
 `quantize_tensor(x, type_name)` takes float32 rows [rows, cols] (cols a multiple of the type's block: 32, or 256
 for the k-quants) and returns the bytes llama.cpp stores for them, uint8 [rows, row bytes], on x's device:
   * F32, F16, BF16: IEEE rounding to nearest even (BF16 as the gguf package rounds it: NaN kept quiet);
-  * Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: the Triton kernel `legacy_quant_kernel` computes scales and codes, torch packs
+  * Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 without an importance matrix: the Triton kernel `legacy_quant_kernel` computes scales and codes, torch packs
     them (nibbles, the fifth bits, halves);
   * Q3_K, Q6_K, IQ4_NL, IQ4_XS (scales, no minimum), with or without an importance matrix: the Triton kernels
     of gguf_triton_symmetric.py compute codes and scales (ggml's searches step by step: sums in element
@@ -11,10 +11,11 @@ for the k-quants) and returns the bytes llama.cpp stores for them, uint8 [rows, 
   * Q2_K, Q4_K, Q5_K (the affine k-quants: a minimum a sub-block), with or without an importance matrix: the
     Triton kernel `affine_k_quant_kernel` (gguf_triton_affine.py) computes scales, minimums and codes, the
     reference's packers pack them;
-  * the legacy types with an importance matrix (`imatrix`, ggml's quant_weights: ggml's quantize_*_impl
-    searches): the torch reference on every device, vectorized over blocks (the operations are IEEE float32
-    on CUDA as on the CPU, divisions true ones, so the bytes are the same). Q8_0 ignores an importance
-    matrix, as ggml does.
+  * Q4_0, Q4_1, Q5_0, Q5_1 with an importance matrix (`imatrix`, ggml's quant_weights: ggml's quantize_*_impl
+    searches, error weights qw * sqrtf(sigma2 + x^2) with sigma2 the row's mean square): the kernels of
+    gguf_triton_legacy_imatrix.py (the rows' sigma2, then make_qx_quants' search for Q4_0 / Q5_0 and
+    make_qkx2_quants' for Q4_1 / Q5_1, the jit helpers of the symmetric and affine kernels) compute scales,
+    minimums and codes, torch packs them as without one. Q8_0 ignores an importance matrix, as ggml does.
 What each rule is and why is in gguf_reference.py. Public functions take `backend="auto" | "triton" | "torch"`
 (`qaas.kernels.dispatch.use_triton`).
 """
@@ -27,6 +28,7 @@ import triton
 from . import gguf_reference as R
 from . import gguf_triton as T
 from . import gguf_triton_affine as TA
+from . import gguf_triton_legacy_imatrix as TL
 from . import gguf_triton_symmetric as TS
 from .dispatch import interpreting, use_triton
 
@@ -77,8 +79,10 @@ def quantize_tensor(x: torch.Tensor, type_name: str, *, imatrix: torch.Tensor | 
         raise ValueError(f"imatrix must hold one value per column ({x.shape[1]}), got {tuple(imatrix.shape)}")
     if type_name == "Q8_0":
         imatrix = None  # ggml's Q8_0 has no use for one
-    if type_name in LEGACY and imatrix is None and use_triton(backend, x):
-        return _legacy_triton(x, type_name)
+    if type_name in LEGACY and use_triton(backend, x):
+        if imatrix is None:
+            return _legacy_triton(x, type_name)
+        return _legacy_imatrix_triton(x, type_name, imatrix)
     if type_name in TS.TYPES and use_triton(backend, x):
         return TS.quantize(x, type_name, imatrix)
     if type_name in TA.SHAPES and use_triton(backend, x):
@@ -98,6 +102,39 @@ def _legacy_triton(x: torch.Tensor, type_name: str) -> torch.Tensor:
                                                      num_warps=4, enable_fp_fusion=False)
     with_min = type_name in ("Q4_1", "Q5_1")
     return R.pack_legacy(type_name, d, m if with_min else None, q).reshape(rows, -1).contiguous()
+
+
+#: (on a GPU, in the interpreter) program sizes of the legacy imatrix kernels: rows a program of the sigma2 sums
+#: (a lane each), blocks a program of Q4_0 / Q5_0 (a [blocks, 32] tile) and of Q4_1 / Q5_1 (a lane each: 128
+#: fills 4 warps); the interpreter's cost is per operation, not per element, so there programs take many more
+LEGACY_IMATRIX_BLOCKS = {"rows": (128, 4096), "tile": (32, 256), "lanes": (128, 4096)}
+
+
+def _legacy_imatrix_triton(x: torch.Tensor, type_name: str, imatrix: torch.Tensor) -> torch.Tensor:
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 with an importance matrix: the rows' sigma2, then the scales (and minimums) and
+    codes from the kernels of gguf_triton_legacy_imatrix.py; packed as without one."""
+    rows, cols = x.shape
+    per_row = cols // R.QK
+    n = rows * per_row
+    dev = x.device
+    qw = imatrix.to(device=dev, dtype=torch.float32).contiguous()
+    launch = dict(num_warps=4, enable_fp_fusion=False)
+    sigma2 = torch.empty(rows, dtype=torch.float32, device=dev)
+    lanes = LEGACY_IMATRIX_BLOCKS["rows"][interpreting()]
+    TL.row_sigma2_kernel[(triton.cdiv(rows, lanes),)](x, sigma2, rows, COLS=cols, ROWS=lanes, **launch)
+    q = torch.empty((n, R.QK), dtype=torch.int32, device=dev)
+    d = torch.empty(n, dtype=torch.float32, device=dev)
+    m = None
+    if type_name in ("Q4_0", "Q5_0"):
+        b = LEGACY_IMATRIX_BLOCKS["tile"][interpreting()]
+        TL.legacy_qx_kernel[(triton.cdiv(n, b),)](x, qw, sigma2, q, d, n, per_row,
+                                                  NMAX=8 if type_name == "Q4_0" else 16, B=b, **launch)
+    else:
+        m = torch.empty(n, dtype=torch.float32, device=dev)
+        b = LEGACY_IMATRIX_BLOCKS["lanes"][interpreting()]
+        TL.legacy_qkx_kernel[(triton.cdiv(n, b),)](x, qw, sigma2, q, d, m, n, per_row,
+                                                   NMAX=15 if type_name == "Q4_1" else 31, B=b, **launch)
+    return R.pack_legacy(type_name, d, m, q).reshape(rows, -1).contiguous()
 
 
 #: super-blocks a launch of the affine kernel takes at most: keeps its offsets in int32 and bounds the int32

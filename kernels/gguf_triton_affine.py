@@ -18,6 +18,9 @@ CUDA), square roots too (`sqrt_rn`), and the launcher passes `enable_fp_fusion=F
 C rounds each product). Outputs: d, dmin [n] float32, the small scales and minimums [n, S] int32 (0..255, as
 ggml's uint8 holds them before packing) and the codes [n, 256] int32; the launcher packs them with the
 reference's packers.
+
+`qkx2_fit` (step 1 for one lane's N weights) is also the fit of Q4_1 / Q5_1 with an importance matrix
+(gguf_triton_legacy_imatrix.py).
 """
 
 from __future__ import annotations
@@ -151,38 +154,15 @@ def _error_weight(xj, pqj, live, aux, HAS_QW: tl.constexpr, USE_MAD: tl.constexp
 
 
 @triton.jit
-def affine_k_quant_kernel(x_ptr, qw_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, lm_ptr, n_sb, sb_per_row,
-                          KIND: tl.constexpr, HAS_QW: tl.constexpr, SB: tl.constexpr, S: tl.constexpr,
-                          N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.constexpr, RDELTA: tl.constexpr,
-                          NSTEP: tl.constexpr, USE_MAD: tl.constexpr, SIGMA_FACTOR: tl.constexpr):
-    # One lane a sub-block: the fit's sums run over the sub-block's elements in a static loop, element j loaded
-    # straight from x (the same 128-byte line for all N loads of a lane: they hit L1), so every sum is the C
-    # loop's in its order with no column extraction and no scratch. The error weights are recomputed where an
-    # element is read (registers cannot be indexed by j). The super-block steps see the lanes as [SB, S].
-    R: tl.constexpr = SB * S
-    pid = tl.program_id(0)
-    sub = pid * R + tl.arange(0, R)  # the launch's sub-blocks, in memory order
-    live = sub < n_sb * S
-    px = x_ptr + sub * N
-    if HAS_QW:
-        # sigma2 = factor * sum(x^2) / 256 over the super-block (each of its lanes sums it, in element order)
-        s = tl.zeros([R], tl.float32)
-        for i in range(256):
-            xi = tl.load(x_ptr + (sub // S) * 256 + i, mask=live, other=0.0)
-            s = s + xi * xi
-        aux = _fdiv(SIGMA_FACTOR * s, tl.zeros([R], tl.float32) + 256.0)
-        pq = qw_ptr + ((sub // S) % sb_per_row) * 256 + (sub % S) * N  # the sub-block's first column's importance
-    else:
-        pq = px  # never read
-        aux = tl.zeros([R], tl.float32)
-        if not USE_MAD:
-            # av_x = sqrtf(sum(x^2) / 32) over the sub-block
-            for j in tl.static_range(N):
-                xj = tl.load(px + j, mask=live, other=0.0)
-                aux = aux + xj * xj
-            aux = tl.sqrt_rn(_fdiv(aux, tl.zeros([R], tl.float32) + 32.0))
-    zeros = tl.zeros([R], tl.float32)
-
+def qkx2_fit(px, pq, live, aux, N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.constexpr, RDELTA: tl.constexpr,
+             NSTEP: tl.constexpr, HAS_QW: tl.constexpr, USE_MAD: tl.constexpr):
+    """ggml's make_qkx2_quants(N, NMAX, x, weights, L, &the_min, Laux, RMIN, RDELTA, NSTEP, USE_MAD) for each lane:
+    px the address of its N weights, pq of their importances (read only with HAS_QW), aux its sigma2 (HAS_QW)
+    or av_x (see `_error_weight`). Returns (scale, min, lo, flat, l_iscale, l_mn, sw): the best fit's scale and
+    minimum (as the C loop leaves them, before its flat-range rule), the range's low end clamped to 0, whether
+    the range is flat, the (iscale, min) the best fit's codes are cut at (nearest_int(l_iscale * (x - l_mn))
+    clamped to 0..NMAX) and the lane's summed error weight (from +0.0)."""
+    zeros = tl.zeros(live.shape, tl.float32)
     # make_qkx2_quants: the range and the weighted sums, as the C loop runs them (from element 0)
     x0 = tl.load(px, mask=live, other=0.0)
     w0 = _error_weight(x0, pq, live, aux, HAS_QW, USE_MAD)
@@ -264,6 +244,43 @@ def affine_k_quant_kernel(x_ptr, qw_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, lm_ptr,
         best = tl.where(better, cur, best)
         scale = tl.where(better, this_scale, scale)
         mn = tl.where(better, this_min, mn)
+    return scale, mn, lo, flat, l_iscale, l_mn, sw
+
+
+@triton.jit
+def affine_k_quant_kernel(x_ptr, qw_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, lm_ptr, n_sb, sb_per_row,
+                          KIND: tl.constexpr, HAS_QW: tl.constexpr, SB: tl.constexpr, S: tl.constexpr,
+                          N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.constexpr, RDELTA: tl.constexpr,
+                          NSTEP: tl.constexpr, USE_MAD: tl.constexpr, SIGMA_FACTOR: tl.constexpr):
+    # One lane a sub-block: the fit's sums run over the sub-block's elements in a static loop, element j loaded
+    # straight from x (the same 128-byte line for all N loads of a lane: they hit L1), so every sum is the C
+    # loop's in its order with no column extraction and no scratch. The error weights are recomputed where an
+    # element is read (registers cannot be indexed by j). The super-block steps see the lanes as [SB, S].
+    R: tl.constexpr = SB * S
+    pid = tl.program_id(0)
+    sub = pid * R + tl.arange(0, R)  # the launch's sub-blocks, in memory order
+    live = sub < n_sb * S
+    px = x_ptr + sub * N
+    if HAS_QW:
+        # sigma2 = factor * sum(x^2) / 256 over the super-block (each of its lanes sums it, in element order)
+        s = tl.zeros([R], tl.float32)
+        for i in range(256):
+            xi = tl.load(x_ptr + (sub // S) * 256 + i, mask=live, other=0.0)
+            s = s + xi * xi
+        aux = _fdiv(SIGMA_FACTOR * s, tl.zeros([R], tl.float32) + 256.0)
+        pq = qw_ptr + ((sub // S) % sb_per_row) * 256 + (sub % S) * N  # the sub-block's first column's importance
+    else:
+        pq = px  # never read
+        aux = tl.zeros([R], tl.float32)
+        if not USE_MAD:
+            # av_x = sqrtf(sum(x^2) / 32) over the sub-block
+            for j in tl.static_range(N):
+                xj = tl.load(px + j, mask=live, other=0.0)
+                aux = aux + xj * xj
+            aux = tl.sqrt_rn(_fdiv(aux, tl.zeros([R], tl.float32) + 32.0))
+
+    scale, mn, lo, flat, l_iscale, l_mn, sw = qkx2_fit(px, pq, live, aux, N, NMAX, RMIN, RDELTA, NSTEP, HAS_QW,
+                                                       USE_MAD)
     sw = tl.reshape(sw, (SB, S))
     scales = tl.reshape(tl.where(flat, 0.0, scale), (SB, S))
     # exact negation: compiled, a unary minus is 0 - x, +0.0 for +0.0

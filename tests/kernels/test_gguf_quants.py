@@ -62,6 +62,34 @@ def test_triton_kernel_is_byte_exact_with_ggml(type_name):
     assert np.array_equal(ours, ggml_quantize(type_name, x.numpy()))
 
 
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_legacy_triton_kernels_with_an_importance_matrix_are_byte_exact_with_ggml(type_name):
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1 with an imatrix through gguf_triton_legacy_imatrix's kernels: _edge_weights'
+    blocks (all-zero, -0.0, ties, an outlier, negative-only, constant, huge, tiny), a width of 17 blocks (the
+    rows' mean square not a division by a power of two), zero importances (one column, and a whole block)."""
+    x = _edge_weights(544)
+    imatrix = torch.rand(544, generator=torch.Generator().manual_seed(5)) ** 3 * 5
+    imatrix[7] = 0
+    imatrix[96:128] = 0
+    ours = quantize_tensor(x, type_name, imatrix=imatrix, backend="triton").cpu().numpy()
+    theirs = ggml_quantize(type_name, x.numpy(), imatrix.numpy())
+    assert ours.shape == theirs.shape
+    differ = np.flatnonzero((ours != theirs).any(axis=1))
+    assert differ.size == 0, f"rows {differ.tolist()} differ ({(ours != theirs).sum()} bytes)"
+    assert not np.array_equal(ours, quantize_tensor(x, type_name, backend="triton").cpu().numpy())
+
+
+def test_legacy_imatrix_kernels_over_several_programs(monkeypatch):
+    """Programs smaller than the rows (gguf.LEGACY_IMATRIX_BLOCKS): each block still reads its own row's sigma2
+    and its own columns' importances, the last program masked."""
+    monkeypatch.setitem(gguf_kernels.LEGACY_IMATRIX_BLOCKS, "rows", (1, 1))
+    monkeypatch.setitem(gguf_kernels.LEGACY_IMATRIX_BLOCKS, "tile", (16, 16))
+    x = _weights(8, 544, seed=6)[:2].contiguous()  # 34 blocks: three programs of 16, the last masked
+    imatrix = torch.rand(544, generator=torch.Generator().manual_seed(7)) + 0.1
+    ours = quantize_tensor(x, "Q5_0", imatrix=imatrix, backend="triton").cpu().numpy()
+    assert np.array_equal(ours, ggml_quantize("Q5_0", x.numpy(), imatrix.numpy()))
+
 def _edge_weights(cols: int) -> torch.Tensor:
     """_weights' blocks, and a negative-only super-block, a constant one, huge and tiny magnitudes."""
     x = _weights(8, cols, seed=4)
