@@ -6,7 +6,7 @@ The error weights are qw * sqrtf(sigma2 + x^2), sigma2 the mean square of the bl
   * `row_sigma2_kernel`: sigma2 of each row, one lane a row summing x^2 in element order (C's loop; float32
     sums are not associative, so the row cannot be split), then a correctly rounded division by the width;
   * `legacy_qx_kernel` (Q4_0, Q5_0): make_qx_quants(32, NMAX, x, L, rmse_type=1, weights), the signed codes
-    as they come (ggml does not requantize them): gguf_triton_symmetric's `_make_qx_quants` on [B, 32] tiles;
+    as they come (ggml does not requantize them): gguf_triton_symmetric's `make_qx_quants` on [B, 32] tiles;
   * `legacy_qkx_kernel` (Q4_1, Q5_1): make_qkx3_quants(32, NMAX, x, weights, L, &min, Laux, -0.9, 0.05, 36),
     which with weights given is make_qkx2_quants: gguf_triton_affine's `qkx2_fit`, one lane a block, the codes
     those of the best fit.
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .gguf_triton_affine import qkx2_fit
-from .gguf_triton_symmetric import _make_qx_quants
+from .gguf_triton_symmetric import make_qx_quants
 
 #: make_qkx3_quants' search in ggml's quantize_row_q4_1_impl / q5_1_impl
 RMIN, RDELTA, NSTEP = -0.9, 0.05, 36
@@ -51,7 +51,7 @@ def legacy_qx_kernel(x_ptr, qw_ptr, sigma2_ptr, l_ptr, d_ptr, n_blocks, blocks_p
     qw = tl.load(qw_ptr + (blk % blocks_per_row)[:, None] * 32 + cols[None, :], mask=live[:, None], other=0.0)
     sigma2 = tl.load(sigma2_ptr + blk // blocks_per_row, mask=live, other=0.0)
     w = qw * tl.sqrt_rn(sigma2[:, None] + x * x)
-    d, L = _make_qx_quants(x, w, cols, NMAX, 32)
+    d, L = make_qx_quants(x, w, cols, NMAX, 32)
     tl.store(l_ptr + offs, L, mask=live[:, None])
     tl.store(d_ptr + blk, d, mask=live)
 

@@ -73,7 +73,7 @@ def _per_row(v, SB: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
-def _make_qx_quants(x, w, cols, NMAX: tl.constexpr, N: tl.constexpr):
+def make_qx_quants(x, w, cols, NMAX: tl.constexpr, N: tl.constexpr):
     # ggml's make_qx_quants(N, NMAX, x, L, rmse_type=1, w) for each row of x [rows, N]: (scale, L in 0..2 NMAX - 1);
     # gguf_reference.make_qx_quants_rmse1
     amax, signed_max = _first_of_largest(x, cols, N)
@@ -162,7 +162,7 @@ def q6_k_kernel(x_ptr, qw_ptr, l_ptr, scale_ptr, d_ptr, n_super, cols_per_row,
         w = tl.load(qw_ptr + offs % cols_per_row, mask=live[:, None], other=0.0)
     else:
         w = x * x
-    scales, L = _make_qx_quants(x, w, cols, 32, 16)
+    scales, L = make_qx_quants(x, w, cols, 32, 16)
     s = tl.reshape(scales, (SB, 16))
     max_abs, max_scale = _first_of_largest(s, cols, 16)
     empty = max_abs < GROUP_MAX_EPS
@@ -199,9 +199,9 @@ def q3_k_kernel(x_ptr, qw_ptr, l_ptr, ls_ptr, d_ptr, n_super, cols_per_row,
                                 tl.full((SB,), 256.0, tl.float32))
         qw = tl.load(qw_ptr + offs % cols_per_row, mask=live[:, None], other=0.0)
         w = qw * tl.sqrt_rn(_per_row(sigma2, SB, 16)[:, None] + x * x)
-        scales, L = _make_qx_quants(x, w, cols, 4, 16)
+        scales, L = make_qx_quants(x, w, cols, 4, 16)
         sw = tl.reshape(_ordered_sum(w, cols, 16), (SB, 16))
-        d, ls = _make_qx_quants(tl.reshape(scales, (SB, 16)), sw, cols, 32, 16)
+        d, ls = make_qx_quants(tl.reshape(scales, (SB, 16)), sw, cols, 32, 16)
     else:
         scales, L = _make_q3_quants(x, cols, 4, 16)
         s = tl.reshape(scales, (SB, 16))
