@@ -233,3 +233,37 @@ def test_a_tokenizer_json_only_vocabulary_is_refused_naming_model(tmp_path, stor
     with pytest.raises(InvalidConfig) as exc:
         _run(src, tmp_path / "out", ["F16"])
     assert exc.value.field == "model" and "tokenizer.model" in str(exc.value)
+
+
+def test_a_cancelled_job_leaves_no_output_and_no_writer_thread(stories_dir, tmp_path, monkeypatch):
+    """Each output writes on a thread of its own: a job stopped mid-stream stops them too (no thread still
+    writing into the discarded staging directory) and leaves no output directory. The outputs are kept alive
+    here, so their threads cannot end by the outputs being garbage-collected: only the job's own stopping."""
+    import threading
+
+    from qaas.worker.engine.methods.gguf import format as gguf_format
+    from qaas.worker.engine.options import EngineOptions
+    from qaas.worker.engine.pipeline import quantize
+    from qaas.worker.engine.progress import JobCancelled, NullReporter
+
+    made = []
+    real_init = gguf_format.GGUFOutput.__init__
+
+    def keep(self, *a, **k):
+        real_init(self, *a, **k)
+        made.append(self)
+    monkeypatch.setattr(gguf_format.GGUFOutput, "__init__", keep)
+
+    class CancelAfterFirstBlock(NullReporter):
+        def progress(self, done, total, *, message="", metrics=None):
+            if message.startswith("block"):
+                self.cancel()
+
+    out = tmp_path / "out"
+    with pytest.raises(JobCancelled):
+        quantize({"path": str(stories_dir)}, {"quant_method": "gguf", "types": ["F16", "Q8_0", "Q4_0"]}, out,
+                 options=EngineOptions(device="cpu", allowed_roots=(str(stories_dir.parent),), evaluate=False),
+                 reporter=CancelAfterFirstBlock())
+    assert not out.exists()
+    assert len(made) == 3 and all(o.writer.fout is None for o in made)  # every file closed
+    assert not [t for t in threading.enumerate() if t.name.startswith("gguf-")]

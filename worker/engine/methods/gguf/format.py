@@ -139,6 +139,12 @@ class GGUFOutput:
     def close(self) -> WrittenGGUF:
         return self.close_async().result()
 
+    def abandon(self) -> None:
+        """The job stops before the file is complete: queued writes dropped, the running one finished, the file
+        closed (the staging directory it is in is discarded)."""
+        self._thread.shutdown(wait=True, cancel_futures=True)
+        self.writer.close()
+
     def _finish(self) -> WrittenGGUF:
         try:
             for f in self._pending:  # all done before this task ran (one thread); re-raise a write error

@@ -82,34 +82,39 @@ class GGUFMethod:
             now = time.perf_counter()
             phases[name] = phases.get(name, 0.0) + now - since
             return now
-        for t in order:
-            reporter.check_cancelled()
-            block = int(t.name.split(".")[1]) if t.name.startswith("blk.") else -1
-            if block > done_blocks and block >= 0:
-                if done_blocks >= 0:
-                    reporter.progress(done_blocks + 1, n_blocks, message=f"block {done_blocks + 1}/{n_blocks}")
-                done_blocks = block
+        try:
+            for t in order:
+                reporter.check_cancelled()
+                block = int(t.name.split(".")[1]) if t.name.startswith("blk.") else -1
+                if block > done_blocks and block >= 0:
+                    if done_blocks >= 0:
+                        reporter.progress(done_blocks + 1, n_blocks, message=f"block {done_blocks + 1}/{n_blocks}")
+                    done_blocks = block
+                t0 = time.perf_counter()
+                hf = ctx.reader.load(t.hf_name) if t.hf_name is not None else None
+                t0 = lap("read", t0)
+                values = source_values(t, hf, config).to(ctx.device)
+                if not t.keep_f32:
+                    values = _rounded(values, float_type)
+                rows = values.reshape(-1, t.shape[-1])
+                importance = imatrix.values(_module(t.hf_name)) if imatrix is not None and t.hf_name else None
+                t0 = lap("convert", t0)
+                for out in outputs:
+                    ttype = out.types[t.name]
+                    data = (round_float(rows, ttype) if ttype in FLOAT_TYPES
+                            else quantize_tensor(rows, ttype, imatrix=importance))
+                    t0 = lap(f"quantize {out.type_name}", t0)
+                    out.write(data.cpu().numpy())
+                    t0 = lap(f"to host + queue write {out.type_name}", t0)
+                del hf, values, rows
             t0 = time.perf_counter()
-            hf = ctx.reader.load(t.hf_name) if t.hf_name is not None else None
-            t0 = lap("read", t0)
-            values = source_values(t, hf, config).to(ctx.device)
-            if not t.keep_f32:
-                values = _rounded(values, float_type)
-            rows = values.reshape(-1, t.shape[-1])
-            importance = imatrix.values(_module(t.hf_name)) if imatrix is not None and t.hf_name else None
-            t0 = lap("convert", t0)
+            # the outputs finish side by side: their last writes, then each file's sha256
+            written = [f.result() for f in [o.close_async() for o in outputs]]
+            lap("finish writes + sha256", t0)
+        except BaseException:  # cancelled or failed: no writer thread left writing into the discarded staging dir
             for out in outputs:
-                ttype = out.types[t.name]
-                data = (round_float(rows, ttype) if ttype in FLOAT_TYPES
-                        else quantize_tensor(rows, ttype, imatrix=importance))
-                t0 = lap(f"quantize {out.type_name}", t0)
-                out.write(data.cpu().numpy())
-                t0 = lap(f"to host + queue write {out.type_name}", t0)
-            del hf, values, rows
-        t0 = time.perf_counter()
-        # the outputs finish side by side: their last writes, then each file's sha256
-        written = [f.result() for f in [o.close_async() for o in outputs]]
-        lap("finish writes + sha256", t0)
+                out.abandon()
+            raise
         reporter.progress(n_blocks, n_blocks, message=f"block {n_blocks}/{n_blocks}")
         described = [w.describe() for w in written]
         for d in described:
