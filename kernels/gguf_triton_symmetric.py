@@ -148,16 +148,23 @@ def _requantize(x, dd, LO: tl.constexpr, HI: tl.constexpr, L):
 
 
 @triton.jit
+def _row_tile(x_ptr, n_rows, ROWS: tl.constexpr, N: tl.constexpr):
+    """This program's ROWS rows of N weights (sub-blocks or blocks): their indices, column offsets, element
+    offsets, which are live, and the weights (0 past the end)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, N)
+    live = rows < n_rows
+    offs = rows[:, None] * N + cols[None, :]
+    return rows, cols, offs, live, tl.load(x_ptr + offs, mask=live[:, None], other=0.0)
+
+
+@triton.jit
 def q6_k_kernel(x_ptr, qw_ptr, l_ptr, scale_ptr, d_ptr, n_super, cols_per_row,
                 HAS_QW: tl.constexpr, SB: tl.constexpr):
     """SB super-blocks a program -> codes L [., 256] (0..63), sub-block scales [., 16] (int8 values), d [.]."""
     ROWS: tl.constexpr = SB * 16
     pid = tl.program_id(0)
-    cols = tl.arange(0, 16)
-    sub = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    live = sub < n_super * 16
-    offs = sub[:, None] * 16 + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=live[:, None], other=0.0)
+    _, cols, offs, live, x = _row_tile(x_ptr, n_super * 16, ROWS, 16)
     if HAS_QW:  # the importance weights as they are (ggml's quantize_row_q6_K_impl)
         w = tl.load(qw_ptr + offs % cols_per_row, mask=live[:, None], other=0.0)
     else:
@@ -185,11 +192,7 @@ def q3_k_kernel(x_ptr, qw_ptr, l_ptr, ls_ptr, d_ptr, n_super, cols_per_row,
     """SB super-blocks a program -> codes L [., 256] (0..7), 6-bit sub-block scales [., 16] (0..63), d [.]."""
     ROWS: tl.constexpr = SB * 16
     pid = tl.program_id(0)
-    cols = tl.arange(0, 16)
-    sub = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    live = sub < n_super * 16
-    offs = sub[:, None] * 16 + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=live[:, None], other=0.0)
+    _, cols, offs, live, x = _row_tile(x_ptr, n_super * 16, ROWS, 16)
     sb = pid.to(tl.int64) * SB + tl.arange(0, SB)
     sb_live = sb < n_super
     if HAS_QW:
@@ -263,12 +266,7 @@ def _iq4_block_scales(x, w, cols, levels_ptr, NTRY: tl.constexpr):
 def iq4_nl_kernel(x_ptr, qw_ptr, levels_ptr, l_ptr, d_ptr, n_blocks, cols_per_row,
                   HAS_QW: tl.constexpr, B: tl.constexpr):
     """B 32-weight blocks a program -> level indices L [., 32], scales d [.]."""
-    pid = tl.program_id(0)
-    cols = tl.arange(0, 32)
-    blk = pid.to(tl.int64) * B + tl.arange(0, B)
-    live = blk < n_blocks
-    offs = blk[:, None] * 32 + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=live[:, None], other=0.0)
+    blk, cols, offs, live, x = _row_tile(x_ptr, n_blocks, B, 32)
     if HAS_QW:  # qw * sqrtf(sigma2 + x^2), sigma2 = sum(x^2) * (2 / 32) of the block (ggml's order)
         sigma2 = _square_sum(x_ptr, blk * 32, live, 32) * (2.0 / 32)
         qw = tl.load(qw_ptr + offs % cols_per_row, mask=live[:, None], other=0.0)
@@ -287,11 +285,7 @@ def iq4_xs_kernel(x_ptr, qw_ptr, levels_ptr, l_ptr, ls_ptr, d_ptr, n_super, cols
     """SB super-blocks a program -> level indices L [., 256], 6-bit block scales [., 8] (0..63), d [.]."""
     ROWS: tl.constexpr = SB * 8
     pid = tl.program_id(0)
-    cols = tl.arange(0, 32)
-    blk = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    live = blk < n_super * 8
-    offs = blk[:, None] * 32 + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=live[:, None], other=0.0)
+    blk, cols, offs, live, x = _row_tile(x_ptr, n_super * 8, ROWS, 32)
     sb = pid.to(tl.int64) * SB + tl.arange(0, SB)
     sb_live = sb < n_super
     if HAS_QW:  # qw * sqrtf(sigma2 + x^2), sigma2 = sum(x^2) * (2 / 256) of the super-block (ggml's order)
