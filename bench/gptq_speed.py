@@ -40,8 +40,11 @@ Writes DIR/gptq_speed-<tag>.json and .md; the last line printed starts with SUMM
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import platform
+import pstats
 import shutil
 import signal
 import statistics
@@ -341,8 +344,17 @@ def bench_e2e(args, results: dict) -> None:
           f"{model.write_s:.1f}s", flush=True)
     clock = JobClock(partial=results.setdefault("partial", {}))
     timer = PhaseTimer()
+    profiler = cProfile.Profile() if args.cprofile else None
     with instrument(EVAL_PHASES if args.evaluate else {}, timer.wrap):
-        res, state, wall = run_job(model, args, Path(args.workdir) / "out", evaluate=args.evaluate, reporter=clock)
+        if profiler:
+            profiler.enable()
+        try:
+            res, state, wall = run_job(model, args, Path(args.workdir) / "out", evaluate=args.evaluate,
+                                       reporter=clock)
+        finally:
+            if profiler:
+                profiler.disable()
+                _write_cprofile(profiler, Path(args.out) / f"gptq_speed-{results['tag']}.cprofile.txt")
     fig = job_figures(model, res, state, wall, clock)
     if args.evaluate:
         ev = res.get("evaluation") or {}
@@ -373,6 +385,17 @@ def bench_e2e(args, results: dict) -> None:
     results["e2e"] = fig
     results.pop("partial")
     print(json.dumps(fig, indent=1), flush=True)
+
+
+def _write_cprofile(profiler: cProfile.Profile, path: Path) -> None:
+    """The host side of the whole job by function (where a fixed cost of seconds comes from: imports, CUDA and
+    library initialization, tokenizer, JIT compilation), cumulative and self time, top 60 each."""
+    buf = io.StringIO()
+    stats = pstats.Stats(profiler, stream=buf)
+    for sort in ("cumulative", "tottime"):
+        buf.write(f"==== sorted by {sort}\n")
+        stats.sort_stats(sort).print_stats(60)
+    path.write_text(buf.getvalue())
 
 
 def bench_profile(args, results: dict) -> None:
@@ -519,6 +542,8 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/gptq-bench", help="checkpoints (kept and reused) and outputs")
     ap.add_argument("--gpus", type=int, default=1, help="e2e: GPUs the job runs on (one engine rank per GPU)")
     ap.add_argument("--tag", default=None, help="name of the results files (default: from the options)")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="e2e: the job under cProfile, host time by function written beside the results")
     a = ap.parse_args()
     import triton
     import transformers

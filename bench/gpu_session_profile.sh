@@ -10,7 +10,7 @@
 #   ONLY=bnb-kernels,profile-8b-defaults bash ... only the steps named (e.g. those a first call had no time for)
 #   (steps, in this order: env gptq-8b-fastest-full-eval gptq-8b-fastest gptq-70b-defaults bnb-variants
 #    gptq-8b-defaults gptq-factor profile-8b-fastest profile-70b-defaults ncu-nf4 gptq-70b-fastest bnb-kernels
-#    profile-8b-defaults; BNB_VARIANTS=mode:bpp:warps,... limits the NF4 kernel sweep, FACTOR_SIZES and
+#    profile-8b-defaults gptq-8b-cprofile; BNB_VARIANTS=mode:bpp:warps,... limits the NF4 kernel sweep, FACTOR_SIZES and
 #    FACTOR_TOKENS the factorization step; eval-8b eval-70b, last: the streamed evaluation of
 #    16 x 2048 tokens beside a 4- / 3-block job, extrapolated to 32 / 80 blocks; eval-8b-read-back: the same
 #    evaluation streamed after the job from the exported files read back (the path before); then the format benchmarks:
@@ -100,6 +100,8 @@ gs() {  # gs STEP MAX_SECONDS OPTIONS...: a gptq_speed.py step whose results fil
 gs gptq-8b-fastest-full-eval 270 "${G8[@]}" --evaluate
 gs gptq-8b-fastest 75 "${G8[@]}" --blocks "$B8"
 gs gptq-70b-defaults 110 "${G70[@]}" --blocks "$B70" --defaults
+# the fixed costs of a job (load, calibration data, the first block) by host function, under cProfile
+gs gptq-8b-cprofile 75 "${G8[@]}" --blocks 2 --cprofile
 step bnb-variants 90 bash -c "$PY -P bench/bnb_variants.py > \"\$R/bnb_variants.txt\" 2>&1; rc=\$?; tail -n 40 \"\$R/bnb_variants.txt\"; exit \$rc"
 gs gptq-8b-defaults 60 "${G8[@]}" --blocks "$B8" --defaults
 step gptq-factor 60 "$PY" -P bench/gptq_factor.py --out "$R" "${FACTOR[@]}"

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .errors import OutOfSpace, SourceRejected
+from .host_copy import begin_to_host, copies_done
 from .options import DEFAULT_MAX_SHARD_SIZE
 from .source import read_safetensors_header
 
@@ -287,17 +288,10 @@ class ShardedWriter:
             raise RuntimeError("writer is closed")
         if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
-        t = tensor.detach()
-        if t.device.type == "cuda":
-            # into pinned memory without waiting: the shard's writer thread waits for the copies (an event
-            # recorded at flush) instead of the quantization waiting for a pageable copy per tensor
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t.contiguous(), non_blocking=True)
-            t = host
-            self._copies_pending = True
-        elif t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous()
+        # into pinned memory without waiting: the shard's writer thread waits for the copies (an event recorded
+        # at flush) instead of the quantization waiting for a pageable copy per tensor
+        t, copying = begin_to_host(tensor.detach())
+        self._copies_pending |= copying
         n = t.numel() * t.element_size()
         if t.untyped_storage().nbytes() != n:  # a view into something larger: own its bytes
             t = t.clone()
@@ -324,8 +318,7 @@ class ShardedWriter:
         buf = self._buffer
         done = None
         if self._copies_pending:
-            done = torch.cuda.Event()
-            done.record()
+            done = copies_done()
             self._copies_pending = False
         self._pending = (tmp, list(buf), self._pool.submit(_write_after, done, self.directory / tmp, buf,
                                                            self.metadata))

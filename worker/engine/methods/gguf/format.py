@@ -22,6 +22,7 @@ Metadata, as llama.cpp's own tools write it:
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,11 @@ from typing import Any
 
 import gguf
 import numpy as np
+import torch
 
 from qaas.kernels.gguf import FLOAT_TYPES, row_bytes
 
+from ...host_copy import begin_to_host, copies_done
 from .convert import PlannedTensor, add_hparams, add_model_metadata, graph
 from .vocab import Vocab
 
@@ -74,13 +77,42 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class _FollowingHash:
+    """sha256 of a file while it is appended to: `catch_up` hashes the bytes written to it since the last call,
+    read back from the page cache on the output's thread between its writes (beside the device's work), so
+    closing the output hashes only the file's tail instead of the whole file after the last write.
+
+    Sound because gguf's writer only appends (header, metadata, tensor table, then each tensor with its
+    padding; it never seeks back): bytes below the file's current size never change again."""
+
+    CHUNK = 8 << 20
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.hash, self.done = path, hashlib.sha256(), 0
+
+    def catch_up(self) -> None:
+        with open(self.path, "rb", buffering=0) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            while self.done < size:
+                chunk = os.pread(fh.fileno(), min(self.CHUNK, size - self.done), self.done)
+                if not chunk:
+                    break
+                self.hash.update(chunk)
+                self.done += len(chunk)
+
+    def hexdigest(self) -> str:
+        self.catch_up()
+        return self.hash.hexdigest()
+
+
 class GGUFOutput:
     """One output type: `model-<TYPE>.gguf` (or its parts), opened with every tensor's type known.
 
     Tensor data is written by a thread of the output's own (`write` returns at once; the order is kept), so the
-    disk writes of all outputs overlap each other and the next tensor's quantization on the device; `close`
-    hashes the files on that thread too, so the outputs' hashes run side by side (hashlib and file writes
-    release the GIL)."""
+    disk writes of all outputs overlap each other and the next tensor's quantization on the device; a device
+    tensor's bytes come over by a pinned, non-blocking copy that the thread waits for, not the host. The thread
+    also hashes each file as it grows (`_FollowingHash`), so that closing an output hashes only its tail (hashlib,
+    file writes and the event wait release the GIL)."""
 
     #: tensors handed over and not yet written, per output: bounds the host memory held for the writer
     MAX_PENDING = 2
@@ -121,15 +153,31 @@ class GGUFOutput:
         w.write_ti_data_to_file()
         self.writer = w
         self.paths = [Path(p) for p in w.format_shard_names(self.path)] if len(w.tensors) > 1 else [self.path]
+        self._hashes = [_FollowingHash(p) for p in self.paths]
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gguf-{type_name}")
         self._pending: list[Future] = []
 
-    def write(self, data: np.ndarray) -> None:
-        """The next tensor's bytes (uint8, or float32/float16 values), in table order; written in the background
-        (a write error is raised by a later `write` or by `close`)."""
+    def write(self, data: torch.Tensor | np.ndarray) -> None:
+        """The next tensor's bytes (uint8, or float32/float16 values; on the device or the host), in table order;
+        written in the background (a write error is raised by a later `write` or by `close`)."""
+        self.wait_for_room()
+        copied = None
+        if isinstance(data, torch.Tensor):
+            data, copying = begin_to_host(data.detach())
+            copied = copies_done() if copying else None
+        self._pending.append(self._thread.submit(self._write_tensor, data, copied))
+
+    def wait_for_room(self) -> None:
+        """Until fewer than MAX_PENDING tensors wait for the writer thread (the host memory held is bounded)."""
         while len(self._pending) >= self.MAX_PENDING:
             self._pending.pop(0).result()
-        self._pending.append(self._thread.submit(self.writer.write_tensor_data, np.ascontiguousarray(data)))
+
+    def _write_tensor(self, data: torch.Tensor | np.ndarray, copied: torch.cuda.Event | None) -> None:
+        if copied is not None:
+            copied.synchronize()
+        self.writer.write_tensor_data(np.ascontiguousarray(data.numpy() if isinstance(data, torch.Tensor) else data))
+        for h in self._hashes:
+            h.catch_up()
 
     def close_async(self) -> Future:
         """Every pending write, then the file closed and hashed, on the output's thread: a future of the
@@ -150,7 +198,7 @@ class GGUFOutput:
             for f in self._pending:  # all done before this task ran (one thread); re-raise a write error
                 f.result()
             self.writer.close()
-            hashes = {p.name: _sha256(p) for p in self.paths}
+            hashes = {h.path.name: h.hexdigest() for h in self._hashes}
             return WrittenGGUF(self.type_name, self.paths, self.tensor_bytes, self.n_elements, dict(self.types),
                                sha256=hashes)
         finally:

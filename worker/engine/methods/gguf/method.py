@@ -104,7 +104,9 @@ class GGUFMethod:
                     data = (round_float(rows, ttype) if ttype in FLOAT_TYPES
                             else quantize_tensor(rows, ttype, imatrix=importance))
                     t0 = lap(f"quantize {out.type_name}", t0)
-                    out.write(data.cpu().numpy())
+                    out.wait_for_room()  # timed apart: a writer (disk) that falls behind shows as its own phase
+                    t0 = lap(f"writer backlog {out.type_name}", t0)
+                    out.write(data)
                     t0 = lap(f"to host + queue write {out.type_name}", t0)
                 del hf, values, rows
             t0 = time.perf_counter()
