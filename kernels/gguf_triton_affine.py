@@ -171,7 +171,7 @@ def qkx2_fit(px, pq, live, aux, N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.co
     sum_w = w0
     sum_x = w0 * x0
     sw = zeros + w0  # the sub-block's total weight from +0.0, as make_qp_quants' callers sum it
-    for j in tl.static_range(1, N):
+    for j in range(1, N):
         xj = tl.load(px + j, mask=live, other=0.0)
         wj = _error_weight(xj, pq + j, live, aux, HAS_QW, USE_MAD)
         lo = tl.where(xj < lo, xj, lo)
@@ -187,8 +187,9 @@ def qkx2_fit(px, pq, live, aux, N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.co
     l_iscale = zeros  # the codes of the best fit are those cut at (l_iscale, l_mn): recomputed at the end
     l_mn = lo
     # candidate -1 is the first guess (nmax / range, its scale the reciprocal, the minimum the range's); each
-    # later one is refit by weighted least squares and kept when its error is smaller. A loop, not unrolled:
-    # its body holds the two static passes over the N elements (2 N element steps)
+    # later one is refit by weighted least squares and kept when its error is smaller. Every loop here is a
+    # runtime loop, none unrolled (`tl.static_range`): unrolled, the two passes over the N elements per candidate
+    # made one variant compile for 7-19 s on a CPU core (a job's first use of each type paid it), rolled 1.2-1.8 s
     for step in range(-1, NSTEP + 1):
         # a better fit's minimum moves the range every later candidate is cut from (as in the C loop)
         span = tl.where(flat, 1.0, hi - mn)
@@ -199,7 +200,7 @@ def qkx2_fit(px, pq, live, aux, N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.co
         sum_l = zeros
         sum_l2 = zeros
         sum_xl = zeros
-        for j in tl.static_range(N):
+        for j in range(N):
             xj = tl.load(px + j, mask=live, other=0.0)
             wj = _error_weight(xj, pq + j, live, aux, HAS_QW, USE_MAD)
             v = isc * (xj - mn) + 12582912.0  # nearest_int, inline
@@ -223,7 +224,7 @@ def qkx2_fit(px, pq, live, aux, N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.co
             this_min = tl.where(pos, 0.0, this_min)
             this_scale = tl.where(pos, tl.math.div_rn(sum_xl, tl.where(sum_l2 != 0.0, sum_l2, 1.0)), this_scale)
         cur = zeros
-        for j in tl.static_range(N):
+        for j in range(N):
             xj = tl.load(px + j, mask=live, other=0.0)
             wj = _error_weight(xj, pq + j, live, aux, HAS_QW, USE_MAD)
             v = isc * (xj - mn) + 12582912.0  # the same codes as the pass above
@@ -252,7 +253,7 @@ def affine_k_quant_kernel(x_ptr, qw_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, lm_ptr,
                           KIND: tl.constexpr, HAS_QW: tl.constexpr, SB: tl.constexpr, S: tl.constexpr,
                           N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.constexpr, RDELTA: tl.constexpr,
                           NSTEP: tl.constexpr, USE_MAD: tl.constexpr, SIGMA_FACTOR: tl.constexpr):
-    # One lane a sub-block: the fit's sums run over the sub-block's elements in a static loop, element j loaded
+    # One lane a sub-block: the fit's sums run over the sub-block's elements in a loop, element j loaded
     # straight from x (the same 128-byte line for all N loads of a lane: they hit L1), so every sum is the C
     # loop's in its order with no column extraction and no scratch. The error weights are recomputed where an
     # element is read (registers cannot be indexed by j). The super-block steps see the lanes as [SB, S].
@@ -274,7 +275,7 @@ def affine_k_quant_kernel(x_ptr, qw_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, lm_ptr,
         aux = tl.zeros([R], tl.float32)
         if not USE_MAD:
             # av_x = sqrtf(sum(x^2) / 32) over the sub-block
-            for j in tl.static_range(N):
+            for j in range(N):
                 xj = tl.load(px + j, mask=live, other=0.0)
                 aux = aux + xj * xj
             aux = tl.sqrt_rn(_fdiv(aux, tl.zeros([R], tl.float32) + 32.0))

@@ -21,8 +21,11 @@ import triton.language as tl
 from .gguf_triton_affine import qkx2_fit
 from .gguf_triton_symmetric import make_qx_quants
 
-#: make_qkx3_quants' search in ggml's quantize_row_q4_1_impl / q5_1_impl
-RMIN, RDELTA, NSTEP = -0.9, 0.05, 36
+#: make_qkx3_quants' search in ggml's quantize_row_q4_1_impl / q5_1_impl (constexpr: a compiled kernel reads no
+#: plain Python global; only the interpreter does)
+RMIN: tl.constexpr = tl.constexpr(-0.9)
+RDELTA: tl.constexpr = tl.constexpr(0.05)
+NSTEP: tl.constexpr = tl.constexpr(36)
 
 
 @triton.jit
