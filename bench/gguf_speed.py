@@ -4,10 +4,12 @@ machine's CPUs) making Q4_K_M from our F16 file: the peer.
 
 The checkpoint is `random_llama`'s (fp16 random weights, Llama-3-8B shapes, `--blocks` of its 32 blocks plus the
 full embedding and head; stories260K's SentencePiece tokenizer so the file has a vocabulary llama.cpp loads).
-Reported: our job's wall time and its phases (read, convert, quantize per type, copy to the host and hand to the
-type's writer thread, the last writes + sha256 of all files side by side), peak GPU memory and peak host RSS; the peer's wall time for Q4_K_M alone; whether our Q4_K_M file is byte-identical to
-the peer's (it must be); per-block figures extrapolated to the full 32 blocks. The goal: the whole multi-type job
-faster than the peer's single Q4_K_M.
+Reported: our job's wall time and its phases (read, convert, quantize per type, the writer's backlog, copy to
+the host and hand to the type's writer thread, the last writes + sha256 of all files side by side), peak GPU memory
+and peak host RSS, for the process's first job (CUDA's start, every kernel variant compiled) and for the same job
+again (what each later job of a running worker costs; the goal is judged on it); the peer's wall time for Q4_K_M
+alone; whether our Q4_K_M file is byte-identical to the peer's (it must be); per-block figures extrapolated to the
+full 32 blocks. The goal: the whole multi-type job faster than the peer's single Q4_K_M.
 
 With `--imatrix N` the same job runs a second time with `imatrix: true` on N calibration windows of 512 tokens
 (texts made here from the tokenizer's vocabulary: the weights are random, so only the time means anything), and
@@ -119,23 +121,36 @@ def main() -> int:
     out_dir = workdir / f"out-{shape_name}-{blocks}b"
     shutil.rmtree(out_dir, ignore_errors=True)
 
-    t0 = time.perf_counter()
-    result = quantize({"path": str(model.path)}, {"quant_method": "gguf", "types": TYPES}, out_dir,
-                      options=EngineOptions(device=device, evaluate=False, allowed_roots=(str(workdir),)))
-    ours_s = time.perf_counter() - t0
-    ours = {
-        "wall_s": round(ours_s, 2), "stages_s": result["timings"], "phases_s": result["gguf"]["phases_s"],
-        "gpu_peak_memory_bytes": result.get("gpu_peak_memory_bytes"),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "files": {o["type"]: {"size": o["size"], "bits_per_weight": o["bits_per_weight"],
-                              "sha256": o["files"][0]["sha256"]} for o in result["gguf"]["outputs"]},
-    }
+    def job(config: dict) -> dict:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        t0 = time.perf_counter()
+        result = quantize({"path": str(model.path)}, {"quant_method": "gguf", "types": TYPES, **config}, out_dir,
+                          options=EngineOptions(device=device, evaluate=False, allowed_roots=(str(workdir),)))
+        return {
+            "wall_s": round(time.perf_counter() - t0, 2), "stages_s": result["timings"],
+            "phases_s": result["gguf"]["phases_s"], "imatrix": result["gguf"].get("imatrix"),
+            "gpu_peak_memory_bytes": result.get("gpu_peak_memory_bytes"),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "files": {o["type"]: {"size": o["size"], "bits_per_weight": o["bits_per_weight"],
+                                  "sha256": o["files"][0]["sha256"]} for o in result["gguf"]["outputs"]},
+        }
+
+    # The first job of a fresh process on an empty kernel cache pays CUDA's start and each kernel variant's
+    # compilation (once per worker process, and once per deployment with TRITON_CACHE_DIR on a volume); the
+    # same job again is what every later job on a running worker costs: both are reported, the goal is judged
+    # on the second.
+    first = job({})
+    ours = job({})
+    ours_s = ours["wall_s"]
+    assert ours["files"] == first["files"], "the second run wrote other bytes than the first"
     report: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-                    "cpus": os.cpu_count(), "model": model.describe(), "types": TYPES, "ours": ours}
+                    "cpus": os.cpu_count(), "model": model.describe(), "types": TYPES, "ours": ours,
+                    "ours_first_job": first}
 
     nthread = os.cpu_count() or 1
-    if ours_s > args.budget / 2:
-        report["peer"] = {"skipped": f"our job took {ours_s:.0f} s, over half of --budget {args.budget:.0f} s"}
+    if first["wall_s"] + ours_s > args.budget / 2:
+        report["peer"] = {"skipped": f"our two jobs took {first['wall_s'] + ours_s:.0f} s, over half of --budget "
+                                     f"{args.budget:.0f} s"}
     else:
         try:
             import llama_cpp  # noqa: F401
@@ -148,20 +163,16 @@ def main() -> int:
             report["peer"] = {"what": f"llama_model_quantize F16 -> {PEER_TYPE}, {nthread} threads",
                               "wall_s": round(peer_s, 2), "byte_identical_to_ours": same}
             report["ours_all_types_vs_peer_one_type"] = round(ours_s / peer_s, 3)
+            report["ours_first_job_vs_peer_one_type"] = round(first["wall_s"] / peer_s, 3)
             dst.unlink()
     if args.imatrix:
-        shutil.rmtree(out_dir, ignore_errors=True)
         words = [w for w in _vocab_words(Path(args.stories)) if w.isalpha()]
         rng = random.Random(0)
         texts = [" ".join(rng.choice(words) for _ in range(600)) for _ in range(args.imatrix)]
-        t0 = time.perf_counter()
-        res = quantize({"path": str(model.path)},
-                       {"quant_method": "gguf", "types": TYPES, "imatrix": True, "dataset": texts,
-                        "nsamples": args.imatrix, "model_seqlen": 512}, out_dir,
-                       options=EngineOptions(device=device, evaluate=False, allowed_roots=(str(workdir),)))
-        report["ours_imatrix"] = {"wall_s": round(time.perf_counter() - t0, 2), "stages_s": res["timings"],
-                                  "phases_s": res["gguf"]["phases_s"], "imatrix": res["gguf"].get("imatrix"),
-                                  "windows": f"{args.imatrix} x 512 tokens"}
+        config = {"imatrix": True, "dataset": texts, "nsamples": args.imatrix, "model_seqlen": 512}
+        # the importance-matrix kernels are variants of their own: first use, then warm
+        report["ours_imatrix_first_job"] = {**job(config), "windows": f"{args.imatrix} x 512 tokens"}
+        report["ours_imatrix"] = {**job(config), "windows": f"{args.imatrix} x 512 tokens"}
     full = SHAPES[shape_name].full_blocks
     scale = full / blocks
     report["note"] = (f"{blocks} of {full} blocks plus the full embedding and head; block-proportional phases "
@@ -174,7 +185,9 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     peer = report["peer"]
-    print(f"SUMMARY ours {ours_s:.1f} s for {'+'.join(TYPES)}; peer "
+    print(f"SUMMARY ours {ours_s:.1f} s for {'+'.join(TYPES)} (first job of the process {first['wall_s']:.1f} s"
+          + (f", with imatrix {report['ours_imatrix']['wall_s']:.1f} s" if "ours_imatrix" in report else "")
+          + "); peer "
           + (f"{peer['wall_s']:.1f} s for {PEER_TYPE} (identical: {peer['byte_identical_to_ours']})"
              if "wall_s" in peer else peer["skipped"]))
     return 0
