@@ -25,6 +25,8 @@ reference's packers.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -33,6 +35,9 @@ from .gguf_triton import nearest_int
 Q2_K, Q4_K, Q5_K = 0, 1, 2
 #: ggml's GROUP_MAX_EPS (make_qp_quants: a group whose largest value is below it is all zeros)
 GROUP_MAX_EPS = tl.constexpr(1e-15)
+#: how many element steps of the fit's loops the compiler unrolls (see qkx2_fit); QAAS_GGUF_ELEMENT_UNROLL sets it
+#: for a benchmark sweep
+ELEMENT_UNROLL: tl.constexpr = tl.constexpr(int(os.environ.get("QAAS_GGUF_ELEMENT_UNROLL", "4")))
 
 
 @triton.jit
@@ -171,7 +176,7 @@ def qkx2_fit(px, pq, live, aux, N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.co
     sum_w = w0
     sum_x = w0 * x0
     sw = zeros + w0  # the sub-block's total weight from +0.0, as make_qp_quants' callers sum it
-    for j in range(1, N):
+    for j in tl.range(1, N, loop_unroll_factor=ELEMENT_UNROLL):
         xj = tl.load(px + j, mask=live, other=0.0)
         wj = _error_weight(xj, pq + j, live, aux, HAS_QW, USE_MAD)
         lo = tl.where(xj < lo, xj, lo)
@@ -200,7 +205,7 @@ def qkx2_fit(px, pq, live, aux, N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.co
         sum_l = zeros
         sum_l2 = zeros
         sum_xl = zeros
-        for j in range(N):
+        for j in tl.range(0, N, loop_unroll_factor=ELEMENT_UNROLL):
             xj = tl.load(px + j, mask=live, other=0.0)
             wj = _error_weight(xj, pq + j, live, aux, HAS_QW, USE_MAD)
             v = isc * (xj - mn) + 12582912.0  # nearest_int, inline
@@ -224,7 +229,7 @@ def qkx2_fit(px, pq, live, aux, N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.co
             this_min = tl.where(pos, 0.0, this_min)
             this_scale = tl.where(pos, tl.math.div_rn(sum_xl, tl.where(sum_l2 != 0.0, sum_l2, 1.0)), this_scale)
         cur = zeros
-        for j in range(N):
+        for j in tl.range(0, N, loop_unroll_factor=ELEMENT_UNROLL):
             xj = tl.load(px + j, mask=live, other=0.0)
             wj = _error_weight(xj, pq + j, live, aux, HAS_QW, USE_MAD)
             v = isc * (xj - mn) + 12582912.0  # the same codes as the pass above
