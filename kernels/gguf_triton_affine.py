@@ -25,8 +25,6 @@ reference's packers.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
@@ -35,9 +33,6 @@ from .gguf_triton import nearest_int
 Q2_K, Q4_K, Q5_K = 0, 1, 2
 #: ggml's GROUP_MAX_EPS (make_qp_quants: a group whose largest value is below it is all zeros)
 GROUP_MAX_EPS = tl.constexpr(1e-15)
-#: how many element steps of the fit's loops the compiler unrolls (see qkx2_fit); QAAS_GGUF_ELEMENT_UNROLL sets it
-#: for a benchmark sweep
-ELEMENT_UNROLL: tl.constexpr = tl.constexpr(int(os.environ.get("QAAS_GGUF_ELEMENT_UNROLL", "4")))
 
 
 @triton.jit
@@ -176,7 +171,7 @@ def qkx2_fit(px, pq, live, aux, N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.co
     sum_w = w0
     sum_x = w0 * x0
     sw = zeros + w0  # the sub-block's total weight from +0.0, as make_qp_quants' callers sum it
-    for j in tl.range(1, N, loop_unroll_factor=ELEMENT_UNROLL):
+    for j in tl.static_range(1, N):
         xj = tl.load(px + j, mask=live, other=0.0)
         wj = _error_weight(xj, pq + j, live, aux, HAS_QW, USE_MAD)
         lo = tl.where(xj < lo, xj, lo)
@@ -192,9 +187,11 @@ def qkx2_fit(px, pq, live, aux, N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.co
     l_iscale = zeros  # the codes of the best fit are those cut at (l_iscale, l_mn): recomputed at the end
     l_mn = lo
     # candidate -1 is the first guess (nmax / range, its scale the reciprocal, the minimum the range's); each
-    # later one is refit by weighted least squares and kept when its error is smaller. Every loop here is a
-    # runtime loop, none unrolled (`tl.static_range`): unrolled, the two passes over the N elements per candidate
-    # made one variant compile for 7-19 s on a CPU core (a job's first use of each type paid it), rolled 1.2-1.8 s
+    # later one is refit by weighted least squares and kept when its error is smaller. A loop, not unrolled:
+    # its body holds the two static passes over the N elements (2 N element steps). Those passes stay fully
+    # unrolled (tl.static_range): on the H200, rolled or unrolled by 4 or 8 they ran 4096^2 in 3.35 ms (Q4_K)
+    # instead of 0.57 ms; the price is the compile, 7-19 s per variant on one CPU core, paid once per
+    # deployment (TRITON_CACHE_DIR on the data volume). bench/results/gguf_kernels_gpu-unroll*.json
     for step in range(-1, NSTEP + 1):
         # a better fit's minimum moves the range every later candidate is cut from (as in the C loop)
         span = tl.where(flat, 1.0, hi - mn)
@@ -205,7 +202,7 @@ def qkx2_fit(px, pq, live, aux, N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.co
         sum_l = zeros
         sum_l2 = zeros
         sum_xl = zeros
-        for j in tl.range(0, N, loop_unroll_factor=ELEMENT_UNROLL):
+        for j in tl.static_range(N):
             xj = tl.load(px + j, mask=live, other=0.0)
             wj = _error_weight(xj, pq + j, live, aux, HAS_QW, USE_MAD)
             v = isc * (xj - mn) + 12582912.0  # nearest_int, inline
@@ -229,7 +226,7 @@ def qkx2_fit(px, pq, live, aux, N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.co
             this_min = tl.where(pos, 0.0, this_min)
             this_scale = tl.where(pos, tl.math.div_rn(sum_xl, tl.where(sum_l2 != 0.0, sum_l2, 1.0)), this_scale)
         cur = zeros
-        for j in tl.range(0, N, loop_unroll_factor=ELEMENT_UNROLL):
+        for j in tl.static_range(N):
             xj = tl.load(px + j, mask=live, other=0.0)
             wj = _error_weight(xj, pq + j, live, aux, HAS_QW, USE_MAD)
             v = isc * (xj - mn) + 12582912.0  # the same codes as the pass above
@@ -258,7 +255,7 @@ def affine_k_quant_kernel(x_ptr, qw_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, lm_ptr,
                           KIND: tl.constexpr, HAS_QW: tl.constexpr, SB: tl.constexpr, S: tl.constexpr,
                           N: tl.constexpr, NMAX: tl.constexpr, RMIN: tl.constexpr, RDELTA: tl.constexpr,
                           NSTEP: tl.constexpr, USE_MAD: tl.constexpr, SIGMA_FACTOR: tl.constexpr):
-    # One lane a sub-block: the fit's sums run over the sub-block's elements in a loop, element j loaded
+    # One lane a sub-block: the fit's sums run over the sub-block's elements in a static loop, element j loaded
     # straight from x (the same 128-byte line for all N loads of a lane: they hit L1), so every sum is the C
     # loop's in its order with no column extraction and no scratch. The error weights are recomputed where an
     # element is read (registers cannot be indexed by j). The super-block steps see the lanes as [SB, S].
@@ -280,7 +277,7 @@ def affine_k_quant_kernel(x_ptr, qw_ptr, q_ptr, d_ptr, dmin_ptr, ls_ptr, lm_ptr,
         aux = tl.zeros([R], tl.float32)
         if not USE_MAD:
             # av_x = sqrtf(sum(x^2) / 32) over the sub-block
-            for j in range(N):
+            for j in tl.static_range(N):
                 xj = tl.load(px + j, mask=live, other=0.0)
                 aux = aux + xj * xj
             aux = tl.sqrt_rn(_fdiv(aux, tl.zeros([R], tl.float32) + 32.0))

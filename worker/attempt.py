@@ -223,6 +223,7 @@ def _run_attempt(settings: Settings, job_id: uuid.UUID) -> str:
         spec["options"]["fake_step_s"] = settings.fake_engine_step_s
     try:
         child = start_child(spec, cwd=work, log_path=work / "child.log", env_extra=env_extra,
+                            standby_log=settings.work_dir / "engine-standby.log" if settings.engine_standby else None,
                             **({"module": module} if module else {}))
     except OSError as exc:
         return _fail(settings, job_id, attempt, {"code": "internal_error", "message": f"could not start the engine: {exc}"}, {})

@@ -101,3 +101,61 @@ def test_terminate_asks_politely_and_kill_takes_the_whole_process_group(tmp_path
     assert not _alive(grandchild), "the SIGKILL must reach the engine's own children (its process group)"
     assert child.peak_rss_bytes() == 0
     child.kill()  # idempotent on a dead child
+
+
+def _wait_dead(pid: int, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_next_attempt_runs_in_the_standby_engine_started_by_the_previous_one(tmp_path, monkeypatch):
+    """The real engine: a standby is started beside each attempt, imports ahead, and the next attempt's job
+    runs in it, with that attempt's log file and Hub token; a standby started with another environment is
+    killed, not used."""
+    from qaas.worker import child as child_module
+
+    monkeypatch.setattr(child_module, "_standby", None)
+    standby_log = tmp_path / "standby.log"
+
+    def attempt(n: int, spec: dict, token: str | None = None):
+        work = tmp_path / f"work{n}"
+        work.mkdir()
+        return start_child(spec, cwd=work, log_path=tmp_path / f"child{n}.log",
+                           env_extra={"QAAS_CHILD_HF_TOKEN": token} if token else {}, standby_log=standby_log)
+
+    try:
+        first = attempt(1, {"not": "a spec"})  # cold: no standby yet
+        assert _events(first, timeout=120)[-2]["type"] == "error"
+        standby = child_module._standby
+        assert standby is not None and standby.proc.pid != first.pid
+
+        # a local path the engine refuses, naming it in the error: the token in it comes back masked only if
+        # the token reached the engine
+        token = "hf_standbytoken0123456789"
+        second = attempt(2, {"source": {"path": str(tmp_path / token)}, "options": {"allowed_roots": [str(tmp_path)]},
+                             "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}, "out_dir": "out"},
+                         token=token)
+        assert second.pid == standby.proc.pid
+        events = _events(second, timeout=120)
+        error = events[-2]
+        assert error["type"] == "error", events
+        assert token not in json.dumps(events) and "***" in error["message"], events
+        # the engine opened the job's own log itself (the parent opens it only for a cold start)
+        assert (tmp_path / "child2.log").exists()
+        assert token not in standby_log.read_text() and "Traceback" not in standby_log.read_text()  # preloaded fine
+        assert second.proc.wait(timeout=30) == 2  # an engine error, as a cold engine exits
+
+        waiting = child_module._standby
+        assert waiting is not None and waiting.proc.pid not in (first.pid, second.pid)
+        monkeypatch.setenv("QAAS_TEST_OTHER_ENV", "1")  # QAAS_* is not passed on: not a difference
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a difference: the standby's environment is stale
+        third = attempt(3, {"not": "a spec"})
+        assert third.pid != waiting.proc.pid
+        assert _wait_dead(waiting.proc.pid)
+        assert _events(third, timeout=120)[-2]["type"] == "error"
+    finally:
+        child_module.stop_standby()

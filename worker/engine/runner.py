@@ -15,6 +15,10 @@ Protocol (the parent is the Celery task; it never touches CUDA):
     {"type": "error", "code": str, "message": str, "stage": str|null, "field": str|null}
   where code is EngineError.code, "cancelled" or "internal_error".
 * exit status: 0 success, 2 engine error (user-facing), 3 cancelled, 1 internal error.
+* a standby engine (environment QAAS_ENGINE_STANDBY=1, worker/child.py) imports what every job needs first
+  (`_preload`) and then waits on stdin, whose first line is `{"cwd": str, "log_path": str, "env": {...}}`:
+  the directory to run in, the file its stderr goes to from then on, and the variables to set (the Hub
+  token); the spec follows as above.
 * SIGTERM asks for a cooperative stop: the next `check_cancelled()` (between blocks and stages) raises
   JobCancelled, the staging directory is removed, and the process exits 3. The parent escalates to SIGKILL.
 """
@@ -31,6 +35,7 @@ import traceback
 from typing import IO, Any
 
 TOKEN_ENV = "QAAS_CHILD_HF_TOKEN"
+STANDBY_ENV = "QAAS_ENGINE_STANDBY"
 EXIT_OK, EXIT_INTERNAL, EXIT_ENGINE, EXIT_CANCELLED = 0, 1, 2, 3
 
 
@@ -96,8 +101,46 @@ def _claim_stdout() -> IO[str]:
     return os.fdopen(proto_fd, "w", buffering=1, encoding="utf-8")
 
 
+def _preload() -> None:
+    """Import what every job imports before its first stage: torch, the engine with its methods, and transformers'
+    model machinery (a one-layer Llama built on the meta device pulls in the lazily imported modules: modeling,
+    generation, the integrations they load). A failure here is left for the job to meet."""
+    try:
+        import torch
+        import transformers
+
+        from . import pipeline  # noqa: F401
+        from .finetune import pipeline as finetune_pipeline  # noqa: F401
+
+        tiny = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=128)
+        with torch.device("meta"):
+            transformers.AutoModelForCausalLM.from_config(tiny)
+    except Exception:  # noqa: BLE001 - the job reports whatever it meets itself
+        traceback.print_exc(file=sys.stderr)
+
+
+def _take_job_place() -> None:
+    """A standby engine's first stdin line: run in `cwd`, write stderr (and stray stdout) to `log_path` from now
+    on, with `env` set."""
+    line = sys.stdin.readline()
+    if not line:
+        raise SystemExit(EXIT_INTERNAL)  # the worker went away before handing over a job
+    where = json.loads(line)
+    os.chdir(where["cwd"])
+    sys.stderr.flush()
+    log_fd = os.open(where["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log_fd, 2)
+    os.dup2(log_fd, 1)  # fd 1 is stderr's since _claim_stdout
+    os.close(log_fd)
+    os.environ.update({str(k): str(v) for k, v in (where.get("env") or {}).items()})
+
+
 def main() -> int:
     proto = _claim_stdout()
+    if os.environ.pop(STANDBY_ENV, None) == "1":
+        _preload()
+        _take_job_place()
     token = os.environ.pop(TOKEN_ENV, None) or None
     reporter = JsonLinesReporter(proto, secrets=(token,) if token else ())
     signal.signal(signal.SIGTERM, lambda signum, frame: reporter.cancel())
