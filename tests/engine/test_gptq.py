@@ -103,6 +103,34 @@ def test_algorithm_matches_reference_on_stories_hessians():
         assert abs(layer_error(W, res.Q, Hn) / layer_error(W, ref["Q_stored"], Hn) - 1) < 0.01
 
 
+def test_triangular_inverse_by_column_blocks_equals_one_solve_and_keeps_the_layer_error(monkeypatch):
+    """The factor's L^-1 a block of columns at a time (each block solving only the trailing rows) is the one
+    solve against the identity up to rounding, with exact zeros above the diagonal; GPTQ with blocks smaller than
+    the layer keeps the layer error of one solve."""
+    from qaas.worker.engine import gptq_algorithm as ga
+
+    g = torch.Generator().manual_seed(1)
+    n = 300
+    X = torch.randn(4 * n, n, generator=g) * torch.exp(torch.randn(n, generator=g))
+    H = 2 * X.t() @ X / X.shape[0]
+    L = torch.linalg.cholesky(H + 0.01 * H.diagonal().mean() * torch.eye(n))
+    one_solve = torch.linalg.solve_triangular(L, torch.eye(n), upper=False)
+    for block in (1, 37, 128, n, 4096):
+        Li = ga.lower_triangular_inverse(L, block=block)
+        assert torch.equal(torch.triu(Li, 1), torch.zeros_like(Li))
+        assert float((Li - one_solve).norm() / one_solve.norm()) < 1e-5
+    W = torch.randn(64, n, generator=g) * 0.02
+    solve, solves = torch.linalg.solve_triangular, []
+    monkeypatch.setattr(torch.linalg, "solve_triangular", lambda *a, **k: solves.append(1) or solve(*a, **k))
+    errors = {}
+    for block in (4096, 32):
+        monkeypatch.setattr(ga, "INVERSE_BLOCK", block)
+        solves.clear()
+        errors[block] = layer_error(W, gptq_quantize(W, H, bits=4, group_size=32, act_group_aware=False).Q, H)
+        assert len(solves) == -(-n // block)  # the factor was made a block at a time
+    assert abs(errors[32] / errors[4096] - 1) < 1e-3
+
+
 def _run(tmp_path, name, qc, evaluate=True):
     opts = EngineOptions(device="cpu", allowed_roots=(str(ASSETS), str(tmp_path)), evaluate=evaluate,
                          eval_text_path=str(WIKITEXT), eval_max_windows=4, eval_seqlen=256)

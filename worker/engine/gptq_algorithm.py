@@ -74,20 +74,39 @@ def _upper_factor_of_inverse(H: torch.Tensor, shift: float) -> tuple[torch.Tenso
     The paper computes it as chol(chol_inverse(chol(Hd))), upper: three cuSOLVER calls of ~n^3/3, 2n^3/3 (or
     2n^3 through potrs) and n^3/3 flops. The same factor in two: with J the reversal of rows and columns and
     L L^T = J Hd J (lower Cholesky), R = J L J is upper and Hd = R R^T, so Hd^-1 = R^-T R^-1 and the upper
-    factor of Hd^-1 is U = R^-1 = J L^-1 J (unique: positive diagonal). One Cholesky and one triangular solve
-    against the identity; other rounding than the three-step form, same error (tests/kernels, bench).
-    At most three n x n temporaries at a time (28672^2 float32 is 3.3 GB: the 70B down_proj)."""
-    n = H.shape[0]
+    factor of Hd^-1 is U = R^-1 = J L^-1 J (unique: positive diagonal). One Cholesky and one triangular
+    inverse (`lower_triangular_inverse`); other rounding than the three-step form, same error (tests/kernels,
+    bench). At most two n x n temporaries at a time (28672^2 float32 is 3.3 GB: the 70B down_proj)."""
     M = torch.flip(H, (0, 1))  # J H J, a copy; J I J = I, so the damping goes on its diagonal as on H's
     M.diagonal().add_(shift)
     L, info = torch.linalg.cholesky_ex(M)
     del M
     if int(info) != 0:
         return None, int(info)
-    eye = torch.eye(n, dtype=L.dtype, device=L.device)
-    Li = torch.linalg.solve_triangular(L, eye, upper=False)
-    del L, eye
+    Li = lower_triangular_inverse(L)
+    del L
     return torch.flip(Li, (0, 1)), 0
+
+
+#: columns of L^-1 per triangular solve in `lower_triangular_inverse`
+INVERSE_BLOCK = 2048
+
+
+def lower_triangular_inverse(L: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """L^-1 of a lower triangular L, a block of columns at a time: the columns j..j+b of L^-1 are zero above
+    row j, so each block solves only the trailing system, L[j:, j:] X = I[j:, j:j+b]. That is n^3/3 flops in
+    all, where one solve against the whole identity costs n^3 (cuBLAS's trsm does not skip the zero rows: on the
+    H200 it was most of the 70B block's 0.84 s of factorizations). The same forward substitution on the same
+    rows, so the same values up to the blocking's rounding."""
+    n = L.shape[0]
+    block = block or INVERSE_BLOCK
+    X = torch.zeros_like(L)
+    for j in range(0, n, block):
+        e = min(j + block, n)
+        rhs = torch.zeros(n - j, e - j, dtype=L.dtype, device=L.device)
+        rhs.diagonal().fill_(1.0)
+        X[j:, j:e] = torch.linalg.solve_triangular(L[j:, j:], rhs, upper=False)
+    return X
 
 
 def inverse_hessian_factor(
@@ -260,7 +279,9 @@ def gptq_quantize(
         _, e1, _ = K.gptq_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], S, Z, slot[i1:i2], maxq, backend=backend,
                                 out=(Q[:, i1:i2], E[:, i1:i2], codes[:, i1:i2]))
         if i2 < C:
-            W[:, i2:] -= e1 @ Hinv[i1:i2, i2:]
+            # one GEMM that updates W in place (beta 1, alpha -1): no temporary of the product and no separate
+            # subtraction pass over the rest of W per block (at 70B most of the column loop's elementwise time)
+            W[:, i2:].addmm_(e1, Hinv[i1:i2, i2:], alpha=-1.0)
     loss = sum(float(E[r : r + 2048].double().square().sum()) for r in range(0, R, 2048))
     del E
 
