@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import time
@@ -26,7 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-STORIES = (REPO.parent / "shared" / "assets" / "models" / "stories260K").resolve()
+# the test assets where the tests look for them (QAAS_TEST_ASSETS), else the shared folder beside the checkout
+ASSETS = Path(os.environ.get("QAAS_TEST_ASSETS", REPO.parent / "shared" / "assets"))
+STORIES = (ASSETS / "models" / "stories260K").resolve()
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
 

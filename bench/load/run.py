@@ -44,7 +44,9 @@ RESULTS = REPO / "bench" / "results"
 PG_ADMIN = os.environ.get("QAAS_BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("QAAS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 SECRET = "bench-secret-key-" + "0123456789abcdef" * 3
-STORIES = (REPO.parent / "shared" / "assets" / "models" / "stories260K").resolve()
+# the test assets where the tests look for them (QAAS_TEST_ASSETS), else the shared folder beside the checkout
+ASSETS = Path(os.environ.get("QAAS_TEST_ASSETS", REPO.parent / "shared" / "assets"))
+STORIES = (ASSETS / "models" / "stories260K").resolve()
 
 LUA_COMMON = r"""
 local keys = {}
