@@ -119,19 +119,31 @@ def send_run_job(settings: Settings, job_id: uuid.UUID, *, priority: int = 0, gp
 def send_run_jobs(settings: Settings, jobs: list[tuple[uuid.UUID, int, int]]) -> int:
     """Publish a batch of (job id, priority, GPUs) messages over one pooled connection and producer.
 
+    On Redis the batch goes out as one pipeline (kombu's `Producer.batch`): one round trip for the batch
+    instead of one LPUSH round trip per job, which was a quarter of a submission's CPU under load. A
+    pipeline that fails may have delivered some of its messages, so then none counts as sent: the sweeper
+    sends them again, and a second message for a job is harmless (claiming a job is conditional on its
+    row). Transports that cannot batch (embedded mode's filesystem) publish one message at a time, and
+    what went out before a failure counts.
+
     Returns how many went out, counted from the start: after the first failure the rest are left
     (logged) for the sweeper, instead of paying a broker time-out per job."""
     app = celery_app(settings)
-    sent = 0
+    published = 0
+    batched = False
     try:
         with app.producer_or_acquire() as producer:
-            for job_id, priority, gpus in jobs:
-                app.send_task(RUN_JOB_TASK, args=[str(job_id)], queue=gpu_queue_name(settings, gpus), retry=False,
-                              priority=broker_priority(priority), producer=producer)
-                sent += 1
+            batched = producer.supports_batch_publish
+            with producer.batch():
+                for job_id, priority, gpus in jobs:
+                    app.send_task(RUN_JOB_TASK, args=[str(job_id)], queue=gpu_queue_name(settings, gpus),
+                                  retry=False, priority=broker_priority(priority), producer=producer)
+                    published += 1
     except Exception as exc:  # broker down or unreachable: the sweeper will send the rest later
+        sent = 0 if batched else published
         log.warning("could not enqueue %d of %d jobs: %s", len(jobs) - sent, len(jobs), exc.__class__.__name__)
-    return sent
+        return sent
+    return published
 
 
 def send_delivery(settings: Settings, delivery_id: uuid.UUID) -> bool:
