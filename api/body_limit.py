@@ -23,8 +23,10 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        framed = False  # the request says it has a body (Content-Length or Transfer-Encoding)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
+                framed = True
                 try:
                     too_big = int(value) > self.max_bytes
                 except ValueError:
@@ -32,6 +34,13 @@ class BodySizeLimit:
                 if too_big:
                     await self._reject(send)
                     return
+            elif name == b"transfer-encoding":
+                framed = True
+        if not framed and scope.get("http_version") in ("1.0", "1.1"):
+            # HTTP/1.x: a request with neither header has no body (RFC 9112, 6.3) -- every status poll.
+            # Nothing to count, so no wrapped receive and send on the hot path.
+            await self.app(scope, receive, send)
+            return
         seen = 0
         started = False
 

@@ -15,7 +15,7 @@ from qaas.keys import Caller
 from qaas.security import hash_api_key
 from qaas.settings import Settings
 
-__all__ = ["Caller", "CallerDep", "SessionDep", "SettingsDep", "authenticate_key"]
+__all__ = ["Caller", "CallerDep", "SessionDep", "SettingsDep", "authenticate_key", "authenticate_request"]
 
 
 async def get_app_settings(request: Request) -> Settings:
@@ -70,8 +70,14 @@ def authenticate_key(session: Session, settings: Settings, key: str) -> Caller |
 
 
 async def get_caller(request: Request, settings: SettingsDep) -> Caller:
-    """Async: a cached key costs no thread and no query; a miss is one direct read on PostgreSQL (the ORM in
-    the thread pool elsewhere)."""
+    """The authenticated caller, as a dependency (`CallerDep`)."""
+    return await authenticate_request(request, settings)
+
+
+async def authenticate_request(request: Request, settings: Settings) -> Caller:
+    """The caller of a request from its `Authorization: Bearer` key, or a 401 Problem. Async: a cached key
+    costs no thread and no query; a miss is one direct read on PostgreSQL (the ORM in the thread pool
+    elsewhere). Routes take it as `CallerDep`; the status read calls it itself (api/jobs/endpoints.py)."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     key = key.strip()
