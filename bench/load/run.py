@@ -2,19 +2,20 @@
 
     .venv/bin/python -P bench/load/run.py [--api-workers 2] [--duration 20] [--connections 32] [--profile]
 
-Absolute rates do not carry across machines, so every figure is also given as a fraction of a yardstick
-measured in the same run: uvicorn answering a constant JSON document (`trivial_app.py`: a bare ASGI route,
-same worker count, same uvicorn and wrk settings, the same bytes as a real status answer), run right before
-each scenario (the spread of those runs is the run's noise).
+Absolute rates do not carry across machines, so every figure is also given as a fraction of two yardsticks
+measured in the same run, right before each scenario: uvicorn answering a constant JSON document
+(`trivial_app.py`, same worker count, same uvicorn and wrk settings, the same bytes as a real status answer)
+from a bare ASGI callable (the least a uvicorn route costs; the spread of its runs is the run's noise) and
+from a one-route FastAPI app (the framework the service runs on; the goals are judged against it).
 
 What it does, in order (everything on loopback; the load generator is wrk, a separate C process):
   1. creates a throw-away database on the shared PostgreSQL, migrates it, makes 20 API keys and 2,000 jobs;
   2. starts `uvicorn qaas.api.main:app --workers N` with production-like settings (JSON logs, no access
      log, rate limiting ON through Redis with a limit high enough not to trigger), and the yardstick servers;
-  3. per scenario (POST /v1/jobs; GET /v1/jobs/{id}; GET /v1/jobs), each right after a yardstick run: wrk as
+  3. per scenario (POST /v1/jobs; GET /v1/jobs/{id}; GET /v1/jobs), each right after the yardstick runs: wrk as
      fast as 32 connections go (closed loop: the most the service does), then paced at half that rate (an
      open-loop send schedule: the latency a client sees at that load); then GET /v1/jobs/{id} while 200 SSE
-     streams are open (held by a Python asyncio client in another process), and the yardstick once more;
+     streams are open (held by a Python asyncio client in another process), and the yardsticks once more;
   4. optionally (--profile) samples the API processes with py-spy during a status and a submission run and
      says which packages the samples fall in;
   5. writes bench/results/load.json and bench/results/load.md (the table against the goals).
@@ -421,22 +422,29 @@ def main() -> int:
         kw = {"duration": args.duration, "connections": args.connections}
         yardstick = {"body_bytes": len(body), "runs": []}
         results["yardstick"] = yardstick
-        if len(servers) > 2:
-            yardstick["trivial_fastapi"] = closed_and_half("trivial", yf_base, work, api_pids(servers[2].pid),
-                                                           half=False, **kw)
+        fastapi_pids = api_pids(servers[2].pid) if len(servers) > 2 else None
 
-        def yardstick_now() -> float:
-            """A yardstick run right before a scenario (on a shared machine the speed moves within a run, so each
-            scenario is compared with the yardstick measured next to it); the first one also at half rate."""
+        def yardstick_now() -> tuple[float, float | None]:
+            """The yardsticks run right before a scenario (on a shared machine the speed moves within a run, so
+            each scenario is compared with the yardsticks measured next to it): the bare ASGI callable (the
+            first run also at half rate) and, when it runs, the one-route FastAPI app (closed loop)."""
             yardstick["runs"].append(closed_and_half("trivial", ys_base, work, ys_pids, half=not yardstick["runs"],
                                                      **kw))
-            return yardstick["runs"][-1]["closed"]["rps"]
+            fastapi = None
+            if fastapi_pids is not None:
+                r = closed_and_half("trivial", yf_base, work, fastapi_pids, half=False, **kw)
+                yardstick.setdefault("trivial_fastapi", r)
+                yardstick.setdefault("fastapi_runs", []).append(r)
+                fastapi = r["closed"]["rps"]
+            return yardstick["runs"][-1]["closed"]["rps"], fastapi
 
         for scenario in ("submit", "status", "list"):
             if not only or scenario in only:
-                paired = yardstick_now()
+                paired, paired_fastapi = yardstick_now()
                 results["scenarios"][scenario] = closed_and_half(scenario, base, work, pids, **kw)
                 results["scenarios"][scenario]["yardstick_rps"] = paired
+                if paired_fastapi is not None:
+                    results["scenarios"][scenario]["fastapi_yardstick_rps"] = paired_fastapi
         for scenario, rate in (("submit", args.submit_rate), ("status", args.status_rate)):
             if rate > 0:
                 r = _sample(scenario, base, work, pids, duration=args.duration, connections=64, rate=rate)
@@ -452,7 +460,10 @@ def main() -> int:
             time.sleep(3)
             sse_cpu = (cpu_seconds(pids) - c0) / (time.monotonic() - idle)
             r = closed_and_half("status", base, work, pids, half=False, **kw)
-            r["yardstick_rps"] = yardstick_now()  # the streams are still open: the yardstick shares the machine
+            # the streams are still open: the yardsticks share the machine with them
+            r["yardstick_rps"], paired_fastapi = yardstick_now()
+            if paired_fastapi is not None:
+                r["fastapi_yardstick_rps"] = paired_fastapi
             r["sse_streams_open"] = args.sse
             r["server_cpu_s_per_s_of_sse_alone"] = round(sse_cpu, 2)
             results["scenarios"]["status_with_sse"] = r

@@ -168,6 +168,27 @@ def test_load_report_judges_each_scenario_against_the_yardstick_run_beside_it(tm
     assert "a noisy run" not in load_report.write_md(results, tmp_path / "load.md")
 
 
+def test_load_report_judges_the_rate_goals_against_the_one_route_fastapi_app_and_keeps_the_bare_asgi_column(tmp_path):
+    results = {
+        "machine": {"cpus": 2, "cpu_model": "x", "memory_bytes": 2**30, "kernel": "k", "python": "3", "postgresql": "15",
+                    "redis": "7", "wrk": "wrk"},
+        "date": "now", "command": "run.py", "api_workers": 2, "connections": 32, "duration_s": 5,
+        "yardstick": {"body_bytes": 900, "runs": [_run(30_000), _run(30_000)],
+                      "trivial_fastapi": _run(12_000), "fastapi_runs": [_run(12_000), _run(10_000)]},
+        "scenarios": {"status": {**_run(4_500), "yardstick_rps": 30_000, "fastapi_yardstick_rps": 10_000},
+                      "submit": {**_run(1_000), "yardstick_rps": 30_000},  # no paired FastAPI run: their mean
+                      "list": {**_run(2_000), "yardstick_rps": 30_000, "fastapi_yardstick_rps": 12_000}},
+    }
+    v = load_report.verdicts(results)
+    assert v["status"]["fraction"] == pytest.approx(0.15) and v["status"]["fraction_fastapi"] == pytest.approx(0.45)
+    assert v["status"]["rate_met"]  # 45 % of FastAPI, though 15 % of the bare callable
+    assert v["submit"]["fraction_fastapi"] == pytest.approx(1_000 / 11_000) and not v["submit"]["rate_met"]
+    md = load_report.write_md(results, tmp_path / "load.md")
+    assert "| of bare ASGI | of one-route FastAPI |" in md
+    assert "| GET /v1/jobs/{id} | 4,500 | 15.0% | **45.0%** | ≥ 40% met |" in md
+    assert "judged against the one-route FastAPI app" in md and "missed by POST /v1/jobs (rate)." in md
+
+
 def _gptq_speed(tmp_path, *args):
     out = subprocess.run(
         [sys.executable, "-P", str(BENCH / "gptq_speed.py"), "--out", str(tmp_path / "res"), "--workdir",
