@@ -59,3 +59,23 @@ def test_abandon_waits_for_the_shard_being_written(tmp_path):
         w.add(k, v)
     w.abandon()  # a failing job: nothing is left running
     assert w._pool is None and w._pending is None
+
+
+def test_copies_staged_through_a_small_ring_come_out_whole_and_in_order():
+    """CopyDrain's ring holds less than the tensors put through it: `stage` waits for regions the drain has
+    released, so every host copy is its tensor's bytes (no region reused while a copy still reads it)."""
+    from qaas.worker.engine.host_copy import CopyDrain
+
+    drain = CopyDrain(capacity=64 << 10)
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(int(torch.randint(1, 3000, (1,), generator=g)), generator=g) for _ in range(200)]
+    tensors.append(torch.arange(16, dtype=torch.int32).reshape(4, 4))
+    assert all(drain.fits(t) for t in tensors) and sum(t.numel() * 4 for t in tensors) > 10 * (64 << 10)
+    try:
+        futures = [drain.submit(t) for t in tensors]
+        for t, f in zip(tensors, futures):
+            host = f.result(timeout=30)
+            assert host.dtype == t.dtype and host.shape == t.shape and torch.equal(host, t)
+    finally:
+        drain.close()
+    assert not drain.ring._live  # every region released

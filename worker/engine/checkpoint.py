@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import OutOfSpace, SourceRejected
-from .host_copy import begin_to_host, copies_done
+from .host_copy import CopyDrain, begin_to_host, copies_done
 from .options import DEFAULT_MAX_SHARD_SIZE
 from .source import read_safetensors_header
 
@@ -231,10 +231,13 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     return 8 + len(hb) + offset
 
 
-def _write_after(copies_done, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> int:
-    """`write_safetensors` once the device -> host copies into `tensors` have finished (None: nothing to wait)."""
+def _write_after(copies_done, path: Path, tensors: dict[str, torch.Tensor | Future],
+                 metadata: dict[str, str] | None) -> int:
+    """`write_safetensors` once the device -> host copies into `tensors` have finished (None: nothing to wait;
+    a value that is a Future is a `CopyDrain` copy, waited for here)."""
     if copies_done is not None:
         copies_done.synchronize()
+    tensors = {k: v.result() if isinstance(v, Future) else v for k, v in tensors.items()}
     return write_safetensors(path, tensors, metadata)
 
 
@@ -267,7 +270,7 @@ class ShardedWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_shard_size = int(max_shard_size)
         self.metadata = {"format": "pt"} if metadata is None else dict(metadata)
-        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer: dict[str, torch.Tensor | Future] = {}  # a Future: a device tensor on its way (CopyDrain)
         self._buffer_bytes = 0
         self._shards: list[tuple[str, list[str], int]] = []  # (temp name, tensor names, file size)
         self._names: set[str] = set()
@@ -278,6 +281,7 @@ class ShardedWriter:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[str, list[str], Future] | None = None
         self._copies_pending = False  # device -> host copies into the buffer not yet waited for
+        self._drain: CopyDrain | None = None  # device tensors' copies to the host (made at the first one)
 
     @property
     def buffered_bytes(self) -> int:
@@ -288,15 +292,27 @@ class ShardedWriter:
             raise RuntimeError("writer is closed")
         if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
-        # into pinned memory without waiting: the shard's writer thread waits for the copies (an event recorded
-        # at flush) instead of the quantization waiting for a pageable copy per tensor
-        t, copying = begin_to_host(tensor.detach())
-        self._copies_pending |= copying
+        t = tensor.detach()
         n = t.numel() * t.element_size()
-        if t.untyped_storage().nbytes() != n:  # a view into something larger: own its bytes
-            t = t.clone()
         if self._buffer and self._buffer_bytes + n > self.max_shard_size:
             self.flush()
+        if t.device.type == "cuda" and n:
+            if self._drain is None:
+                self._drain = CopyDrain()
+            if self._drain.fits(t):
+                # through the reused pinned ring into ordinary memory, on the drain's thread: the quantization
+                # neither waits for the copy nor allocates pinned memory per tensor
+                self._buffer[name] = self._drain.submit(t)
+                self._buffer_bytes += n
+                self._names.add(name)
+                self.total_size += n
+                return
+        # into pinned memory of its own without waiting (a tensor too large for the ring, e.g. an embedding):
+        # the shard's writer thread waits for the copies (an event recorded at flush)
+        t, copying = begin_to_host(t)
+        self._copies_pending |= copying
+        if t.untyped_storage().nbytes() != n:  # a view into something larger: own its bytes
+            t = t.clone()
         self._buffer[name] = t
         self._buffer_bytes += n
         self._names.add(name)
@@ -337,6 +353,9 @@ class ShardedWriter:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._drain is not None:
+            self._drain.close()
+            self._drain = None
 
     def close(self) -> list[WrittenFile]:
         """Write the last shard, name the files, write the index; returns the files written."""
