@@ -87,10 +87,13 @@ class Pool:
 
     async def run(self, sql: str, params: tuple | list, *, fetch: str, retry: bool) -> Any:
         """Execute one statement; fetch is "one" (a tuple or None), "all" (a list) or "none" (rowcount)."""
-        try:
-            await asyncio.wait_for(self.slots.acquire(), self.acquire_timeout_s)
-        except TimeoutError:
-            raise DatabaseUnavailable("no database connection free in time") from None
+        if self.slots.locked():  # every connection busy: wait, but not forever
+            try:
+                await asyncio.wait_for(self.slots.acquire(), self.acquire_timeout_s)
+            except TimeoutError:
+                raise DatabaseUnavailable("no database connection free in time") from None
+        else:  # a slot is free: taken at once (wait_for would wrap the acquire in a task on every statement)
+            await self.slots.acquire()
         try:
             for attempt in (1, 2):
                 conn, reused = await self._checkout()

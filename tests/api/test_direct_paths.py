@@ -244,3 +244,23 @@ def test_a_stuck_statement_times_out_as_unavailable_and_the_connection_stays_usa
         await direct.close_pools()
 
     asyncio.run(scenario())
+
+
+def test_a_full_pool_makes_a_statement_wait_for_a_connection_but_not_forever(settings):
+    db = settings.resolved_database_url
+
+    async def scenario():
+        pool = direct.Pool(db, size=1, acquire_timeout_s=0.3)
+        held = asyncio.ensure_future(pool.run("SELECT pg_sleep(1)", (), fetch="one", retry=True))
+        await asyncio.sleep(0.1)  # the only connection is busy
+        with pytest.raises(direct.DatabaseUnavailable, match="no database connection free"):
+            await pool.run("SELECT 1", (), fetch="one", retry=True)
+        # a statement that waits less than the time-out gets the connection when it is returned
+        pool.acquire_timeout_s = 5.0
+        waiting = asyncio.ensure_future(pool.run("SELECT 2", (), fetch="one", retry=True))
+        await held
+        assert await waiting == (2,)
+        assert await pool.run("SELECT 3", (), fetch="one", retry=True) == (3,)  # a free slot: at once
+        await pool.close()
+
+    asyncio.run(scenario())
