@@ -150,8 +150,13 @@ def start_child(spec: dict[str, Any], *, cwd: Path, log_path: Path, env_extra: d
         assert proc.stdin is not None
         # where and as what to run, then the spec as a cold engine reads it (the token in the pipe, not argv)
         where = {"cwd": str(cwd), "log_path": str(log_path), "env": {TOKEN_ENV: token} if token else {}}
-        proc.stdin.write(json.dumps(where).encode() + b"\n")
-    else:
+        try:
+            proc.stdin.write(json.dumps(where).encode() + b"\n")
+            proc.stdin.flush()
+        except OSError:  # it died since it was checked: the attempt starts cold instead of failing
+            _kill_group(proc)
+            proc = None
+    if proc is None:
         proc = _spawn(module, cwd=cwd, log_path=log_path, env={**env, **({TOKEN_ENV: token} if token else {})})
     child = ChildProcess(proc)
     assert proc.stdin is not None and proc.stdout is not None
