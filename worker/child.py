@@ -70,6 +70,9 @@ ENGINE_MODULE = "qaas.worker.engine.runner"
 class _Standby:
     proc: subprocess.Popen
     env: dict[str, str]  # what it was started with (its standby flag aside)
+    #: the thread that started it: PR_SET_PDEATHSIG kills a child when the *thread* that forked it ends, so a
+    #: standby is only handed a job by that same thread (a worker's attempts all run on its main thread)
+    thread: threading.Thread
 
 
 #: this worker process's standby engine (one: a worker runs one job at a time)
@@ -101,12 +104,12 @@ def _spawn(module: str, *, cwd: Path, log_path: Path, env: dict[str, str]) -> su
 
 
 def _take_standby(env: dict[str, str]) -> subprocess.Popen | None:
-    """The waiting standby engine if it was started with `env` and is alive; any other is killed."""
+    """The waiting standby engine if this thread started it with `env` and it is alive; any other is killed."""
     global _standby
     standby, _standby = _standby, None
     if standby is None:
         return None
-    if standby.proc.poll() is None and standby.env == env:
+    if standby.thread is threading.current_thread() and standby.proc.poll() is None and standby.env == env:
         return standby.proc
     _kill_group(standby.proc)
     return None
@@ -116,7 +119,7 @@ def _start_standby(env: dict[str, str], log_path: Path) -> None:
     global _standby
     log_path.parent.mkdir(parents=True, exist_ok=True)
     proc = _spawn(ENGINE_MODULE, cwd=log_path.parent, log_path=log_path, env={**env, STANDBY_ENV: "1"})
-    _standby = _Standby(proc, env)
+    _standby = _Standby(proc, env, threading.current_thread())
 
 
 def stop_standby() -> None:

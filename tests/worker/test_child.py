@@ -159,3 +159,35 @@ def test_the_next_attempt_runs_in_the_standby_engine_started_by_the_previous_one
         assert _events(third, timeout=120)[-2]["type"] == "error"
     finally:
         child_module.stop_standby()
+
+
+def test_a_standby_started_by_another_thread_is_not_handed_a_job(tmp_path, monkeypatch):
+    """PR_SET_PDEATHSIG ties a child to the thread that forked it: a standby started by an attempt on another
+    thread (which may have ended, taking the standby with it) is killed and the attempt starts cold."""
+    import threading
+
+    from qaas.worker import child as child_module
+
+    monkeypatch.setattr(child_module, "_standby", None)
+    standby_log = tmp_path / "standby.log"
+    started: list = []
+
+    def attempt(n: int) -> None:
+        work = tmp_path / f"work{n}"
+        work.mkdir()
+        started.append(start_child({"not": "a spec"}, cwd=work, log_path=tmp_path / f"child{n}.log", env_extra={},
+                                   standby_log=standby_log))
+
+    try:
+        other = threading.Thread(target=attempt, args=(1,))
+        other.start()
+        other.join()
+        waiting = child_module._standby
+        assert waiting is not None
+        attempt(2)  # this thread: not the standby's
+        assert started[1].pid != waiting.proc.pid
+        assert _wait_dead(waiting.proc.pid)
+        assert _events(started[1], timeout=120)[-2]["type"] == "error"  # it ran, cold
+        assert child_module._standby is not None and child_module._standby.thread is threading.current_thread()
+    finally:
+        child_module.stop_standby()

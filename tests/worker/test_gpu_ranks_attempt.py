@@ -135,8 +135,8 @@ def test_kill_9_of_one_rank_fails_the_attempt_as_a_crash_and_the_retry_succeeds(
 
     t, outcome, children = _start(settings, job_id, monkeypatch)
     t.join(240)
-    assert outcome == ["succeeded"]
     job = _row(settings, job_id)
+    assert outcome == ["succeeded"], job.error
     assert job.attempt == 2 and job.result["quantized_modules"] == 8 * 7
     assert (settings.artifacts_dir / str(job_id) / "model.safetensors").is_file()
 
