@@ -344,13 +344,7 @@ def bench_e2e(args, results: dict) -> None:
           f"{model.write_s:.1f}s", flush=True)
     clock = JobClock(partial=results.setdefault("partial", {}))
     timer = PhaseTimer()
-    if args.preloaded:
-        # what a standby engine (worker/child.py) has done before its job arrives: the job's clock starts after
-        from qaas.worker.engine.runner import _preload
-
-        t0 = time.perf_counter()
-        _preload()
-        results["preload_s"] = round(time.perf_counter() - t0, 2)
+    _preload_as_a_standby(args, results)
     profiler = cProfile.Profile() if args.cprofile else None
     with instrument(EVAL_PHASES if args.evaluate else {}, timer.wrap):
         if profiler:
@@ -394,6 +388,18 @@ def bench_e2e(args, results: dict) -> None:
     print(json.dumps(fig, indent=1), flush=True)
 
 
+def _preload_as_a_standby(args, results: dict) -> None:
+    """With --preloaded, what a standby engine (worker/child.py) has done before its job arrives, timed apart:
+    the job's clock starts after it."""
+    if not args.preloaded:
+        return
+    from qaas.worker.engine.runner import preload
+
+    t0 = time.perf_counter()
+    preload()
+    results["preload_s"] = round(time.perf_counter() - t0, 2)
+
+
 def _write_cprofile(profiler: cProfile.Profile, path: Path) -> None:
     """The host side of the whole job by function (where a fixed cost of seconds comes from: imports, CUDA and
     library initialization, tokenizer, JIT compilation), cumulative and self time, top 60 each."""
@@ -426,10 +432,7 @@ def bench_profile(args, results: dict) -> None:
         elif done == target + 1:
             prof.stop()
 
-    if args.preloaded:
-        from qaas.worker.engine.runner import _preload
-
-        _preload()
+    _preload_as_a_standby(args, results)
     if target == 0:
         prof.start()
     clock = JobClock(on_block=on_block, partial=results.setdefault("partial", {}))
@@ -560,7 +563,7 @@ def main() -> int:
     ap.add_argument("--profile-block", type=int, default=1, choices=(0, 1),
                     help="profile mode: the block profiled (0: the first, from the job's start)")
     ap.add_argument("--preloaded", action="store_true",
-                    help="e2e: the job as a standby engine runs it (its imports done before the job starts)")
+                    help="the job as a standby engine runs it (its imports done before the job starts)")
     ap.add_argument("--cprofile", action="store_true",
                     help="e2e: the job under cProfile, host time by function written beside the results")
     a = ap.parse_args()

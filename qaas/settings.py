@@ -93,10 +93,10 @@ class Settings(BaseSettings):
     #: Log format of the service processes: "json" (one JSON object a line) or "text".
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
-    #: Test only (refused unless QAAS_ENV=test): the worker runs a fake engine that sleeps
     #: Start each job's engine process ahead, during the previous job, with its imports done (worker/child.py):
     #: a job's fixed cost loses torch's and transformers' imports. Off: every job starts a cold interpreter.
     engine_standby: bool = True
+    #: Test only (refused unless QAAS_ENV=test): the worker runs a fake engine that sleeps
     #: `fake_engine_step_s` per block instead of quantizing, for chaos and drain tests.
     fake_engine: bool = False
     fake_engine_step_s: float = Field(default=0.0, ge=0)

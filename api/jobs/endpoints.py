@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic_core import to_json
 
-from qaas.api.deps import CallerDep, SessionDep, SettingsDep, authenticate_request
+from qaas.api.deps import CallerDep, SessionDep, SettingsDep, authenticate_request, get_app_settings
 from qaas.api.jobs import files, reads, service
 from qaas.api.jobs.schemas import EventPage, JobCreated, JobOut, JobPage
 from qaas.api.problems import PROBLEM_JSON, Problem, ProblemDetails
@@ -87,7 +87,7 @@ async def get_job(job_id: str, request: Request) -> JobOut:
     # The route status polls hit: the caller and the settings are taken here, not as dependencies
     # (CallerDep, SettingsDep) -- FastAPI's dependency solving was a tenth of a status read's CPU. The
     # same function authenticates (deps.authenticate_request), so the answers cannot differ.
-    settings = request.app.state.settings
+    settings = await get_app_settings(request)
     caller = await authenticate_request(request, settings)
     doc = await reads.job_of(settings.database, _parse_id(job_id), caller.owner)
     if doc is None:

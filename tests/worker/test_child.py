@@ -112,6 +112,15 @@ def _wait_dead(pid: int, timeout: float = 10.0) -> bool:
     return False
 
 
+def _standby_attempt(tmp_path, n: int, spec: dict, token: str | None = None):
+    """Attempt n of the real engine with a standby (its pre-job output in tmp_path/standby.log)."""
+    work = tmp_path / f"work{n}"
+    work.mkdir()
+    return start_child(spec, cwd=work, log_path=tmp_path / f"child{n}.log",
+                       env_extra={"QAAS_CHILD_HF_TOKEN": token} if token else {},
+                       standby_log=tmp_path / "standby.log")
+
+
 def test_the_next_attempt_runs_in_the_standby_engine_started_by_the_previous_one(tmp_path, monkeypatch):
     """The real engine: a standby is started beside each attempt, imports ahead, and the next attempt's job
     runs in it, with that attempt's log file and Hub token; a standby started with another environment is
@@ -122,10 +131,7 @@ def test_the_next_attempt_runs_in_the_standby_engine_started_by_the_previous_one
     standby_log = tmp_path / "standby.log"
 
     def attempt(n: int, spec: dict, token: str | None = None):
-        work = tmp_path / f"work{n}"
-        work.mkdir()
-        return start_child(spec, cwd=work, log_path=tmp_path / f"child{n}.log",
-                           env_extra={"QAAS_CHILD_HF_TOKEN": token} if token else {}, standby_log=standby_log)
+        return _standby_attempt(tmp_path, n, spec, token)
 
     try:
         first = attempt(1, {"not": "a spec"})  # cold: no standby yet
@@ -169,14 +175,10 @@ def test_a_standby_started_by_another_thread_is_not_handed_a_job(tmp_path, monke
     from qaas.worker import child as child_module
 
     monkeypatch.setattr(child_module, "_standby", None)
-    standby_log = tmp_path / "standby.log"
     started: list = []
 
     def attempt(n: int) -> None:
-        work = tmp_path / f"work{n}"
-        work.mkdir()
-        started.append(start_child({"not": "a spec"}, cwd=work, log_path=tmp_path / f"child{n}.log", env_extra={},
-                                   standby_log=standby_log))
+        started.append(_standby_attempt(tmp_path, n, {"not": "a spec"}))
 
     try:
         other = threading.Thread(target=attempt, args=(1,))

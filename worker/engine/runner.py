@@ -16,7 +16,7 @@ Protocol (the parent is the Celery task; it never touches CUDA):
   where code is EngineError.code, "cancelled" or "internal_error".
 * exit status: 0 success, 2 engine error (user-facing), 3 cancelled, 1 internal error.
 * a standby engine (environment QAAS_ENGINE_STANDBY=1, worker/child.py) imports what every job needs first
-  (`_preload`) and then waits on stdin, whose first line is `{"cwd": str, "log_path": str, "env": {...}}`:
+  (`preload`) and then waits on stdin, whose first line is `{"cwd": str, "log_path": str, "env": {...}}`:
   the directory to run in, the file its stderr goes to from then on, and the variables to set (the Hub
   token); the spec follows as above.
 * SIGTERM asks for a cooperative stop: the next `check_cancelled()` (between blocks and stages) raises
@@ -101,7 +101,7 @@ def _claim_stdout() -> IO[str]:
     return os.fdopen(proto_fd, "w", buffering=1, encoding="utf-8")
 
 
-def _preload() -> None:
+def preload() -> None:
     """Import what every job imports before its first stage: torch, the engine with its methods, and transformers'
     model machinery (a one-layer Llama built on the meta device pulls in the lazily imported modules: modeling,
     generation, the integrations they load). A failure here is left for the job to meet."""
@@ -139,7 +139,7 @@ def _take_job_place() -> None:
 def main() -> int:
     proto = _claim_stdout()
     if os.environ.pop(STANDBY_ENV, None) == "1":
-        _preload()
+        preload()
         _take_job_place()
     token = os.environ.pop(TOKEN_ENV, None) or None
     reporter = JsonLinesReporter(proto, secrets=(token,) if token else ())
