@@ -9,52 +9,9 @@ import torch
 
 from qaas.worker.engine.blockwise import BlockRunner, merge_batches
 
+from support.block_inputs import Gram, block_inputs, tiny_models
 
-def _models():
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
-
-    from conftest import STORIES
-
-    torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256))
-    opt = OPTForCausalLM(OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, ffn_dim=256,
-                                   num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64))
-    llama = AutoModelForCausalLM.from_pretrained(str(STORIES))
-    return {"llama": (llama, llama.model.layers[1], ["self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"]),
-            "gpt2": (gpt2, gpt2.transformer.h[1], ["attn.c_attn", "attn.c_proj", "mlp.c_proj"]),
-            "opt": (opt, opt.model.decoder.layers[1], ["self_attn.q_proj", "fc1", "fc2"])}
-
-
-MODELS = _models()
-
-
-def _block_inputs(model, block, batches):
-    """What the model passes to `block` for each batch (hidden states, (other args, kwargs)), as the engine's
-    catcher keeps them."""
-    seen = []
-
-    def pre(mod, args, kwargs):
-        seen.append((args[0] if args else kwargs.pop("hidden_states"), (tuple(args[1:]), dict(kwargs))))
-
-    h = block.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                model(input_ids=ids, use_cache=False)
-    finally:
-        h.remove()
-    return [s[0] for s in seen], [s[1] for s in seen]
-
-
-class _Gram:
-    def __init__(self, n):
-        self.sum = torch.zeros(n, n, dtype=torch.float64)
-        self.n = 0
-
-    def add(self, x):
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.sum += x.t() @ x
-        self.n += x.shape[0]
+MODELS = tiny_models()
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
@@ -65,7 +22,7 @@ def test_merged_passes_equal_one_pass_per_window(arch, batch_size):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 500, (5, 64), generator=g)
     batches = [ids[i : i + batch_size] for i in range(0, 5, batch_size)]  # the last batch is short with 2
-    hidden, rest = _block_inputs(model, block, batches)
+    hidden, rest = block_inputs(model, block, batches)
     assert merge_batches(hidden, rest) is not None, "the block's inputs of several batches could not be combined"
 
     one = BlockRunner(block, hidden, rest, torch.device("cpu"))
@@ -82,7 +39,7 @@ def test_merged_passes_equal_one_pass_per_window(arch, batch_size):
         return m.weight.shape[0] if type(m).__name__ == "Conv1D" else m.in_features
 
     # what each layer really sees in a whole forward of the block, by an independent hook
-    seen = {n: _Gram(in_features(n)) for n in layers}
+    seen = {n: Gram(in_features(n)) for n in layers}
     hs = [block.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen[n].add(i[0])) for n in layers]
     try:
         with torch.no_grad():
@@ -92,8 +49,8 @@ def test_merged_passes_equal_one_pass_per_window(arch, batch_size):
             h.remove()
 
     classes = [[n] for n in layers]
-    ref_acc = one.collect(classes, lambda n: _Gram(n))
-    acc = many.collect(classes, lambda n: _Gram(n))
+    ref_acc = one.collect(classes, lambda n: Gram(n))
+    acc = many.collect(classes, lambda n: Gram(n))
     for n in layers:
         assert acc[n].n == ref_acc[n].n == seen[n].n == ids.numel()
         assert acc[n].sum.shape == (in_features(n), in_features(n))
@@ -104,7 +61,7 @@ def test_merged_passes_equal_one_pass_per_window(arch, batch_size):
     calls = []
     h = block.get_submodule(layers[-1]).register_forward_hook(lambda m, i, o: calls.append(1))
     try:
-        many.collect([[layers[-1]]], lambda n: _Gram(n))
+        many.collect([[layers[-1]]], lambda n: Gram(n))
     finally:
         h.remove()
     assert calls == []
@@ -113,7 +70,7 @@ def test_merged_passes_equal_one_pass_per_window(arch, batch_size):
 def test_batches_that_cannot_be_combined_run_one_by_one():
     model, block, _ = MODELS["llama"]
     g = torch.Generator().manual_seed(2)
-    hidden, rest = _block_inputs(model, block, [torch.randint(3, 500, (1, 32), generator=g) for _ in range(3)])
+    hidden, rest = block_inputs(model, block, [torch.randint(3, 500, (1, 32), generator=g) for _ in range(3)])
     rest[1] = (rest[1][0], {**rest[1][1], "output_attentions": object()})  # a value that differs between batches
     assert merge_batches(hidden, rest) is None
     runner = BlockRunner(block, hidden, [(a, {k: v for k, v in kw.items() if k != "output_attentions"})

@@ -79,3 +79,71 @@ def test_a_gptq_job_on_a_short_text_warns_in_its_events_and_result(tmp_path):
     assert calib["text_tokens"] < 16 * 256 and calib["distinct_tokens"] > 0
     assert calib["warnings"] and calib["warnings"][0] in res["notes"]
     assert ("warning", calib["warnings"][0]) in events.logs
+
+
+# -- a long text encoded as a batch of pieces (tokenize_text) ----------------------------------------------------
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _trained(pre_tokenizer, text):
+    """A byte-level BPE tokenizer trained on `text` behind `pre_tokenizer`, as transformers wraps one."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=800, initial_alphabet=ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def _tokenizers(text):
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    return {
+        "stories260K (sentencepiece, Metaspace)": AutoTokenizer.from_pretrained(str(STORIES)),
+        "GPT-2 byte-level BPE": _trained(pre_tokenizers.ByteLevel(add_prefix_space=False), text),
+        "Llama 3 split + byte-level BPE": _trained(pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), text),
+    }
+
+
+def test_a_long_text_in_pieces_gives_the_whole_texts_tokens():
+    from qaas.worker.engine.calibration_data import _cuts_invisible, piece_cuts, tokenize_text
+
+    text = WIKITEXT.read_text()[:120_000] + " " + (ASSETS / "text/tinyshakespeare/input.txt").read_text()[:60_000]
+    cuts = piece_cuts(text, 2_000)
+    assert len(cuts) > 60 and all(text[c] == " " and not text[c - 1].isspace() and not text[c + 1].isspace()
+                                  for c in cuts)
+    for name, tok in _tokenizers(text).items():
+        whole = list(tok(text, add_special_tokens=False)["input_ids"])
+        assert _cuts_invisible(tok, text, cuts), f"{name}: a cut changed the tokens around it"
+        assert tokenize_text(tok, text, piece_chars=2_000) == whole, name
+
+
+def test_a_tokenizer_that_sees_the_cuts_gets_the_text_whole():
+    """A pre-tokenizer that keeps a space with the word before it: a cut before the space would change the
+    tokens, so the text is encoded whole."""
+    from tokenizers import pre_tokenizers
+
+    from qaas.worker.engine.calibration_data import _cuts_invisible, piece_cuts, tokenize_text
+
+    text = WIKITEXT.read_text()[:40_000]
+    tok = _trained(pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="merged_with_previous"),
+                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+                   text)
+    cuts = piece_cuts(text, 2_000)
+    assert cuts and not _cuts_invisible(tok, text, cuts)
+    assert tokenize_text(tok, text, piece_chars=2_000) == list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_text_without_spaces_is_not_cut():
+    from qaas.worker.engine.calibration_data import piece_cuts
+
+    assert piece_cuts("字" * 10_000, 1_000) == []
+    assert piece_cuts("ab  " * 2_000, 1_000) == []  # only double spaces: no space between two words

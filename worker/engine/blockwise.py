@@ -13,6 +13,8 @@
   accumulator per input class (GPTQ: a Hessian), stopping a pass as soon as every hooked layer has seen its
   input (before the last one computes); `BlockRunner.forward_all`: the block's outputs, the next block's inputs. Both run many windows per
   forward pass (`merge_batches`, `forward_chunk_tokens`): one pass per window is bound by kernel launches.
+  With `changing` and `memo_bytes` the outputs of the block's settled parts are reused by later passes
+  (`block_memo.ChildOutputMemo`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+import contextlib
+
 import torch
 
+from .block_memo import ChildOutputMemo
 from .errors import UnsupportedModel
 
 
@@ -288,16 +293,33 @@ class BlockRunner:
     With `max_tokens`, consecutive batches run as one forward pass of up to that many tokens (their inputs
     concatenated by `merge_batches`); the results are the same per batch, up to the rounding of larger matrix
     products. With `shards` (shard -> batch indices; a job on several GPUs, `ranks`), a pass never takes
-    batches of two shards, so that a shard's passes are the same whichever process runs it."""
+    batches of two shards, so that a shard's passes are the same whichever process runs it.
+
+    With `changing` (the layers a true-sequential method changes between passes) and `memo_bytes`, the outputs
+    of the block's parts whose layers are all `settled` are kept and reused by later passes (`ChildOutputMemo`):
+    the same results, bit for bit, without recomputing e.g. a quantized attention in every later pass."""
 
     def __init__(self, block: torch.nn.Module, hidden: list[torch.Tensor], rest: list[tuple[tuple, dict]],
-                 device: torch.device, max_tokens: int = 0, shards: dict[int, list[int]] | None = None) -> None:
+                 device: torch.device, max_tokens: int = 0, shards: dict[int, list[int]] | None = None,
+                 changing: Iterable[str] = (), memo_bytes: int = 0) -> None:
         self.block = block
         self.hidden = hidden
         self.rest = rest
         self.device = device
         shards = shards if shards is not None else {0: list(range(len(hidden)))}
         self.shard_chunks = {s: self._chunk(max_tokens, idx) for s, idx in shards.items()}
+        changing = list(changing)
+        self.memo = ChildOutputMemo(block, changing, memo_bytes) if changing and memo_bytes > 0 else None
+
+    def settled(self, names: Iterable[str]) -> None:
+        """These layers have their final weights (the method changed them for the last time)."""
+        if self.memo is not None:
+            self.memo.settled(names)
+
+    def _pass(self, idx: list[int], collecting: Iterable[str] = (), last: bool = False):
+        if self.memo is None:
+            return contextlib.nullcontext()
+        return self.memo.active(tuple(idx), collecting, last)
 
     @property
     def chunks(self) -> list[list[int]]:
@@ -357,11 +379,13 @@ class BlockRunner:
                     raise _StopForward
 
             hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+        collecting = [n for cls in classes for n in cls]
         try:
-            for _, h, args, kw in self._passes(shard):
+            for idx, h, args, kw in self._passes(shard):
                 fired.clear()
                 try:
-                    self.block(h, *args, **kw)
+                    with self._pass(idx, collecting):
+                        self.block(h, *args, **kw)
                 except _StopForward:
                     pass
         finally:
@@ -374,10 +398,13 @@ class BlockRunner:
         """Outputs of the block for every batch (the next block's inputs), stored where the inputs were."""
         out: list[torch.Tensor | None] = [None] * len(self.hidden)
         for idx, h, args, kw in self._passes():
-            y = _first(self.block(h, *args, **kw))
+            with self._pass(idx, last=True):
+                y = _first(self.block(h, *args, **kw))
             pieces = y.split([self.hidden[i].shape[0] for i in idx]) if len(idx) > 1 else (y,)
             for i, piece in zip(idx, pieces):
                 out[i] = piece.to(self.hidden[i].device)
+        if self.memo is not None:
+            self.memo.clear()
         return out  # type: ignore[return-value]
 
 

@@ -31,6 +31,7 @@ from qaas.quantization_rules.fields import FieldError
 from qaas.quantization_rules.gptq import DEFAULT_NSAMPLES, written_format
 
 from ...architecture import BlockInfo, LinearInfo, build_meta_model
+from ...block_memo import memo_budget
 from ...blockwise import (BlockInputCapture, BlockRunner, compute_dtype, discover_input_groups,
                           forward_chunk_tokens, materialize_block)
 from ...calibration_data import CalibrationSet, load_calibration
@@ -221,10 +222,11 @@ class GPTQRun:
                                       self.device, self.dtype)
         # rank 0's pass size for every rank: a shard's passes are then the same whichever rank runs them
         max_tokens = self.ranks.broadcast_object(forward_chunk_tokens(block, self.device), src=0)
-        runner = BlockRunner(block, inputs.hidden, inputs.rest, self.device, max_tokens=max_tokens,
-                             shards=inputs.shards)
         if self.groups is None:
             self._plan(block, linears, inputs)
+        runner = BlockRunner(block, inputs.hidden, inputs.rest, self.device, max_tokens=max_tokens,
+                             shards=inputs.shards, changing=[r for g in self.groups for cls in g for r in cls],
+                             memo_bytes=memo_budget(self.device))
         if self.beside is not None:  # the original model's windows, through the block before it is quantized
             self.beside.before(block, bi)
         written: set[str] = set()
@@ -236,6 +238,7 @@ class GPTQRun:
                     self.ranks, inputs.shard_count,
                     lambda pos: runner.collect(classes, lambda n_in: HessianAccumulator(n_in, self.device), pos))
             block_metrics.update(self.quantize_group(block, classes, linears, hessians, binfo))
+            runner.settled(r for cls in classes for r in cls)
             written.update(n for cls in classes for r in cls for n in (linears[r].weight_name, linears[r].bias_name))
             del hessians
         if bi + 1 < n and self.cache_outputs:
