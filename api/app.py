@@ -15,6 +15,7 @@ from qaas.api.body_limit import BodySizeLimit
 from qaas.api.dashboard import install as install_dashboard
 from qaas.api.dispatch import drain_dispatchers
 from qaas.api.hub_token.endpoints import router as hub_token_router
+from qaas.api.jobs import document_cache
 from qaas.api.jobs.endpoints import router as jobs_router
 from qaas.api.metrics import router as metrics_router
 from qaas.api.rate_limit import RateLimit
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         yield
         await drain_dispatchers()  # messages of jobs accepted just before shutdown
+        await document_cache.close_caches()
         await direct.close_pools()
 
     app = FastAPI(

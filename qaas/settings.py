@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     #: Seconds an API-key lookup is cached in each API process (a revoked key keeps working that long
     #: in processes other than the one that revoked it). 0 turns the cache off.
     auth_cache_s: float = Field(default=5.0, ge=0, le=60)
+    #: Longest a status read's answer is served from an API process's cache of job documents
+    #: (api/jobs/document_cache.py; PostgreSQL only). Changes are seen at once through LISTEN/NOTIFY;
+    #: this bounds what a lost notification can cost. 0 turns the cache off.
+    job_cache_s: float = Field(default=5.0, ge=0, le=60)
+    #: Documents each API process keeps at most (about a kilobyte each).
+    job_cache_entries: int = Field(default=20_000, ge=1)
     #: Database connections each process keeps open (and may add under bursts). Every API process also
     #: caps its request threads at api_threads, so that requests wait for a thread, not for a connection.
     db_pool_size: int = Field(default=20, ge=1, le=200)

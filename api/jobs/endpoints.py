@@ -89,10 +89,10 @@ async def get_job(job_id: str, request: Request) -> JobOut:
     # same function authenticates (deps.authenticate_request), so the answers cannot differ.
     settings = await get_app_settings(request)
     caller = await authenticate_request(request, settings)
-    doc = await reads.job_of(settings.database, _parse_id(job_id), caller.owner)
-    if doc is None:
+    body = await reads.job_json(settings, _parse_id(job_id), caller.owner)
+    if body is None:
         raise _not_found()
-    return _json(doc)
+    return Response(body, media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, operation_id="cancel_job", responses=_ERRORS)

@@ -12,10 +12,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic_core import to_json
+
 from qaas import job_store
+from qaas.api.jobs import document_cache
 from qaas.api.jobs.schemas import event_document, job_document
 from qaas.db.config import Database, as_database
 from qaas.db.session import in_thread
+from qaas.settings import Settings
 
 
 def _row_or_none(job) -> dict[str, Any] | None:
@@ -30,6 +34,25 @@ async def job_of(db: Database | str, job_id: uuid.UUID, owner: str) -> dict[str,
     else:
         row = await in_thread(db, lambda s: _row_or_none(job_store.get_job(s, job_id, owner)))
     return None if row is None else job_document(row)
+
+
+async def job_json(settings: Settings, job_id: uuid.UUID, owner: str) -> bytes | None:
+    """`job_of` serialized (pydantic-core's encoder, the model's own), from this process's document cache
+    when it holds the job (see document_cache for what a cached answer can be: the staleness bound)."""
+    cache = document_cache.cache_for(settings)
+    ticket = None
+    if cache is not None:
+        hit = cache.get(job_id, owner)
+        if hit is not None:
+            return hit
+        ticket = cache.ticket()  # before the read: a change announced during it keeps the answer out
+    doc = await job_of(settings.database, job_id, owner)
+    if doc is None:
+        return None
+    body = to_json(doc)
+    if cache is not None:
+        cache.put(ticket, job_id, owner, body)
+    return body
 
 
 @dataclass

@@ -38,7 +38,7 @@ class DatabaseUnavailable(Exception):
     """The database could not be reached or did not answer in time."""
 
 
-def _conninfo(url: str) -> str:
+def conninfo_of(url: str) -> str:
     # SQLAlchemy's URL scheme; libpq wants plain postgresql://
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
@@ -47,7 +47,7 @@ class Pool:
     """A small pool of autocommit connections for one URL on one event loop."""
 
     def __init__(self, url: str, size: int, acquire_timeout_s: float = 5.0) -> None:
-        self.conninfo = _conninfo(url)
+        self.conninfo = conninfo_of(url)
         self.size = size
         self.acquire_timeout_s = acquire_timeout_s
         self.slots = asyncio.Semaphore(size)

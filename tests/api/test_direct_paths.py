@@ -182,7 +182,7 @@ def test_a_read_on_a_connection_the_server_dropped_is_retried_on_a_fresh_one(set
         pool = direct.pool_for(db)
         assert len(pool.idle) == 1
         pid = pool.idle[0][0].info.backend_pid
-        with psycopg.connect(direct._conninfo(db), autocommit=True) as admin:
+        with psycopg.connect(direct.conninfo_of(db), autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         second = await reads.job_of(db, job_id, "alice")  # would fail on the dead connection
         assert pool.idle[0][0].info.backend_pid != pid
