@@ -23,6 +23,7 @@ for s in ${STEPS//,/ }; do
     profile-8b) st $s 100 python3 -P bench/gptq_speed.py --out $OUT --workdir /tmp/m --nsamples 128 --seqlen 2048 --tag profile-8b-fastest --mode profile --shape 8b ;;
     profile-70b) st $s 120 python3 -P bench/gptq_speed.py --out $OUT --workdir /tmp/m --nsamples 128 --seqlen 2048 --tag profile-70b-defaults --mode profile --shape 70b --defaults ;;
     bnb) st $s 120 python3 -P bench/bnb_kernels.py --out $OUT/bnb_kernels ;;
+    rms-norm) st $s 60 python3 -P bench/rms_norm.py --out $OUT/rms_norm ;;
   esac
 done
 cat $OUT/steps.txt

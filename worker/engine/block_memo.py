@@ -128,7 +128,8 @@ class _Pass:
     def __init__(self, memo: ChildOutputMemo) -> None:
         self.memo = memo
         self.hooks: list[Any] = []
-        self.wrapped: list[torch.nn.Module] = []
+        #: the wrapped children, each with the instance forward it had (None: its class's)
+        self.wrapped: list[tuple[torch.nn.Module, Any]] = []
 
     def __enter__(self) -> ChildOutputMemo:
         memo = self.memo
@@ -139,20 +140,23 @@ class _Pass:
                 lambda m, a, name=name: memo._layer_runs(name)))
         for name in memo.children:
             child = memo.block.get_submodule(name)
-            forward = child.forward  # the class's bound forward (no instance override is left from a pass)
+            forward = child.forward  # bound: the class's, or an instance's own (e.g. a fused kernel's)
 
             def routed(*args: Any, name: str = name, forward: Any = forward, **kwargs: Any) -> Any:
                 return memo._run_child(name, forward, args, kwargs)
 
+            self.wrapped.append((child, child.__dict__.get("forward")))
             child.forward = routed  # instance attribute: Module.__call__ (and the child's own hooks) call it
-            self.wrapped.append(child)
         return memo
 
     def __exit__(self, *exc: Any) -> None:
         for h in self.hooks:
             h.remove()
-        for child in self.wrapped:
-            del child.forward
+        for child, own in self.wrapped:
+            if own is None:
+                del child.forward
+            else:
+                child.forward = own
 
 
 def memo_budget(device: torch.device, *, cap_bytes: int = 8 << 30, share_of_free: float = 0.25) -> int:

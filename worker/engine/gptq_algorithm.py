@@ -10,9 +10,10 @@ methods run it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -45,6 +46,19 @@ class GPTQResult:
     dead_columns: int
     perm: torch.Tensor | None = None
     retries: list[str] = field(default_factory=list)
+    #: `[out]` float64: each output row's share of `loss`
+    row_loss: torch.Tensor | None = None
+
+    def rows(self, a: int, b: int) -> GPTQResult:
+        """The result of output rows a:b alone (GPTQ treats each row on its own given H: see
+        `gptq_quantize_stacked`)."""
+        row_loss = self.row_loss[a:b] if self.row_loss is not None else None
+        return GPTQResult(Q=self.Q[a:b], codes=self.codes[a:b], scales=self.scales[:, a:b].contiguous(),
+                          zeros=self.zeros[:, a:b].contiguous(), g_idx=self.g_idx, bits=self.bits,
+                          group_size=self.group_size,
+                          loss=float(row_loss.sum()) if row_loss is not None else float("nan"),
+                          damp_percent=self.damp_percent, dead_columns=self.dead_columns, perm=self.perm,
+                          retries=list(self.retries), row_loss=row_loss)
 
 
 def gar_permutation(diag_h: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -189,8 +203,10 @@ def gptq_quantize(
     log: Callable[[str], None] | None = None,
     factor: HessianFactor | None = None,
     scale_dtype: torch.dtype = torch.float16,
+    own_w: bool = False,
 ) -> GPTQResult:
-    """Quantize `W` (`[out, in]`) given the Hessian `H` (`[in, in]`, = 2/n X X^T). Inputs are not modified.
+    """Quantize `W` (`[out, in]`) given the Hessian `H` (`[in, in]`, = 2/n X X^T). Inputs are not modified
+    (with `own_w`, W is a float32 copy the caller hands over: the loop works in it instead of a copy of it).
 
     `factor`: `hessian_factor(H, ...)` with the same group_size, damp_percent, desc_act and act_group_aware,
     when several layers share H (then `H` itself is not read). `scale_dtype`: the dtype the checkpoint stores the
@@ -202,7 +218,8 @@ def gptq_quantize(
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}")
     maxq = 2**bits - 1
-    W = W.detach().float().clone()
+    if not own_w:
+        W = W.detach().to(torch.float32, copy=True)
     R, C = W.shape
     dev = W.device
     gs = group_size if group_size != -1 else C
@@ -282,7 +299,8 @@ def gptq_quantize(
             # one GEMM that updates W in place (beta 1, alpha -1): no temporary of the product and no separate
             # subtraction pass over the rest of W per block (at 70B most of the column loop's elementwise time)
             W[:, i2:].addmm_(e1, Hinv[i1:i2, i2:], alpha=-1.0)
-    loss = sum(float(E[r : r + 2048].double().square().sum()) for r in range(0, R, 2048))
+    row_loss = torch.cat([E[r : r + 2048].double().square().sum(1) for r in range(0, R, 2048)])
+    loss = float(row_loss.sum())
     del E
 
     # The codes stand; the scales are rounded to what the checkpoint stores, and Q is recomputed from the stored
@@ -325,7 +343,27 @@ def gptq_quantize(
         dead_columns=n_dead,
         perm=perm,
         retries=notes,
+        row_loss=row_loss,
     )
+
+
+def gptq_quantize_stacked(Ws: list[torch.Tensor], H: torch.Tensor, **options: Any) -> list[GPTQResult]:
+    """`gptq_quantize` of several weights that share one Hessian (q/k/v, gate/up) in one column loop.
+
+    GPTQ treats every output row on its own given H (each row's error feedback uses only H's inverse factor,
+    the same for all rows; scales and zeros are per row), so the weights stacked row-wise give each weight's own
+    result. One loop of C/blocksize steps instead of one per weight: the loop is bound by its launches (a step
+    is a few small kernels), so q/k/v and gate/up together take about the time of one of them. The results equal
+    separate calls up to the rounding of the update GEMM over more rows."""
+    if len(Ws) == 1:
+        return [gptq_quantize(Ws[0], H, **options)]
+    sizes = [w.shape[0] for w in Ws]
+    W = torch.empty((sum(sizes), Ws[0].shape[1]), dtype=torch.float32, device=Ws[0].device)
+    for w, rows in zip(Ws, W.split(sizes)):
+        rows.copy_(w.detach())
+    res = gptq_quantize(W, H, own_w=True, **options)
+    bounds = [0, *itertools.accumulate(sizes)]
+    return [res.rows(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def rtn_quantize(W: torch.Tensor, *, bits: int, group_size: int, sym: bool = True) -> torch.Tensor:

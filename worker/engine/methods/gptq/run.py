@@ -40,7 +40,7 @@ from ...evaluate import default_seqlen, relative_error
 from ...progress import PhaseTimer
 from ...version import package_version
 from ..base import EngineContext, MethodResult
-from ...gptq_algorithm import HessianFactor, gptq_quantize, hessian_factor, output_error
+from ...gptq_algorithm import HessianFactor, gptq_quantize_stacked, hessian_factor, output_error
 from .format import build_quantization_config, pack_layer, stored_float
 from ...hessian import HessianAccumulator, sum_over_shards
 from ...ranks import Ranks, calibration_shards
@@ -290,27 +290,26 @@ class GPTQRun:
     def quantize_group(self, block: torch.nn.Module, classes: list[list[str]], linears: dict[str, LinearInfo],
                        hessians: dict[str, torch.Tensor], binfo: BlockInfo) -> dict[str, dict[str, float]]:
         """GPTQ on the layers of one sequential group. Each rank quantizes its share of them (split by cost,
-        in_features^2 * out_features: GPTQ's sweep over the columns); then, in the group's order, each layer's
+        in_features^2 * out_features: GPTQ's sweep over the columns), those of one class that it holds in one
+        column loop (`compute_layers`); then, in the group's order, each layer's
         result travels from its rank to all (`apply_layer`: into every rank's live block, written by rank 0).
         One process owns every layer: the same steps, the same order of writes and events."""
         layers = [(cls, r) for cls in classes for r in cls]
         owners = self.ranks.split_by_cost([linears[r].in_features ** 2 * linears[r].out_features for _, r in layers])
         results: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
-        factors: dict[str, HessianFactor | None] = {}
-        for (cls, r), owner in zip(layers, owners):
-            if owner != self.ranks.rank:
+        for cls in classes:
+            mine = [r for (c, r), owner in zip(layers, owners) if c is cls and owner == self.ranks.rank]
+            if not mine:
                 continue
             H = hessians[cls[0]]
             notes: list[str] = []
-            if cls[0] not in factors:
-                # the class's factorization once per rank that quantizes one of its layers; its notes go with
-                # the class's first layer (whose rank always computes it), so they are said once
-                factor_notes: list[str] = []
-                factors[cls[0]] = self.shared_factor(H, cls, binfo, factor_notes.append) if len(cls) > 1 else None
-                if r == cls[0]:
-                    notes += factor_notes
-            results[r] = self.compute_layer(block, r, linears[r], H, binfo, factors[cls[0]], notes)
-        del factors
+            # the class's factorization once per rank that quantizes one of its layers; its notes go with
+            # the class's first layer (whose rank always computes it), so they are said once
+            factor = self.shared_factor(H, cls, binfo, notes.append) if len(cls) > 1 else None
+            if cls[0] not in mine:
+                notes = []
+            results.update(self.compute_layers(block, mine, linears, H, binfo, factor, notes))
+            del factor
         block_metrics: dict[str, dict[str, float]] = {}
         for (cls, r), owner in zip(layers, owners):
             tensors, facts = results.pop(r) if owner == self.ranks.rank else (None, None)
@@ -328,27 +327,33 @@ class GPTQRun:
                                   desc_act=cfg["desc_act"], act_group_aware=cfg["act_group_aware"],
                                   log=lambda m: note(f"{binfo.prefix}.{{{','.join(cls)}}}: {m}"))
 
-    def compute_layer(self, block: torch.nn.Module, r: str, li: LinearInfo, H: torch.Tensor, binfo: BlockInfo,
-                      factor: HessianFactor | None, notes: list[str]
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """GPTQ on one layer of the live block: its packed tensors and quantized weight ("Q"), and what is
-        said about it (errors, warnings, dead input channels)."""
+    def compute_layers(self, block: torch.nn.Module, names: list[str], linears: dict[str, LinearInfo],
+                       H: torch.Tensor, binfo: BlockInfo, factor: HessianFactor | None, notes: list[str]
+                       ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        """GPTQ on layers of the live block that share the Hessian H, in one column loop
+        (`gptq_quantize_stacked`): per layer, its packed tensors and quantized weight ("Q"), and what is said
+        about it (errors, warnings, dead input channels; `notes` and the loop's own go with the first layer)."""
         cfg, prefix = self.cfg, binfo.prefix
-        mod = block.get_submodule(r)
-        W = mod.weight.data.t() if li.transposed else mod.weight.data
+        mods = [block.get_submodule(r) for r in names]
+        Ws = [m.weight.data.t() if linears[r].transposed else m.weight.data for r, m in zip(names, mods)]
+        who = names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
         with self.clock("gptq"):
-            res = gptq_quantize(
-                W, H, bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],
+            results = gptq_quantize_stacked(
+                Ws, H, bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],
                 damp_percent=cfg["damp_percent"], desc_act=cfg["desc_act"], act_group_aware=cfg["act_group_aware"],
-                static_groups=cfg["static_groups"], log=lambda m: notes.append(f"{prefix}.{r}: {m}"),
+                static_groups=cfg["static_groups"], log=lambda m: notes.append(f"{prefix}.{who}: {m}"),
                 factor=factor,
             )
-        with self.clock("pack + write"):
-            metrics = {"rel_error": relative_error(W, res.Q), "sq_error": output_error(W, res.Q, H),
-                       "gptq_loss": res.loss, "damp_percent": res.damp_percent}
-            bias = mod.bias.data if li.has_bias and mod.bias is not None else None
-            tensors = {**pack_layer(res, fmt=self.fmt, bias=bias), "Q": res.Q}
-        return tensors, {"metrics": metrics, "notes": notes, "dead_columns": res.dead_columns}
+        out: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+        for i, (r, mod, W, res) in enumerate(zip(names, mods, Ws, results)):
+            with self.clock("pack + write"):
+                metrics = {"rel_error": relative_error(W, res.Q), "sq_error": output_error(W, res.Q, H),
+                           "gptq_loss": res.loss, "damp_percent": res.damp_percent}
+                bias = mod.bias.data if linears[r].has_bias and mod.bias is not None else None
+                tensors = {**pack_layer(res, fmt=self.fmt, bias=bias), "Q": res.Q}
+            out[r] = (tensors, {"metrics": metrics, "notes": notes if i == 0 else [],
+                                "dead_columns": res.dead_columns})
+        return out
 
     def apply_layer(self, block: torch.nn.Module, r: str, li: LinearInfo, binfo: BlockInfo,
                     tensors: dict[str, torch.Tensor], facts: dict[str, Any]) -> dict[str, float]:
