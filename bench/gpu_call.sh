@@ -23,6 +23,10 @@ for s in ${STEPS//,/ }; do
     profile-8b) st $s 100 python3 -P bench/gptq_speed.py --out $OUT --workdir /tmp/m --nsamples 128 --seqlen 2048 --tag profile-8b-fastest --mode profile --shape 8b ;;
     profile-70b) st $s 120 python3 -P bench/gptq_speed.py --out $OUT --workdir /tmp/m --nsamples 128 --seqlen 2048 --tag profile-70b-defaults --mode profile --shape 70b --defaults ;;
     bnb) st $s 120 python3 -P bench/bnb_kernels.py --out $OUT/bnb_kernels ;;
+    gptq-8b-defaults-pre) st $s 90 python3 -P bench/gptq_speed.py --out $OUT --workdir /tmp/m --nsamples 128 --seqlen 2048 --tag gptq-8b-defaults-preloaded --shape 8b --blocks 4 --defaults --preloaded ;;
+    gptq-70b-fastest-pre) st $s 120 python3 -P bench/gptq_speed.py --out $OUT --workdir /tmp/m --nsamples 128 --seqlen 2048 --tag gptq-70b-fastest-preloaded --shape 70b --blocks 3 --preloaded ;;
+    eval-8b-pre) st $s 120 python3 -P bench/gptq_speed.py --out $OUT --workdir /tmp/m --nsamples 128 --seqlen 2048 --eval-windows 16 --tag eval-8b-preloaded --shape 8b --blocks 4 --evaluate --preloaded ;;
+    eval-70b-pre) st $s 150 python3 -P bench/gptq_speed.py --out $OUT --workdir /tmp/m --nsamples 128 --seqlen 2048 --eval-windows 16 --tag eval-70b-preloaded --shape 70b --blocks 3 --defaults --evaluate --preloaded ;;
     rms-norm) st $s 60 python3 -P bench/rms_norm.py --out $OUT/rms_norm ;;
   esac
 done
