@@ -5,8 +5,9 @@ if it never goes out the sweeper sends it (jobs with `dispatched_at` NULL). Cele
 blocking I/O, and with Redis down it blocks for its connect timeout; run on the event loop it would
 stall every request of the process, and a thread hop per submission was a large part of a
 submission's cost. So accepted jobs are handed to one `Dispatcher` per event loop, which publishes
-whatever has accumulated in one worker thread call (one broker connection, one producer) and then
-marks the whole batch dispatched with one UPDATE (`job_store.mark_dispatched_direct`).
+whatever has accumulated at once -- on Redis as one pipeline from the loop's own async client
+(`queue.RunMessages`), elsewhere in one worker thread call over one kombu producer -- and then marks
+the whole batch dispatched with one UPDATE (`job_store.mark_dispatched_direct`).
 
 `dispatch()` waits for its job's batch -- normally a millisecond or two -- so a client that gets its
 202 finds the message already queued; but never longer than `wait_s`: the broker being slow or down
@@ -24,7 +25,7 @@ import anyio.to_thread
 
 from qaas import job_store
 from qaas.loop_local import LoopLocal
-from qaas.queue import send_run_jobs
+from qaas.queue import RunMessages, send_run_jobs
 from qaas.settings import Settings
 
 log = logging.getLogger("qaas.api.dispatch")
@@ -51,6 +52,9 @@ class Dispatcher:
         self.task: asyncio.Task | None = None
         #: a batch is being sent right now
         self.busy = False
+        #: On Redis the messages go out through the loop's own client (`queue.RunMessages`); other brokers
+        #: (embedded mode's filesystem) through kombu in a worker thread.
+        self.messages = RunMessages(settings) if settings.resolved_broker_url.startswith(("redis://", "rediss://")) else None
 
     async def dispatch(self, job_id: uuid.UUID, priority: int, gpus: int = 1, wait_s: float = 1.0) -> bool:
         """Queue the job's message; True once it is on the broker and marked, False if not (yet)."""
@@ -85,8 +89,11 @@ class Dispatcher:
                     self.busy = False
 
     async def _send(self, batch: list[_Pending]) -> None:
-        sent = await anyio.to_thread.run_sync(
-            send_run_jobs, self.settings, [(p.job_id, p.priority, p.gpus) for p in batch])
+        jobs = [(p.job_id, p.priority, p.gpus) for p in batch]
+        if self.messages is not None:  # Redis: written from the event loop, no thread, no Celery machinery
+            sent = await self.messages.send(jobs)
+        else:
+            sent = await anyio.to_thread.run_sync(send_run_jobs, self.settings, jobs)
         sent_ids = [p.job_id for p in batch[:sent]]
         if sent_ids:
             # Only what really went out is marked; a job the broker refused stays NULL for the sweeper.
@@ -119,3 +126,5 @@ async def drain_dispatchers(timeout_s: float = 5.0) -> None:
             await d.task
         except BaseException:  # noqa: BLE001 - cancelled (or already failed and logged)
             pass
+        if d.messages is not None:
+            await d.messages.close()
