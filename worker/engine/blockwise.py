@@ -19,10 +19,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
-
-import contextlib
 
 import torch
 
@@ -319,7 +318,9 @@ class BlockRunner:
         if self.memo is not None:
             self.memo.settled(names)
 
-    def _pass(self, idx: list[int], collecting: Iterable[str] = (), last: bool = False):
+    def _pass(self, idx: list[int], collecting: Iterable[str] = (), last: bool = False
+              ) -> contextlib.AbstractContextManager:
+        """The memo's context for one forward pass over the batches `idx` (nothing without a memo)."""
         if self.memo is None:
             return contextlib.nullcontext()
         return self.memo.active(tuple(idx), collecting, last)
