@@ -16,8 +16,8 @@ What it does, in order (everything on loopback; the load generator is wrk, a sep
      fast as 32 connections go (closed loop: the most the service does), then paced at half that rate (an
      open-loop send schedule: the latency a client sees at that load); then GET /v1/jobs/{id} while 200 SSE
      streams are open (held by a Python asyncio client in another process), and the yardsticks once more;
-  4. optionally (--profile) samples the API processes with py-spy during a status and a submission run and
-     says which packages the samples fall in;
+  4. optionally (--profile) samples the API processes with py-spy during a status, a submission and a listing
+     run (those of --only) and says which packages the samples fall in;
   5. writes bench/results/load.json and bench/results/load.md (the table against the goals).
 Not a test: run on demand; results are committed.
 """
@@ -372,7 +372,7 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=20)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--sse", type=int, default=200)
-    ap.add_argument("--profile", action="store_true", help="py-spy the API workers during a status and a submit run")
+    ap.add_argument("--profile", action="store_true", help="py-spy the API workers during a status, a submit and a listing run (those of --only)")
     ap.add_argument("--label", default="", help="results go to load-LABEL.json/.md instead of load.json/.md")
     ap.add_argument("--no-rate-limit", action="store_true", help="measure without the Redis token bucket")
     ap.add_argument("--only", default="",
@@ -472,7 +472,9 @@ def main() -> int:
             print("sse", results["scenarios"]["sse"], flush=True)
         if args.profile:
             workers = pids[1:] or pids
-            results["profile"] = {s: profile_api(s, base, work, workers, **kw) for s in ("status", "submit")}
+            # the scenarios of this run (all three without --only)
+            profiled = [s for s in ("status", "submit", "list") if not only or s in only]
+            results["profile"] = {s: profile_api(s, base, work, workers, **kw) for s in profiled}
     finally:
         for proc in servers:
             os.killpg(proc.pid, signal.SIGTERM)
