@@ -47,6 +47,9 @@ CHANNEL = "qaas_job_changed"
 APPLICATION_NAME = "qaas-document-cache"
 #: Pause before subscribing again after the listener connection was lost (or could not be opened).
 RESUBSCRIBE_S = 1.0
+#: The listener connection is probed after this long without a notification (at most; sooner with a
+#: shorter age bound): one that died without a word (no reset reached us) stops the serving that soon.
+PROBE_AFTER_QUIET_S = 5.0
 #: Longest a liveness probe of the listener connection may take before the connection counts as lost.
 PROBE_TIMEOUT_S = 2.0
 #: How many recently announced job ids are remembered for the in-flight check; a read that began before
@@ -167,9 +170,9 @@ class DocumentCache:
             await asyncio.sleep(RESUBSCRIBE_S)
 
     async def _follow(self, conn: psycopg.AsyncConnection) -> None:
-        """Apply announcements as they come; probe the connection whenever none came for a while, so one
-        that died without a word stops the serving within about max_age_s (the bound holds regardless)."""
-        quiet_s = max(0.5, min(self.max_age_s, 30.0))
+        """Apply announcements as they come, and probe the connection every PROBE_AFTER_QUIET_S (or the age
+        bound, if shorter) so that one that died silently stops the serving (the age bound holds regardless)."""
+        quiet_s = max(0.5, min(self.max_age_s, PROBE_AFTER_QUIET_S))
         while True:
             async for note in conn.notifies(timeout=quiet_s):
                 self._announced(note.payload)
