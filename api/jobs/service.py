@@ -159,8 +159,10 @@ def check_gpus(settings: Settings, req: JobRequest | FinetuneRequest) -> None:
         raise _invalid(exc.field, exc.message) from None
 
 
-def fingerprint(req: JobRequest | FinetuneRequest) -> str:
-    body = req.public_dict()
+def fingerprint(req: JobRequest | FinetuneRequest, public: dict | None = None) -> str:
+    """The Idempotency-Key comparison's hash of the request (`public`: its `public_dict()`, when the caller
+    already has it; not modified)."""
+    body = dict(public) if public is not None else req.public_dict()
     if req.hf_token is not None:
         body["hf_token_sha256"] = hashlib.sha256(req.hf_token.get_secret_value().encode()).hexdigest()
     if req.webhook is not None and req.webhook.secret is not None:
@@ -225,8 +227,9 @@ def prepare(settings: Settings, owner: str, req: JobRequest | FinetuneRequest, i
         if secret is None:
             secret = generated_secret = generate_secret()
         webhook_secret_encrypted = encrypt_secret(secret, key)
+    public = req.public_dict()
     fields = dict(
-        owner=owner, kind=kind_of(req), request=req.public_dict(), request_hash=fingerprint(req), idempotency_key=idempotency_key or None,
+        owner=owner, kind=kind_of(req), request=public, request_hash=fingerprint(req, public), idempotency_key=idempotency_key or None,
         method=req.method, bits=req.bits, source_model=req.source_label, priority=req.options.priority,
         max_attempts=settings.job_max_attempts, hf_token_encrypted=encrypt_secret(token, key) if token else None,
         webhook_secret_encrypted=webhook_secret_encrypted)  # in the INSERT, not a later UPDATE
