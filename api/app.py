@@ -16,6 +16,7 @@ from qaas.api.dashboard import install as install_dashboard
 from qaas.api.dispatch import drain_dispatchers
 from qaas.api.hub_token.endpoints import router as hub_token_router
 from qaas.api.jobs import document_cache
+from qaas.api.jobs.cached_status import CachedStatusReads
 from qaas.api.jobs.endpoints import router as jobs_router
 from qaas.api.metrics import router as metrics_router
 from qaas.api.rate_limit import RateLimit
@@ -56,6 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
 
+    # innermost of ours: the rate limiter and the body-size limit see every request it answers
+    app.add_middleware(CachedStatusReads, settings=settings)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     if settings.rate_limit_per_minute > 0:  # outermost: a limited caller costs no body read, no DB lookup
         app.add_middleware(RateLimit, per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst,

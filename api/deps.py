@@ -74,14 +74,28 @@ async def get_caller(request: Request, settings: SettingsDep) -> Caller:
     return await authenticate_request(request, settings)
 
 
+def bearer_key(authorization: str) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header value, or None."""
+    scheme, _, key = authorization.partition(" ")
+    key = key.strip()
+    return key if scheme.lower() == "bearer" and key else None
+
+
+def cached_caller(settings: Settings, key: str) -> Caller | None:
+    """The caller of a key when this process's key cache knows it (None: not cached, or not a caller);
+    the status reads' fast path (api/jobs/cached_status.py) answers only for such callers."""
+    if len(key) > MAX_KEY_CHARS:
+        return None
+    hit = _cached(settings, _digest(settings, key))
+    return hit if isinstance(hit, Caller) else None
+
+
 async def authenticate_request(request: Request, settings: Settings) -> Caller:
     """The caller of a request from its `Authorization: Bearer` key, or a 401 Problem. Async: a cached key
     costs no thread and no query; a miss is one direct read on PostgreSQL (the ORM in the thread pool
     elsewhere). Routes take it as `CallerDep`; the status read calls it itself (api/jobs/endpoints.py)."""
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    key = key.strip()
-    if scheme.lower() != "bearer" or not key:
+    key = bearer_key(request.headers.get("authorization", ""))
+    if key is None:
         raise _unauthorized("send 'Authorization: Bearer <api key>'")
     caller = None
     if len(key) <= MAX_KEY_CHARS:

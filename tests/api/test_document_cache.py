@@ -14,7 +14,7 @@ import time
 import uuid
 
 import psycopg
-from conftest import STORIES, auth, make_settings, new_key
+from conftest import auth, make_settings, new_key
 from fastapi.testclient import TestClient
 
 from qaas import job_store
@@ -24,15 +24,10 @@ from qaas.db import direct
 from qaas.db.migrate import upgrade
 from qaas.db.models import Job
 from qaas.db.session import session_scope
+from support.job_rows import listener_pids, store_job, wait_for
 
-NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
 
 
-def _store_job(db: str, owner: str) -> uuid.UUID:
-    with session_scope(db) as s:
-        return job_store.create_job(s, owner=owner, request={"model": {"path": str(STORIES)}, "quantization_config": NF4},
-                                    request_hash="h", idempotency_key=None, method="bitsandbytes", bits=4,
-                                    source_model=str(STORIES), priority=3, max_attempts=3).id
 
 
 def _set_message(db: str, job_id: uuid.UUID, message: str, *, announce: bool = True) -> None:
@@ -50,21 +45,8 @@ def _message(client: TestClient, key: str, job_id: uuid.UUID) -> str | None:
     return r.json()["progress_message"]
 
 
-def _listener_pids(db: str) -> list[int]:
-    with psycopg.connect(direct.conninfo_of(db), autocommit=True) as conn:
-        return [r[0] for r in conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = %s",
-            (document_cache.APPLICATION_NAME,))]
 
 
-def _wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
 
 
 def _cached_client(tmp_path, clean_db, redis_db, max_age_s: float):
@@ -75,7 +57,7 @@ def _cached_client(tmp_path, clean_db, redis_db, max_age_s: float):
 def _subscribed_and_cached(client, key, db, job_id) -> str:
     """Read until the listener is subscribed and the job's document is in the cache; its message."""
     first = _message(client, key, job_id)
-    _wait_for(lambda: _listener_pids(db), 10, "the listener subscribes")
+    wait_for(lambda: listener_pids(db), 10, "the listener subscribes")
     time.sleep(0.1)  # LISTEN runs right after the connection shows up
     _message(client, key, job_id)  # now stored
     return first
@@ -84,7 +66,7 @@ def _subscribed_and_cached(client, key, db, job_id) -> str:
 def test_a_change_is_seen_through_its_notification_long_before_the_age_bound(tmp_path, clean_db, redis_db):
     settings, client = _cached_client(tmp_path, clean_db, redis_db, max_age_s=60)
     key = new_key(settings, "alice")
-    job_id = _store_job(clean_db, "alice")
+    job_id = store_job(clean_db, "alice")
     with client:
         assert _subscribed_and_cached(client, key, clean_db, job_id) is None
         # proof that reads are served from the cache: an unannounced change is not seen
@@ -92,7 +74,7 @@ def test_a_change_is_seen_through_its_notification_long_before_the_age_bound(tmp
         assert _message(client, key, job_id) is None
         t0 = time.monotonic()
         _set_message(clean_db, job_id, "block 3/12")
-        _wait_for(lambda: _message(client, key, job_id) == "block 3/12", 2, "the announced change is served")
+        wait_for(lambda: _message(client, key, job_id) == "block 3/12", 2, "the announced change is served")
         assert time.monotonic() - t0 < 2  # against an age bound of 60 s: the notification did it
 
 
@@ -100,13 +82,13 @@ def test_an_unannounced_change_is_seen_once_the_age_bound_has_passed(tmp_path, c
     max_age_s = 1.5
     settings, client = _cached_client(tmp_path, clean_db, redis_db, max_age_s=max_age_s)
     key = new_key(settings, "alice")
-    job_id = _store_job(clean_db, "alice")
+    job_id = store_job(clean_db, "alice")
     with client:
         _subscribed_and_cached(client, key, clean_db, job_id)
         stored_by = time.monotonic()  # the stored read began before this: its age bound ends before stored_by + max_age
         _set_message(clean_db, job_id, "missed by the listener", announce=False)
         assert _message(client, key, job_id) is None  # served from the cache (no notification came)
-        _wait_for(lambda: _message(client, key, job_id) == "missed by the listener", max_age_s + 2, "the bound")
+        wait_for(lambda: _message(client, key, job_id) == "missed by the listener", max_age_s + 2, "the bound")
         seen_after = time.monotonic() - stored_by
         # never later than the bound (plus a poll and a loaded machine's slack), and not much before it:
         # the cache served the old document until it expired
@@ -116,30 +98,30 @@ def test_an_unannounced_change_is_seen_once_the_age_bound_has_passed(tmp_path, c
 def test_a_lost_listener_stops_the_serving_until_it_subscribes_again(tmp_path, clean_db, redis_db):
     settings, client = _cached_client(tmp_path, clean_db, redis_db, max_age_s=60)
     key = new_key(settings, "alice")
-    job_id = _store_job(clean_db, "alice")
+    job_id = store_job(clean_db, "alice")
     with client:
         _subscribed_and_cached(client, key, clean_db, job_id)
-        [listener] = _listener_pids(clean_db)
+        [listener] = listener_pids(clean_db)
         with psycopg.connect(direct.conninfo_of(clean_db), autocommit=True) as conn:
             assert conn.execute("SELECT pg_terminate_backend(%s)", (listener,)).fetchone()[0]
-        _wait_for(lambda: listener not in _listener_pids(clean_db), 5, "the listener's backend ends")
+        wait_for(lambda: listener not in listener_pids(clean_db), 5, "the listener's backend ends")
         time.sleep(0.1)  # the API process reads the server's goodbye (it re-subscribes after RESUBSCRIBE_S)
         # made while nobody listens, and with the triggers off: only a cache that stopped serving shows it
         _set_message(clean_db, job_id, "changed meanwhile", announce=False)
         assert _message(client, key, job_id) == "changed meanwhile"
         # it subscribes again (a new backend), and announced changes are followed again
-        [again] = _wait_for(lambda: [p for p in _listener_pids(clean_db) if p != listener], 10, "re-subscription")
+        [again] = wait_for(lambda: [p for p in listener_pids(clean_db) if p != listener], 10, "re-subscription")
         time.sleep(0.1)
         _message(client, key, job_id)
         _set_message(clean_db, job_id, "after the re-subscription")
-        _wait_for(lambda: _message(client, key, job_id) == "after the re-subscription", 2, "notifications again")
-        assert _listener_pids(clean_db) == [again]
+        wait_for(lambda: _message(client, key, job_id) == "after the re-subscription", 2, "notifications again")
+        assert listener_pids(clean_db) == [again]
 
 
 def test_one_tenants_cached_job_never_answers_another_tenant(tmp_path, clean_db, redis_db):
     settings, client = _cached_client(tmp_path, clean_db, redis_db, max_age_s=60)
     alice, mallory = new_key(settings, "alice"), new_key(settings, "mallory")
-    job_id = _store_job(clean_db, "alice")
+    job_id = store_job(clean_db, "alice")
     with client:
         _subscribed_and_cached(client, alice, clean_db, job_id)
         for _ in range(3):
@@ -174,7 +156,7 @@ async def _subscribed_cache(db: str, **kw) -> document_cache.DocumentCache:
 
 
 def test_a_read_in_flight_when_its_job_changed_is_not_stored(clean_db):
-    job_id, other = _store_job(clean_db, "alice"), _store_job(clean_db, "alice")
+    job_id, other = store_job(clean_db, "alice"), store_job(clean_db, "alice")
 
     async def race():
         cache = await _subscribed_cache(clean_db)
@@ -230,7 +212,7 @@ def test_the_trigger_watches_every_column_a_document_shows(clean_db):
 
 def test_bookkeeping_updates_send_no_notification(clean_db):
     """The submission path's dispatched mark must not cost every API process a notification."""
-    job_id = _store_job(clean_db, "alice")
+    job_id = store_job(clean_db, "alice")
     with psycopg.connect(direct.conninfo_of(clean_db), autocommit=True) as listener, \
             psycopg.connect(direct.conninfo_of(clean_db), autocommit=True) as writer:
         listener.execute(f"LISTEN {document_cache.CHANNEL}")
@@ -245,7 +227,7 @@ def test_sqlite_has_no_cache_and_answers(tmp_path):
     upgrade(settings.resolved_database_url)
     assert document_cache.cache_for(settings) is None
     key = new_key(settings, "alice")
-    job_id = _store_job(settings.resolved_database_url, "alice")
+    job_id = store_job(settings.resolved_database_url, "alice")
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         assert _message(client, key, job_id) is None
         with session_scope(settings.resolved_database_url) as s:
