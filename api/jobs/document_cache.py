@@ -22,6 +22,9 @@ Tenant isolation: entries are keyed by (job id, owner) and a lookup names the ca
 tenant's cached document can never answer another tenant (who gets the database's answer: not found).
 Only found jobs are cached (a 404 is never cached: the job may be created next).
 
+LISTEN needs a session of its own: behind a transaction-mode connection pooler notifications do not
+arrive, and only the age bound holds (set QAAS_JOB_CACHE_S=0 there, or give the API a direct URL).
+
 The cache belongs to the event loop of its listener connection (one per server process; tests make one
 per TestClient): `cache_for(settings)`. None on SQLite (embedded mode), or with QAAS_JOB_CACHE_S=0.
 """
