@@ -31,6 +31,10 @@ class LoopLocal(Generic[T]):
         self._items[(id(loop), key)] = (loop, obj)
         return obj
 
+    def values(self) -> list[T]:
+        """Every loop's object (a process-wide view, e.g. of the caches' state)."""
+        return [obj for _lp, obj in list(self._items.values())]
+
     def pop_running(self) -> list[T]:
         """Remove and return the running loop's objects (to close them at shutdown)."""
         loop = asyncio.get_running_loop()

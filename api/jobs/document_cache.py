@@ -208,6 +208,11 @@ def cache_for(settings: Settings) -> DocumentCache | None:
     return _caches.get((db.url, settings.job_cache_s, settings.job_cache_entries), make)
 
 
+def caches() -> list[DocumentCache]:
+    """Every event loop's cache in this process (their state: subscribed, size)."""
+    return _caches.values()
+
+
 async def close_caches() -> None:
     """Stop the running loop's listeners (the API's shutdown)."""
     for cache in _caches.pop_running():

@@ -92,7 +92,7 @@ def test_an_unannounced_change_is_seen_once_the_age_bound_has_passed(tmp_path, c
         seen_after = time.monotonic() - stored_by
         # never later than the bound (plus a poll and a loaded machine's slack), and not much before it:
         # the cache served the old document until it expired
-        assert max_age_s - 0.5 <= seen_after <= max_age_s + 0.5, seen_after
+        assert max_age_s - 0.5 <= seen_after <= max_age_s + 1.0, seen_after
 
 
 def test_a_lost_listener_stops_the_serving_until_it_subscribes_again(tmp_path, clean_db, redis_db):
@@ -105,7 +105,10 @@ def test_a_lost_listener_stops_the_serving_until_it_subscribes_again(tmp_path, c
         with psycopg.connect(direct.conninfo_of(clean_db), autocommit=True) as conn:
             assert conn.execute("SELECT pg_terminate_backend(%s)", (listener,)).fetchone()[0]
         wait_for(lambda: listener not in listener_pids(clean_db), 5, "the listener's backend ends")
-        time.sleep(0.1)  # the API process reads the server's goodbye (it re-subscribes after RESUBSCRIBE_S)
+        # the API's listener reads the server's goodbye and stops serving (it subscribes again after
+        # RESUBSCRIBE_S; by then the cache starts empty anyway)
+        [cache] = document_cache.caches()
+        wait_for(lambda: not cache.subscribed or cache.subscriptions > 1, 5, "the cache notices the loss")
         # made while nobody listens, and with the triggers off: only a cache that stopped serving shows it
         _set_message(clean_db, job_id, "changed meanwhile", announce=False)
         assert _message(client, key, job_id) == "changed meanwhile"
