@@ -84,9 +84,10 @@ def _json(document) -> Response:
 
 @router.get("/{job_id}", response_model=JobOut, operation_id="get_job", responses=_ERRORS)
 async def get_job(job_id: str, request: Request) -> JobOut:
-    # The route status polls hit: the caller and the settings are taken here, not as dependencies
-    # (CallerDep, SettingsDep) -- FastAPI's dependency solving was a tenth of a status read's CPU. The
-    # same function authenticates (deps.authenticate_request), so the answers cannot differ.
+    # The route status polls hit (when both the key and the document are cached, api/jobs/cached_status.py
+    # answers before FastAPI with these same bytes): the caller and the settings are taken here, not as
+    # dependencies (CallerDep, SettingsDep) -- FastAPI's dependency solving was a tenth of a status read's
+    # CPU. The same function authenticates (deps.authenticate_request), so the answers cannot differ.
     settings = await get_app_settings(request)
     caller = await authenticate_request(request, settings)
     body = await reads.job_json(settings, _parse_id(job_id), caller.owner)
