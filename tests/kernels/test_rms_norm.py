@@ -80,3 +80,14 @@ def test_the_engine_routes_llama_style_norms_only():
             m.__dict__.pop("forward", None)
     assert calls == [1]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_with_gradients_wanted_the_reference_runs_so_autograd_sees_it():
+    norm = _hf_norm(64, torch.float32, seed=5)
+    x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
+    y = rms_norm(x, norm.weight, 1e-5, backend="triton")
+    assert y.grad_fn is not None
+    y.sum().backward()
+    ref_x = x.detach().clone().requires_grad_(True)
+    norm(ref_x).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
