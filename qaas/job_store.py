@@ -129,26 +129,38 @@ def create_job(session: Session, **fields: Any) -> Job:
     return job
 
 
-# The job and its first event in one statement: one round trip, its own transaction (autocommit), and
-# the stored row comes back as the answer. A conflicting Idempotency-Key inserts nothing and returns no row.
-_INSERT_SQL = (
-    "WITH j AS (INSERT INTO jobs (" + ", ".join(_NEW_JOB_COLUMNS) + ") VALUES ("
-    + ", ".join(["%s"] * len(_NEW_JOB_COLUMNS)) + ")"
-    " ON CONFLICT (owner, idempotency_key) DO NOTHING RETURNING " + ", ".join(JOB_COLUMNS) + "),"
-    " e AS (INSERT INTO job_events (job_id, created_at, kind, stage, message, data)"
-    " SELECT id, created_at, %s, %s, %s, %s FROM j)"
-    " SELECT * FROM j"
-)
+# Jobs and their first events in one statement: one round trip, its own transaction (autocommit), and
+# the stored rows come back as the answers. A conflicting Idempotency-Key inserts nothing for that row (and
+# returns none for it); so does the second of two rows with the same key in one statement.
+def _insert_sql(n: int) -> str:
+    one = "(" + ", ".join(["%s"] * len(_NEW_JOB_COLUMNS)) + ")"
+    return ("WITH j AS (INSERT INTO jobs (" + ", ".join(_NEW_JOB_COLUMNS) + ") VALUES " + ", ".join([one] * n)
+            + " ON CONFLICT (owner, idempotency_key) DO NOTHING RETURNING " + ", ".join(JOB_COLUMNS) + "),"
+            " e AS (INSERT INTO job_events (job_id, created_at, kind, stage, message, data)"
+            " SELECT id, created_at, %s, %s, %s, %s FROM j)"
+            " SELECT * FROM j")
+
+
+#: Most jobs one INSERT stores (each row count is its own prepared statement).
+MAX_INSERT_ROWS = 64
+_INSERT_SQL = {n: _insert_sql(n) for n in range(1, MAX_INSERT_ROWS + 1)}
+
+
+async def insert_jobs_direct(db: Database, jobs: Sequence[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    """`create_job` for each of `jobs` (the fields of `new_job_row`; at most MAX_INSERT_ROWS) as one statement
+    on PostgreSQL, all committed together: per job, in order, the stored row, or None when a job with the same
+    Idempotency-Key already exists (nothing is inserted for it then)."""
+    rows = [new_job_row(**fields) for fields in jobs]
+    params = [_json(c, row[c]) for row in rows for c in _NEW_JOB_COLUMNS]
+    params += [QUEUED_EVENT["kind"], QUEUED_EVENT["stage"], QUEUED_EVENT["message"], Jsonb(QUEUED_EVENT["data"])]
+    stored = {r[0]: dict(zip(JOB_COLUMNS, r)) for r in await direct.fetch_all_written(db, _INSERT_SQL[len(rows)], params)}
+    return [stored.get(row["id"]) for row in rows]
 
 
 async def insert_job_direct(db: Database, **fields: Any) -> dict[str, Any] | None:
     """`create_job` as one statement on PostgreSQL: the stored row, or None when a job with the same
     Idempotency-Key already exists (nothing is inserted then)."""
-    row = new_job_row(**fields)
-    params = [_json(c, row[c]) for c in _NEW_JOB_COLUMNS]
-    params += [QUEUED_EVENT["kind"], QUEUED_EVENT["stage"], QUEUED_EVENT["message"], Jsonb(QUEUED_EVENT["data"])]
-    stored = await direct.write_returning(db, _INSERT_SQL, params)
-    return None if stored is None else dict(zip(JOB_COLUMNS, stored))
+    return (await insert_jobs_direct(db, [fields]))[0]
 
 
 def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:

@@ -291,9 +291,11 @@ async def submit_async(settings: Settings, owner: str, req: JobRequest | Finetun
 
 
 async def submit_direct(settings: Settings, owner: str, req: JobRequest | FinetuneRequest, idempotency_key: str | None) -> Submission:
-    """`submit` on PostgreSQL without the ORM: one INSERT statement (`job_store.insert_job_direct`), then
-    the message is handed to this process's dispatcher (batched publishing, off the event loop)."""
+    """`submit` on PostgreSQL without the ORM: the row stored by this process's inserter (one multi-row
+    INSERT for the submissions that arrive together, `api/job_inserts.py`), then the message handed to its
+    dispatcher (batched publishing)."""
     from qaas.api.dispatch import dispatcher_for
+    from qaas.api.job_inserts import inserter_for
 
     db = settings.database
     base_id = getattr(req, "base_job", None)
@@ -303,7 +305,7 @@ async def submit_direct(settings: Settings, owner: str, req: JobRequest | Finetu
         replay = await _direct_replay(db, owner, new)
         if replay is not None:
             return replay
-    row = await job_store.insert_job_direct(db, **new.fields)
+    row = await inserter_for(settings).insert(new.fields)  # with whatever else is being submitted now
     if row is None:  # the same Idempotency-Key won a race with this request
         replay = await _direct_replay(db, owner, new)
         if replay is None:

@@ -158,9 +158,9 @@ async def fetch_all(db: Database | str, sql: str, params: tuple | list = ()) -> 
     return await pool_for(db).run(sql, params, fetch="all", retry=True)
 
 
-async def write_returning(db: Database | str, sql: str, params: tuple | list = ()) -> tuple | None:
-    """One writing statement (its own transaction) and the row it returns; never retried."""
-    return await pool_for(db).run(sql, params, fetch="one", retry=False)
+async def fetch_all_written(db: Database | str, sql: str, params: tuple | list = ()) -> list[tuple]:
+    """One writing statement (its own transaction) and every row it returns; never retried."""
+    return await pool_for(db).run(sql, params, fetch="all", retry=False)
 
 
 async def execute(db: Database | str, sql: str, params: tuple | list = ()) -> int:

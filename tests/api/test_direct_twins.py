@@ -12,22 +12,14 @@ import datetime as dt
 import uuid
 
 import pytest
-from conftest import STORIES, new_key
+from conftest import new_key
 from sqlalchemy import select, update
+from support.job_rows import job_fields as _fields
 
 from qaas import job_store, keys
 from qaas.db.models import ApiKey, Job, JobEvent, utcnow
 from qaas.db.session import session_scope
 from qaas.security import hash_api_key
-
-NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
-
-
-def _fields(owner: str = "alice", key: str | None = None, **over) -> dict:
-    return dict(owner=owner, request={"model": {"path": str(STORIES)}, "quantization_config": NF4},
-                request_hash="h" * 64, idempotency_key=key, method="bitsandbytes", bits=4,
-                source_model=str(STORIES), priority=3, max_attempts=3, hf_token_encrypted=b"tok",
-                webhook_secret_encrypted=b"sec", **over)
 
 
 def _orm_job(db, **fields) -> uuid.UUID:

@@ -1,5 +1,6 @@
-"""Helpers of the document-cache tests (tests/api/test_document_cache.py, test_cached_status.py): a job row
-stored directly, the cache's listener connections as PostgreSQL sees them, and waiting for a condition."""
+"""Helpers of the API's storage tests (tests/api/test_document_cache.py, test_cached_status.py,
+test_direct_twins.py, test_job_inserts.py): a new job's fields, a job row stored directly, the document
+cache's listener connections as PostgreSQL sees them, and waiting for a condition."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ from qaas.db import direct
 from qaas.db.session import session_scope
 
 NF4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+
+
+def job_fields(owner: str = "alice", key: str | None = None, **over) -> dict:
+    """The fields of a new job's row (`job_store.new_job_row`), as a submission makes them."""
+    return {**dict(owner=owner, request={"model": {"path": str(STORIES)}, "quantization_config": NF4},
+                   request_hash="h" * 64, idempotency_key=key, method="bitsandbytes", bits=4,
+                   source_model=str(STORIES), priority=3, max_attempts=3, hf_token_encrypted=b"tok",
+                   webhook_secret_encrypted=b"sec"), **over}
 
 
 def store_job(db: str, owner: str) -> uuid.UUID:
