@@ -119,7 +119,9 @@ def child_gptqmodel(a: argparse.Namespace) -> None:
                             dynamic=spec["dynamic"] or None)
         t = time.time()
         model = GPTQModel.load(a.src, qc, device="cpu", dtype=torch.float32)
-        model.quantize(calib, batch_size=1)
+        # batch size 1 unless a row asks otherwise (the same windows, only the float32 sums of the Hessians and
+        # the forward passes regrouped: how much GPTQModel moves from rounding alone, see --peer-batch-size)
+        model.quantize(calib, batch_size=spec.get("batch_size", 1))
         model.save(spec.get("out", a.out))
         results.append({"seconds": round(time.time() - t, 1)})
         del model
@@ -258,9 +260,10 @@ def layer_objective(src: str, calib_ids: torch.Tensor, configs: list[tuple[int, 
     return out
 
 
-def row_key(model: str, bits: int, gs: int, order: str, sym: bool, seed: int = 0, calib: str = "") -> str:
+def row_key(model: str, bits: int, gs: int, order: str, sym: bool, seed: int = 0, calib: str = "",
+            peer_batch: int = 1) -> str:
     return (f"{model}|{bits}:{gs}|{order}|{'sym' if sym else 'asym'}" + (f"|seed{seed}" if seed else "")
-            + (f"|{calib}" if calib else ""))
+            + (f"|{calib}" if calib else "") + (f"|peer-batch{peer_batch}" if peer_batch != 1 else ""))
 
 
 def sample_stories_text(path: Path, stories: int = 200, tokens: int = 256, seed: int = 0) -> None:
@@ -300,6 +303,9 @@ def main() -> None:
                          "(TinyStories-like, the kind of text the GAR finding was calibrated on)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (rows of other seeds are kept "
                                                         "apart: they show how much a draw moves the numbers)")
+    ap.add_argument("--peer-batch-size", type=int, default=1,
+                    help="GPTQModel's calibration batch size (rows of other sizes are kept apart): the same tokens, "
+                         "only the order of its float32 sums changes, so the spread it gives is rounding noise")
     ap.add_argument("--nsamples", type=int, default=None)
     ap.add_argument("--calib-seqlen", type=int, default=None)
     ap.add_argument("--windows", type=int, default=None)
@@ -381,7 +387,8 @@ def main() -> None:
                 bits, gs = (int(x) for x in spec.split(":"))
                 for order in a.orderings.split(","):
                     key = row_key(name, bits, gs, order, sym, a.seed,
-                                  "" if a.calib_text == str(SHAKESPEARE) else Path(a.calib_text).stem)
+                                  "" if a.calib_text == str(SHAKESPEARE) else Path(a.calib_text).stem,
+                                  a.peer_batch_size)
                     old = doc["rows"].get(key)
                     if old and "error" not in old.get("qaas", {}) and not a.rerun_qaas:
                         continue
@@ -407,7 +414,7 @@ def run_row(name, m, bits, gs, order, sym, a, mw, calib, quantize, EngineOptions
     tag = f"{bits}b-g{gs}-{order}-{'sym' if sym else 'asym'}-s{a.seed}"
     row: dict[str, Any] = {"bits": bits, "group_size": gs, "ordering": order, "sym": sym, "damp_percent": a.damp,
                            "calibration_seed": a.seed, "calibration_sha256": calib.sha256,
-                           "calibration_text": Path(a.calib_path).name}
+                           "calibration_text": Path(a.calib_path).name, "gptqmodel_batch_size": a.peer_batch_size}
     q_out, g_out = mw / f"qaas-{tag}", mw / f"gptqmodel-{tag}"
     shutil.rmtree(q_out, ignore_errors=True)
     shutil.rmtree(g_out, ignore_errors=True)
@@ -420,7 +427,7 @@ def run_row(name, m, bits, gs, order, sym, a, mw, calib, quantize, EngineOptions
     row["qaas"] = {"seconds": round(time.time() - t, 1), "checkpoint_format": qconf["checkpoint_format"],
                    "quantized_layers": res["quantized_modules"], "dynamic": qconf.get("dynamic") or {}}
     spec = {"bits": bits, "group_size": gs, "sym": sym, "desc_act": order == "act", "act_group_aware": order == "gar",
-            "damp_percent": a.damp, "dynamic": qconf.get("dynamic") or {}}
+            "damp_percent": a.damp, "dynamic": qconf.get("dynamic") or {}, "batch_size": a.peer_batch_size}
     loaders = "transformers|gptqmodel" if a.no_dequant else "dequant,transformers|gptqmodel"
     ev = str(mw / "eval.safetensors")
     if peer is not None:
@@ -495,6 +502,8 @@ def write(doc: dict[str, Any], out_json: Path, out_md: Path) -> None:
             seed = f" (calibration seed {row['calibration_seed']})" if row.get("calibration_seed") else ""
             if row.get("calibration_text", "input.txt") != "input.txt":
                 seed += f" (calibration {row['calibration_text']})"
+            if row.get("gptqmodel_batch_size", 1) != 1:
+                seed += f" (GPTQModel batch size {row['gptqmodel_batch_size']})"
             lines.append(f"| {row['bits']} | {row['group_size']} | {row['ordering']}{seed} | "
                          f"{'sym' if row['sym'] else 'asym'} | {fmt(s['qaas'])}{_by(q)} | {fmt(s['gptqmodel'])}{_by(g)}{gerr} "
                          f"| {_ratio(s['qaas'], s['gptqmodel'])} | {fmt(s['qaas_dequant'])} | {fmt(s['gptqmodel_dequant'])} | "
