@@ -112,7 +112,8 @@ def child_gptqmodel(a: argparse.Namespace) -> None:
     ids = load_file(a.calib)["input_ids"]
     results = []
     for spec in specs if isinstance(specs, list) else [specs]:
-        calib = [{"input_ids": row.clone(), "attention_mask": torch.ones_like(row)} for row in ids]
+        rows = ids.flip(0) if spec.get("reverse_windows") else ids  # the same tokens, the sums in another order
+        calib = [{"input_ids": row.clone(), "attention_mask": torch.ones_like(row)} for row in rows]
         qc = QuantizeConfig(bits=spec["bits"], group_size=spec["group_size"], sym=spec["sym"],
                             desc_act=spec["desc_act"], act_group_aware=spec["act_group_aware"],
                             damp_percent=spec["damp_percent"], true_sequential=True, static_groups=False,
@@ -261,9 +262,10 @@ def layer_objective(src: str, calib_ids: torch.Tensor, configs: list[tuple[int, 
 
 
 def row_key(model: str, bits: int, gs: int, order: str, sym: bool, seed: int = 0, calib: str = "",
-            peer_batch: int = 1) -> str:
+            peer_batch: int = 1, peer_reversed: bool = False) -> str:
     return (f"{model}|{bits}:{gs}|{order}|{'sym' if sym else 'asym'}" + (f"|seed{seed}" if seed else "")
-            + (f"|{calib}" if calib else "") + (f"|peer-batch{peer_batch}" if peer_batch != 1 else ""))
+            + (f"|{calib}" if calib else "") + (f"|peer-batch{peer_batch}" if peer_batch != 1 else "")
+            + ("|peer-reversed" if peer_reversed else ""))
 
 
 def sample_stories_text(path: Path, stories: int = 200, tokens: int = 256, seed: int = 0) -> None:
@@ -306,6 +308,9 @@ def main() -> None:
     ap.add_argument("--peer-batch-size", type=int, default=1,
                     help="GPTQModel's calibration batch size (rows of other sizes are kept apart): the same tokens, "
                          "only the order of its float32 sums changes, so the spread it gives is rounding noise")
+    ap.add_argument("--peer-reverse-windows", action="store_true",
+                    help="GPTQModel gets the calibration windows in reverse order (rows kept apart): the same tokens "
+                         "at batch size 1, only the order of its float32 sums changes")
     ap.add_argument("--nsamples", type=int, default=None)
     ap.add_argument("--calib-seqlen", type=int, default=None)
     ap.add_argument("--windows", type=int, default=None)
@@ -388,7 +393,7 @@ def main() -> None:
                 for order in a.orderings.split(","):
                     key = row_key(name, bits, gs, order, sym, a.seed,
                                   "" if a.calib_text == str(SHAKESPEARE) else Path(a.calib_text).stem,
-                                  a.peer_batch_size)
+                                  a.peer_batch_size, a.peer_reverse_windows)
                     old = doc["rows"].get(key)
                     if old and "error" not in old.get("qaas", {}) and not a.rerun_qaas:
                         continue
@@ -414,7 +419,8 @@ def run_row(name, m, bits, gs, order, sym, a, mw, calib, quantize, EngineOptions
     tag = f"{bits}b-g{gs}-{order}-{'sym' if sym else 'asym'}-s{a.seed}"
     row: dict[str, Any] = {"bits": bits, "group_size": gs, "ordering": order, "sym": sym, "damp_percent": a.damp,
                            "calibration_seed": a.seed, "calibration_sha256": calib.sha256,
-                           "calibration_text": Path(a.calib_path).name, "gptqmodel_batch_size": a.peer_batch_size}
+                           "calibration_text": Path(a.calib_path).name, "gptqmodel_batch_size": a.peer_batch_size,
+                           "gptqmodel_windows_reversed": a.peer_reverse_windows}
     q_out, g_out = mw / f"qaas-{tag}", mw / f"gptqmodel-{tag}"
     shutil.rmtree(q_out, ignore_errors=True)
     shutil.rmtree(g_out, ignore_errors=True)
@@ -427,7 +433,8 @@ def run_row(name, m, bits, gs, order, sym, a, mw, calib, quantize, EngineOptions
     row["qaas"] = {"seconds": round(time.time() - t, 1), "checkpoint_format": qconf["checkpoint_format"],
                    "quantized_layers": res["quantized_modules"], "dynamic": qconf.get("dynamic") or {}}
     spec = {"bits": bits, "group_size": gs, "sym": sym, "desc_act": order == "act", "act_group_aware": order == "gar",
-            "damp_percent": a.damp, "dynamic": qconf.get("dynamic") or {}, "batch_size": a.peer_batch_size}
+            "damp_percent": a.damp, "dynamic": qconf.get("dynamic") or {}, "batch_size": a.peer_batch_size,
+            "reverse_windows": a.peer_reverse_windows}
     loaders = "transformers|gptqmodel" if a.no_dequant else "dequant,transformers|gptqmodel"
     ev = str(mw / "eval.safetensors")
     if peer is not None:
@@ -504,6 +511,8 @@ def write(doc: dict[str, Any], out_json: Path, out_md: Path) -> None:
                 seed += f" (calibration {row['calibration_text']})"
             if row.get("gptqmodel_batch_size", 1) != 1:
                 seed += f" (GPTQModel batch size {row['gptqmodel_batch_size']})"
+            if row.get("gptqmodel_windows_reversed"):
+                seed += " (GPTQModel given the windows in reverse order)"
             lines.append(f"| {row['bits']} | {row['group_size']} | {row['ordering']}{seed} | "
                          f"{'sym' if row['sym'] else 'asym'} | {fmt(s['qaas'])}{_by(q)} | {fmt(s['gptqmodel'])}{_by(g)}{gerr} "
                          f"| {_ratio(s['qaas'], s['gptqmodel'])} | {fmt(s['qaas_dequant'])} | {fmt(s['gptqmodel_dequant'])} | "
