@@ -65,7 +65,7 @@ def launches() -> list[tuple[str, Callable[[], object]]]:
     """(what, call) for every kernel family, on small CPU tensors shaped like the real ones."""
     import torch
 
-    from qaas.kernels import bnb4, fp8, gguf, gptq, int8
+    from qaas.kernels import bnb4, fp8, gguf, gptq, int8, rms_norm
 
     bnb4._sms = lambda device: 132  # the persistent NF4 grid asks the device for its SM count
     torch.manual_seed(0)
@@ -123,6 +123,11 @@ def launches() -> list[tuple[str, Callable[[], object]]]:
         q8, scb = int8.quantize_int8_rowwise(wd, backend="torch")
         calls.append((f"int8 dequantize {dtype}", lambda q8=q8, scb=scb, dtype=dtype: int8.dequantize_int8_rowwise(
             q8, scb, dtype if dtype != torch.float32 else torch.float16, backend="triton")))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for width in (4096, 8192):  # several rows per program, and one
+            xn, wn = torch.randn(8, width, dtype=dtype), torch.ones(width, dtype=dtype)
+            calls.append((f"rms_norm {dtype} {width}", lambda xn=xn, wn=wn: rms_norm.rms_norm(
+                xn, wn, 1e-5, backend="triton")))
     return calls
 
 
