@@ -133,8 +133,6 @@ class _Pass:
 
     def __enter__(self) -> ChildOutputMemo:
         memo = self.memo
-        if memo.budget <= 0 and not memo.kept:
-            return memo
         for name in memo.changing:
             self.hooks.append(memo.block.get_submodule(name).register_forward_pre_hook(
                 lambda m, a, name=name: memo._layer_runs(name)))
