@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -283,23 +284,28 @@ def window_permutation(n: int, window_order: int) -> torch.Tensor | None:
     return torch.randperm(n, generator=torch.Generator().manual_seed(1000 + window_order))
 
 
+def in_window_order(calib: Any, perm: torch.Tensor | None) -> Any:
+    """The calibration set `calib` with its windows in `perm`'s order (unchanged for None)."""
+    return calib if perm is None else dataclasses.replace(calib, input_ids=calib.input_ids[perm].contiguous())
+
+
 @contextlib.contextmanager
 def qaas_float32_writeback(on: bool):
     """qaas writing back into the live block the column loop's float32-scale weights, as GPTQModel does, instead of
-    the stored (float16-scale) ones the checkpoint holds (`gptq_quantize_stacked`): the checkpoint's codes and
-    scales are rounded the same way when packed, so only what later layers calibrate on changes (a probe of that
-    one difference)."""
+    the stored (float16-scale) ones the checkpoint holds: its GPTQ method's column loop called with
+    `scale_dtype=torch.float32`. The checkpoint's scales are rounded to float16 the same way when packed, so only
+    what later layers calibrate on changes (a probe of that one difference)."""
     if not on:
         yield
         return
-    import qaas.worker.engine.gptq_algorithm as algorithm
+    import qaas.worker.engine.methods.gptq.run as gptq_run
 
-    rounded = algorithm.stored_scale
-    algorithm.stored_scale = lambda scale, dtype=torch.float16: scale.float()
+    stacked = gptq_run.gptq_quantize_stacked
+    gptq_run.gptq_quantize_stacked = functools.partial(stacked, scale_dtype=torch.float32)
     try:
         yield
     finally:
-        algorithm.stored_scale = rounded
+        gptq_run.gptq_quantize_stacked = stacked
 
 
 @contextlib.contextmanager
@@ -313,11 +319,7 @@ def qaas_windows_permuted(perm: torch.Tensor | None):
 
     draw = gptq_run.load_calibration
 
-    def permuted(*args, **kwargs):
-        calib = draw(*args, **kwargs)
-        return dataclasses.replace(calib, input_ids=calib.input_ids[perm].contiguous())
-
-    gptq_run.load_calibration = permuted
+    gptq_run.load_calibration = lambda *args, **kwargs: in_window_order(draw(*args, **kwargs), perm)
     try:
         yield
     finally:
@@ -434,8 +436,7 @@ def main() -> None:
         calib = load_calibration(calib_text, tok, nsamples=m["nsamples"], seqlen=m["calib_seqlen"], seed=a.seed,
                                  sources=EngineOptions(allowed_roots=("/",)).calibration_sources())
         a.perm = window_permutation(calib.nsamples, a.window_order)
-        if a.perm is not None:
-            calib = dataclasses.replace(calib, input_ids=calib.input_ids[a.perm].contiguous())
+        calib = in_window_order(calib, a.perm)
         save_file({"input_ids": calib.input_ids.contiguous()}, str(mw / "calib.safetensors"))
         data = load_eval_data(m["src"], WIKITEXT, seqlen=m["seqlen"], max_windows=m["windows"])
         save_file({"input_ids": data.input_ids.contiguous()}, str(mw / "eval.safetensors"))
@@ -563,21 +564,26 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
+def log_mean_var(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample variance of log(xs) (variance 0 for one value)."""
+    ls = [math.log(x) for x in xs]
+    m = sum(ls) / len(ls)
+    return m, (sum((x - m) ** 2 for x in ls) / (len(ls) - 1) if len(ls) > 1 else 0.0)
+
+
+def gmean(xs: list[float]) -> float:
+    return math.exp(log_mean_var(xs)[0])
+
+
 def ratio_interval(q: list[float], g: list[float]) -> str:
     """95 % interval of the ratio of geometric means (Welch's t on log perplexity; degrees of freedom rounded
     down): how far apart the two tools' means could be, given how much each one's runs spread."""
-    lq, lg = [math.log(x) for x in q], [math.log(x) for x in g]
-    if len(lq) < 2 or len(lg) < 2:
+    if len(q) < 2 or len(g) < 2:
         return "–"
-
-    def mean_var(xs: list[float]) -> tuple[float, float]:
-        m = sum(xs) / len(xs)
-        return m, sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
-
-    (mq, vq), (mg, vg) = mean_var(lq), mean_var(lg)
-    aq, ag = vq / len(lq), vg / len(lg)
+    (mq, vq), (mg, vg) = log_mean_var(q), log_mean_var(g)
+    aq, ag = vq / len(q), vg / len(g)
     se = math.sqrt(aq + ag)
-    df = (aq + ag) ** 2 / (aq**2 / (len(lq) - 1) + ag**2 / (len(lg) - 1)) if aq + ag else 1.0
+    df = (aq + ag) ** 2 / (aq**2 / (len(q) - 1) + ag**2 / (len(g) - 1)) if aq + ag else 1.0
     t = T975[min(max(int(df), 1), len(T975)) - 1]
     return f"{math.exp(mq - mg - t * se):.3f}-{math.exp(mq - mg + t * se):.3f}"
 
@@ -597,10 +603,6 @@ def means_over_window_orders(doc: dict[str, Any], name: str) -> list[str]:
     groups = {k: sorted(v) for k, v in groups.items() if len(v) > 1}
     if not groups:
         return []
-
-    def gmean(xs: list[float]) -> float:
-        return math.exp(sum(math.log(x) for x in xs) / len(xs))
-
     lines = ["Means over calibration window orders (the same tokens in other orders, both sides alike; geometric "
              "means; `--window-order`):", "",
              "| bits | group | ordering | sym | orders | qaas per order | GPTQModel per order | qaas mean | "

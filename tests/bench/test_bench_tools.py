@@ -291,7 +291,7 @@ def test_window_orders_are_seeded_permutations_and_order_zero_is_the_draw():
     assert p1.tolist() != p2.tolist()
 
 
-def test_qaas_gets_the_permuted_windows_only_inside_the_probe(tmp_path):
+def test_qaas_gets_the_permuted_windows_only_inside_the_probe():
     from transformers import AutoTokenizer
 
     from conftest import SHAKESPEARE, STORIES
@@ -310,6 +310,31 @@ def test_qaas_gets_the_permuted_windows_only_inside_the_probe(tmp_path):
     assert gptq_run.load_calibration is draw  # restored
     assert shuffled.input_ids.tolist() == plain.input_ids[perm].tolist()
     assert shuffled.sha256 != plain.sha256  # the bench checks qaas drew what GPTQModel gets: the permuted windows
+
+
+def test_float32_writeback_probe_keeps_the_loops_scales_only_inside_it():
+    import torch
+
+    from qaas.worker.engine.methods.gptq import run as gptq_run
+
+    gvg = _gvg()
+    torch.manual_seed(0)
+    W, X = torch.randn(16, 128), torch.randn(512, 128)
+    H = 2 * X.t() @ X / X.shape[0]
+    opts = dict(bits=3, group_size=64, sym=True, damp_percent=0.1, backend="torch")
+    stacked = gptq_run.gptq_quantize_stacked
+
+    def fp16_valued(s):
+        return torch.equal(s, s.half().float())
+
+    (stored,) = stacked([W], H, **opts)
+    with gvg.qaas_float32_writeback(True):
+        (probe,) = gptq_run.gptq_quantize_stacked([W], H, **opts)
+    assert gptq_run.gptq_quantize_stacked is stacked  # restored
+    assert fp16_valued(stored.scales) and not fp16_valued(probe.scales)  # the write-back uses the loop's scales
+    assert torch.equal(probe.codes, stored.codes)  # the same codes: the layer's checkpoint is the same
+    assert torch.equal(probe.scales.half(), stored.scales.half())
+    assert torch.equal(probe.Q, (probe.codes - probe.zeros[probe.g_idx.long()].t()) * probe.scales[probe.g_idx.long()].t())
 
 
 def test_ratio_interval_is_welchs_t_on_log_perplexity():
